@@ -1,0 +1,32 @@
+//! interlock: locks across threads, processes and machines.
+//!
+//! See the README for the families and the semantics table; each family's
+//! module documents its scope and what happens on fork, close, crash and NFS.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+// Skeleton stage: the families that use these helpers land next.
+#![allow(dead_code)]
+
+mod error;
+#[allow(unsafe_code)]
+mod sys;
+mod wait;
+
+pub use error::{Error, ErrorKind, Result, TryLockError};
+pub use sys::proc::ProcessId;
+pub use wait::{Blocked, Mode, OnBlock, Wait};
+
+/// The operation every lock family offers, so that generic code (the CLI,
+/// the benchmarks, user code) can drive any of them the same way.
+///
+/// Families that have no shared mode (a mutex, a lease) document what they
+/// do with [`Mode::Shared`].
+pub trait Lock {
+    /// What holds the lock; dropping it releases.
+    type Guard<'a>
+    where
+        Self: 'a;
+
+    /// Acquires in `mode`, waiting as `wait` allows.
+    fn acquire(&self, mode: Mode, wait: Wait) -> Result<Self::Guard<'_>, TryLockError>;
+}

@@ -1,0 +1,9 @@
+//! The only place with `unsafe`: thin, safe wrappers over the system calls
+//! the lock families use, and readers of /proc.
+//!
+//! Why it is built this way: every raw call is wrapped once, here, with its
+//! contract stated next to it, so the lock logic above can be read and
+//! reviewed without reasoning about pointers, and so tests can see exactly
+//! which calls a family makes.
+
+pub mod proc;

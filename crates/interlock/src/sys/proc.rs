@@ -1,0 +1,147 @@
+//! Readers of /proc: process identity, liveness, command names.
+//!
+//! Why it is built this way: a pid alone does not name a process for long.
+//! Pids are reused, so "is the holder alive?" asked with a pid can answer
+//! "yes" about a stranger. A process is named here by its pid *and* its start
+//! time (field 22 of /proc/PID/stat, in clock ticks since boot), and across
+//! machines or reboots also by the boot id. A zombie counts as dead: it holds
+//! nothing and will never release anything.
+
+use std::fs;
+use std::io;
+use std::sync::OnceLock;
+
+/// A process, named so that pid reuse cannot be mistaken for the original.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// The process id.
+    pub pid: u32,
+    /// The start time in clock ticks after boot (/proc/PID/stat field 22).
+    pub start_time: u64,
+}
+
+/// Liveness of a process named by [`ProcessId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// The same process (same pid and start time) is running.
+    Alive,
+    /// No such process, a different process with the reused pid, or a zombie.
+    Dead,
+}
+
+/// The fields of /proc/PID/stat that we need.
+struct Stat {
+    state: u8,
+    start_time: u64,
+}
+
+fn read_stat(pid: u32) -> io::Result<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unparsable /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// Parses /proc/PID/stat. The command (field 2) is in parentheses and may
+/// itself contain spaces and parentheses, so fields are counted from the
+/// last ')'.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // After the command: field 3 is the state, field 22 the start time.
+    let state = *fields.next()?.as_bytes().first()?;
+    let start_time = fields.nth(22 - 4)?.parse().ok()?;
+    Some(Stat { state, start_time })
+}
+
+/// This process's identity (computed once; a forked child recomputes it
+/// because its pid differs from the cached one).
+pub fn current() -> ProcessId {
+    static CACHE: OnceLock<ProcessId> = OnceLock::new();
+    let pid = std::process::id();
+    let cached = *CACHE.get_or_init(|| identity_of(pid));
+    if cached.pid == pid {
+        cached
+    } else {
+        identity_of(pid)
+    }
+}
+
+fn identity_of(pid: u32) -> ProcessId {
+    // Reading our own stat cannot fail on Linux with /proc mounted; without
+    // /proc, a start time of 0 still names us uniquely among live processes.
+    let start_time = read_stat(pid).map(|s| s.start_time).unwrap_or(0);
+    ProcessId { pid, start_time }
+}
+
+/// The identity of a running process, or `None` if there is none with `pid`.
+pub fn identity(pid: u32) -> Option<ProcessId> {
+    read_stat(pid).ok().map(|s| ProcessId {
+        pid,
+        start_time: s.start_time,
+    })
+}
+
+/// Whether the process named by `id` still runs.
+pub fn liveness(id: ProcessId) -> Liveness {
+    match read_stat(id.pid) {
+        Ok(s) if s.start_time == id.start_time && s.state != b'Z' && s.state != b'X' => {
+            Liveness::Alive
+        }
+        Ok(_) => Liveness::Dead,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Liveness::Dead,
+        // ESRCH while reading a vanishing process, or anything odd: only a
+        // missing entry proves death, so we err on "alive" and let the
+        // caller retry later rather than break a live holder's lock.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Liveness::Dead,
+        Err(_) => Liveness::Alive,
+    }
+}
+
+/// This boot's id (/proc/sys/kernel/random/boot_id), to tell a process of
+/// this boot from one of an earlier boot or another host.
+pub fn boot_id() -> &'static str {
+    static BOOT: OnceLock<String> = OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// The short command name of `pid` (/proc/PID/comm), if it can be read.
+pub fn command(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_command() {
+        let line = "4242 (a (weird) cmd) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.state, b'S');
+        assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn self_is_alive_and_a_fake_start_time_is_dead() {
+        let me = current();
+        assert_eq!(me.pid, std::process::id());
+        assert_eq!(liveness(me), Liveness::Alive);
+        let impostor = ProcessId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        assert_eq!(liveness(impostor), Liveness::Dead);
+        assert!(!boot_id().is_empty());
+        assert!(command(me.pid).is_some());
+    }
+}
