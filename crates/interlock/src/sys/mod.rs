@@ -6,4 +6,6 @@
 //! reviewed without reasoning about pointers, and so tests can see exactly
 //! which calls a family makes.
 
+pub mod fcntl;
 pub mod proc;
+pub mod timer;

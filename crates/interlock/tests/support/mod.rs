@@ -114,7 +114,10 @@ impl Child {
             }
             Err(RecvTimeoutError::Disconnected) => {
                 let status = self.child.wait().ok();
-                panic!("child {} exited ({status:?}) before saying anything", self.name)
+                panic!(
+                    "child {} exited ({status:?}) before saying anything",
+                    self.name
+                )
             }
         }
     }

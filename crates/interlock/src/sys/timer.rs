@@ -1,0 +1,223 @@
+//! Cutting a blocking lock call short at a deadline, without polling.
+//!
+//! Why it is built this way: `F_OFD_SETLKW` and `flock` have no time-out
+//! argument; the only way out of a blocked call is a signal (EINTR). The
+//! ancestors therefore polled a non-blocking call every 10–100 ms, which
+//! makes a waiter both late (up to a whole period after the release) and
+//! busy. Here a timed wait makes the blocking call and arms a POSIX timer
+//! that sends a signal *to this thread only* (`SIGEV_THREAD_ID`) at the
+//! deadline, so a release wakes the waiter at once (the kernel's own queue)
+//! and the deadline interrupts it within the timer's precision.
+//!
+//! Details that matter:
+//! - The signal is the highest real-time signal whose disposition is still
+//!   the default when first needed; its handler does nothing. It is
+//!   installed without `SA_RESTART` (the lock calls are restartable and
+//!   would otherwise resume after the handler).
+//! - The timer repeats every millisecond after the deadline, so a signal
+//!   that lands just *before* the thread enters the blocking call (the
+//!   classic lost-wake-up race) is followed by another one.
+//! - The signal is unblocked in this thread while the timer is armed (a
+//!   blocked signal would stay pending and never interrupt the call), and
+//!   the mask is restored afterwards.
+//! - Deleting the timer is a system call; a signal generated up to then is
+//!   delivered when that call returns, into our empty handler, so no stray
+//!   EINTR reaches the caller's later system calls.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::ptr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// The signal used to interrupt timed waits, chosen and installed once.
+fn interrupt_signal() -> io::Result<libc::c_int> {
+    static SIGNAL: OnceLock<Result<libc::c_int, i32>> = OnceLock::new();
+    let chosen = SIGNAL.get_or_init(|| {
+        for sig in (libc::SIGRTMIN()..=libc::SIGRTMAX()).rev() {
+            let mut old = MaybeUninit::<libc::sigaction>::uninit();
+            // SAFETY: querying (act == NULL) only writes the current
+            // disposition into `old`, which is valid for writes.
+            if unsafe { libc::sigaction(sig, ptr::null(), old.as_mut_ptr()) } != 0 {
+                continue;
+            }
+            // SAFETY: sigaction succeeded, so it initialised `old`.
+            let old = unsafe { old.assume_init() };
+            if old.sa_sigaction != libc::SIG_DFL {
+                continue;
+            }
+            // SAFETY: an all-zero sigaction is a valid value (empty mask,
+            // no flags); we then set the handler.
+            let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+            act.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+            // SAFETY: `act.sa_mask` is a valid sigset_t to initialise.
+            unsafe { libc::sigemptyset(&mut act.sa_mask) };
+            // SAFETY: installs a handler that only returns; it touches no
+            // state, so it is async-signal-safe.
+            if unsafe { libc::sigaction(sig, &act, ptr::null_mut()) } == 0 {
+                return Ok(sig);
+            }
+        }
+        Err(libc::EAGAIN)
+    });
+    chosen.map_err(io::Error::from_raw_os_error)
+}
+
+/// A per-thread timer that interrupts this thread's blocking system calls
+/// from its deadline on, until dropped.
+pub struct Interrupter {
+    timer: libc::timer_t,
+    old_mask: libc::sigset_t,
+}
+
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
+impl Interrupter {
+    /// Arms a timer that signals this thread after `after` (at least 1 ns)
+    /// and then every millisecond.
+    pub fn arm(after: Duration) -> io::Result<Interrupter> {
+        let sig = interrupt_signal()?;
+        // SAFETY: sigevent has private padding, so it is built from zeroes
+        // (a valid bit pattern for this C struct) and the fields set below.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = ptr::null_mut();
+        // SAFETY: `sev` and `timer` are valid for reads and writes.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; `sig` is a valid signal number.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+        }
+        // SAFETY: both pointers are valid; this only changes this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old_mask) };
+        let me = Interrupter { timer, old_mask };
+        let spec = libc::itimerspec {
+            it_value: timespec(after.max(Duration::from_nanos(1))),
+            it_interval: timespec(Duration::from_millis(1)),
+        };
+        // SAFETY: `me.timer` was created above and is live until drop.
+        if unsafe { libc::timer_settime(me.timer, 0, &spec, ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Interrupter {
+    fn drop(&mut self) {
+        // SAFETY: the timer is live (created in `arm`) and deleted once here;
+        // the saved mask is a valid sigset_t produced by pthread_sigmask.
+        unsafe {
+            libc::timer_delete(self.timer);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, ptr::null_mut());
+        }
+    }
+}
+
+/// Runs the blocking call `f` until it succeeds, fails with something other
+/// than EINTR, or `deadline` passes (then `Ok(None)`). With no deadline it
+/// only restarts `f` after stray signals.
+pub fn block_until<T>(
+    deadline: Option<Instant>,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<Option<T>> {
+    let _timer = match deadline {
+        None => None,
+        Some(t) => {
+            let left = t.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            Some(Interrupter::arm(left)?)
+        }
+    };
+    loop {
+        match f() {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                if deadline.is_some_and(|t| Instant::now() >= t) {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fcntl::{ofd_try, ofd_wait, ByteRange, RangeLock};
+    use std::fs::OpenOptions;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn timed_blocking_call_returns_at_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .unwrap()
+        };
+        let (a, b) = (open(), open());
+        let r = ByteRange { start: 0, len: 1 };
+        assert!(ofd_try(a.as_fd(), RangeLock::Write, r).unwrap());
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(30);
+        let got = block_until(Some(deadline), || ofd_wait(b.as_fd(), RangeLock::Write, r)).unwrap();
+        assert!(got.is_none());
+        let now = Instant::now();
+        assert!(now >= deadline);
+        // A generous bound that only catches a hang, not a performance goal.
+        assert!(now - start < Duration::from_secs(5), "{:?}", now - start);
+        // Many back-to-back timed waits: the timer is torn down each time
+        // and no stray signal escapes into later calls.
+        for _ in 0..50 {
+            let d = Instant::now() + Duration::from_micros(200);
+            assert!(
+                block_until(Some(d), || ofd_wait(b.as_fd(), RangeLock::Write, r))
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        assert!(ofd_try(a.as_fd(), RangeLock::Unlock, r).unwrap());
+        let got = block_until(Some(Instant::now() + Duration::from_secs(5)), || {
+            ofd_wait(b.as_fd(), RangeLock::Write, r)
+        })
+        .unwrap();
+        assert!(got.is_some());
+    }
+
+    #[test]
+    fn past_deadline_does_not_call() {
+        let mut called = false;
+        let r: Option<()> = block_until(Some(Instant::now()), || {
+            called = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(r.is_none() && !called);
+    }
+}
