@@ -1,0 +1,518 @@
+//! BENCHMARKS.md and the CSV files the plots read.
+//!
+//! Why it is built this way: a benchmark report is only worth its
+//! reproducibility, so the file is regenerated whole from one run: the
+//! exact command, a machine line, the tables, and the plots made from the
+//! same CSV. Ratios are computed within a scenario (the same processes,
+//! the same minute of machine weather): to the best peer of the same kind
+//! (file-system locks with file-system locks, shared memory with shared
+//! memory) and to the floor of the row's own primitive.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::contention::{Mix, Row, Scenario};
+use crate::targets::{Group, Target};
+
+/// What the report says about the run besides the rows.
+pub struct ReportCtx {
+    /// The command that produced it.
+    pub command: String,
+    /// Seconds per phase.
+    pub secs_per_phase: f64,
+    /// Wall time of the measurements.
+    pub elapsed: Duration,
+    /// Skips and caveats.
+    pub notes: Vec<String>,
+    /// Python libraries used, with versions.
+    pub py_libs: Vec<(String, String)>,
+    /// matplotlib version, if plots were made.
+    pub matplotlib: Option<String>,
+    /// Plot paths relative to the workspace root.
+    pub plots: Vec<String>,
+}
+
+/// The command line as a user would type it.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!(
+        "cargo run --release -p interlock-bench -- {}",
+        args.join(" ")
+    )
+    .trim_end()
+    .to_string()
+}
+
+fn target<'a>(ts: &'a [Target], name: &str) -> Option<&'a Target> {
+    ts.iter().find(|t| t.name == name)
+}
+
+/// Ratios of one row within its scenario.
+#[derive(Clone, Debug, Default)]
+pub struct Ratios {
+    /// Best peer of the same class, and this row's throughput over it.
+    pub best_peer: Option<(String, f64)>,
+    /// This row's throughput over its primitive's floor.
+    pub floor: Option<(String, f64)>,
+}
+
+fn same(a: &Scenario, b: &Scenario) -> bool {
+    a == b
+}
+
+/// Ratios for `r` among `rows`.
+pub fn ratios(r: &Row, rows: &[Row], ts: &[Target]) -> Ratios {
+    let mut out = Ratios::default();
+    let Some(t) = target(ts, &r.target) else {
+        return out;
+    };
+    if r.error.is_some() || r.acq_per_s <= 0.0 {
+        return out;
+    }
+    let class = t.floor.class();
+    let best = rows
+        .iter()
+        .filter(|o| same(&o.scenario, &r.scenario) && o.error.is_none() && o.acq_per_s > 0.0)
+        .filter(|o| {
+            target(ts, &o.target)
+                .is_some_and(|ot| ot.group == Group::Peer && ot.floor.class() == class)
+        })
+        .max_by(|a, b| a.acq_per_s.total_cmp(&b.acq_per_s));
+    if let Some(b) = best {
+        out.best_peer = Some((b.target.clone(), r.acq_per_s / b.acq_per_s));
+    }
+    let fname = t.floor.target(r.scenario.mix.shared());
+    if let Some(f) = rows.iter().find(|o| {
+        o.target == fname
+            && same(&o.scenario, &r.scenario)
+            && o.error.is_none()
+            && o.acq_per_s > 0.0
+    }) {
+        out.floor = Some((fname.to_string(), r.acq_per_s / f.acq_per_s));
+    }
+    out
+}
+
+fn ns_opt(v: Option<u64>) -> String {
+    v.map_or(String::new(), |v| v.to_string())
+}
+
+fn f_opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| format!("{v:.4}"))
+}
+
+/// Writes results.csv (one line per row) and latency.csv (bucketed
+/// distributions of the scenario the latency plots show).
+pub fn write_csv(dir: &Path, rows: &[Row], ts: &[Target]) -> Result<()> {
+    let mut s = String::from(
+        "target,label,group,class,mix,hold_ns,procs,acq_per_s,best_peer,ratio_best_peer,floor,ratio_floor,owner_change_share,handoff_p50_ns,handoff_p99_ns,handoff_samples,max_wait_ns,jain,writer_p99_wait_ns,reader_p99_wait_ns,owner_died,per_proc,error\n",
+    );
+    for r in rows {
+        let Some(t) = target(ts, &r.target) else {
+            continue;
+        };
+        let q = ratios(r, rows, ts);
+        let sc = r.scenario;
+        let per: Vec<String> = r.per_proc.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            s,
+            "{},\"{}\",{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+            t.name,
+            t.label,
+            t.group.name(),
+            t.floor.class(),
+            sc.mix.name(),
+            sc.hold_ns,
+            sc.procs,
+            r.acq_per_s,
+            q.best_peer.as_ref().map_or("", |b| b.0.as_str()),
+            f_opt(q.best_peer.as_ref().map(|b| b.1)),
+            q.floor.as_ref().map_or("", |b| b.0.as_str()),
+            f_opt(q.floor.as_ref().map(|b| b.1)),
+            f_opt(r.changed),
+            ns_opt(r.handoff.quantile(0.5)),
+            ns_opt(r.handoff.quantile(0.99)),
+            r.handoff.len(),
+            if r.error.is_some() {
+                String::new()
+            } else {
+                r.max_wait().to_string()
+            },
+            f_opt(r.jain),
+            ns_opt(r.wait_ex.quantile(0.99)),
+            ns_opt(r.wait_sh.quantile(0.99)),
+            r.owner_died,
+            per.join(" "),
+            r.error.as_deref().unwrap_or("").replace('"', "'")
+        );
+    }
+    std::fs::write(dir.join("results.csv"), s).context("write results.csv")?;
+
+    // The latency plots show one scenario: all writers, no hold, the
+    // largest process count <= 4 that was run.
+    let pick = rows
+        .iter()
+        .filter(|r| {
+            r.scenario.mix == Mix::Writers && r.scenario.hold_ns == 0 && r.scenario.procs <= 4
+        })
+        .map(|r| r.scenario.procs)
+        .max();
+    let mut l = String::from("target,group,class,mix,hold_ns,procs,kind,bucket_ns,count\n");
+    if let Some(p) = pick {
+        for r in rows.iter().filter(|r| {
+            r.scenario.mix == Mix::Writers
+                && r.scenario.hold_ns == 0
+                && r.scenario.procs == p
+                && r.error.is_none()
+        }) {
+            let Some(t) = target(ts, &r.target) else {
+                continue;
+            };
+            for (kind, h) in [("handoff", &r.handoff), ("wait_ex", &r.wait_ex)] {
+                for (b, c) in h.buckets() {
+                    let _ = writeln!(
+                        l,
+                        "{},{},{},writers,0,{},{},{},{}",
+                        t.name,
+                        t.group.name(),
+                        t.floor.class(),
+                        p,
+                        kind,
+                        b,
+                        c
+                    );
+                }
+            }
+        }
+    }
+    std::fs::write(dir.join("latency.csv"), l).context("write latency.csv")?;
+    Ok(())
+}
+
+/// A duration in ns, human-readable with 2–3 significant figures.
+pub fn fmt_ns(v: u64) -> String {
+    let v = v as f64;
+    let (x, unit) = if v >= 1e9 {
+        (v / 1e9, "s")
+    } else if v >= 1e6 {
+        (v / 1e6, "ms")
+    } else if v >= 1e3 {
+        (v / 1e3, "µs")
+    } else {
+        (v, "ns")
+    };
+    if x >= 100.0 {
+        format!("{x:.0} {unit}")
+    } else if x >= 10.0 {
+        format!("{x:.1} {unit}")
+    } else {
+        format!("{x:.2} {unit}")
+    }
+}
+
+/// A rate with a k/M suffix.
+pub fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fmt_ratio(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x >= 10.0 => format!("{x:.0}×"),
+        Some(x) if x >= 0.1 => format!("{x:.2}×"),
+        Some(x) => format!("{x:.3}×"),
+        None => "–".into(),
+    }
+}
+
+/// One line describing the machine.
+pub fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{cpu}, {cores} CPUs, Linux {kernel}, {}", today_utc())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
+pub fn today_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn hold_title(ns: u64) -> String {
+    if ns == 0 {
+        "no hold".into()
+    } else {
+        format!("hold {}", fmt_ns(ns))
+    }
+}
+
+/// Writes BENCHMARKS.md.
+pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -> Result<()> {
+    let mut s = String::new();
+    let _ = writeln!(s, "# interlock benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `interlock-bench` (crates/interlock-bench); do not edit by hand. \
+         How it measures and what each figure means: [docs/bench.md](docs/bench.md).\n"
+    );
+    let _ = writeln!(s, "- Command: `{}`", c.command);
+    let _ = writeln!(s, "- Machine: {}", machine_line());
+    let _ = writeln!(
+        s,
+        "- **This machine has {} CPUs**: with 4 and 8 processes the workers outnumber the CPUs, \
+         so those rows measure the locks under oversubscription (sleeping, waking, preemption while holding), \
+         not parallel speed-up.",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = writeln!(
+        s,
+        "- Each scenario: a {:.2} s throughput phase (no clock reads in the loop) then a {:.2} s latency phase \
+         (every acquisition timed) on the same processes; {} measurements took {:.0} s.",
+        c.secs_per_phase,
+        c.secs_per_phase,
+        rows.len(),
+        c.elapsed.as_secs_f64()
+    );
+    if !c.py_libs.is_empty() {
+        let v: Vec<String> = c.py_libs.iter().map(|(l, v)| format!("{l} {v}")).collect();
+        let _ = writeln!(s, "- Python peers (in `.venv-bench/`): {}", v.join(", "));
+    }
+    for n in &c.notes {
+        let _ = writeln!(s, "- Note: {n}");
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| r.error.is_some()).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(
+            s,
+            "- {} measurements failed (listed at the end).",
+            failed.len()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nTimes drift by ±20% between runs on this shared VM: compare rows within one table (measured minutes apart), \
+         not against another run. `× best peer` compares throughput with the fastest peer library of the same kind \
+         (file-system locks with file-system locks, shared memory with shared memory); `× floor` with the bare primitive \
+         the row is built on (raw OFD fcntl, raw flock, a spin-then-futex lock in shared memory, raw mkdir/rmdir).\n"
+    );
+
+    // Plots.
+    if !c.plots.is_empty() {
+        let _ = writeln!(s, "## Plots\n");
+        if let Some(v) = &c.matplotlib {
+            let _ = writeln!(
+                s,
+                "Drawn with matplotlib {v} from docs/bench/results.csv and latency.csv.\n"
+            );
+        }
+        for p in &c.plots {
+            let _ = writeln!(s, "![{p}]({p})\n");
+        }
+    }
+
+    // Where interlock stands.
+    let il: Vec<&Row> = rows
+        .iter()
+        .filter(|r| target(ts, &r.target).is_some_and(|t| t.group == Group::Interlock))
+        .collect();
+    let _ = writeln!(s, "## Where interlock is behind\n");
+    if il.is_empty() {
+        let _ = writeln!(
+            s,
+            "No interlock family was present in this build: the tables below are the peers and floors that each \
+             family will be measured against.\n"
+        );
+    } else {
+        let mut behind = String::new();
+        for r in &il {
+            let q = ratios(r, rows, ts);
+            let bp = q.best_peer.as_ref().map(|b| b.1);
+            let fl = q.floor.as_ref().map(|b| b.1);
+            if r.error.is_some() || bp.is_some_and(|x| x < 1.0) || fl.is_some_and(|x| x < 0.5) {
+                let sc = r.scenario;
+                let _ = writeln!(
+                    behind,
+                    "| {} | {} | {} | {} | {} | {} ({}) | {} ({}) |",
+                    r.target,
+                    sc.mix.title(),
+                    hold_title(sc.hold_ns),
+                    sc.procs,
+                    r.error
+                        .as_deref()
+                        .map_or_else(|| fmt_rate(r.acq_per_s), |_| "failed".into()),
+                    fmt_ratio(bp),
+                    q.best_peer.as_ref().map_or("", |b| b.0.as_str()),
+                    fmt_ratio(fl),
+                    q.floor.as_ref().map_or("", |b| b.0.as_str()),
+                );
+            }
+        }
+        if behind.is_empty() {
+            let _ = writeln!(
+                s,
+                "In every scenario each interlock family is at least as fast as the best peer of its kind and within 2× of its floor.\n"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "Rows where an interlock family is slower than the best peer of its kind, or under half its floor's throughput:\n"
+            );
+            let _ = writeln!(
+                s,
+                "| lock | mix | hold | procs | acq/s | × best peer | × floor |"
+            );
+            let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
+            s.push_str(&behind);
+            s.push('\n');
+        }
+    }
+
+    // Full tables: one per (mix, hold), rows by target then procs.
+    let mut groups: BTreeMap<(u8, u64), Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        let k = match r.scenario.mix {
+            Mix::Writers => 0,
+            Mix::Read90 => 1,
+            Mix::OneWriter => 2,
+        };
+        groups.entry((k, r.scenario.hold_ns)).or_default().push(r);
+    }
+    let order = |name: &str| ts.iter().position(|t| t.name == name).unwrap_or(usize::MAX);
+    for ((_, hold), mut rs) in groups {
+        let mix = rs[0].scenario.mix;
+        let _ = writeln!(s, "## {}, {}\n", capitalise(mix.title()), hold_title(hold));
+        let _ = writeln!(
+            s,
+            "| lock | procs | acq/s | × best peer | × floor | handoff p50 | handoff p99 | owner changes | longest wait | Jain | writers' p99 wait |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        rs.sort_by_key(|r| (order(&r.target), r.scenario.procs));
+        for r in rs {
+            let label = target(ts, &r.target).map_or(r.target.as_str(), |t| t.label);
+            let name = if target(ts, &r.target).is_some_and(|t| t.group == Group::Interlock) {
+                format!("**{label}**")
+            } else {
+                label.to_string()
+            };
+            if let Some(e) = &r.error {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | failed: {} | | | | | | | | |",
+                    r.scenario.procs,
+                    short(e)
+                );
+                continue;
+            }
+            let q = ratios(r, rows, ts);
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario.procs,
+                fmt_rate(r.acq_per_s),
+                fmt_ratio(q.best_peer.as_ref().map(|b| b.1)),
+                fmt_ratio(q.floor.as_ref().map(|b| b.1)),
+                r.handoff.quantile(0.5).map_or("–".into(), fmt_ns),
+                r.handoff.quantile(0.99).map_or("–".into(), fmt_ns),
+                r.changed
+                    .map_or("–".into(), |x| format!("{:.1}%", x * 100.0)),
+                fmt_ns(r.max_wait()),
+                r.jain.map_or("–".into(), |j| format!("{j:.2}")),
+                r.wait_ex.quantile(0.99).map_or("–".into(), fmt_ns),
+            );
+        }
+        s.push('\n');
+    }
+    if !failed.is_empty() {
+        let _ = writeln!(s, "## Failed measurements\n");
+        for r in failed {
+            let sc = r.scenario;
+            let _ = writeln!(
+                s,
+                "- {} ({}, {}, {} procs): {}",
+                r.target,
+                sc.mix.name(),
+                hold_title(sc.hold_ns),
+                sc.procs,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "Raw figures: [docs/bench/results.csv](docs/bench/results.csv) (per-process counts included), \
+         latency buckets: [docs/bench/latency.csv](docs/bench/latency.csv)."
+    );
+    std::fs::write(path, s).with_context(|| format!("write {}", path.display()))
+}
+
+fn short(e: &str) -> String {
+    let one: String = e.replace(['\n', '|'], " ");
+    one.chars().take(120).collect()
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_formats() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(fmt_ns(950), "950 ns");
+        assert_eq!(fmt_ns(1_500), "1.50 µs");
+        assert_eq!(fmt_ns(123_456_789), "123 ms");
+        assert_eq!(fmt_rate(2_500_000.0), "2.50 M");
+        assert_eq!(fmt_rate(12_345.0), "12.3 k");
+    }
+}

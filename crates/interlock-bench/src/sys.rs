@@ -1,0 +1,489 @@
+//! The only module of the harness with `unsafe`: the shared stats page (a
+//! `MAP_SHARED` mapping every worker attaches to), futex waits, the
+//! process-shared pthread and raw_sync peers that live inside that page, the
+//! raw kernel-lock floors, and process control (stop, kill).
+//!
+//! Why it is built this way: the harness measures other people's locks, so
+//! its own plumbing must be obviously right. Every raw call is wrapped once,
+//! here, behind a safe function whose contract is stated next to it; the
+//! rest of the harness works with `&AtomicU64` views into the page and never
+//! sees a pointer. The page outlives every view because views borrow it, and
+//! every object placed in it (a pthread lock, a futex word) holds an `Arc` of
+//! the mapping.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// CLOCK_MONOTONIC in nanoseconds: the one clock every worker (Rust or
+/// Python's `time.monotonic_ns`) reads, so timestamps compare across
+/// processes.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A file-backed shared mapping (normally in /dev/shm) that the parent
+/// creates and every worker maps at its own address.
+pub struct SharedPage {
+    ptr: *mut u8,
+    len: usize,
+    path: PathBuf,
+    owner: bool,
+}
+
+// SAFETY: the mapping is plain shared memory; all access from safe code goes
+// through atomics (see `u64_at`/`u32_at`) or through lock objects that are
+// themselves designed for concurrent use.
+unsafe impl Send for SharedPage {}
+// SAFETY: as above.
+unsafe impl Sync for SharedPage {}
+
+impl SharedPage {
+    /// Creates a zero-filled page of `len` bytes at `path` (which must not
+    /// exist) and maps it. The file is removed when this value drops.
+    pub fn create(path: &Path, len: usize) -> io::Result<SharedPage> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        f.set_len(len as u64)?;
+        let mut p = Self::map(&f, len, path)?;
+        p.owner = true;
+        Ok(p)
+    }
+
+    /// Maps an existing page created by [`SharedPage::create`].
+    pub fn attach(path: &Path) -> io::Result<SharedPage> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = f.metadata()?.len() as usize;
+        Self::map(&f, len, path)
+    }
+
+    fn map(f: &File, len: usize, path: &Path) -> io::Result<SharedPage> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a fresh shared mapping of a descriptor we own; the kernel
+        // picks the address; the result is checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedPage {
+            ptr: ptr.cast(),
+            len,
+            path: path.to_path_buf(),
+            owner: false,
+        })
+    }
+
+    /// Keeps the backing file when this value drops (it is then removed
+    /// with its directory).
+    pub fn keep_file(&mut self) {
+        self.owner = false;
+    }
+
+    /// The file that backs the mapping (passed to workers).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check(&self, off: usize, size: usize) {
+        assert!(
+            off.is_multiple_of(size) && off + size <= self.len,
+            "shared page offset {off} out of range or misaligned"
+        );
+    }
+
+    /// The 64-bit word at byte offset `off` (8-aligned, inside the page).
+    pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+        self.check(off, 8);
+        // SAFETY: in bounds and aligned (checked); the mapping lives as long
+        // as `&self`; every process touches the word only atomically (Python
+        // workers with aligned 8-byte stores, which x86-64 performs atomically).
+        unsafe { AtomicU64::from_ptr(self.ptr.add(off).cast()) }
+    }
+
+    /// The 32-bit word at byte offset `off` (4-aligned, inside the page).
+    pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+        self.check(off, 4);
+        // SAFETY: as for `u64_at`.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(off).cast()) }
+    }
+
+    fn raw_at(&self, off: usize, size: usize) -> *mut u8 {
+        self.check(off, 8);
+        assert!(off + size <= self.len, "object at {off} overruns the page");
+        // SAFETY: in bounds (checked above).
+        unsafe { self.ptr.add(off) }
+    }
+}
+
+impl Drop for SharedPage {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in `map`; no view
+        // outlives `self` (views borrow it, objects hold an Arc).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        if self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Waits while `word == expected`, at most `timeout`. Shared (not
+/// FUTEX_PRIVATE) so waiters in different processes meet on the same page.
+/// Spurious returns are allowed; callers re-check.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, aligned 32-bit word; `tsp` is null or points
+    // to a timespec that outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            tsp,
+        )
+    };
+}
+
+/// Wakes up to `n` waiters on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: `word` is a live, aligned 32-bit word; FUTEX_WAKE reads nothing else.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
+}
+
+fn check_rc(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Bytes a process-shared pthread mutex or rwlock needs in the page.
+pub const PTHREAD_SLOT: usize = 64;
+
+/// A process-shared `pthread_mutex_t` living in a [`SharedPage`].
+pub struct PthreadMutex {
+    ptr: *mut libc::pthread_mutex_t,
+    _page: Arc<SharedPage>,
+}
+
+impl PthreadMutex {
+    /// Initialises a process-shared (optionally robust) mutex at `off`.
+    /// Call once, in the parent, before any worker attaches.
+    pub fn init(page: &Arc<SharedPage>, off: usize, robust: bool) -> io::Result<()> {
+        let ptr = page
+            .raw_at(off, std::mem::size_of::<libc::pthread_mutex_t>())
+            .cast::<libc::pthread_mutex_t>();
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        // SAFETY: attr is initialised by pthread_mutexattr_init before use and
+        // destroyed after; `ptr` is in bounds, aligned, and not yet in use by
+        // any process (the caller's contract: init before attach).
+        unsafe {
+            check_rc(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+            let r = (|| {
+                check_rc(libc::pthread_mutexattr_setpshared(
+                    attr.as_mut_ptr(),
+                    libc::PTHREAD_PROCESS_SHARED,
+                ))?;
+                if robust {
+                    check_rc(libc::pthread_mutexattr_setrobust(
+                        attr.as_mut_ptr(),
+                        libc::PTHREAD_MUTEX_ROBUST,
+                    ))?;
+                }
+                check_rc(libc::pthread_mutex_init(ptr, attr.as_ptr()))
+            })();
+            libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
+            r
+        }
+    }
+
+    /// Uses the mutex initialised at `off`.
+    pub fn attach(page: &Arc<SharedPage>, off: usize) -> PthreadMutex {
+        let ptr = page
+            .raw_at(off, std::mem::size_of::<libc::pthread_mutex_t>())
+            .cast();
+        PthreadMutex {
+            ptr,
+            _page: page.clone(),
+        }
+    }
+
+    /// pthread_mutex_lock. For a robust mutex whose owner died, marks it
+    /// consistent and reports `Ok(true)` ("recovered").
+    pub fn lock(&self) -> io::Result<bool> {
+        // SAFETY: `ptr` points to a mutex initialised by `init`, kept mapped
+        // by the Arc we hold.
+        let rc = unsafe { libc::pthread_mutex_lock(self.ptr) };
+        if rc == libc::EOWNERDEAD {
+            // SAFETY: as above; we now own the mutex, as consistent requires.
+            check_rc(unsafe { libc::pthread_mutex_consistent(self.ptr) })?;
+            return Ok(true);
+        }
+        check_rc(rc).map(|()| false)
+    }
+
+    /// pthread_mutex_unlock.
+    pub fn unlock(&self) -> io::Result<()> {
+        // SAFETY: as in `lock`; called only by the holder.
+        check_rc(unsafe { libc::pthread_mutex_unlock(self.ptr) })
+    }
+}
+
+/// A process-shared `pthread_rwlock_t` living in a [`SharedPage`] (glibc's
+/// default kind: readers preferred).
+pub struct PthreadRwLock {
+    ptr: *mut libc::pthread_rwlock_t,
+    _page: Arc<SharedPage>,
+}
+
+impl PthreadRwLock {
+    /// Initialises a process-shared rwlock at `off` (parent, before attach).
+    pub fn init(page: &Arc<SharedPage>, off: usize) -> io::Result<()> {
+        let ptr = page
+            .raw_at(off, std::mem::size_of::<libc::pthread_rwlock_t>())
+            .cast::<libc::pthread_rwlock_t>();
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_rwlockattr_t>::uninit();
+        // SAFETY: as for PthreadMutex::init.
+        unsafe {
+            check_rc(libc::pthread_rwlockattr_init(attr.as_mut_ptr()))?;
+            let r = check_rc(libc::pthread_rwlockattr_setpshared(
+                attr.as_mut_ptr(),
+                libc::PTHREAD_PROCESS_SHARED,
+            ))
+            .and_then(|()| check_rc(libc::pthread_rwlock_init(ptr, attr.as_ptr())));
+            libc::pthread_rwlockattr_destroy(attr.as_mut_ptr());
+            r
+        }
+    }
+
+    /// Uses the rwlock initialised at `off`.
+    pub fn attach(page: &Arc<SharedPage>, off: usize) -> PthreadRwLock {
+        let ptr = page
+            .raw_at(off, std::mem::size_of::<libc::pthread_rwlock_t>())
+            .cast();
+        PthreadRwLock {
+            ptr,
+            _page: page.clone(),
+        }
+    }
+
+    /// pthread_rwlock_wrlock / rdlock.
+    pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        // SAFETY: `ptr` points to an rwlock initialised by `init`, kept mapped
+        // by the Arc we hold.
+        check_rc(unsafe {
+            if exclusive {
+                libc::pthread_rwlock_wrlock(self.ptr)
+            } else {
+                libc::pthread_rwlock_rdlock(self.ptr)
+            }
+        })
+    }
+
+    /// pthread_rwlock_unlock.
+    pub fn unlock(&self) -> io::Result<()> {
+        // SAFETY: as in `lock`; called only by a holder.
+        check_rc(unsafe { libc::pthread_rwlock_unlock(self.ptr) })
+    }
+}
+
+/// raw_sync's `RwLock` (a process-shared pthread rwlock behind raw_sync's
+/// API) placed in a [`SharedPage`].
+pub struct RawSyncRw {
+    lock: Box<dyn raw_sync::locks::LockImpl>,
+    _page: Arc<SharedPage>,
+}
+
+impl RawSyncRw {
+    fn open(page: &Arc<SharedPage>, off: usize, create: bool) -> io::Result<RawSyncRw> {
+        use raw_sync::locks::{LockInit, RwLock};
+        let mem = page.raw_at(off, PTHREAD_SLOT);
+        assert!(RwLock::size_of(Some(mem)) <= PTHREAD_SLOT);
+        // SAFETY: `mem` is PTHREAD_SLOT bytes inside the page, which the Arc
+        // keeps mapped for the lock's lifetime; the data pointer is never
+        // dereferenced by us (null-equivalent use: we lock, not read data).
+        let r = unsafe {
+            if create {
+                RwLock::new(mem, mem)
+            } else {
+                RwLock::from_existing(mem, mem)
+            }
+        };
+        let (lock, _) = r.map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(RawSyncRw {
+            lock,
+            _page: page.clone(),
+        })
+    }
+
+    /// Initialises the lock at `off` (parent, before attach).
+    pub fn init(page: &Arc<SharedPage>, off: usize) -> io::Result<()> {
+        Self::open(page, off, true).map(drop)
+    }
+
+    /// Uses the lock initialised at `off`.
+    pub fn attach(page: &Arc<SharedPage>, off: usize) -> io::Result<RawSyncRw> {
+        Self::open(page, off, false)
+    }
+
+    /// Runs `body` holding the lock (write when `exclusive`, else read).
+    pub fn with(&self, exclusive: bool, body: &mut dyn FnMut()) -> io::Result<()> {
+        if exclusive {
+            let _g = self
+                .lock
+                .lock()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            body();
+        } else {
+            let _g = self
+                .lock
+                .rlock()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            body();
+        }
+        Ok(())
+    }
+}
+
+/// Raw `F_OFD_SETLKW` on byte 0 (the OFD floor). `kind` is `F_RDLCK`,
+/// `F_WRLCK` or `F_UNLCK`.
+pub fn ofd_setlkw(fd: BorrowedFd<'_>, kind: libc::c_int) -> io::Result<()> {
+    let mut fl = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    loop {
+        // SAFETY: `fd` is live for the borrow; `fl` is a valid struct flock.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLKW, &mut fl) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Raw flock(2) (the flock floor), retried on EINTR.
+pub fn flock(fd: BorrowedFd<'_>, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock takes a live descriptor and an integer.
+        let rc = unsafe { libc::flock(fd.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes two integers; a stale pid is reported as ESRCH.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What `wait_stopped` saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopWait {
+    /// The child is stopped (and still ours to kill and reap).
+    Stopped,
+    /// The child had already exited and is now reaped.
+    Exited,
+}
+
+/// Waits until our child `pid` reports a stop (after SIGSTOP), without
+/// reaping it. If it exited instead, it is reaped here.
+pub fn wait_stopped(pid: u32) -> io::Result<StopWait> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WUNTRACED) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFSTOPPED(status) {
+            return Ok(StopWait::Stopped);
+        }
+        return Ok(StopWait::Exited);
+    }
+}
+
+/// Reaps our child `pid` (blocking).
+pub fn reap(pid: u32) -> io::Result<()> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFSTOPPED(status) || libc::WIFCONTINUED(status) {
+            continue;
+        }
+        return Ok(());
+    }
+}
+
+/// Reaps our child `pid` if it has exited; `Ok(true)` if it was reaped.
+pub fn try_reap(pid: u32) -> io::Result<bool> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    match rc {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(false),
+        _ => Ok(!(libc::WIFSTOPPED(status) || libc::WIFCONTINUED(status))),
+    }
+}
