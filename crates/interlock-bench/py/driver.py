@@ -189,9 +189,11 @@ def worker(a):
         ex = pick()
         lock.acquire(ex)
         if ex:
-            if unpack("<Q", mm, LAST_OWNER)[0] != me:
+            prev = unpack("<Q", mm, LAST_OWNER)[0]
+            if prev != me:
                 pack("<Q", mm, LAST_OWNER, me)
-                tp_changes += 1
+                if prev != 0:
+                    tp_changes += 1
         spin()
         lock.release(ex)
         if ex:

@@ -272,9 +272,13 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         let ex = mode == Mode::Exclusive;
         let mut changed = false;
         let died = h.run(mode, &mut || {
-            if ex && last_owner.load(Ordering::Relaxed) != me {
-                last_owner.store(me, Ordering::Relaxed);
-                changed = true;
+            if ex {
+                let prev = last_owner.load(Ordering::Relaxed);
+                if prev != me {
+                    last_owner.store(me, Ordering::Relaxed);
+                    // The very first acquisition has no previous owner.
+                    changed = prev != 0;
+                }
             }
             spin(hold);
         })?;

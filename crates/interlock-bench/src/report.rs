@@ -32,6 +32,8 @@ pub struct ReportCtx {
     pub py_libs: Vec<(String, String)>,
     /// matplotlib version, if plots were made.
     pub matplotlib: Option<String>,
+    /// 1-minute load average before and after the measurements.
+    pub load: (String, String),
     /// Plot paths relative to the workspace root.
     pub plots: Vec<String>,
 }
@@ -252,6 +254,15 @@ pub fn machine_line() -> String {
     format!("{cpu}, {cores} CPUs, Linux {kernel}, {}", today_utc())
 }
 
+/// The 1-minute load average (the machine is shared: other work skews
+/// the figures, so the report says how busy it was).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Today's date (UTC) as YYYY-MM-DD, from the system clock.
 pub fn today_utc() -> String {
     let secs = std::time::SystemTime::now()
@@ -298,7 +309,14 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
          How it measures and what each figure means: [docs/bench.md](docs/bench.md).\n"
     );
     let _ = writeln!(s, "- Command: `{}`", c.command);
-    let _ = writeln!(s, "- Machine: {}", machine_line());
+    let _ = writeln!(
+        s,
+        "- Machine: {}; 1-minute load average {} before the run, {} after (the machine is shared; \
+         load above its CPU count means the locks competed with other work)",
+        machine_line(),
+        c.load.0,
+        c.load.1
+    );
     let _ = writeln!(
         s,
         "- **This machine has {} CPUs**: with 4 and 8 processes the workers outnumber the CPUs, \

@@ -214,6 +214,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         secs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let load_before = report::loadavg();
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for (s, ts) in &m {
@@ -234,6 +235,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let load_after = report::loadavg();
     let bench_dir = root.join("docs").join("bench");
     std::fs::create_dir_all(&bench_dir)?;
     let all_targets = targets::all();
@@ -261,6 +263,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         notes,
         py_libs: py.libs.clone(),
         matplotlib: py.matplotlib.clone(),
+        load: (load_before, load_after),
         plots: plots
             .iter()
             .map(|p| {
