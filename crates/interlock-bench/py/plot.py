@@ -13,7 +13,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"interlock": ("-", 2.4), "peer": ("--", 1.3), "floor": (":", 1.8)}
-HOLDS = [(0, "hold 0"), (1000, "hold 1 µs"), (100000, "hold 100 µs")]
+
+
+COLORS = {}
+
+
+def color(target):
+    """A stable colour per target across every plot (tab20 has 20)."""
+    if target not in COLORS:
+        COLORS[target] = plt.get_cmap("tab20")(len(COLORS) % 20)
+    return COLORS[target]
+
+
+def hold_title(ns):
+    return "no hold" if ns == 0 else "hold %s" % fmt_ns(ns)
 
 
 def load(path):
@@ -32,8 +45,11 @@ def throughput(rows, out, cls):
     sel = [r for r in rows if r["class"] == cls and r["mix"] == "writers" and not r["error"]]
     if not sel:
         return None
-    fig, axes = plt.subplots(1, len(HOLDS), figsize=(15, 5.2), sharey=True)
-    for ax, (hold, title) in zip(axes, HOLDS):
+    holds = sorted({int(r["hold_ns"]) for r in sel})
+    fig, axes = plt.subplots(1, len(holds), figsize=(5 * len(holds), 5.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, hold in zip(axes, holds):
+        title = hold_title(hold)
         targets = []
         for r in sel:
             if int(r["hold_ns"]) == hold and r["target"] not in targets:
@@ -47,7 +63,7 @@ def throughput(rows, out, cls):
             if not pts:
                 continue
             ls, lw = STYLE.get(pts[0][2], ("-", 1))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, lw=lw, marker="o", ms=3, label=t)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, lw=lw, marker="o", ms=3, label=t, color=color(t))
         ax.set_title(title)
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8])
@@ -70,8 +86,11 @@ def latency(lat, out, cls):
     sel = [r for r in lat if r["class"] == cls]
     if not sel:
         return None
-    kinds = [("handoff", "release-to-waiter latency"), ("wait_ex", "writers' wait")]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2), sharey=True)
+    kinds = [
+        ("handoff", "release-to-waiter latency (CDF)"),
+        ("wait_ex", "writers' wait (share of waits longer than x)"),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
     scen = None
     for ax, (kind, title) in zip(axes, kinds):
         by = {}
@@ -87,15 +106,20 @@ def latency(lat, out, cls):
             for b, c in pts:
                 acc += c
                 xs.append(max(b, 1))
-                ys.append(acc / total)
+                # CDF for the handoff; the tail (1 - CDF) for waits, whose
+                # bulk is uncontended re-acquisitions.
+                ys.append(acc / total if kind == "handoff" else max(1.0 - acc / total, 0.5 / total))
             ls, lw = STYLE.get(g, ("-", 1))
-            ax.step(xs, ys, ls, lw=lw, where="post", label=t)
+            ax.step(xs, ys, ls, lw=lw, where="post", label=t, color=color(t))
         ax.set_xscale("log")
+        if kind != "handoff":
+            ax.set_yscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt_ns))
         ax.set_title(title)
         ax.set_xlabel("time (log)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("fraction of acquisitions ≤ x")
+    axes[0].set_ylabel("fraction of handoffs ≤ x")
+    axes[1].set_ylabel("fraction of waits > x")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     if scen:
@@ -125,10 +149,10 @@ def writer_wait(rows, out):
                 if r["target"] == t and int(r["hold_ns"]) == hold
             )
             ls, lw = STYLE.get(pts[0][2], ("-", 1))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, lw=lw, marker="o", ms=3, label=t)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, lw=lw, marker="o", ms=3, label=t, color=color(t))
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(fmt_ns))
-        ax.set_title("%s locks, hold %d ns" % (cls, hold))
+        ax.set_title("%s locks, %s" % (cls, hold_title(hold)))
         ax.set_xlabel("processes (1 writer, the rest readers; 2 CPUs)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -144,6 +168,8 @@ def writer_wait(rows, out):
 def main():
     out = sys.argv[1]
     rows = load(os.path.join(out, "results.csv"))
+    for r in rows:
+        color(r["target"])
     lat = load(os.path.join(out, "latency.csv"))
     for p in (
         throughput(rows, out, "file"),
