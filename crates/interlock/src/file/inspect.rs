@@ -19,6 +19,7 @@
 
 use std::fmt;
 use std::fs;
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -185,6 +186,29 @@ fn split_dev(dev: u64) -> (u32, u32) {
     (major as u32, minor as u32)
 }
 
+/// Reads a /proc file with large reads. The kernel builds each read of a
+/// seq_file under its lock, so one large read is a consistent page of
+/// lines, where the small probing first read of `fs::read_to_string` would
+/// split the listing across two moments.
+fn read_proc(path: impl AsRef<Path>) -> io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 /// OFD locks on `key` and the processes whose descriptors hold them, from
 /// /proc/*/fdinfo (processes that cannot be read are skipped).
 fn ofd_holders(key: FileKey) -> Vec<(u32, LockLine)> {
@@ -209,7 +233,7 @@ fn ofd_holders(key: FileKey) -> Vec<(u32, LockLine)> {
                 continue;
             }
             let info = p.path().join("fdinfo").join(fd.file_name());
-            let Ok(text) = fs::read_to_string(info) else {
+            let Ok(text) = read_proc(&info) else {
                 continue;
             };
             for l in lines_for(&text, key) {
@@ -242,7 +266,8 @@ fn ofd_holders(key: FileKey) -> Vec<(u32, LockLine)> {
 /// - For flock locks the pid is the process that took the lock, which may
 ///   have exited while a forked child still holds it.
 /// - Processes in other pid namespaces (containers) show no pid.
-/// - The answer is not a snapshot: locks come and go while it is read.
+/// - The answer is not a snapshot: locks come and go while it is read,
+///   and identical OFD locks that cannot be named are listed once.
 pub fn holders(path: impl AsRef<Path>) -> Result<Vec<Holder>> {
     let path = path.as_ref();
     let meta = fs::metadata(path).map_err(|e| Error::io("inspect lock file", e).with_path(path))?;
@@ -250,8 +275,8 @@ pub fn holders(path: impl AsRef<Path>) -> Result<Vec<Holder>> {
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    let text = fs::read_to_string("/proc/locks")
-        .map_err(|e| Error::io("read /proc/locks", e).with_path(path))?;
+    let text =
+        read_proc("/proc/locks").map_err(|e| Error::io("read /proc/locks", e).with_path(path))?;
     Ok(assemble(
         lines_for(&text, key),
         || ofd_holders(key),
@@ -292,10 +317,19 @@ fn assemble(
         kind,
         waiting,
     };
+    // /proc/locks is not a snapshot: a line can appear twice when locks
+    // change while it is read. Identical lines are taken as one lock (so
+    // identical OFD locks that cannot be named are listed once).
+    let mut distinct: Vec<LockLine> = Vec::with_capacity(locks.len());
+    for l in locks {
+        if !distinct.contains(&l) {
+            distinct.push(l);
+        }
+    }
     let mut out = Vec::new();
     let mut ofd_held: Vec<LockLine> = Vec::new();
     let mut ofd_waiting: Vec<LockLine> = Vec::new();
-    for l in &locks {
+    for l in &distinct {
         match (l.kind, l.waiting) {
             (LockKind::Ofd, false) => ofd_held.push(*l),
             (LockKind::Ofd, true) => ofd_waiting.push(*l),
@@ -306,25 +340,22 @@ fn assemble(
         |a: &LockLine, b: &LockLine| a.mode == b.mode && a.start == b.start && a.end == b.end;
     if !ofd_held.is_empty() {
         let named = ofd();
-        // Every named holder of a lock that /proc/locks shows; the locks
-        // left without a name are listed with none.
+        // Every named holder of a lock that /proc/locks shows; a lock that
+        // no readable descriptor accounts for is listed without a name.
         for (pid, l) in &named {
             if ofd_held.iter().any(|h| same(h, l)) {
                 out.push(holder(Some(*pid), l, LockKind::Ofd, false));
             }
         }
-        let mut unmatched = ofd_held.clone();
-        for (_, l) in &named {
-            if let Some(i) = unmatched.iter().position(|h| same(h, l)) {
-                unmatched.swap_remove(i);
+        for l in &ofd_held {
+            if !named.iter().any(|(_, n)| same(n, l)) {
+                out.push(holder(None, l, LockKind::Ofd, false));
             }
-        }
-        for l in &unmatched {
-            out.push(holder(None, l, LockKind::Ofd, false));
         }
     }
     // Registry waiters (they may not have reached the kernel yet), then
     // the kernel's OFD waiters that no registry record accounts for.
+    let mut registry_lines = Vec::with_capacity(waiters.len());
     for w in &waiters {
         let l = LockLine {
             kind: LockKind::Ofd,
@@ -337,13 +368,13 @@ fn assemble(
             end: Some(w.end),
             waiting: true,
         };
-        if let Some(i) = ofd_waiting.iter().position(|h| same(h, &l)) {
-            ofd_waiting.swap_remove(i);
-        }
         out.push(holder(Some(w.pid), &l, LockKind::Ofd, true));
+        registry_lines.push(l);
     }
     for l in &ofd_waiting {
-        out.push(holder(None, l, LockKind::Ofd, true));
+        if !registry_lines.iter().any(|r| same(r, l)) {
+            out.push(holder(None, l, LockKind::Ofd, true));
+        }
     }
     out.sort_by_key(|h| (h.waiting, h.range.0, h.pid));
     out
