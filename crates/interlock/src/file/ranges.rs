@@ -251,8 +251,24 @@ impl RangeMap {
             }
         }
         let middle = mode.map(|mode| Seg { start, end, mode });
-        self.segs
-            .splice(lo..hi, [left, middle, right].into_iter().flatten());
+        // Replace segs[lo..hi] by the (at most three) new segments, in place
+        // where possible: `splice` costs more than the rest of a lock call.
+        let mut new = [left, middle, right].into_iter().flatten();
+        let mut at = lo;
+        while at < hi {
+            match new.next() {
+                Some(seg) => self.segs[at] = seg,
+                None => {
+                    self.segs.drain(at..hi);
+                    return;
+                }
+            }
+            at += 1;
+        }
+        for seg in new {
+            self.segs.insert(at, seg);
+            at += 1;
+        }
     }
 }
 

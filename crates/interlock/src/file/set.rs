@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use super::deadlock::{FileKey, Owner, Published, Record, Registry};
 use super::ranges::{self, BadRange, IndexRange, RangeMap, INDEX_END};
@@ -101,8 +101,10 @@ impl LockSetOptions {
             key,
             on_block: self.on_block,
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
-            op: Mutex::new(Detection::Unopened),
-            held: Mutex::new(RangeMap::new()),
+            state: Mutex::new(State {
+                detection: Detection::Unopened,
+                held: RangeMap::new(),
+            }),
         })
     }
 }
@@ -205,7 +207,7 @@ enum Detection {
 /// thread or a process. Threads that share one `LockSet` (methods take
 /// `&self`) act as **one** owner: they never exclude each other, and their
 /// operations on the set run one at a time (a blocking `lock` keeps the set
-/// busy until it returns; `held` and `mode_of` still answer meanwhile).
+/// busy until it returns, and `held` and `mode_of` wait for it too).
 /// Threads or tasks that must exclude each other open their own `LockSet` on
 /// the same path; two sets exclude each other exactly as two processes do,
 /// and deadlocks between them are detected the same way.
@@ -248,11 +250,17 @@ pub struct LockSet {
     key: FileKey,
     on_block: Option<OnBlock>,
     serial: u64,
-    /// Serialises every operation of this owner, including a whole blocking
-    /// wait: a waiting owner's holdings must not change (deadlock argument).
-    op: Mutex<Detection>,
-    /// What this owner holds; changed only with `op` held.
-    held: Mutex<RangeMap>,
+    /// Held by every operation of this owner, including for the whole of a
+    /// blocking wait: a waiting owner's holdings must not change (the
+    /// deadlock argument), and one mutex keeps the uncontended path short.
+    state: Mutex<State>,
+}
+
+/// What an owner knows about itself.
+struct State {
+    detection: Detection,
+    /// A mirror of what the kernel has granted this set.
+    held: RangeMap,
 }
 
 impl fmt::Debug for LockSet {
@@ -348,35 +356,35 @@ impl LockSet {
         wait: Wait,
     ) -> Result<(), TryLockError> {
         let r = self.check(&range)?;
-        let mut op = self.op.lock();
-        self.acquire_locked(&mut op, r, mode, wait)
+        let mut st = self.state.lock();
+        self.acquire_locked(&mut st, r, mode, wait)
     }
 
     /// Releases `range` (whatever part of it is held; the rest of the
     /// set's holdings stay). Never blocks.
     pub fn unlock(&self, range: impl IndexRange) -> Result<()> {
         let r = self.check(&range)?;
-        let _op = self.op.lock();
-        self.unlock_locked(r)
+        let mut st = self.state.lock();
+        self.unlock_locked(&mut st, r)
     }
 
     /// Releases everything this set holds. Never blocks.
     pub fn unlock_all(&self) -> Result<()> {
-        let _op = self.op.lock();
-        if self.held.lock().is_empty() {
+        let mut st = self.state.lock();
+        if st.held.is_empty() {
             return Ok(());
         }
-        self.unlock_locked(0..INDEX_END)
+        self.unlock_locked(&mut st, 0..INDEX_END)
     }
 
     /// What this set holds: maximal intervals of one mode, in order.
     pub fn held(&self) -> Vec<(Range<u64>, Mode)> {
-        self.held.lock().iter().collect()
+        self.state.lock().held.iter().collect()
     }
 
     /// The mode index `i` is held in by this set, if any.
     pub fn mode_of(&self, i: u64) -> Option<Mode> {
-        self.held.lock().get(i)
+        self.state.lock().held.get(i)
     }
 
     /// Applies `mode` to `range` until the returned [`Scope`] ends, then
@@ -396,9 +404,9 @@ impl LockSet {
         wait: Wait,
     ) -> Result<Scope<'_>, TryLockError> {
         let r = self.check(&range)?;
-        let mut op = self.op.lock();
-        let before = self.held.lock().segments(&r);
-        self.acquire_locked(&mut op, r, mode, wait)?;
+        let mut st = self.state.lock();
+        let before = st.held.segments(&r);
+        self.acquire_locked(&mut st, r, mode, wait)?;
         Ok(Scope {
             set: self,
             before,
@@ -411,8 +419,8 @@ impl LockSet {
     /// [`crate::REGISTRY_DIR_ENV`]) could not be used. Opens the registry
     /// if no wait has done so yet.
     pub fn detects_deadlocks(&self) -> bool {
-        let mut op = self.op.lock();
-        self.registry(&mut op).is_some()
+        let mut st = self.state.lock();
+        self.registry(&mut st.detection).is_some()
     }
 
     fn check(&self, range: &impl IndexRange) -> Result<Range<u64>> {
@@ -439,14 +447,14 @@ impl LockSet {
         Error::io(op, e).with_path(&self.path)
     }
 
-    fn registry<'a>(&self, op: &'a mut MutexGuard<'_, Detection>) -> Option<&'a Registry> {
-        if let Detection::Unopened = **op {
-            **op = match Registry::open(self.key) {
+    fn registry<'a>(&self, detection: &'a mut Detection) -> Option<&'a Registry> {
+        if let Detection::Unopened = detection {
+            *detection = match Registry::open(self.key) {
                 Ok(Some(r)) => Detection::Open(r),
                 Ok(None) | Err(_) => Detection::Disabled,
             };
         }
-        match &**op {
+        match detection {
             Detection::Open(r) => Some(r),
             _ => None,
         }
@@ -454,7 +462,7 @@ impl LockSet {
 
     fn acquire_locked(
         &self,
-        op: &mut MutexGuard<'_, Detection>,
+        st: &mut State,
         r: Range<u64>,
         mode: Mode,
         wait: Wait,
@@ -466,7 +474,7 @@ impl LockSet {
                 .with_detail("opened read-only (no write permission): only shared locks")
                 .into());
         }
-        if self.held.lock().covers(&r, mode) {
+        if st.held.covers(&r, mode) {
             return Ok(());
         }
         let kind = kind_of(mode);
@@ -474,7 +482,7 @@ impl LockSet {
         let fd = self.file.as_fd();
         // The uncontended path: one non-blocking call, no registry.
         if ofd_try(fd, kind, br).map_err(|e| self.io_error(OP, e))? {
-            self.held.lock().set(r, Some(mode));
+            st.held.set(r, Some(mode));
             return Ok(());
         }
         if !wait.may_block() {
@@ -488,7 +496,8 @@ impl LockSet {
             return Err(TryLockError::TimedOut);
         }
         // Contended: publish the wait and check for a cycle first.
-        let registry = self.registry(op);
+        let State { detection, held } = st;
+        let registry = self.registry(detection);
         let _waiter = match registry {
             None => None,
             Some(reg) => {
@@ -500,7 +509,7 @@ impl LockSet {
                     },
                     want: r.clone(),
                     want_mode: mode,
-                    held: self.held.lock().segs().to_vec(),
+                    held: held.segs().to_vec(),
                 };
                 match reg.publish(&me) {
                     Ok(Published::Deadlock) => {
@@ -530,7 +539,7 @@ impl LockSet {
             .map_err(|e| self.io_error(OP, e))?;
         match got {
             Some(()) => {
-                self.held.lock().set(r, Some(mode));
+                held.set(r, Some(mode));
                 Ok(())
             }
             None => Err(TryLockError::TimedOut),
@@ -538,10 +547,10 @@ impl LockSet {
         // `_waiter` is dropped here, removing the record.
     }
 
-    fn unlock_locked(&self, r: Range<u64>) -> Result<()> {
+    fn unlock_locked(&self, st: &mut State, r: Range<u64>) -> Result<()> {
         ofd_try(self.file.as_fd(), RangeLock::Unlock, bytes(&r))
             .map_err(|e| self.io_error("unlock lock set range", e))?;
-        self.held.lock().set(r, None);
+        st.held.set(r, None);
         Ok(())
     }
 }
@@ -550,7 +559,7 @@ impl Drop for LockSet {
     fn drop(&mut self) {
         // Closing the descriptor would release too, unless a forked child
         // or a dup still refers to the description; release explicitly.
-        if !self.held.get_mut().is_empty() {
+        if !self.state.get_mut().held.is_empty() {
             let _ = ofd_try(self.file.as_fd(), RangeLock::Unlock, bytes(&(0..INDEX_END)));
         }
     }
@@ -595,15 +604,15 @@ impl Scope<'_> {
             return Ok(());
         }
         let set = self.set;
-        let mut op = set.op.lock();
+        let mut st = set.state.lock();
         let mut first_error = None;
         // Releases and downgrades first: they never wait, and they may be
         // what another owner needs before we can re-take an exclusive part.
         for (r, m) in &self.before {
             let res = match m {
-                None => set.unlock_locked(r.clone()),
+                None => set.unlock_locked(&mut st, r.clone()),
                 Some(Mode::Shared) => set
-                    .acquire_locked(&mut op, r.clone(), Mode::Shared, Wait::Forever)
+                    .acquire_locked(&mut st, r.clone(), Mode::Shared, Wait::Forever)
                     .map_err(Error::from),
                 Some(Mode::Exclusive) => continue,
             };
@@ -614,7 +623,7 @@ impl Scope<'_> {
         for (r, m) in &self.before {
             if *m == Some(Mode::Exclusive) {
                 if let Err(e) =
-                    set.acquire_locked(&mut op, r.clone(), Mode::Exclusive, Wait::Forever)
+                    set.acquire_locked(&mut st, r.clone(), Mode::Exclusive, Wait::Forever)
                 {
                     first_error.get_or_insert(e.into());
                 }
