@@ -45,18 +45,21 @@ pub trait IndexRange {
 }
 
 impl IndexRange for u64 {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(*self..self.checked_add(1)?)
     }
 }
 
 impl IndexRange for Range<u64> {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(self.clone())
     }
 }
 
 impl IndexRange for RangeInclusive<u64> {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         if self.is_empty() {
             // `3..=2`, or an exhausted iterator: an empty interval.
@@ -67,30 +70,35 @@ impl IndexRange for RangeInclusive<u64> {
 }
 
 impl IndexRange for RangeFull {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..INDEX_END)
     }
 }
 
 impl IndexRange for RangeFrom<u64> {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(self.start..INDEX_END)
     }
 }
 
 impl IndexRange for RangeTo<u64> {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..self.end)
     }
 }
 
 impl IndexRange for RangeToInclusive<u64> {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..self.end.checked_add(1)?)
     }
 }
 
 impl<T: IndexRange + ?Sized> IndexRange for &T {
+    #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         (**self).to_interval()
     }
@@ -106,6 +114,7 @@ pub(crate) enum BadRange {
 }
 
 /// Checks an interval: non-empty and within `0..INDEX_END`.
+#[inline]
 pub(crate) fn checked(r: &impl IndexRange) -> Result<Range<u64>, BadRange> {
     let r = r.to_interval().ok_or(BadRange::OutOfBounds)?;
     if r.end > INDEX_END || r.start > INDEX_END {
@@ -226,6 +235,23 @@ impl RangeMap {
         if r.start >= r.end {
             return;
         }
+        // The common cases first: nothing held yet, or releasing a range
+        // that covers everything held.
+        match (self.segs.first(), self.segs.last(), mode) {
+            (None, _, Some(mode)) => {
+                self.segs.push(Seg {
+                    start: r.start,
+                    end: r.end,
+                    mode,
+                });
+                return;
+            }
+            (Some(first), Some(last), None) if r.start <= first.start && r.end >= last.end => {
+                self.segs.clear();
+                return;
+            }
+            _ => {}
+        }
         // Segments lo..hi overlap or touch r. Only the first can stick out
         // on the left and only the last on the right; the parts that stick
         // out keep their mode, or merge into the new interval if it has the
@@ -259,14 +285,22 @@ impl RangeMap {
             match new.next() {
                 Some(seg) => self.segs[at] = seg,
                 None => {
-                    self.segs.drain(at..hi);
+                    if hi == self.segs.len() {
+                        self.segs.truncate(at);
+                    } else {
+                        self.segs.drain(at..hi);
+                    }
                     return;
                 }
             }
             at += 1;
         }
         for seg in new {
-            self.segs.insert(at, seg);
+            if at == self.segs.len() {
+                self.segs.push(seg);
+            } else {
+                self.segs.insert(at, seg);
+            }
             at += 1;
         }
     }
