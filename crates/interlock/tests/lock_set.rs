@@ -85,6 +85,7 @@ fn worker() {
                 support::say("ok");
             }
             "held" => support::say(show_held(&set)),
+            "detects" => support::say(format!("detects {}", set.detects_deadlocks())),
             // Request `next` exclusively; report; then release everything.
             "cycle" => {
                 let t = Instant::now();
@@ -349,6 +350,46 @@ fn two_readers_upgrading_the_same_index() {
 }
 
 #[test]
+fn registry_location_follows_the_environment() {
+    if support::role().is_some() {
+        return worker();
+    }
+    let (d, p) = tmp();
+    let test = "registry_location_follows_the_environment";
+    let reg = d.path().join("registry");
+    std::fs::create_dir(&reg).unwrap();
+    let env = [(interlock::REGISTRY_DIR_ENV, reg.to_str().unwrap())];
+    let mut a = Child::spawn_with(test, "worker", &p, &env);
+    let mut b = Child::spawn_with(test, "worker", &p, &env);
+    a.expect("ready");
+    b.expect("ready");
+    assert_eq!(ask(&mut a, "detects"), "detects true");
+    assert_eq!(ask(&mut a, "lock 0 1 S"), "ok");
+    assert_eq!(ask(&mut b, "lock 0 1 S"), "ok");
+    assert_eq!(ask(&mut a, "lock 0 1 X"), "blocked");
+    assert!(ask(&mut b, "lock 0 1 X").starts_with("deadlock "));
+    let dirs: Vec<_> = std::fs::read_dir(&reg).unwrap().flatten().collect();
+    assert_eq!(dirs.len(), 1);
+    assert!(dirs[0]
+        .file_name()
+        .to_str()
+        .unwrap()
+        .starts_with("interlock-wait-"));
+    assert_eq!(ask(&mut b, "unlock_all"), "ok");
+    assert_eq!(a.recv(), "ok");
+    // Disabled: locks work, waits are not checked.
+    let mut c = Child::spawn_with(test, "worker", &p, &[(interlock::REGISTRY_DIR_ENV, "")]);
+    c.expect("ready");
+    assert_eq!(ask(&mut c, "detects"), "detects false");
+    assert_eq!(ask(&mut c, "try 0 1 S"), "wouldblock");
+    assert_eq!(ask(&mut c, "try 1 2 X"), "ok");
+    for k in [&mut a, &mut b, &mut c] {
+        k.send("quit");
+        k.join();
+    }
+}
+
+#[test]
 fn record_of_a_dead_waiter_is_ignored() {
     if support::role().is_some() {
         return worker();
@@ -364,7 +405,9 @@ fn record_of_a_dead_waiter_is_ignored() {
     assert_eq!(ask(&mut b, "lock 1 2 X"), "ok");
     // b waits for 0 (held by a), then dies with its record published.
     assert_eq!(ask(&mut b, "lock 0 1 X"), "blocked");
+    let dead = b.pid();
     b.kill();
+    assert!(!holders(&p).unwrap().iter().any(|h| h.pid == Some(dead)));
     // Now a waits for 1, held by us: b's record ("holds 1, wants 0")
     // would close a cycle if it were believed.
     let me = LockSet::open(&p).unwrap();
