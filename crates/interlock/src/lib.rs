@@ -21,10 +21,12 @@ pub use file::{
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 
-/// The raw OFD `fcntl` wrappers, exposed only so the benchmarks can measure
-/// the floor that the lock types are compared against. Not a public API.
+/// The raw OFD `fcntl` calls, exposed only so the benchmarks can measure the
+/// floor that the lock types are compared against. Not a public API.
 #[doc(hidden)]
-pub use sys::fcntl as __bench_ofd;
+pub mod __bench_ofd {
+    pub use crate::sys::fcntl::{ofd_try, ByteRange, RangeLock};
+}
 
 /// The operation every lock family offers, so that generic code (the CLI,
 /// the benchmarks, user code) can drive any of them the same way.

@@ -315,7 +315,7 @@ impl LockSet {
     /// holdings. Fails with [`ErrorKind::Deadlock`] if waiting would close a
     /// cycle of waiting owners; the set's holdings are then unchanged.
     pub fn lock(&self, range: impl IndexRange, mode: Mode) -> Result<()> {
-        self.acquire(range, mode, Wait::Forever)
+        self.lock_with(range, mode, Wait::Forever)
             .map_err(Error::from)
     }
 
@@ -323,7 +323,7 @@ impl LockSet {
     /// otherwise `Err(TryLockError::WouldBlock)` and nothing changes (a
     /// failed conversion keeps the previous mode).
     pub fn try_lock(&self, range: impl IndexRange, mode: Mode) -> Result<(), TryLockError> {
-        self.acquire(range, mode, Wait::NonBlocking)
+        self.lock_with(range, mode, Wait::NonBlocking)
     }
 
     /// Locks `range` in `mode`, waiting at most `timeout`; then
@@ -334,7 +334,7 @@ impl LockSet {
         mode: Mode,
         timeout: Duration,
     ) -> Result<(), TryLockError> {
-        self.acquire(range, mode, Wait::timeout(timeout))
+        self.lock_with(range, mode, Wait::timeout(timeout))
     }
 
     /// Locks `range` in `mode`, waiting until `deadline` at most; then
@@ -345,11 +345,12 @@ impl LockSet {
         mode: Mode,
         deadline: Instant,
     ) -> Result<(), TryLockError> {
-        self.acquire(range, mode, Wait::Until(deadline))
+        self.lock_with(range, mode, Wait::Until(deadline))
     }
 
-    /// Locks `range` in `mode`, waiting as `wait` allows.
-    pub fn acquire(
+    /// Locks `range` in `mode`, waiting as `wait` allows (the general form
+    /// of the four methods above).
+    pub fn lock_with(
         &self,
         range: impl IndexRange,
         mode: Mode,
