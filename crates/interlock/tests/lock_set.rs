@@ -586,6 +586,9 @@ fn holders_names_processes_modes_and_waiters() {
         .find(|h| h.range == (3, Some(7)))
         .expect("child's lock listed");
     assert_eq!(ofd_x.pid, Some(a.pid()));
+    // The same through an open set (by inode, not path).
+    let via_set = LockSet::open(&p).unwrap().holders().unwrap();
+    assert!(via_set.contains(ofd_x), "{via_set:?}");
     assert_eq!(ofd_x.mode, Mode::Exclusive);
     assert_eq!(ofd_x.kind, LockKind::Ofd);
     assert!(!ofd_x.waiting);

@@ -275,6 +275,12 @@ pub fn holders(path: impl AsRef<Path>) -> Result<Vec<Holder>> {
         dev: meta.dev(),
         ino: meta.ino(),
     };
+    holders_of(key, path)
+}
+
+/// [`holders`] for a file already open (named by its device and inode;
+/// `path` only labels errors).
+pub(crate) fn holders_of(key: FileKey, path: &Path) -> Result<Vec<Holder>> {
     let text =
         read_proc("/proc/locks").map_err(|e| Error::io("read /proc/locks", e).with_path(path))?;
     Ok(assemble(

@@ -72,7 +72,10 @@ impl LockSetOptions {
     }
 
     /// A callback told once per acquisition that is about to block (after
-    /// the deadlock check passed), e.g. to print who holds the range.
+    /// the deadlock check passed), e.g. to print who holds the range
+    /// ([`LockSet::holders`]). It runs while the set is busy with the
+    /// acquisition, so it must not call the set's other methods (they would
+    /// wait for the acquisition, which waits for the callback).
     pub fn on_block(mut self, f: OnBlock) -> Self {
         self.on_block = Some(f);
         self
@@ -413,6 +416,13 @@ impl LockSet {
             before,
             restored: false,
         })
+    }
+
+    /// Who holds or waits for locks on this set's file (this set included),
+    /// as far as the kernel shows it; see [`crate::holders`]. Does not take
+    /// the set's mutex, so an on-block callback may call it.
+    pub fn holders(&self) -> Result<Vec<super::inspect::Holder>> {
+        super::inspect::holders_of(self.key, &self.path)
     }
 
     /// Whether blocking waits of this set are checked for deadlocks: true
