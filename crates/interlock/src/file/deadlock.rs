@@ -42,13 +42,19 @@ use std::path::{Path, PathBuf};
 use super::ranges::Seg;
 use crate::sys::fcntl::{flock, FlockOp};
 use crate::sys::proc::{self, Liveness, ProcessId};
+use crate::sys::timer;
 use crate::Mode;
+use std::time::{Duration, Instant};
 
 /// The variable that overrides where registries live (default /dev/shm,
 /// else /tmp). Set to the empty string to disable deadlock detection.
 pub const REGISTRY_DIR_ENV: &str = "INTERLOCK_WAIT_DIR";
 
 const MAGIC: &str = "interlock-wait 1";
+
+/// How long a waiter waits for the registry lock before it gives up on
+/// detection for this wait (the lock is normally held for well under 1 ms).
+pub(crate) const REGISTRY_PATIENCE: Duration = Duration::from_secs(1);
 
 /// A file, as the kernel names it for locking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -326,8 +332,13 @@ impl Registry {
 
     /// Under the registry lock: reads the other waiters, checks whether
     /// `me` would close a cycle, and if not publishes `me`.
+    ///
+    /// The registry lock is held for a few hundred microseconds at most, but
+    /// a process stopped (SIGSTOP, a debugger) while holding it would hold
+    /// it indefinitely; so this gives up after [`REGISTRY_PATIENCE`] with
+    /// `TimedOut`, and the caller waits without detection.
     pub fn publish(&self, me: &Record) -> io::Result<Published<'_>> {
-        let _serial = RegistryLock::take(&self.lock)?;
+        let _serial = RegistryLock::take(&self.lock, Instant::now() + REGISTRY_PATIENCE)?;
         let others = self.read_waiters(Some(me.owner), true);
         if closes_cycle(me, &others) {
             return Ok(Published::Deadlock);
@@ -367,13 +378,13 @@ impl Registry {
 struct RegistryLock<'a>(&'a File);
 
 impl<'a> RegistryLock<'a> {
-    fn take(f: &'a File) -> io::Result<RegistryLock<'a>> {
-        loop {
-            match flock(f.as_fd(), FlockOp::Exclusive, true) {
-                Ok(_) => return Ok(RegistryLock(f)),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e),
-            }
+    fn take(f: &'a File, give_up: Instant) -> io::Result<RegistryLock<'a>> {
+        if flock(f.as_fd(), FlockOp::Exclusive, false)? {
+            return Ok(RegistryLock(f));
+        }
+        match timer::block_until(Some(give_up), || flock(f.as_fd(), FlockOp::Exclusive, true))? {
+            Some(_) => Ok(RegistryLock(f)),
+            None => Err(io::Error::from(io::ErrorKind::TimedOut)),
         }
     }
 }
