@@ -335,10 +335,13 @@ impl Registry {
     ///
     /// The registry lock is held for a few hundred microseconds at most, but
     /// a process stopped (SIGSTOP, a debugger) while holding it would hold
-    /// it indefinitely; so this gives up after [`REGISTRY_PATIENCE`] with
-    /// `TimedOut`, and the caller waits without detection.
-    pub fn publish(&self, me: &Record) -> io::Result<Published<'_>> {
-        let _serial = RegistryLock::take(&self.lock, Instant::now() + REGISTRY_PATIENCE)?;
+    /// it indefinitely; so this gives up after [`REGISTRY_PATIENCE`] (or at
+    /// the caller's `deadline`, if sooner) with `TimedOut`, and the caller
+    /// waits without detection.
+    pub fn publish(&self, me: &Record, deadline: Option<Instant>) -> io::Result<Published<'_>> {
+        let patience = Instant::now() + REGISTRY_PATIENCE;
+        let give_up = deadline.map_or(patience, |d| d.min(patience));
+        let _serial = RegistryLock::take(&self.lock, give_up)?;
         let others = self.read_waiters(Some(me.owner), true);
         if closes_cycle(me, &others) {
             return Ok(Published::Deadlock);

@@ -522,7 +522,7 @@ impl LockSet {
                     want_mode: mode,
                     held: held.segs().to_vec(),
                 };
-                match reg.publish(&me) {
+                match reg.publish(&me, deadline) {
                     Ok(Published::Deadlock) => {
                         return Err(Error::new(ErrorKind::Deadlock, OP)
                             .with_path(&self.path)
