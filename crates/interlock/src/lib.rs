@@ -8,13 +8,25 @@
 #![allow(dead_code)]
 
 mod error;
+mod file;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
+pub use file::{
+    holders, Holder, IndexRange, LockKind, LockSet, LockSetOptions, Scope, INDEX_END,
+    REGISTRY_DIR_ENV,
+};
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
+
+/// The raw OFD `fcntl` calls, exposed only so the benchmarks can measure the
+/// floor that the lock types are compared against. Not a public API.
+#[doc(hidden)]
+pub mod __bench_ofd {
+    pub use crate::sys::fcntl::{ofd_try, ByteRange, RangeLock};
+}
 
 /// The operation every lock family offers, so that generic code (the CLI,
 /// the benchmarks, user code) can drive any of them the same way.
