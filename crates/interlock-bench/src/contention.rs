@@ -397,33 +397,48 @@ pub struct PythonEnv {
 }
 
 /// A scratch directory and page for one scenario, removed on drop.
-struct Scratch {
-    dir: PathBuf,
-    page: Arc<SharedPage>,
+pub struct Scratch {
+    /// Lock files and result files.
+    pub dir: PathBuf,
+    /// The shared page.
+    pub page: Arc<SharedPage>,
+    /// LockSet's deadlock registry for this scenario's lock file (in
+    /// /dev/shm like the library's default, but private and removed).
+    pub wait_dir: PathBuf,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.wait_dir);
     }
 }
 
 static SCRATCH_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn scratch(tag: &str) -> Result<Scratch> {
+/// A fresh scratch directory and page for one scenario or torture run.
+pub fn scratch(tag: &str) -> Result<Scratch> {
     let n = SCRATCH_SEQ.fetch_add(1, Ordering::Relaxed);
     let id = format!("interlock-bench-{}-{tag}-{n}", std::process::id());
     let dir = std::env::temp_dir().join(&id);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let shm_dir = Path::new("/dev/shm");
-    let page_path = if shm_dir.is_dir() {
-        shm_dir.join(format!("{id}.page"))
+    let (page_path, wait_dir) = if shm_dir.is_dir() {
+        (
+            shm_dir.join(format!("{id}.page")),
+            shm_dir.join(format!("{id}.wait")),
+        )
     } else {
-        dir.join("page")
+        (dir.join("page"), dir.join("wait"))
     };
+    std::fs::create_dir_all(&wait_dir)?;
     let page = Arc::new(SharedPage::create(&page_path, page::PAGE_LEN).context("create page")?);
     Page(&page).g(0).store(page::MAGIC, Ordering::Release);
-    Ok(Scratch { dir, page })
+    Ok(Scratch {
+        dir,
+        page,
+        wait_dir,
+    })
 }
 
 struct Workers {
@@ -555,6 +570,7 @@ fn run_inner(t: &Target, s: Scenario, d: Durations, py: Option<&PythonEnv>) -> R
             .arg(s.hold_ns.to_string())
             .arg("--out")
             .arg(&out)
+            .env(interlock::REGISTRY_DIR_ENV, &sc.wait_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
@@ -615,7 +631,8 @@ fn summarise(target: &str, s: Scenario, tp: Duration, rs: &[WorkerResult]) -> Ro
     let mut row = Row::failed(target, s, String::new());
     row.error = None;
     row.acq_per_s = total as f64 / tp.as_secs_f64();
-    row.changed = (ex > 0).then(|| changes as f64 / ex as f64);
+    // With a single writer the exclusive owner never changes.
+    row.changed = (ex > 0 && s.mix != Mix::OneWriter).then(|| changes as f64 / ex as f64);
     row.jain = if fair.len() >= 2 { jain(&fair) } else { None };
     for r in rs {
         row.handoff.merge(&r.handoff);

@@ -6,13 +6,37 @@
 //! [`interlock::Lock`] trait so the harness measures exactly what users call.
 
 use anyhow::Result;
-use interlock::{ErrorKind, Lock, Mode, TryLockError, Wait};
+use interlock::{ErrorKind, Lock, LockSet, Mode, TryLockError, Wait};
 
-use crate::targets::{Handle, Target};
+use crate::targets::{setup_file, Ctx, Floor, Group, Handle, Impl, Target};
 
 /// The families present in this build.
 pub fn targets() -> Vec<Target> {
-    Vec::new()
+    vec![Target {
+        name: "lockset",
+        label: "interlock LockSet (index 0; OFD)",
+        group: Group::Interlock,
+        floor: Floor::Ofd,
+        shared: true,
+        recovers: true,
+        imp: Impl::Rust {
+            setup: setup_file,
+            open: |c: &Ctx| Ok(Box::new(SetIndex(LockSet::open(c.lock_path())?))),
+        },
+    }]
+}
+
+/// One index of a [`LockSet`] ("lock i is byte i"), the way a user who
+/// keeps many locks in one file takes one of them; blocking waits go
+/// through the set's deadlock registry.
+struct SetIndex(LockSet);
+impl Handle for SetIndex {
+    fn run(&mut self, mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        self.0.lock(0u64, mode)?;
+        body();
+        self.0.unlock(0u64)?;
+        Ok(false)
+    }
 }
 
 /// Drives any [`Lock`] with a blocking acquisition.

@@ -39,7 +39,7 @@
 //!   also measures any stall still open (a wedged lock never ends one).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -414,6 +414,7 @@ struct Pool<'a> {
     target: &'a Target,
     page_path: PathBuf,
     dir: PathBuf,
+    wait_dir: PathBuf,
     procs: usize,
     a: &'a TortureArgs,
     slots: Vec<Slot>,
@@ -442,6 +443,7 @@ impl Pool<'_> {
             .arg(self.a.shared_pct.to_string())
             .arg("--seed")
             .arg((self.a.seed.wrapping_mul(1000) + self.spawned).to_string())
+            .env(interlock::REGISTRY_DIR_ENV, &self.wait_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -502,20 +504,11 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
     if a.procs < 2 || a.procs > page::MAX_SLOTS {
         bail!("--procs must be 2..={}", page::MAX_SLOTS);
     }
-    let id = format!("interlock-torture-{}-{}", std::process::id(), t.name);
-    let dir = std::env::temp_dir().join(&id);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let _cleanup = RemoveDir(dir.clone());
-    let page_path = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm").join(format!("{id}.page"))
-    } else {
-        dir.join("page")
-    };
-    let _ = std::fs::remove_file(&page_path);
-    let shm = Arc::new(SharedPage::create(&page_path, page::PAGE_LEN)?);
+    let sc = crate::contention::scratch(&format!("torture-{}", t.name))?;
+    let dir = sc.dir.clone();
+    let shm = sc.page.clone();
+    let page_path = shm.path().to_path_buf();
     let p = Page(&shm);
-    p.g(0).store(page::MAGIC, Ordering::SeqCst);
     let ctx = Ctx {
         dir: dir.clone(),
         page: shm.clone(),
@@ -528,6 +521,7 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
         target: t,
         page_path: page_path.clone(),
         dir: dir.clone(),
+        wait_dir: sc.wait_dir.clone(),
         procs: a.procs,
         a,
         slots: Vec::new(),
@@ -712,13 +706,6 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
         q(0.99),
     );
     Ok(o)
-}
-
-struct RemoveDir(PathBuf);
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The `torture` subcommand: returns whether every target passed.
