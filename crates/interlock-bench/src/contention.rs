@@ -171,6 +171,9 @@ pub struct WorkerArgs {
     /// Scenario directory.
     #[arg(long)]
     pub dir: PathBuf,
+    /// Scenario directory in /dev/shm.
+    #[arg(long)]
+    pub shm_dir: PathBuf,
     /// Worker index.
     #[arg(long)]
     pub idx: usize,
@@ -251,6 +254,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let ctx = Ctx {
         dir: a.dir.clone(),
         page: shm.clone(),
+        shm_dir: a.shm_dir.clone(),
     };
     let mut h = open(&ctx)?;
     let me = a.idx as u64 + 1;
@@ -523,6 +527,7 @@ fn run_inner(t: &Target, s: Scenario, d: Durations, py: Option<&PythonEnv>) -> R
     let ctx = Ctx {
         dir: sc.dir.clone(),
         page: sc.page.clone(),
+        shm_dir: sc.wait_dir.clone(),
     };
     let page = Page(&sc.page);
     if let Impl::Rust { setup, .. } = t.imp {
@@ -549,6 +554,7 @@ fn run_inner(t: &Target, s: Scenario, d: Durations, py: Option<&PythonEnv>) -> R
             Impl::Rust { .. } => {
                 let mut c = Command::new(&exe);
                 c.arg("worker").arg("--target").arg(t.name);
+                c.arg("--shm-dir").arg(&sc.wait_dir);
                 c
             }
             Impl::Python(lib) => {

@@ -28,6 +28,10 @@ pub struct Ctx {
     pub dir: PathBuf,
     /// The shared stats page (shm locks live in its lock area).
     pub page: Arc<SharedPage>,
+    /// The scenario's private directory in /dev/shm (shared-memory lock
+    /// files, LockSet's deadlock registry).
+    #[allow(dead_code)] // read by the shared-memory families once they land
+    pub shm_dir: PathBuf,
 }
 
 impl Ctx {

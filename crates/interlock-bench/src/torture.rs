@@ -105,6 +105,9 @@ pub struct TortureWorkerArgs {
     /// Scenario directory.
     #[arg(long)]
     pub dir: PathBuf,
+    /// Scenario directory in /dev/shm.
+    #[arg(long)]
+    pub shm_dir: PathBuf,
     /// Slot index.
     #[arg(long)]
     pub idx: usize,
@@ -219,6 +222,7 @@ pub fn worker(a: TortureWorkerArgs) -> Result<()> {
     let ctx = Ctx {
         dir: a.dir.clone(),
         page: shm.clone(),
+        shm_dir: a.shm_dir.clone(),
     };
     let mut h = open(&ctx)?;
     let me = a.idx;
@@ -433,6 +437,8 @@ impl Pool<'_> {
             .arg(&self.page_path)
             .arg("--dir")
             .arg(&self.dir)
+            .arg("--shm-dir")
+            .arg(&self.wait_dir)
             .arg("--idx")
             .arg(i.to_string())
             .arg("--procs")
@@ -512,6 +518,7 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
     let ctx = Ctx {
         dir: dir.clone(),
         page: shm.clone(),
+        shm_dir: sc.wait_dir.clone(),
     };
     if let Impl::Rust { setup, .. } = t.imp {
         setup(&ctx).context("setup")?;
