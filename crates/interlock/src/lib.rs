@@ -8,11 +8,16 @@
 #![allow(dead_code)]
 
 mod error;
+pub mod file;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
+pub use file::{
+    Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard, FileUpgradableGuard,
+    FileWriteGuard, Flavor, UpgradeFailed,
+};
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 
