@@ -40,9 +40,10 @@
 //! | 1 | gate | a writer, exclusively, from before it waits for the data until it releases; readers only momentarily, with the data |
 //! | 2 | slot | an upgradable reader or a writer, exclusively |
 //!
-//! The flock flavor keeps the data in flock(2) (whole file) and uses bytes 1
-//! and 2 of the same file, as OFD locks, for the gate and the slot: the two
-//! kernel families ignore each other, so they can share one file.
+//! The flock flavor keeps the data in flock(2) (whole file) and uses bytes
+//! 2^62+1 and 2^62+2 of the same file, as OFD locks, for the gate and the
+//! slot: the two kernel families ignore each other, so they can share one
+//! file, and the offsets keep clear of the fcntl flavor's bytes.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -68,6 +69,10 @@ const SLOT: ByteRange = ByteRange { start: 2, len: 1 };
 const DATA_GATE: ByteRange = ByteRange { start: 0, len: 2 };
 const GATE_SLOT: ByteRange = ByteRange { start: 1, len: 2 };
 const ALL: ByteRange = ByteRange { start: 0, len: 3 };
+/// The flock flavor's gate and slot: far from the fcntl flavor's bytes, so
+/// that a file used by both flavors (or by byte-range users of its first
+/// bytes) sees no interference between them.
+const FLOCK_BASE: u64 = 1 << 62;
 
 /// The creation mode of a new lock file unless [`FileLockOptions::mode`]
 /// says otherwise (the process umask applies, as with open(2)).
@@ -87,6 +92,11 @@ pub enum Flavor {
     Fcntl,
     /// flock(2) whole-file locks: excludes `flock(1)`, Python's
     /// `fcntl.flock` (filelock, portalocker, locks) and other flock users.
+    ///
+    /// The gate and slot are OFD locks on two bytes at offset 2^62, which no
+    /// fcntl-flavor user touches; a program holding a *whole-file* fcntl lock
+    /// on the same file delays flock-flavor writers while it holds it (it
+    /// never breaks exclusion).
     Flock,
 }
 
@@ -367,8 +377,8 @@ fn unlock_flock(f: &File) -> io::Result<()> {
 
 /// Whether no other description holds the gate exclusively (a writer is
 /// waiting or holding). One `F_OFD_GETLK`.
-fn gate_open(f: &File) -> io::Result<bool> {
-    Ok(fcntl::ofd_get(f.as_fd(), RangeLock::Read, GATE)?.is_none())
+fn gate_open(f: &File, gate: ByteRange) -> io::Result<bool> {
+    Ok(fcntl::ofd_get(f.as_fd(), RangeLock::Read, gate)?.is_none())
 }
 
 /// One acquisition in progress: how long it may wait, and whether the
@@ -513,6 +523,33 @@ impl FileLock {
         self.fairness
     }
 
+    fn gate(&self) -> ByteRange {
+        match self.flavor {
+            Flavor::Fcntl => GATE,
+            Flavor::Flock => ByteRange {
+                start: FLOCK_BASE + GATE.start,
+                len: 1,
+            },
+        }
+    }
+
+    fn slot(&self) -> ByteRange {
+        match self.flavor {
+            Flavor::Fcntl => SLOT,
+            Flavor::Flock => ByteRange {
+                start: FLOCK_BASE + SLOT.start,
+                len: 1,
+            },
+        }
+    }
+
+    fn gate_slot(&self) -> ByteRange {
+        ByteRange {
+            start: self.gate().start,
+            len: 2,
+        }
+    }
+
     fn io_err(&self, op: &'static str, e: io::Error) -> Error {
         Error::io(op, e).with_path(&self.path)
     }
@@ -636,11 +673,11 @@ impl FileLock {
             // The slot, without the state mutex: in-process readers must be
             // able to come and go while we wait for another process's
             // upgrader or writer.
-            a.kernel(&file, Req::Ofd(RangeLock::Write, SLOT), false)?;
+            a.kernel(&file, Req::Ofd(RangeLock::Write, self.slot()), false)?;
             let mut st = match self.lock_state(&mut a) {
                 Ok(st) => st,
                 Err(e) => {
-                    let _ = unlock_ofd(&file, SLOT);
+                    let _ = unlock_ofd(&file, self.slot());
                     return Err(e);
                 }
             };
@@ -648,21 +685,21 @@ impl FileLock {
                 // A reader replaced the descriptor meanwhile (the file was
                 // removed); our slot is on the old inode.
                 drop(st);
-                unlock_ofd(&file, SLOT).map_err(|e| self.io_err("unlock", e))?;
+                unlock_ofd(&file, self.slot()).map_err(|e| self.io_err("unlock", e))?;
                 continue;
             }
             if st.readers > 0 {
                 // Holding the slot, no writer of ours can be at the gate.
                 st.readers += 1;
             } else if let Err(e) = self.take_first_shared(&mut st, &mut a) {
-                let _ = unlock_ofd(&file, SLOT);
+                let _ = unlock_ofd(&file, self.slot());
                 return Err(e);
             } else if !Arc::ptr_eq(&st.file, &file) {
                 // The path check replaced the descriptor: start again there.
                 self.release_shared_kernel(&st)
                     .map_err(|e| self.io_err("unlock", e))?;
                 drop(st);
-                unlock_ofd(&file, SLOT).map_err(|e| self.io_err("unlock", e))?;
+                unlock_ofd(&file, self.slot()).map_err(|e| self.io_err("unlock", e))?;
                 continue;
             } else {
                 st.readers = 1;
@@ -703,7 +740,7 @@ impl FileLock {
                 return Ok(());
             }
             if self.fairness == Fairness::Kernel
-                || gate_open(&st.file).map_err(|e| self.io_err("test lock", e))?
+                || gate_open(&st.file, self.gate()).map_err(|e| self.io_err("test lock", e))?
             {
                 st.readers += 1;
                 return Ok(());
@@ -713,8 +750,8 @@ impl FileLock {
             // without the mutex (our readers must be able to leave).
             let file = st.file.clone();
             drop(st);
-            a.block(&file, Req::Ofd(RangeLock::Read, GATE), false)?;
-            unlock_ofd(&file, GATE).map_err(|e| self.io_err("unlock", e))?;
+            a.block(&file, Req::Ofd(RangeLock::Read, self.gate()), false)?;
+            unlock_ofd(&file, self.gate()).map_err(|e| self.io_err("unlock", e))?;
         }
     }
 
@@ -740,7 +777,7 @@ impl FileLock {
                 // Data and gate in one request: while a writer holds the
                 // gate, this waits; then let the gate go at once.
                 a.kernel(f, Req::Ofd(Read, DATA_GATE), true)?;
-                if let Err(e) = unlock_ofd(f, GATE) {
+                if let Err(e) = unlock_ofd(f, self.gate()) {
                     let _ = unlock_ofd(f, DATA_GATE);
                     return Err(self.io_err("unlock", e).into());
                 }
@@ -755,7 +792,7 @@ impl FileLock {
                     .try_on(f)
                     .map_err(|e| self.io_err("lock", e))?
                 {
-                    match gate_open(f) {
+                    match gate_open(f, self.gate()) {
                         Ok(true) => return Ok(()),
                         Ok(false) => {}
                         Err(e) => {
@@ -769,9 +806,9 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 // Slow path: through the gate, then the data.
-                a.block(f, Req::Ofd(Read, GATE), true)?;
+                a.block(f, Req::Ofd(Read, self.gate()), true)?;
                 let got = a.block(f, Req::Flock(FlockOp::Shared), true);
-                let ungated = unlock_ofd(f, GATE);
+                let ungated = unlock_ofd(f, self.gate());
                 got?;
                 if let Err(e) = ungated {
                     let _ = unlock_flock(f);
@@ -821,8 +858,8 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 let got = a
-                    .block(f, Req::Ofd(Write, SLOT), true)
-                    .and_then(|()| a.block(f, Req::Ofd(Write, GATE), true))
+                    .block(f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
                     .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
                 if got.is_err() {
                     let _ = unlock_ofd(f, ALL);
@@ -837,7 +874,7 @@ impl FileLock {
                     .try_on(f)
                     .map_err(|e| self.io_err("lock", e))?
                 {
-                    match fcntl::ofd_get(f.as_fd(), Write, GATE_SLOT) {
+                    match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
                         Ok(None) => {
                             st.writer_ofd = false;
                             return Ok(());
@@ -854,8 +891,8 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 let got = a
-                    .block(f, Req::Ofd(Write, SLOT), true)
-                    .and_then(|()| a.block(f, Req::Ofd(Write, GATE), true))
+                    .block(f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
                     .and_then(|()| a.block(f, Req::Flock(FlockOp::Exclusive), true));
                 match got {
                     Ok(()) => {
@@ -863,7 +900,7 @@ impl FileLock {
                         Ok(())
                     }
                     Err(e) => {
-                        let _ = unlock_ofd(f, GATE_SLOT);
+                        let _ = unlock_ofd(f, self.gate_slot());
                         Err(e)
                     }
                 }
@@ -878,7 +915,7 @@ impl FileLock {
             Flavor::Flock => {
                 let r = unlock_flock(&st.file);
                 if std::mem::take(&mut st.writer_ofd) {
-                    unlock_ofd(&st.file, GATE_SLOT)?;
+                    unlock_ofd(&st.file, self.gate_slot())?;
                 }
                 r
             }
@@ -927,13 +964,13 @@ impl FileLock {
         let mut st = self.state.lock();
         st.readers -= 1;
         let r = if st.readers > 0 {
-            unlock_ofd(&st.file, SLOT)
+            unlock_ofd(&st.file, self.slot())
         } else {
             match self.flavor {
                 Flavor::Fcntl => unlock_ofd(&st.file, ALL),
                 Flavor::Flock => {
                     let r = unlock_flock(&st.file);
-                    unlock_ofd(&st.file, SLOT).and(r)
+                    unlock_ofd(&st.file, self.slot()).and(r)
                 }
             }
         };
@@ -953,7 +990,7 @@ impl FileLock {
                 if !fcntl::ofd_try(st.file.as_fd(), RangeLock::Read, DATA)? {
                     return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                 }
-                unlock_ofd(&st.file, GATE_SLOT)
+                unlock_ofd(&st.file, self.gate_slot())
             }
             Flavor::Flock => {
                 // EX to SH with no other holder is atomic in the kernel.
@@ -961,7 +998,7 @@ impl FileLock {
                     return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                 }
                 if std::mem::take(&mut st.writer_ofd) {
-                    unlock_ofd(&st.file, GATE_SLOT)?;
+                    unlock_ofd(&st.file, self.gate_slot())?;
                 }
                 Ok(())
             }
@@ -986,10 +1023,10 @@ impl FileLock {
                     return Err(UpgradeErr::Restored(TryLockError::WouldBlock));
                 }
                 let got = a
-                    .block(f, Req::Ofd(Write, GATE), true)
+                    .block(f, Req::Ofd(Write, self.gate()), true)
                     .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
                 got.map_err(|e| {
-                    let _ = unlock_ofd(f, GATE);
+                    let _ = unlock_ofd(f, self.gate());
                     UpgradeErr::Restored(e)
                 })
             }
@@ -997,10 +1034,10 @@ impl FileLock {
                 // Shut the gate first: no interlock reader enters, and no
                 // interlock writer passes our slot, while the kernel drops
                 // our shared lock to convert it.
-                a.kernel(f, Req::Ofd(Write, GATE), true)
+                a.kernel(f, Req::Ofd(Write, self.gate()), true)
                     .map_err(UpgradeErr::Restored)?;
                 let got = if Req::Flock(FlockOp::Exclusive).try_on(f).map_err(|e| {
-                    let _ = unlock_ofd(f, GATE);
+                    let _ = unlock_ofd(f, self.gate());
                     io(e)
                 })? {
                     Ok(())
@@ -1020,12 +1057,12 @@ impl FileLock {
                         // (interlock writers make way for our slot).
                         let back =
                             timer::block_until(None, || Req::Flock(FlockOp::Shared).wait_on(f));
-                        let ungated = unlock_ofd(f, GATE);
+                        let ungated = unlock_ofd(f, self.gate());
                         match back.and(ungated) {
                             Ok(_) => Err(UpgradeErr::Restored(e)),
                             Err(lost) => {
                                 let _ = unlock_flock(f);
-                                let _ = unlock_ofd(f, GATE_SLOT);
+                                let _ = unlock_ofd(f, self.gate_slot());
                                 Err(UpgradeErr::Lost(
                                     self.io_err("restore shared lock after failed upgrade", lost)
                                         .with_kind(ErrorKind::Io)
@@ -1285,7 +1322,7 @@ impl<'a> FileUpgradableGuard<'a> {
         let u = self.rw.take().expect("upgradable guard holds its lock");
         // The slot first, while no other thread of ours can take it.
         let st = lock.state.lock();
-        let r = unlock_ofd(&st.file, SLOT);
+        let r = unlock_ofd(&st.file, lock.slot());
         drop(st);
         let g = FileReadGuard {
             lock,
