@@ -21,6 +21,13 @@ pub use file::{
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 
+/// The raw kernel lock calls, so that benchmarks can measure the floor a
+/// lock family builds on. Not a stable API.
+#[doc(hidden)]
+pub mod __raw {
+    pub use crate::sys::fcntl::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
+}
+
 /// The operation every lock family offers, so that generic code (the CLI,
 /// the benchmarks, user code) can drive any of them the same way.
 ///
