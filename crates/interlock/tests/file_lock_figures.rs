@@ -224,10 +224,137 @@ fn writer_wait(dir: &Path, flavor: Flavor, fairness: Fairness, rounds: usize, bo
     );
 }
 
+/// Uncontended lock+unlock pairs, measured interleaved (round-robin over
+/// the variants, 40 rounds of 5,000 pairs each; the median round per
+/// variant) so that the load from other work on this shared machine falls
+/// on every variant alike. Criterion's bench (benches/file.rs) measures the
+/// same things one after the other, with the peers.
+fn uncontended_ratios(dir: &Path) {
+    use interlock::__raw::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
+    use std::os::fd::AsFd;
+    const BYTE0: ByteRange = ByteRange { start: 0, len: 1 };
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("raw.lock"))
+        .unwrap();
+    let open = |name: &str, flavor, fairness, verify| {
+        FileLock::options()
+            .flavor(flavor)
+            .fairness(fairness)
+            .verify_path(verify)
+            .open(dir.join(name))
+            .unwrap()
+    };
+    let fc = open("a", Flavor::Fcntl, Fairness::PreferWriters, true);
+    let fc_nv = open("b", Flavor::Fcntl, Fairness::PreferWriters, false);
+    let fc_k = open("c", Flavor::Fcntl, Fairness::Kernel, false);
+    let fl = open("d", Flavor::Flock, Fairness::PreferWriters, true);
+    let fl_nv = open("e", Flavor::Flock, Fairness::PreferWriters, false);
+    let fl_k = open("f", Flavor::Flock, Fairness::Kernel, false);
+    let fd = raw.as_fd();
+    type Pair<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let variants: Vec<Pair<'_>> = vec![
+        (
+            "floor ofd write",
+            Box::new(|| {
+                ofd_try(fd, RangeLock::Write, BYTE0).unwrap();
+                ofd_try(fd, RangeLock::Unlock, BYTE0).unwrap();
+            }),
+        ),
+        (
+            "floor ofd read",
+            Box::new(|| {
+                ofd_try(fd, RangeLock::Read, BYTE0).unwrap();
+                ofd_try(fd, RangeLock::Unlock, BYTE0).unwrap();
+            }),
+        ),
+        (
+            "floor flock write",
+            Box::new(|| {
+                flock(fd, FlockOp::Exclusive, false).unwrap();
+                flock(fd, FlockOp::Unlock, false).unwrap();
+            }),
+        ),
+        (
+            "floor flock read",
+            Box::new(|| {
+                flock(fd, FlockOp::Shared, false).unwrap();
+                flock(fd, FlockOp::Unlock, false).unwrap();
+            }),
+        ),
+        ("fcntl write", Box::new(|| drop(fc.try_write().unwrap()))),
+        ("fcntl read", Box::new(|| drop(fc.try_read().unwrap()))),
+        (
+            "fcntl noverify write",
+            Box::new(|| drop(fc_nv.try_write().unwrap())),
+        ),
+        (
+            "fcntl noverify read",
+            Box::new(|| drop(fc_nv.try_read().unwrap())),
+        ),
+        (
+            "fcntl kernel-fair noverify read",
+            Box::new(|| drop(fc_k.try_read().unwrap())),
+        ),
+        ("flock write", Box::new(|| drop(fl.try_write().unwrap()))),
+        ("flock read", Box::new(|| drop(fl.try_read().unwrap()))),
+        (
+            "flock noverify write",
+            Box::new(|| drop(fl_nv.try_write().unwrap())),
+        ),
+        (
+            "flock noverify read",
+            Box::new(|| drop(fl_nv.try_read().unwrap())),
+        ),
+        (
+            "flock kernel-fair noverify read",
+            Box::new(|| drop(fl_k.try_read().unwrap())),
+        ),
+    ];
+    let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..40 {
+        for (i, (_, f)) in variants.iter().enumerate() {
+            let t = Instant::now();
+            for _ in 0..5_000 {
+                f();
+            }
+            rounds[i].push(t.elapsed().as_nanos() as f64 / 5_000.0);
+        }
+    }
+    let med: Vec<f64> = rounds.into_iter().map(|r| stats(r).0).collect();
+    let floor = |name: &str| med[variants.iter().position(|(n, _)| *n == name).unwrap()];
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let base = if name.starts_with("floor") {
+            med[i]
+        } else {
+            let fam = if name.starts_with("fcntl") {
+                "ofd"
+            } else {
+                "flock"
+            };
+            let mode = if name.ends_with("write") {
+                "write"
+            } else {
+                "read"
+            };
+            floor(&format!("floor {fam} {mode}"))
+        };
+        println!(
+            "uncontended pair {name:32} median {:7.0} ns  {:4.2}x its floor",
+            med[i],
+            med[i] / base
+        );
+    }
+}
+
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn file_lock_figures() {
     let dir = tempfile::tempdir().unwrap();
+    uncontended_ratios(dir.path());
     for flavor in [Flavor::Fcntl, Flavor::Flock] {
         wake_latency(dir.path(), flavor);
     }

@@ -831,7 +831,7 @@ impl FileLock {
     /// holds `rw` exclusively.
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
-            self.kernel_exclusive(st, a)?;
+            st.writer_ofd = self.kernel_exclusive(&st.file, a)?;
             if self.path_holds(st)? {
                 return Ok(());
             }
@@ -841,10 +841,10 @@ impl FileLock {
         }
     }
 
-    fn kernel_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+    /// The writer's kernel locks; `Ok(true)` if it holds the OFD gate and
+    /// slot besides the flock (flock flavor, slow path).
+    fn kernel_exclusive(&self, f: &File, a: &mut Attempt<'_>) -> Result<bool, TryLockError> {
         use RangeLock::Write;
-        let f = st.file.clone();
-        let f = &*f;
         match self.flavor {
             Flavor::Fcntl => {
                 // Fast path: slot, gate and data in one request.
@@ -852,7 +852,7 @@ impl FileLock {
                     .try_on(f)
                     .map_err(|e| self.io_err("lock", e))?
                 {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if a.wait == Wait::NonBlocking {
                     return Err(TryLockError::WouldBlock);
@@ -864,7 +864,7 @@ impl FileLock {
                 if got.is_err() {
                     let _ = unlock_ofd(f, ALL);
                 }
-                got
+                got.map(|()| false)
             }
             Flavor::Flock => {
                 // Fast path: the data, then make sure no upgrader is in the
@@ -875,10 +875,7 @@ impl FileLock {
                     .map_err(|e| self.io_err("lock", e))?
                 {
                     match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
-                        Ok(None) => {
-                            st.writer_ofd = false;
-                            return Ok(());
-                        }
+                        Ok(None) => return Ok(false),
                         Ok(Some(_)) => {}
                         Err(e) => {
                             let _ = unlock_flock(f);
@@ -895,10 +892,7 @@ impl FileLock {
                     .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
                     .and_then(|()| a.block(f, Req::Flock(FlockOp::Exclusive), true));
                 match got {
-                    Ok(()) => {
-                        st.writer_ofd = true;
-                        Ok(())
-                    }
+                    Ok(()) => Ok(true),
                     Err(e) => {
                         let _ = unlock_ofd(f, self.gate_slot());
                         Err(e)
