@@ -669,6 +669,64 @@ fn upgrade_waits_for_readers_and_downgrade_lets_them_in() {
     }
 }
 
+/// Waits (bounded) until `f` returns true; for states another thread
+/// reaches by itself, such as "blocked in the kernel".
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + HANG;
+    while !f() {
+        assert!(Instant::now() < end, "never happened: {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_waiting_writer_stops_new_readers() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("g-{}.lock", flavor_name(flavor)));
+        let a = open(flavor, &p);
+        let c = open(flavor, &p);
+        let kernel_fair = FileLock::options()
+            .flavor(flavor)
+            .fairness(Fairness::Kernel)
+            .open(&p)
+            .unwrap();
+        let held = a.read().unwrap();
+        thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let writer = s.spawn(|| {
+                let b = FileLock::options()
+                    .flavor(flavor)
+                    .on_block(move |_| {
+                        let _ = tx.send(());
+                    })
+                    .open(&p)
+                    .unwrap();
+                b.write().unwrap().unlock().unwrap();
+            });
+            rx.recv_timeout(HANG)
+                .expect("writer blocks behind the reader");
+            // Once the writer holds the gate, a new reader on another handle
+            // is turned away, and so is another reader on the reader's own
+            // handle (the in-process join checks the gate too).
+            eventually("a new reader is turned away", || {
+                matches!(c.try_read(), Err(TryLockError::WouldBlock))
+            });
+            busy(a.try_read());
+            // A reader under the kernel's policy still barges in.
+            drop(kernel_fair.try_read().unwrap());
+            assert!(!writer.is_finished());
+            drop(held);
+            writer.join().unwrap();
+        });
+        drop(c.try_read().unwrap());
+        drop(a.try_read().unwrap());
+    }
+}
+
 /// In a child: reads in a loop, holding each read lock for 2 ms, until the
 /// file `ARG.stop` exists (or 30 s pass).
 fn reader_loop() {
