@@ -229,6 +229,7 @@ fn writer_wait(dir: &Path, flavor: Flavor, fairness: Fairness, rounds: usize, bo
 /// variant) so that the load from other work on this shared machine falls
 /// on every variant alike. Criterion's bench (benches/file.rs) measures the
 /// same things one after the other, with the peers.
+#[allow(clippy::incompatible_msrv)] // std's File::lock is 1.89+; measurement only
 fn uncontended_ratios(dir: &Path) {
     use interlock::__raw::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
     use std::os::fd::AsFd;
@@ -255,6 +256,17 @@ fn uncontended_ratios(dir: &Path) {
     let fl_nv = open("e", Flavor::Flock, Fairness::PreferWriters, false);
     let fl_k = open("f", Flavor::Flock, Fairness::Kernel, false);
     let fd = raw.as_fd();
+    let open_peer = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("peer.lock"))
+            .unwrap()
+    };
+    let peer = open_peer();
+    let fdl = std::cell::RefCell::new(fd_lock::RwLock::new(open_peer()));
     type Pair<'a> = (&'static str, Box<dyn Fn() + 'a>);
     let variants: Vec<Pair<'_>> = vec![
         (
@@ -313,6 +325,58 @@ fn uncontended_ratios(dir: &Path) {
             "flock kernel-fair noverify read",
             Box::new(|| drop(fl_k.try_read().unwrap())),
         ),
+        (
+            "peer fs4 (flock) write",
+            Box::new(|| {
+                fs4::fs_std::FileExt::lock_exclusive(&peer).unwrap();
+                fs4::fs_std::FileExt::unlock(&peer).unwrap();
+            }),
+        ),
+        (
+            "peer fs4 (flock) read",
+            Box::new(|| {
+                fs4::fs_std::FileExt::lock_shared(&peer).unwrap();
+                fs4::fs_std::FileExt::unlock(&peer).unwrap();
+            }),
+        ),
+        (
+            "peer std File::lock (flock) write",
+            Box::new(|| {
+                peer.lock().unwrap();
+                peer.unlock().unwrap();
+            }),
+        ),
+        (
+            "peer std File::lock (flock) read",
+            Box::new(|| {
+                peer.lock_shared().unwrap();
+                peer.unlock().unwrap();
+            }),
+        ),
+        (
+            "peer fd-lock (flock) write",
+            Box::new(|| {
+                drop(fdl.borrow_mut().write().unwrap());
+            }),
+        ),
+        (
+            "peer fd-lock (flock) read",
+            Box::new(|| {
+                drop(fdl.borrow().read().unwrap());
+            }),
+        ),
+        (
+            "peer file-guard (classic fcntl) write",
+            Box::new(|| {
+                drop(file_guard::lock(&peer, file_guard::Lock::Exclusive, 0, 1).unwrap());
+            }),
+        ),
+        (
+            "peer file-guard (classic fcntl) read",
+            Box::new(|| {
+                drop(file_guard::lock(&peer, file_guard::Lock::Shared, 0, 1).unwrap());
+            }),
+        ),
     ];
     let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..40 {
@@ -327,21 +391,19 @@ fn uncontended_ratios(dir: &Path) {
     let med: Vec<f64> = rounds.into_iter().map(|r| stats(r).0).collect();
     let floor = |name: &str| med[variants.iter().position(|(n, _)| *n == name).unwrap()];
     for (i, (name, _)) in variants.iter().enumerate() {
-        let base = if name.starts_with("floor") {
-            med[i]
+        // Each against the floor of the kernel call it uses (classic fcntl
+        // against the OFD floor: the two cost the same, FACTS.md).
+        let fam = if name.contains("fcntl") || name.contains("ofd") {
+            "ofd"
         } else {
-            let fam = if name.starts_with("fcntl") {
-                "ofd"
-            } else {
-                "flock"
-            };
-            let mode = if name.ends_with("write") {
-                "write"
-            } else {
-                "read"
-            };
-            floor(&format!("floor {fam} {mode}"))
+            "flock"
         };
+        let mode = if name.ends_with("write") {
+            "write"
+        } else {
+            "read"
+        };
+        let base = floor(&format!("floor {fam} {mode}"));
         println!(
             "uncontended pair {name:32} median {:7.0} ns  {:4.2}x its floor",
             med[i],
