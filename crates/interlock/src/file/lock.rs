@@ -192,7 +192,8 @@ impl FileLockOptions {
     /// or written. Errors name the path: [`ErrorKind::NotFound`] for a
     /// missing parent directory, [`ErrorKind::Corrupt`] for a directory, a
     /// symbolic link or another non-regular file at the path,
-    /// [`ErrorKind::PermissionDenied`] without permission.
+    /// [`ErrorKind::PermissionDenied`] without permission,
+    /// [`ErrorKind::Unsupported`] for the flock flavor on NFS.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<FileLock> {
         let given = path.as_ref();
         // Absolute, so that a later chdir() cannot make the path check look
@@ -203,6 +204,16 @@ impl FileLockOptions {
                 .with_kind(ErrorKind::InvalidInput)
         })?;
         let (file, id) = open_file(&path, self.mode)?;
+        if self.flavor == Flavor::Flock
+            && fcntl::on_nfs(file.as_fd())
+                .map_err(|e| Error::io("stat file system", e).with_path(&path))?
+        {
+            // The gate and slot (fcntl locks) would conflict with the data
+            // (flock, emulated by fcntl locks on NFS) and could deadlock.
+            return Err(Error::new(ErrorKind::Unsupported, "open lock file")
+                .with_path(&path)
+                .with_detail("the flock flavor does not work on NFS; use the fcntl flavor"));
+        }
         Ok(FileLock {
             path,
             mode: self.mode,
@@ -303,11 +314,12 @@ struct State {
 ///   thread may have held the internal mutex). Do not use a `FileLock` across
 ///   fork: open a new one in the child. The descriptor is close-on-exec.
 /// - **NFS:** OFD locks become NFS byte-range locks (NLM or NFSv4) and work
-///   between hosts when the server supports them; the Linux NFS client
-///   emulates flock with a whole-file fcntl lock, so on NFS the two flavors
-///   conflict with each other and the flock flavor's writer preference does
-///   not work. The lock file must not be removed on NFS while others use it
-///   (silly-rename keeps the inode alive under another name).
+///   between hosts when the server supports them. The Linux NFS client
+///   emulates flock with a whole-file fcntl lock, which would conflict with
+///   the flock flavor's own gate and slot, so opening the flock flavor on
+///   NFS fails with [`ErrorKind::Unsupported`]. The lock file must not be
+///   removed on NFS while others use it (silly-rename keeps the inode alive
+///   under another name).
 /// - **Removing the lock file** while holding the write lock is safe: a
 ///   waiter that then gets the lock on the removed inode notices and retries
 ///   on the new file (unless [`FileLockOptions::verify_path`] is off).
