@@ -201,6 +201,10 @@ fn child() -> bool {
             remover();
             true
         }
+        Some("mixer") => {
+            mixer();
+            true
+        }
         Some(r) => panic!("unknown role {r}"),
     }
 }
@@ -1064,6 +1068,166 @@ fn removing_the_lock_file_never_lets_two_holders_in() {
             .collect();
         for k in &mut kids {
             assert_eq!(k.recv_within(Duration::from_secs(60)), "ok");
+            k.join();
+        }
+    }
+}
+
+// ----- everything at once -----------------------------------------------------
+
+/// Checks, inside a critical section, what the lock promises, with marker
+/// files that every process sees: a writer is alone, a reader sees no writer.
+struct Markers {
+    dir: PathBuf,
+    me: String,
+}
+
+impl Markers {
+    fn write_section(&self) -> Result<(), String> {
+        let w = self.dir.join("w");
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&w)
+            .map_err(|_| "two writers".to_string())?;
+        let readers = fs::read_dir(&self.dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("r-")
+            })
+            .count();
+        thread::yield_now();
+        fs::remove_file(&w).unwrap();
+        if readers > 0 {
+            return Err(format!("{readers} readers during a write"));
+        }
+        Ok(())
+    }
+
+    fn read_section(&self, i: usize) -> Result<(), String> {
+        let r = self.dir.join(format!("r-{}-{i}", self.me));
+        fs::write(&r, b"").unwrap();
+        let writer = self.dir.join("w").exists();
+        thread::yield_now();
+        fs::remove_file(&r).unwrap();
+        if writer {
+            return Err("a writer during a read".into());
+        }
+        Ok(())
+    }
+}
+
+/// In a child: three threads (two sharing one handle, one with its own)
+/// mixing every acquisition for 120 rounds; says "ok" or the violation.
+fn mixer() {
+    let arg = support::arg();
+    let (flavor, path) = arg.split_once(' ').unwrap();
+    let flavor = if flavor == "flock" {
+        Flavor::Flock
+    } else {
+        Flavor::Fcntl
+    };
+    let path = PathBuf::from(path);
+    let shared = open(flavor, &path);
+    let result = thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|t| {
+                let (shared, path) = (&shared, &path);
+                s.spawn(move || -> Result<(), String> {
+                    let own;
+                    let lock = if t == 2 {
+                        own = open(flavor, path);
+                        &own
+                    } else {
+                        shared
+                    };
+                    let m = Markers {
+                        dir: path.with_extension("d"),
+                        me: format!("{}-{t}", std::process::id()),
+                    };
+                    for i in 0..120 {
+                        match (i + t) % 6 {
+                            0 => {
+                                let _g = lock.write().unwrap();
+                                m.write_section()?;
+                            }
+                            1 => {
+                                let _g = lock.read().unwrap();
+                                m.read_section(i)?;
+                            }
+                            2 => {
+                                let u = lock.upgradable_read().unwrap();
+                                m.read_section(i)?;
+                                let _w = u.upgrade().unwrap();
+                                m.write_section()?;
+                            }
+                            3 => {
+                                if let Ok(_g) = lock.try_write_for(Duration::from_millis(1)) {
+                                    m.write_section()?;
+                                }
+                            }
+                            4 => {
+                                if let Ok(_g) = lock.try_read() {
+                                    m.read_section(i)?;
+                                }
+                            }
+                            _ => {
+                                let u = lock.upgradable_read().unwrap();
+                                match u.try_upgrade() {
+                                    Ok(w) => {
+                                        m.write_section()?;
+                                        let r = w.downgrade().unwrap();
+                                        m.read_section(i)?;
+                                        drop(r);
+                                    }
+                                    Err(f) => {
+                                        let u = f.into_guard().unwrap();
+                                        m.read_section(i)?;
+                                        drop(u);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Result<Vec<()>, String>>()
+    });
+    match result {
+        Ok(_) => support::say("ok"),
+        Err(e) => support::say(e),
+    }
+}
+
+#[test]
+fn threads_and_processes_mixing_every_acquisition_keep_exclusion() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("x-{}.lock", flavor_name(flavor)));
+        fs::create_dir(p.with_extension("d")).unwrap();
+        let arg = format!("{} {}", flavor_name(flavor), p.display());
+        let mut kids: Vec<Child> = (0..3)
+            .map(|_| {
+                Child::spawn(
+                    "threads_and_processes_mixing_every_acquisition_keep_exclusion",
+                    "mixer",
+                    &arg,
+                )
+            })
+            .collect();
+        for k in &mut kids {
+            assert_eq!(k.recv_within(Duration::from_secs(120)), "ok");
             k.join();
         }
     }
