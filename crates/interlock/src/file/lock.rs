@@ -8,8 +8,17 @@
 //!   that overlap never gets in (measured: seconds; see FACTS.md). We add a
 //!   *gate*: a second byte of the same file that a waiting writer holds
 //!   exclusively. A reader asks for the gate together with the data and lets
-//!   the gate go at once, so a reader arriving while a writer waits queues
-//!   behind the writer instead of overtaking it.
+//!   the gate go at once (flock flavor: takes the data, then looks at the
+//!   gate with `F_OFD_GETLK` and backs off if it is shut), so a reader
+//!   arriving while a writer waits queues behind the writer instead of
+//!   overtaking it. A thread joining readers of its own process looks at
+//!   the gate too, or one process's overlapping threads would starve
+//!   another's writer.
+//! - **flock conversion is not atomic**: the kernel drops the shared lock
+//!   before it waits for the exclusive one. So a flock-flavor writer that got
+//!   the data without waiting still checks that no upgrader holds the slot
+//!   (and no writer the gate), and makes way if one does; otherwise it could
+//!   slip into an upgrader's conversion window.
 //! - **Two readers both upgrading hang forever** with OFD locks (the kernel has
 //!   no deadlock detection for them). An upgradable reader therefore first
 //!   takes an exclusive *slot* byte, so at most one holder per file can be
