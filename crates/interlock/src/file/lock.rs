@@ -230,13 +230,12 @@ impl FileLockOptions {
             fairness: self.fairness,
             verify_path: self.verify_path,
             on_block: self.on_block.clone(),
-            rw: RwLock::new(()),
-            state: Mutex::new(State {
+            rw: RwLock::new(Mutex::new(State {
                 file: Arc::new(file),
                 id,
                 readers: 0,
                 writer_ofd: false,
-            }),
+            })),
             kernel_blocked: AtomicBool::new(false),
         })
     }
@@ -339,13 +338,14 @@ pub struct FileLock {
     fairness: Fairness,
     verify_path: bool,
     on_block: Option<OnBlock>,
-    /// The in-process reader-writer lock: threads of this process queue here.
-    rw: RwLock<()>,
-    /// The kernel side: descriptor and reader count. Held across a blocking
-    /// kernel call only when no in-process holder needs it to leave
-    /// (`readers == 0`, or the caller holds `rw` exclusively).
-    state: Mutex<State>,
-    /// Set while a thread holding `state` is blocked in the kernel, so that a
+    /// The in-process reader-writer lock, which threads of this process queue
+    /// on, around the kernel side (descriptor and reader count). A writer
+    /// reaches the kernel side through its exclusive guard, without the
+    /// mutex; readers and the upgradable reader take the mutex. The mutex is
+    /// held across a blocking kernel call only when no in-process holder
+    /// needs it to leave (`readers == 0`).
+    rw: RwLock<Mutex<State>>,
+    /// Set while a thread holding the state mutex is blocked in the kernel, so that a
     /// `try_*` in another thread answers WouldBlock instead of waiting.
     kernel_blocked: AtomicBool,
 }
@@ -655,7 +655,7 @@ impl FileLock {
             || self.rw.read(),
             |t| self.rw.try_read_until(t),
         )?;
-        self.join_shared(&mut a)?;
+        self.join_shared(&rw, &mut a)?;
         Ok(FileReadGuard {
             lock: self,
             rw: Some(rw),
@@ -671,10 +671,9 @@ impl FileLock {
             |t| self.rw.try_write_until(t),
         )?;
         // With `rw` held exclusively no other thread of ours touches the
-        // kernel side, so this mutex is free.
-        let mut st = self.state.lock();
-        self.take_exclusive(&mut st, &mut a)?;
-        drop(st);
+        // kernel side: no mutex needed.
+        let mut rw = rw;
+        self.take_exclusive(rw.get_mut(), &mut a)?;
         Ok(FileWriteGuard {
             lock: self,
             rw: Some(rw),
@@ -690,12 +689,12 @@ impl FileLock {
             |t| self.rw.try_upgradable_read_until(t),
         )?;
         loop {
-            let file = self.lock_state(&mut a)?.file.clone();
+            let file = self.lock_state(&rw, &mut a)?.file.clone();
             // The slot, without the state mutex: in-process readers must be
             // able to come and go while we wait for another process's
             // upgrader or writer.
             a.kernel(&file, Req::Ofd(RangeLock::Write, self.slot()), false)?;
-            let mut st = match self.lock_state(&mut a) {
+            let mut st = match self.lock_state(&rw, &mut a) {
                 Ok(st) => st,
                 Err(e) => {
                     let _ = unlock_ofd(&file, self.slot());
@@ -725,6 +724,7 @@ impl FileLock {
             } else {
                 st.readers = 1;
             }
+            drop(st);
             return Ok(FileUpgradableGuard {
                 lock: self,
                 rw: Some(rw),
@@ -734,17 +734,17 @@ impl FileLock {
 
     /// The state mutex. Its holders do only short work except while
     /// `kernel_blocked` is set; a `try_*` gives up only then.
-    fn lock_state(&self, a: &mut Attempt<'_>) -> Result<MutexGuard<'_, State>, TryLockError> {
+    fn lock_state<'m>(
+        &self,
+        m: &'m Mutex<State>,
+        a: &mut Attempt<'_>,
+    ) -> Result<MutexGuard<'m, State>, TryLockError> {
         loop {
-            if let Some(st) = self.state.try_lock() {
+            if let Some(st) = m.try_lock() {
                 return Ok(st);
             }
             if self.kernel_blocked.load(Ordering::Acquire) {
-                return a.park(
-                    || self.state.try_lock(),
-                    || self.state.lock(),
-                    |t| self.state.try_lock_until(t),
-                );
+                return a.park(|| m.try_lock(), || m.lock(), |t| m.try_lock_until(t));
             }
             std::thread::yield_now();
         }
@@ -752,9 +752,9 @@ impl FileLock {
 
     /// Joins the in-process readers, taking the kernel's shared lock if we
     /// are the first.
-    fn join_shared(&self, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+    fn join_shared(&self, m: &Mutex<State>, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
-            let mut st = self.lock_state(a)?;
+            let mut st = self.lock_state(m, a)?;
             if st.readers == 0 {
                 self.take_first_shared(&mut st, a)?;
                 st.readers = 1;
@@ -965,8 +965,8 @@ impl FileLock {
 
     // ----- release and conversion -------------------------------------------
 
-    fn leave_shared(&self) -> Result<()> {
-        let mut st = self.state.lock();
+    fn leave_shared(&self, m: &Mutex<State>) -> Result<()> {
+        let mut st = m.lock();
         st.readers -= 1;
         if st.readers == 0 {
             self.release_shared_kernel(&st)
@@ -975,8 +975,8 @@ impl FileLock {
         Ok(())
     }
 
-    fn leave_upgradable(&self) -> Result<()> {
-        let mut st = self.state.lock();
+    fn leave_upgradable(&self, m: &Mutex<State>) -> Result<()> {
+        let mut st = m.lock();
         st.readers -= 1;
         let r = if st.readers > 0 {
             unlock_ofd(&st.file, self.slot())
@@ -992,9 +992,8 @@ impl FileLock {
         r.map_err(|e| self.io_err("unlock", e))
     }
 
-    fn leave_exclusive(&self) -> Result<()> {
-        let mut st = self.state.lock();
-        self.release_exclusive_kernel(&mut st)
+    fn leave_exclusive(&self, st: &mut State) -> Result<()> {
+        self.release_exclusive_kernel(st)
             .map_err(|e| self.io_err("unlock", e))
     }
 
@@ -1126,7 +1125,7 @@ impl FileLockGuard<'_> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileReadGuard<'a> {
     lock: &'a FileLock,
-    rw: Option<RwLockReadGuard<'a, ()>>,
+    rw: Option<RwLockReadGuard<'a, Mutex<State>>>,
 }
 
 impl FileReadGuard<'_> {
@@ -1141,7 +1140,7 @@ impl FileReadGuard<'_> {
         };
         // The kernel first, then the in-process lock: a writer of ours that
         // gets `rw` finds no kernel lock of ours left.
-        let r = self.lock.leave_shared();
+        let r = self.lock.leave_shared(&rw);
         drop(rw);
         r
     }
@@ -1165,7 +1164,7 @@ impl fmt::Debug for FileReadGuard<'_> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileWriteGuard<'a> {
     lock: &'a FileLock,
-    rw: Option<RwLockWriteGuard<'a, ()>>,
+    rw: Option<RwLockWriteGuard<'a, Mutex<State>>>,
 }
 
 impl<'a> FileWriteGuard<'a> {
@@ -1175,10 +1174,10 @@ impl<'a> FileWriteGuard<'a> {
     }
 
     fn release(&mut self) -> Result<()> {
-        let Some(rw) = self.rw.take() else {
+        let Some(mut rw) = self.rw.take() else {
             return Ok(());
         };
-        let r = self.lock.leave_exclusive();
+        let r = self.lock.leave_exclusive(rw.get_mut());
         drop(rw);
         r
     }
@@ -1188,14 +1187,13 @@ impl<'a> FileWriteGuard<'a> {
     /// released.
     pub fn downgrade(mut self) -> Result<FileReadGuard<'a>> {
         let lock = self.lock;
-        let rw = self.rw.take().expect("write guard holds its lock");
-        let mut st = lock.state.lock();
-        if let Err(e) = lock.kernel_downgrade(&mut st) {
-            let _ = lock.release_exclusive_kernel(&mut st);
+        let mut rw = self.rw.take().expect("write guard holds its lock");
+        let st = rw.get_mut();
+        if let Err(e) = lock.kernel_downgrade(st) {
+            let _ = lock.release_exclusive_kernel(st);
             return Err(lock.io_err("downgrade", e));
         }
         st.readers = 1;
-        drop(st);
         Ok(FileReadGuard {
             lock,
             rw: Some(RwLockWriteGuard::downgrade(rw)),
@@ -1225,7 +1223,7 @@ impl fmt::Debug for FileWriteGuard<'_> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileUpgradableGuard<'a> {
     lock: &'a FileLock,
-    rw: Option<RwLockUpgradableReadGuard<'a, ()>>,
+    rw: Option<RwLockUpgradableReadGuard<'a, Mutex<State>>>,
 }
 
 impl<'a> FileUpgradableGuard<'a> {
@@ -1238,7 +1236,7 @@ impl<'a> FileUpgradableGuard<'a> {
         let Some(rw) = self.rw.take() else {
             return Ok(());
         };
-        let r = self.lock.leave_upgradable();
+        let r = self.lock.leave_upgradable(&rw);
         drop(rw);
         r
     }
@@ -1296,7 +1294,7 @@ impl<'a> FileUpgradableGuard<'a> {
                 }
             },
         };
-        let w = match w {
+        let mut w = match w {
             Ok(w) => w,
             Err(u) => {
                 self.rw = Some(u);
@@ -1306,16 +1304,13 @@ impl<'a> FileUpgradableGuard<'a> {
                 });
             }
         };
-        let mut st = lock.state.lock();
-        debug_assert_eq!(st.readers, 1);
-        match lock.kernel_upgrade(&mut st, &mut a) {
+        debug_assert_eq!(w.get_mut().readers, 1);
+        match lock.kernel_upgrade(w.get_mut(), &mut a) {
             Ok(()) => {
-                st.readers = 0;
-                drop(st);
+                w.get_mut().readers = 0;
                 Ok(FileWriteGuard { lock, rw: Some(w) })
             }
             Err(UpgradeErr::Restored(error)) => {
-                drop(st);
                 self.rw = Some(RwLockWriteGuard::downgrade_to_upgradable(w));
                 Err(UpgradeFailed {
                     guard: Some(self),
@@ -1323,8 +1318,7 @@ impl<'a> FileUpgradableGuard<'a> {
                 })
             }
             Err(UpgradeErr::Lost(error)) => {
-                st.readers = 0;
-                drop(st);
+                w.get_mut().readers = 0;
                 drop(w);
                 Err(UpgradeFailed { guard: None, error })
             }
@@ -1336,7 +1330,7 @@ impl<'a> FileUpgradableGuard<'a> {
         let lock = self.lock;
         let u = self.rw.take().expect("upgradable guard holds its lock");
         // The slot first, while no other thread of ours can take it.
-        let st = lock.state.lock();
+        let st = u.lock();
         let r = unlock_ofd(&st.file, lock.slot());
         drop(st);
         let g = FileReadGuard {
