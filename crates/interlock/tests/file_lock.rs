@@ -876,6 +876,43 @@ fn timed_wait_times_out_and_a_waiter_wakes_on_release() {
     }
 }
 
+#[test]
+fn the_on_block_callback_may_try_the_same_lock() {
+    if child() {
+        return;
+    }
+    use std::sync::{OnceLock, Weak};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cb.lock");
+    for flavor in FLAVORS {
+        let me: Arc<OnceLock<Weak<FileLock>>> = Arc::new(OnceLock::new());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lock = {
+            let (me, seen) = (me.clone(), seen.clone());
+            Arc::new(
+                FileLock::options()
+                    .flavor(flavor)
+                    .on_block(move |_| {
+                        let l = me.get().and_then(Weak::upgrade).unwrap();
+                        let r = l.try_read().map(drop);
+                        seen.lock().unwrap().push(format!("{r:?}"));
+                    })
+                    .open(&p)
+                    .unwrap(),
+            )
+        };
+        me.set(Arc::downgrade(&lock)).unwrap();
+        let mut c = agent_child("the_on_block_callback_may_try_the_same_lock", flavor, &p);
+        ask(&mut c, "write", "ok");
+        // The first reader blocks in the kernel holding the internal mutex;
+        // the callback's try_read must answer, not hang.
+        let r = lock.try_read_for(Duration::from_millis(30));
+        assert!(matches!(r, Err(TryLockError::TimedOut)), "{r:?}");
+        assert_eq!(*seen.lock().unwrap(), vec!["Err(WouldBlock)".to_string()]);
+        quit(&mut c);
+    }
+}
+
 // ----- Python interop ---------------------------------------------------------
 
 const PY: &str = r#"

@@ -189,6 +189,10 @@ impl FileLockOptions {
     }
 
     /// A callback told once per acquisition, just before it blocks.
+    ///
+    /// It runs in the acquiring thread, possibly while internal locks of this
+    /// `FileLock` are held: it may call its `try_*` methods (they answer
+    /// WouldBlock) but must not block on the same `FileLock`.
     pub fn on_block(&mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> &mut Self {
         self.on_block = Some(Arc::new(f));
         self
@@ -491,19 +495,32 @@ impl<'a> Attempt<'a> {
                 Some(t)
             }
         };
+        let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
+        // After the flag: a callback that asks this same lock for a try_*
+        // gets WouldBlock instead of waiting for the mutex we hold.
         self.about_to_block();
-        if under_state {
-            self.lock.kernel_blocked.store(true, Ordering::Release);
-        }
         let got = timer::block_until(deadline, || req.wait_on(f));
-        if under_state {
-            self.lock.kernel_blocked.store(false, Ordering::Release);
-        }
         match got {
             Ok(Some(())) => Ok(()),
             Ok(None) => Err(TryLockError::TimedOut),
             Err(e) => Err(self.lock.io_err("wait for lock", e).into()),
         }
+    }
+}
+
+/// Raises `kernel_blocked` until dropped (also if the callback panics).
+struct BlockedFlag<'a>(&'a AtomicBool);
+
+impl<'a> BlockedFlag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        BlockedFlag(flag)
+    }
+}
+
+impl Drop for BlockedFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
