@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use interlock::__bench_ofd::{ofd_try, ByteRange, RangeLock};
+use interlock::__raw::{ofd_try, ByteRange, RangeLock};
 use interlock::{LockSet, Mode};
 
 fn open(path: &std::path::Path) -> File {

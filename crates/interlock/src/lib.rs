@@ -4,8 +4,6 @@
 //! module documents its scope and what happens on fork, close, crash and NFS.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
-// Skeleton stage: the families that use these helpers land next.
-#![allow(dead_code)]
 
 mod error;
 mod file;
@@ -15,17 +13,18 @@ mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
 pub use file::{
-    holders, Holder, IndexRange, LockKind, LockSet, LockSetOptions, Scope, INDEX_END,
-    REGISTRY_DIR_ENV,
+    holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard,
+    FileUpgradableGuard, FileWriteGuard, Flavor, Holder, IndexRange, LockKind, LockSet,
+    LockSetOptions, Scope, UpgradeFailed, INDEX_END, REGISTRY_DIR_ENV,
 };
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 
-/// The raw OFD `fcntl` calls, exposed only so the benchmarks can measure the
-/// floor that the lock types are compared against. Not a public API.
+/// The raw kernel lock calls, so that benchmarks can measure the floor a
+/// lock family builds on. Not a stable API.
 #[doc(hidden)]
-pub mod __bench_ofd {
-    pub use crate::sys::fcntl::{ofd_try, ByteRange, RangeLock};
+pub mod __raw {
+    pub use crate::sys::fcntl::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
 }
 
 /// The operation every lock family offers, so that generic code (the CLI,

@@ -1,13 +1,19 @@
-//! File-backed locks: kernel locks on a path. Each submodule says why it is
-//! built as it is; this file only names them (kept to `mod` and `pub use`
-//! lines so that families written in parallel merge without conflict).
+//! Locks named by a path, built on the kernel's file locks.
+//!
+//! Why it is built this way: the kernel's file locks are the only locks that
+//! every process on a host (and every language) can take and that the kernel
+//! releases at once when the holder dies. Each file here fixes one thing the
+//! kernel gets wrong on its own; see each module's opening comment. This file
+//! only names them.
 
 mod deadlock;
 mod inspect;
+mod lock;
 mod ranges;
 mod set;
 
 pub use deadlock::REGISTRY_DIR_ENV;
 pub use inspect::{holders, Holder, LockKind};
+pub use lock::*;
 pub use ranges::{IndexRange, INDEX_END};
 pub use set::{LockSet, LockSetOptions, Scope};

@@ -153,11 +153,6 @@ impl RangeMap {
         self.segs.is_empty()
     }
 
-    /// Forgets everything (keeps the allocation).
-    pub fn clear(&mut self) {
-        self.segs.clear();
-    }
-
     /// The held intervals, in order.
     pub fn segs(&self) -> &[Seg] {
         &self.segs
@@ -191,6 +186,7 @@ impl RangeMap {
             .is_some_and(|s| s.start <= r.start && s.end >= r.end && s.mode == mode)
     }
 
+    #[cfg(test)]
     /// Whether some held interval overlapping `r` conflicts with `mode`
     /// (for another owner's request).
     pub fn conflicts(&self, r: &Range<u64>, mode: Mode) -> bool {

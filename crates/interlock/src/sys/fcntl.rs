@@ -181,6 +181,24 @@ pub fn flock(fd: BorrowedFd<'_>, op: FlockOp, wait: bool) -> io::Result<bool> {
     }
 }
 
+/// fstatfs(2): whether the file lives on NFS. The Linux NFS client emulates
+/// flock with whole-file fcntl locks, so the two families conflict there.
+pub fn on_nfs(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `fd` is live for the borrow and `buf` is valid for writes of
+    // one `struct statfs`.
+    let rc = unsafe { libc::fstatfs(fd.as_raw_fd(), buf.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs returned 0, so it filled the buffer.
+    let buf = unsafe { buf.assume_init() };
+    // The field's and the constant's integer types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let nfs = buf.f_type as i64 == libc::NFS_SUPER_MAGIC as i64;
+    Ok(nfs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +238,12 @@ mod tests {
         assert!(!ofd_try(b.as_fd(), RangeLock::Read, range(3, 1)).unwrap());
         assert!(ofd_try(a.as_fd(), RangeLock::Unlock, range(3, 4)).unwrap());
         assert!(ofd_try(b.as_fd(), RangeLock::Read, range(3, 1)).unwrap());
+    }
+
+    #[test]
+    fn a_temp_file_is_not_on_nfs() {
+        let f = tempfile::tempfile().unwrap();
+        assert!(!on_nfs(f.as_fd()).unwrap());
     }
 
     #[test]

@@ -78,6 +78,7 @@ fn identity_of(pid: u32) -> ProcessId {
 }
 
 /// The identity of a running process, or `None` if there is none with `pid`.
+#[allow(dead_code)] // used by the lease family
 pub fn identity(pid: u32) -> Option<ProcessId> {
     read_stat(pid).ok().map(|s| ProcessId {
         pid,
@@ -103,6 +104,7 @@ pub fn liveness(id: ProcessId) -> Liveness {
 
 /// This boot's id (/proc/sys/kernel/random/boot_id), to tell a process of
 /// this boot from one of an earlier boot or another host.
+#[allow(dead_code)] // used by the lease family
 pub fn boot_id() -> &'static str {
     static BOOT: OnceLock<String> = OnceLock::new();
     BOOT.get_or_init(|| {

@@ -1,0 +1,263 @@
+//! `run` and `status`: take a lock, run the command, report.
+//!
+//! Why it is built this way: the command runs as a child, not by exec, so
+//! that interlock itself stays alive as the holder. That is what keeps a
+//! lease renewed and a shared-memory lock attributed to a live process, and
+//! it lets interlock release explicitly (reporting errors) and pass on the
+//! command's exit status. The lock is released only after the child has
+//! been reaped, so no process outside the lock ever runs the command.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+use interlock::{Blocked, Error, ErrorKind, FileLock, Flavor, LockSet, Mode, TryLockError, Wait};
+
+use crate::args::{Kind, RunArgs, StatusArgs};
+use crate::sys;
+
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+const EX_NOINPUT: u8 = 66;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_OSERR: u8 = 71;
+const EX_NOPERM: u8 = 77;
+
+/// The exit status for an error that is not "the lock is held".
+fn exit_code(e: &Error) -> u8 {
+    match e.kind() {
+        ErrorKind::InvalidInput => EX_USAGE,
+        ErrorKind::Corrupt => EX_DATAERR,
+        ErrorKind::NotFound => EX_NOINPUT,
+        ErrorKind::Unsupported => EX_UNAVAILABLE,
+        ErrorKind::PermissionDenied => EX_NOPERM,
+        ErrorKind::Io => EX_OSERR,
+        _ => EX_SOFTWARE,
+    }
+}
+
+fn fail(e: &Error) -> u8 {
+    eprintln!("interlock: {e}");
+    exit_code(e)
+}
+
+/// Settings shared by every kind.
+struct Plan<'a> {
+    args: &'a RunArgs,
+    mode: Mode,
+    wait: Wait,
+}
+
+impl Plan<'_> {
+    /// Reports an acquisition that did not return a guard.
+    fn not_taken(&self, e: TryLockError) -> u8 {
+        let path = self.args.path.display();
+        let why = match &e {
+            TryLockError::WouldBlock => format!("{path} is locked"),
+            TryLockError::TimedOut => format!("gave up waiting for {path}"),
+            TryLockError::Error(e) if e.kind() == ErrorKind::Deadlock => e.to_string(),
+            TryLockError::Error(e) => return fail(e),
+        };
+        if !self.args.quiet {
+            eprintln!("interlock: {why}");
+        }
+        self.args.conflict_exit_code
+    }
+}
+
+/// The on-block callback: one line on stderr naming who holds the lock,
+/// as far as the kernel shows it.
+fn announce_wait(kind: Kind) -> impl Fn(&Blocked<'_>) + Send + Sync + 'static {
+    move |b: &Blocked<'_>| {
+        let who = holders_of(b.resource, kind, b.range);
+        let range = match b.range {
+            Some((s, e)) => format!(" indices {s}..{e} of"),
+            None => String::new(),
+        };
+        let by = if who.is_empty() {
+            String::new()
+        } else {
+            format!(" held by {}", who.join(", "))
+        };
+        eprintln!(
+            "interlock: waiting for {} lock on{range} {}{by}",
+            b.mode,
+            b.resource.display()
+        );
+    }
+}
+
+/// The holders (not waiters) that conflict with what `kind` takes, one
+/// short description each; empty if the kernel does not say.
+fn holders_of(path: &Path, kind: Kind, range: Option<(u64, u64)>) -> Vec<String> {
+    let Ok(all) = interlock::holders(path) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let (lo, hi) = match (kind, range) {
+        (_, Some(r)) => r,
+        // A file lock's data is byte 0; bytes 1 and 2 are its writer gate
+        // and upgrade slot, held only briefly or by a waiting writer.
+        _ => (0, 1),
+    };
+    let mut out: Vec<String> = all
+        .iter()
+        .filter(|h| !h.waiting && h.pid != Some(me))
+        .filter(|h| (kind == Kind::Flock) == (h.kind == interlock::LockKind::Flock))
+        .filter(|h| h.range.0 < hi && h.range.1.is_none_or(|e| e > lo))
+        .map(|h| match (h.pid, &h.command) {
+            (Some(p), Some(c)) => format!("pid {p} ({c}) {}", h.mode),
+            (Some(p), None) => format!("pid {p} {}", h.mode),
+            _ => format!("an unnamed process {}", h.mode),
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
+pub fn run(args: RunArgs) -> u8 {
+    if let Err(msg) = args.validate() {
+        eprintln!("interlock: {msg} (see `interlock --help`)");
+        return EX_USAGE;
+    }
+    let plan = Plan {
+        mode: if args.shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        },
+        wait: match (args.nonblock, args.wait) {
+            (true, _) => Wait::NonBlocking,
+            (false, Some(d)) => Wait::timeout(d),
+            (false, None) => Wait::Forever,
+        },
+        args: &args,
+    };
+    match args.kind {
+        Kind::File | Kind::Flock => run_file(&plan),
+        Kind::Set => run_set(&plan),
+        Kind::Shm | Kind::Lease => {
+            eprintln!(
+                "interlock: --kind {:?} is not available in this build",
+                args.kind
+            );
+            EX_UNAVAILABLE
+        }
+    }
+}
+
+fn run_file(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let mut opts = FileLock::options();
+    opts.flavor(if a.kind == Kind::Flock {
+        Flavor::Flock
+    } else {
+        Flavor::Fcntl
+    });
+    if !a.quiet {
+        opts.on_block(announce_wait(a.kind));
+    }
+    let lock = match opts.open(&a.path) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let guard = match interlock::Lock::acquire(&lock, plan.mode, plan.wait) {
+        Ok(g) => g,
+        Err(e) => return plan.not_taken(e),
+    };
+    let code = execute(&a.command, &[]);
+    match guard.unlock() {
+        Ok(()) => code,
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+fn run_set(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let range = a.range.clone().expect("validated: --kind set has --range");
+    let mut opts = LockSet::options();
+    if !a.quiet {
+        opts = opts.on_block(std::sync::Arc::new(announce_wait(a.kind)));
+    }
+    let set = match opts.open(&a.path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = set.lock_with(range, plan.mode, plan.wait) {
+        return plan.not_taken(e);
+    }
+    let code = execute(&a.command, &[]);
+    match set.unlock_all() {
+        Ok(()) => code,
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+/// The command ran, but releasing failed (the lock is released anyway when
+/// interlock exits): say so, and keep the command's status unless it
+/// succeeded.
+fn release_failed(code: u8, e: &Error) -> u8 {
+    eprintln!("interlock: {e}");
+    if code == 0 {
+        EX_OSERR
+    } else {
+        code
+    }
+}
+
+/// Runs `argv` with extra environment `env`, passing on SIGTERM/SIGHUP;
+/// returns its exit status, 128+N if killed by signal N, 127 if not found,
+/// 126 if not executable.
+fn execute(argv: &[OsString], env: &[(&str, String)]) -> u8 {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("interlock: cannot run {}: {e}", argv[0].to_string_lossy());
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+        }
+    };
+    sys::forward_signals_to(child.id());
+    let waited = sys::wait_exit_unreaped(child.id());
+    sys::stop_forwarding();
+    if let Err(e) = waited {
+        eprintln!("interlock: waiting for the command: {e}");
+    }
+    match child.wait() {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => c as u8,
+            (None, Some(sig)) => (128 + sig) as u8,
+            (None, None) => EX_SOFTWARE,
+        },
+        Err(e) => {
+            eprintln!("interlock: waiting for the command: {e}");
+            EX_OSERR
+        }
+    }
+}
+
+pub fn status(args: StatusArgs) -> u8 {
+    match interlock::holders(&args.path) {
+        Ok(list) if list.is_empty() => {
+            println!("{}: no locks", args.path.display());
+            0
+        }
+        Ok(list) => {
+            for h in list {
+                println!("{h}");
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,81 @@
+//! The CLI's only `unsafe`: signal dispositions while the command runs.
+//!
+//! Why it is built this way: `interlock run` must hold the lock exactly as
+//! long as the command runs. If a `kill` or a closing terminal ended
+//! interlock first, the lock would be released while the command still
+//! works on the protected resource. So while the command runs, SIGTERM and
+//! SIGHUP sent to interlock are passed on to the command (interlock then
+//! exits with the command's status, still holding the lock until then), and
+//! SIGINT and SIGQUIT are ignored by interlock: from a terminal they reach
+//! the command directly, being in the same process group.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn pass_on(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `pid` is our own child,
+        // which we have not reaped yet (we reap it only after this state is
+        // reset in `restore`).
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn set(sig: libc::c_int, handler: libc::sighandler_t) {
+    // SAFETY: an all-zero sigaction is valid (empty mask, no flags).
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = handler;
+    act.sa_flags = libc::SA_RESTART;
+    // SAFETY: `act` is initialised; the handler only calls kill(2), which
+    // is async-signal-safe, and reads an atomic.
+    unsafe {
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(sig, &act, std::ptr::null_mut());
+    }
+}
+
+/// From now on, pass SIGTERM and SIGHUP to `pid` and ignore SIGINT and
+/// SIGQUIT. Call after spawning the child (so it starts with default
+/// dispositions).
+pub fn forward_signals_to(pid: u32) {
+    CHILD.store(pid as i32, Ordering::Relaxed);
+    let handler = pass_on as *const () as libc::sighandler_t;
+    set(libc::SIGTERM, handler);
+    set(libc::SIGHUP, handler);
+    set(libc::SIGINT, libc::SIG_IGN);
+    set(libc::SIGQUIT, libc::SIG_IGN);
+}
+
+/// Stops passing signals on (before the child is reaped, so its pid cannot
+/// be reused while a handler might still send to it).
+pub fn stop_forwarding() {
+    CHILD.store(0, Ordering::Relaxed);
+}
+
+/// Blocks until child `pid` has exited, without reaping it (WNOWAIT), so
+/// that its pid stays reserved while signals may still be passed to it.
+pub fn wait_exit_unreaped(pid: u32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid out-buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is valid for writes; `pid` is our unreaped child.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The real `interlock` binary, run as a user would, each test in its own
+//! temporary directory. Holders are real processes that announce on stdout
+//! that they hold the lock and then wait for their stdin to close, so no
+//! test depends on timing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_interlock");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn interlock(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run interlock")
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a usage-style failure: the exit code, exactly one line on
+/// stderr, mentioning `needle`, and no panic or backtrace.
+fn assert_fails(o: &Output, code: i32, needle: &str) {
+    let err = stderr_of(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "want one line: {err:?}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+/// A process that holds a lock until dropped (its stdin is closed).
+struct Holder {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Holder {
+    /// Starts `program args...`, which must print `held` once it holds the
+    /// lock and then wait for stdin to close; returns once `held` is read.
+    fn start(program: &str, args: &[&str]) -> Holder {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn holder");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut h = Holder {
+            child,
+            stdin,
+            lines: rx,
+        };
+        h.expect_line("held");
+        h
+    }
+
+    fn expect_line(&mut self, want: &str) {
+        let line = self.lines.recv_timeout(WAIT).expect("holder said nothing");
+        assert_eq!(line, want);
+    }
+
+    /// An `interlock run` holder of `path` with extra `flags`.
+    fn interlock(flags: &[&str], path: &Path) -> Holder {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        let p = path.to_str().unwrap();
+        args.extend_from_slice(&[p, "--", "sh", "-c", "echo held; read x; exit 0"]);
+        Holder::start(BIN, &args)
+    }
+
+    fn release(mut self) -> i32 {
+        drop(self.stdin.take());
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < end, "holder did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_usage_is_one_line_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l");
+    let p = p.to_str().unwrap();
+    assert_fails(
+        &interlock(&["run", "--bogus", p, "--", "true"]),
+        64,
+        "--bogus",
+    );
+    assert_fails(&interlock(&["run", p]), 64, "COMMAND");
+    assert_fails(
+        &interlock(&["run", "-s", "-x", p, "--", "true"]),
+        64,
+        "cannot be used",
+    );
+    assert_fails(&interlock(&["run", "-w", "-1", p, "--", "true"]), 64, "-1");
+    assert_fails(
+        &interlock(&["run", "-w", "soon", p, "--", "true"]),
+        64,
+        "soon",
+    );
+    assert_fails(
+        &interlock(&["run", "-n", "-w", "1", p, "--", "true"]),
+        64,
+        "cannot be used",
+    );
+    assert_fails(
+        &interlock(&["run", "--kind", "set", "--range", "7..3", p, "--", "true"]),
+        64,
+        "empty",
+    );
+    assert_fails(
+        &interlock(&["run", "--kind", "set", "--range", "x", p, "--", "true"]),
+        64,
+        "range",
+    );
+    assert_fails(
+        &interlock(&["run", "--kind", "set", p, "--", "true"]),
+        64,
+        "--range",
+    );
+    assert_fails(
+        &interlock(&["run", "--range", "1..2", p, "--", "true"]),
+        64,
+        "--kind set",
+    );
+    assert_fails(
+        &interlock(&["run", "--kind", "nope", p, "--", "true"]),
+        64,
+        "nope",
+    );
+    assert_fails(
+        &interlock(&["run", "-E", "300", p, "--", "true"]),
+        64,
+        "300",
+    );
+    assert_fails(&interlock(&["frobnicate"]), 64, "frobnicate");
+    assert_fails(&interlock(&["status"]), 64, "PATH");
+}
+
+#[test]
+fn unusable_paths_are_typed_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir/l");
+    let o = interlock(&["run", missing.to_str().unwrap(), "--", "true"]);
+    assert_fails(&o, 66, missing.to_str().unwrap());
+
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let o = interlock(&["run", sub.to_str().unwrap(), "--", "true"]);
+    assert_fails(&o, 65, "directory");
+
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("target"), &link).unwrap();
+    let o = interlock(&["run", link.to_str().unwrap(), "--", "true"]);
+    assert_fails(&o, 65, "symbolic link");
+    assert!(!dir.path().join("target").exists(), "followed the symlink");
+}
+
+#[test]
+fn runs_the_command_and_passes_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l");
+    let p = p.to_str().unwrap();
+    assert_eq!(interlock(&["run", p, "--", "true"]).status.code(), Some(0));
+    assert_eq!(
+        interlock(&["run", p, "--", "sh", "-c", "exit 3"])
+            .status
+            .code(),
+        Some(3)
+    );
+    let o = interlock(&["run", p, "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(o.status.code(), Some(128 + 15));
+    let o = interlock(&["run", p, "--", "/no/such/program"]);
+    assert_eq!(o.status.code(), Some(127), "{}", stderr_of(&o));
+    let o = interlock(&["run", p, "--", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(126), "{}", stderr_of(&o));
+    let o = interlock(&["run", "-s", p, "--", "sh", "-c", "echo out"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+}
+
+#[test]
+fn held_lock_fails_fast_with_conflict_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&[], &path);
+    let o = interlock(&["run", "-n", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let o = interlock(&["run", "-n", "-E", "9", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(9));
+    let o = interlock(&["run", "-n", "-q", p, "--", "true"]);
+    assert_eq!((o.status.code(), stderr_of(&o).as_str()), (Some(1), ""));
+    let o = interlock(&["run", "-n", "-s", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "a shared lock is refused too");
+    let start = Instant::now();
+    let o = interlock(&["run", "-w", "0.2", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    assert_eq!(holder.release(), 0);
+    assert_eq!(
+        interlock(&["run", "-n", p, "--", "true"]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn shared_holders_coexist() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&["-s"], &path);
+    assert_eq!(
+        interlock(&["run", "-n", "-s", p, "--", "true"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        interlock(&["run", "-n", p, "--", "true"]).status.code(),
+        Some(1)
+    );
+    holder.release();
+}
+
+#[test]
+fn waiting_is_announced_once_with_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&[], &path);
+    let o = interlock(&["run", "-w", "0.1", p, "--", "true"]);
+    let err = stderr_of(&o);
+    let waiting: Vec<_> = err
+        .lines()
+        .filter(|l| l.starts_with("interlock: waiting"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "{err}");
+    assert!(
+        err.contains(&holder.child.id().to_string()) || err.contains("pid"),
+        "{err}"
+    );
+    holder.release();
+}
+
+#[test]
+fn flock_kind_excludes_flock1_and_file_kind_excludes_lockf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let h = Holder::start("flock", &[p, "-c", "echo held; read x; exit 0"]);
+    assert_eq!(
+        interlock(&["run", "-n", "--kind", "flock", p, "--", "true"])
+            .status
+            .code(),
+        Some(1)
+    );
+    h.release();
+    assert_eq!(
+        interlock(&["run", "-n", "--kind", "flock", p, "--", "true"])
+            .status
+            .code(),
+        Some(0)
+    );
+
+    let script = format!(
+        "import fcntl,sys\nf=open({p:?},'a')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('held',flush=True)\nsys.stdin.read()"
+    );
+    let h = Holder::start("python3", &["-c", &script]);
+    assert_eq!(
+        interlock(&["run", "-n", p, "--", "true"]).status.code(),
+        Some(1)
+    );
+    h.release();
+    assert_eq!(
+        interlock(&["run", "-n", p, "--", "true"]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn set_kind_locks_only_its_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("set");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&["--kind", "set", "--range", "3..7"], &path);
+    let run = |r: &str| interlock(&["run", "-n", "--kind", "set", "--range", r, p, "--", "true"]);
+    assert_eq!(run("6..=6").status.code(), Some(1));
+    assert_eq!(run("0..3").status.code(), Some(0));
+    assert_eq!(run("7..100").status.code(), Some(0));
+    holder.release();
+    assert_eq!(run("6").status.code(), Some(0));
+}
+
+#[test]
+fn status_lists_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&["-s"], &path);
+    let o = interlock(&["status", p]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(out.contains("shared"), "{out}");
+    assert!(out.contains("pid"), "{out}");
+    holder.release();
+    let o = interlock(&["status", dir.path().join("missing").to_str().unwrap()]);
+    assert_fails(&o, 66, "missing");
+}
+
+#[test]
+fn sigterm_is_passed_to_the_command_and_the_lock_held_until_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    // The command survives TERM, says it got it, and exits when stdin closes.
+    let script = "import signal,sys\n\
+        signal.signal(signal.SIGTERM, lambda *a: print('got-term', flush=True))\n\
+        print('held', flush=True)\n\
+        sys.stdin.read()";
+    let mut holder = Holder::start(BIN, &["run", p, "--", "python3", "-c", script]);
+    let st = Command::new("kill")
+        .args(["-TERM", &holder.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // interlock passed TERM on and is still alive, holding the lock.
+    holder.expect_line("got-term");
+    assert_eq!(
+        interlock(&["run", "-n", p, "--", "true"]).status.code(),
+        Some(1),
+        "lock held"
+    );
+    assert!(holder.child.try_wait().unwrap().is_none());
+    let _ = holder.stdin.as_mut().unwrap().write_all(b"bye\n");
+    assert_eq!(holder.release(), 0);
+}

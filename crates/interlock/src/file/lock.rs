@@ -1,0 +1,1427 @@
+//! [`FileLock`]: a reader-writer lock named by a path, shared by threads and
+//! processes, that does not starve writers.
+//!
+//! Why it is built this way:
+//!
+//! - **Kernel locks starve writers.** flock, classic fcntl and OFD fcntl all
+//!   grant a new shared lock while a writer waits, so a writer behind readers
+//!   that overlap never gets in (measured: seconds; see FACTS.md). We add a
+//!   *gate*: a second byte of the same file that a waiting writer holds
+//!   exclusively. A reader asks for the gate together with the data and lets
+//!   the gate go at once (flock flavor: takes the data, then looks at the
+//!   gate with `F_OFD_GETLK` and backs off if it is shut), so a reader
+//!   arriving while a writer waits queues behind the writer instead of
+//!   overtaking it. A thread joining readers of its own process looks at
+//!   the gate too, or one process's overlapping threads would starve
+//!   another's writer.
+//! - **flock conversion is not atomic**: the kernel drops the shared lock
+//!   before it waits for the exclusive one. So a flock-flavor writer that got
+//!   the data without waiting still checks that no upgrader holds the slot
+//!   (and no writer the gate), and makes way if one does; otherwise it could
+//!   slip into an upgrader's conversion window.
+//! - **Two readers both upgrading hang forever** with OFD locks (the kernel has
+//!   no deadlock detection for them). An upgradable reader therefore first
+//!   takes an exclusive *slot* byte, so at most one holder per file can be
+//!   upgrading, and every interlock user takes the bytes in one order
+//!   (slot, gate, data) while a reader holds nothing while it waits: interlock
+//!   users cannot deadlock among themselves on one file.
+//! - **Threads sharing one handle share one open file description**, and the
+//!   kernel cannot tell them apart (their locks merge). So a `FileLock` puts an
+//!   in-process `parking_lot` reader-writer lock (task-fair, with upgradable
+//!   reads and timed waits) in front, and counts its readers: the first takes
+//!   the kernel's shared lock, the last releases it. Threads that each open
+//!   their own `FileLock` have their own descriptions, and the kernel excludes
+//!   them as it excludes processes.
+//! - **A lock file may be deleted by its holder.** A process that opened the
+//!   path before the deletion would then lock an inode no longer at the path,
+//!   while a later process locks a new file there: two holders. After each
+//!   kernel acquisition we compare the path's (device, inode) with the
+//!   descriptor's and, on a mismatch, release, reopen and retry.
+//! - **Waits are exact.** The kernel's own wait queue wakes a waiter when the
+//!   lock is released; a timed wait is cut at its deadline by a per-thread
+//!   timer signal (`sys::timer`), never a sleep-poll loop.
+//!
+//! # Byte layout (the fcntl flavor; all OFD locks)
+//!
+//! | byte | name | held by |
+//! |---|---|---|
+//! | 0 | data | readers (shared), writers (exclusive) |
+//! | 1 | gate | a writer, exclusively, from before it waits for the data until it releases; readers only momentarily, with the data |
+//! | 2 | slot | an upgradable reader or a writer, exclusively |
+//!
+//! The flock flavor keeps the data in flock(2) (whole file) and uses bytes
+//! 2^62+1 and 2^62+2 of the same file, as OFD locks, for the gate and the
+//! slot: the two kernel families ignore each other, so they can share one
+//! file, and the offsets keep clear of the fcntl flavor's bytes.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{
+    Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockUpgradableReadGuard, RwLockWriteGuard,
+};
+
+use crate::sys::fcntl::{self, ByteRange, FlockOp, RangeLock};
+use crate::sys::timer;
+use crate::{Blocked, Error, ErrorKind, Lock, Mode, OnBlock, Result, TryLockError, Wait};
+
+const DATA: ByteRange = ByteRange { start: 0, len: 1 };
+const GATE: ByteRange = ByteRange { start: 1, len: 1 };
+const SLOT: ByteRange = ByteRange { start: 2, len: 1 };
+const DATA_GATE: ByteRange = ByteRange { start: 0, len: 2 };
+const ALL: ByteRange = ByteRange { start: 0, len: 3 };
+/// The flock flavor's gate and slot: far from the fcntl flavor's bytes, so
+/// that a file used by both flavors (or by byte-range users of its first
+/// bytes) sees no interference between them.
+const FLOCK_BASE: u64 = 1 << 62;
+
+/// The creation mode of a new lock file unless [`FileLockOptions::mode`]
+/// says otherwise (the process umask applies, as with open(2)).
+pub const DEFAULT_MODE: u32 = 0o644;
+
+/// Which kernel lock family holds the data lock.
+///
+/// The two families ignore each other on local file systems, so pick the one
+/// the other programs using the same lock file use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// OFD fcntl byte-range locks (the default). Byte 0 is the data lock, so
+    /// classic POSIX lock users of the whole file or of byte 0 exclude us and
+    /// are excluded: Python's `fcntl.lockf` (fasteners, oslo.concurrency,
+    /// pylocksfile), `lockf(3)`, `F_SETLK` users.
+    #[default]
+    Fcntl,
+    /// flock(2) whole-file locks: excludes `flock(1)`, Python's
+    /// `fcntl.flock` (filelock, portalocker, locks) and other flock users.
+    ///
+    /// The gate and slot are OFD locks on two bytes at offset 2^62, which no
+    /// fcntl-flavor user touches; a program holding a *whole-file* fcntl lock
+    /// on the same file delays flock-flavor writers while it holds it (it
+    /// never breaks exclusion).
+    Flock,
+}
+
+/// Whether readers make way for a waiting writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fairness {
+    /// A reader does not overtake a writer that is waiting (the default). An
+    /// uncontended read costs one more system call than the kernel's floor.
+    #[default]
+    PreferWriters,
+    /// Readers take the kernel lock directly, at the kernel's floor cost;
+    /// a stream of overlapping readers can starve a writer for seconds, as
+    /// with every kernel lock. Writers behave the same in both policies, so
+    /// processes with different policies still exclude each other correctly.
+    Kernel,
+}
+
+/// How to open a [`FileLock`]: `FileLock::options().mode(0o600).open(path)`.
+#[derive(Clone)]
+pub struct FileLockOptions {
+    mode: u32,
+    flavor: Flavor,
+    fairness: Fairness,
+    verify_path: bool,
+    on_block: Option<OnBlock>,
+}
+
+impl Default for FileLockOptions {
+    fn default() -> Self {
+        FileLockOptions {
+            mode: DEFAULT_MODE,
+            flavor: Flavor::default(),
+            fairness: Fairness::default(),
+            verify_path: true,
+            on_block: None,
+        }
+    }
+}
+
+impl fmt::Debug for FileLockOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLockOptions")
+            .field("mode", &format_args!("{:#o}", self.mode))
+            .field("flavor", &self.flavor)
+            .field("fairness", &self.fairness)
+            .field("verify_path", &self.verify_path)
+            .field("on_block", &self.on_block.is_some())
+            .finish()
+    }
+}
+
+impl FileLockOptions {
+    /// The permission bits of a lock file this open creates (default
+    /// [`DEFAULT_MODE`], 0o644; the umask applies). An existing file is
+    /// never changed.
+    pub fn mode(&mut self, mode: u32) -> &mut Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The kernel lock family (default [`Flavor::Fcntl`]).
+    pub fn flavor(&mut self, flavor: Flavor) -> &mut Self {
+        self.flavor = flavor;
+        self
+    }
+
+    /// The reader policy (default [`Fairness::PreferWriters`]).
+    pub fn fairness(&mut self, fairness: Fairness) -> &mut Self {
+        self.fairness = fairness;
+        self
+    }
+
+    /// Whether each kernel acquisition checks that the locked file is still
+    /// the one at the path (default `true`). Turn it off only if no program
+    /// ever removes or replaces the lock file: it saves one `lstat` per
+    /// acquisition, and without it a holder that deletes the file can let two
+    /// holders in.
+    pub fn verify_path(&mut self, verify: bool) -> &mut Self {
+        self.verify_path = verify;
+        self
+    }
+
+    /// A callback told once per acquisition, just before it blocks.
+    ///
+    /// It runs in the acquiring thread, possibly while internal locks of this
+    /// `FileLock` are held: it may call its `try_*` methods (they answer
+    /// WouldBlock) but must not block on the same `FileLock`.
+    pub fn on_block(&mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> &mut Self {
+        self.on_block = Some(Arc::new(f));
+        self
+    }
+
+    /// Opens or creates the lock file at `path`.
+    ///
+    /// The file is opened read-write (fcntl write locks need it) with
+    /// `O_CLOEXEC` and `O_NOFOLLOW`, created if missing, and never truncated
+    /// or written. Errors name the path: [`ErrorKind::NotFound`] for a
+    /// missing parent directory, [`ErrorKind::Corrupt`] for a directory, a
+    /// symbolic link or another non-regular file at the path,
+    /// [`ErrorKind::PermissionDenied`] without permission,
+    /// [`ErrorKind::Unsupported`] for the flock flavor on NFS.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<FileLock> {
+        let given = path.as_ref();
+        // Absolute, so that a later chdir() cannot make the path check look
+        // at another file.
+        let path = std::path::absolute(given).map_err(|e| {
+            Error::io("open lock file", e)
+                .with_path(given)
+                .with_kind(ErrorKind::InvalidInput)
+        })?;
+        let (file, id) = open_file(&path, self.mode)?;
+        if self.flavor == Flavor::Flock
+            && fcntl::on_nfs(file.as_fd())
+                .map_err(|e| Error::io("stat file system", e).with_path(&path))?
+        {
+            // The gate and slot (fcntl locks) would conflict with the data
+            // (flock, emulated by fcntl locks on NFS) and could deadlock.
+            return Err(Error::new(ErrorKind::Unsupported, "open lock file")
+                .with_path(&path)
+                .with_detail("the flock flavor does not work on NFS; use the fcntl flavor"));
+        }
+        Ok(FileLock {
+            path,
+            mode: self.mode,
+            flavor: self.flavor,
+            fairness: self.fairness,
+            verify_path: self.verify_path,
+            on_block: self.on_block.clone(),
+            rw: RwLock::new(Mutex::new(State {
+                file: Arc::new(file),
+                id,
+                readers: 0,
+                writer_ofd: false,
+            })),
+            kernel_blocked: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Opens or creates the lock file and returns it with its (device, inode).
+fn open_file(path: &Path, mode: u32) -> Result<(File, (u64, u64))> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path);
+    let file = opened.map_err(|e| {
+        let detail = match e.raw_os_error() {
+            Some(libc::EISDIR) => Some("a directory is at this path"),
+            Some(libc::ELOOP) => Some("a symbolic link is at this path"),
+            Some(libc::ENOENT) => Some("the parent directory does not exist"),
+            Some(libc::ENOTDIR) => Some("a component of the parent is not a directory"),
+            _ => None,
+        };
+        let err = Error::io("open lock file", e).with_path(path);
+        match detail {
+            Some(d) => err.with_detail(d),
+            None => err,
+        }
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("stat lock file", e).with_path(path))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::new(ErrorKind::Corrupt, "open lock file")
+            .with_path(path)
+            .with_detail("not a regular file"));
+    }
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+/// What the in-process layer knows about this handle's kernel locks.
+///
+/// Invariant: the descriptor may be replaced (after the path check failed)
+/// only while no kernel lock is held through it: `readers == 0` and no
+/// writer (the writer holds `rw` exclusively, so it is the one replacing it).
+/// An upgradable reader waiting for the slot without this mutex keeps its own
+/// `Arc` and checks, once it has the slot, that the descriptor is unchanged.
+struct State {
+    file: Arc<File>,
+    id: (u64, u64),
+    /// In-process holders that rely on the kernel's shared data lock:
+    /// readers and the upgradable reader. The first takes it, the last
+    /// releases it.
+    readers: usize,
+    /// flock flavor: the writer also holds the OFD gate and slot (it came
+    /// through the slow path or an upgrade).
+    writer_ofd: bool,
+}
+
+/// A reader-writer lock on a path, shared by threads and processes.
+///
+/// `FileLock::open(path)` opens (creating if needed) the lock file; `read()`
+/// and `write()` block; `try_read()`/`try_write()` never block;
+/// `try_read_for(d)` and `try_read_until(t)` wait at most so long. Guards
+/// release on drop. An upgradable read coexists with readers and can become
+/// a write lock atomically.
+///
+/// # Scope and semantics
+///
+/// - **Scope:** per host. Threads sharing one `FileLock`, threads with their
+///   own, and processes all exclude each other. It is not reentrant: a thread
+///   that asks again for a lock it holds may deadlock.
+/// - **Writers first:** under [`Fairness::PreferWriters`] a reader arriving
+///   while a writer waits queues behind it (between processes through the
+///   gate byte, between threads through the in-process lock).
+/// - **close:** closing any other descriptor of the file releases nothing
+///   (OFD locks and flock belong to the open file description).
+/// - **crash:** the kernel releases the locks when the last descriptor of
+///   the description closes, i.e. when the process dies, unless a child
+///   forked without exec still has it.
+/// - **fork:** a child forked while a lock is held shares the description and
+///   so the lock, until both release it; an unlock in either releases it for
+///   both. The in-process state is copied as it was at the fork (another
+///   thread may have held the internal mutex). Do not use a `FileLock` across
+///   fork: open a new one in the child. The descriptor is close-on-exec.
+/// - **NFS:** OFD locks become NFS byte-range locks (NLM or NFSv4) and work
+///   between hosts when the server supports them. The Linux NFS client
+///   emulates flock with a whole-file fcntl lock, which would conflict with
+///   the flock flavor's own gate and slot, so opening the flock flavor on
+///   NFS fails with [`ErrorKind::Unsupported`]. The lock file must not be
+///   removed on NFS while others use it (silly-rename keeps the inode alive
+///   under another name).
+/// - **Removing the lock file** while holding the write lock is safe: a
+///   waiter that then gets the lock on the removed inode notices and retries
+///   on the new file (unless [`FileLockOptions::verify_path`] is off).
+pub struct FileLock {
+    path: PathBuf,
+    mode: u32,
+    flavor: Flavor,
+    fairness: Fairness,
+    verify_path: bool,
+    on_block: Option<OnBlock>,
+    /// The in-process reader-writer lock, which threads of this process queue
+    /// on, around the kernel side (descriptor and reader count). A writer
+    /// reaches the kernel side through its exclusive guard, without the
+    /// mutex; readers and the upgradable reader take the mutex. The mutex is
+    /// held across a blocking kernel call only when no in-process holder
+    /// needs it to leave (`readers == 0`).
+    rw: RwLock<Mutex<State>>,
+    /// Set while a thread holding the state mutex is blocked in the kernel, so that a
+    /// `try_*` in another thread answers WouldBlock instead of waiting.
+    kernel_blocked: AtomicBool,
+}
+
+impl fmt::Debug for FileLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLock")
+            .field("path", &self.path)
+            .field("flavor", &self.flavor)
+            .field("fairness", &self.fairness)
+            .field("verify_path", &self.verify_path)
+            .finish()
+    }
+}
+
+/// A request to the kernel.
+#[derive(Clone, Copy, Debug)]
+enum Req {
+    Ofd(RangeLock, ByteRange),
+    Flock(FlockOp),
+}
+
+impl Req {
+    /// Without waiting; `Ok(false)` if a conflicting lock is held.
+    fn try_on(self, f: &File) -> io::Result<bool> {
+        match self {
+            Req::Ofd(k, r) => fcntl::ofd_try(f.as_fd(), k, r),
+            Req::Flock(op) => fcntl::flock(f.as_fd(), op, false),
+        }
+    }
+
+    /// Waiting; `Err(EINTR)` when a signal cuts the wait.
+    fn wait_on(self, f: &File) -> io::Result<()> {
+        match self {
+            Req::Ofd(k, r) => fcntl::ofd_wait(f.as_fd(), k, r),
+            Req::Flock(op) => fcntl::flock(f.as_fd(), op, true).map(|_| ()),
+        }
+    }
+}
+
+/// Releases the OFD locks on `range` (never waits).
+fn unlock_ofd(f: &File, range: ByteRange) -> io::Result<()> {
+    fcntl::ofd_try(f.as_fd(), RangeLock::Unlock, range).map(|_| ())
+}
+
+/// Releases the flock lock (never waits).
+fn unlock_flock(f: &File) -> io::Result<()> {
+    fcntl::flock(f.as_fd(), FlockOp::Unlock, false).map(|_| ())
+}
+
+/// Whether no other description holds the gate exclusively (a writer is
+/// waiting or holding). One `F_OFD_GETLK`.
+fn gate_open(f: &File, gate: ByteRange) -> io::Result<bool> {
+    Ok(fcntl::ofd_get(f.as_fd(), RangeLock::Read, gate)?.is_none())
+}
+
+/// One acquisition in progress: how long it may wait, and whether the
+/// on-block callback was told already (it is told at most once).
+struct Attempt<'a> {
+    lock: &'a FileLock,
+    wait: Wait,
+    mode: Mode,
+    told: bool,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(lock: &'a FileLock, wait: Wait, mode: Mode) -> Self {
+        Attempt {
+            lock,
+            wait,
+            mode,
+            told: false,
+        }
+    }
+
+    fn about_to_block(&mut self) {
+        if !self.told {
+            self.told = true;
+            if let Some(cb) = &self.lock.on_block {
+                cb(&Blocked {
+                    resource: &self.lock.path,
+                    mode: self.mode,
+                    range: None,
+                });
+            }
+        }
+    }
+
+    /// An in-process wait: try, and if that fails, tell and wait as allowed.
+    fn park<G>(
+        &mut self,
+        try_now: impl FnOnce() -> Option<G>,
+        forever: impl FnOnce() -> G,
+        until: impl FnOnce(Instant) -> Option<G>,
+    ) -> Result<G, TryLockError> {
+        if let Some(g) = try_now() {
+            return Ok(g);
+        }
+        match self.wait {
+            Wait::NonBlocking => Err(TryLockError::WouldBlock),
+            Wait::Forever => {
+                self.about_to_block();
+                Ok(forever())
+            }
+            Wait::Until(t) => {
+                self.about_to_block();
+                until(t).ok_or(TryLockError::TimedOut)
+            }
+        }
+    }
+
+    /// One kernel request: first without waiting (the uncontended path is
+    /// one system call), then, if held, tell and wait as allowed.
+    fn kernel(&mut self, f: &File, req: Req, under_state: bool) -> Result<(), TryLockError> {
+        if req.try_on(f).map_err(|e| self.lock.io_err("lock", e))? {
+            return Ok(());
+        }
+        self.block(f, req, under_state)
+    }
+
+    /// One kernel request that may wait (until the deadline). `under_state`
+    /// says the caller holds the state mutex, so other threads' `try_*`
+    /// should not wait for it.
+    fn block(&mut self, f: &File, req: Req, under_state: bool) -> Result<(), TryLockError> {
+        let deadline = match self.wait {
+            Wait::NonBlocking => {
+                return if req.try_on(f).map_err(|e| self.lock.io_err("lock", e))? {
+                    Ok(())
+                } else {
+                    Err(TryLockError::WouldBlock)
+                }
+            }
+            Wait::Forever => None,
+            Wait::Until(t) => {
+                if Instant::now() >= t {
+                    // Past the deadline, a free lock is still taken.
+                    return if req.try_on(f).map_err(|e| self.lock.io_err("lock", e))? {
+                        Ok(())
+                    } else {
+                        Err(TryLockError::TimedOut)
+                    };
+                }
+                Some(t)
+            }
+        };
+        let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
+        // After the flag: a callback that asks this same lock for a try_*
+        // gets WouldBlock instead of waiting for the mutex we hold.
+        self.about_to_block();
+        let got = timer::block_until(deadline, || req.wait_on(f));
+        match got {
+            Ok(Some(())) => Ok(()),
+            Ok(None) => Err(TryLockError::TimedOut),
+            Err(e) => Err(self.lock.io_err("wait for lock", e).into()),
+        }
+    }
+}
+
+/// Raises `kernel_blocked` until dropped (also if the callback panics).
+struct BlockedFlag<'a>(&'a AtomicBool);
+
+impl<'a> BlockedFlag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        BlockedFlag(flag)
+    }
+}
+
+impl Drop for BlockedFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// How a failed kernel upgrade left things.
+enum UpgradeErr {
+    /// The shared lock is held as before.
+    Restored(TryLockError),
+    /// The shared lock could not be restored (flock flavor only); every
+    /// kernel lock of this holder was released.
+    Lost(TryLockError),
+}
+
+impl FileLock {
+    /// Opens or creates the lock file at `path` with the default options:
+    /// see [`FileLockOptions::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<FileLock> {
+        FileLockOptions::default().open(path)
+    }
+
+    /// Options for opening: mode, flavor, fairness, path check, on-block
+    /// callback.
+    pub fn options() -> FileLockOptions {
+        FileLockOptions::default()
+    }
+
+    /// The lock file's path (made absolute at open).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel lock family in use.
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// The reader policy in use.
+    pub fn fairness(&self) -> Fairness {
+        self.fairness
+    }
+
+    fn gate(&self) -> ByteRange {
+        match self.flavor {
+            Flavor::Fcntl => GATE,
+            Flavor::Flock => ByteRange {
+                start: FLOCK_BASE + GATE.start,
+                len: 1,
+            },
+        }
+    }
+
+    fn slot(&self) -> ByteRange {
+        match self.flavor {
+            Flavor::Fcntl => SLOT,
+            Flavor::Flock => ByteRange {
+                start: FLOCK_BASE + SLOT.start,
+                len: 1,
+            },
+        }
+    }
+
+    fn gate_slot(&self) -> ByteRange {
+        ByteRange {
+            start: self.gate().start,
+            len: 2,
+        }
+    }
+
+    fn io_err(&self, op: &'static str, e: io::Error) -> Error {
+        Error::io(op, e).with_path(&self.path)
+    }
+
+    // ----- the public vocabulary -------------------------------------------
+
+    /// Blocks until a shared lock is held.
+    pub fn read(&self) -> Result<FileReadGuard<'_>> {
+        self.read_with(Wait::Forever).map_err(Error::from)
+    }
+
+    /// A shared lock if it is free now, else `Err(TryLockError::WouldBlock)`.
+    pub fn try_read(&self) -> Result<FileReadGuard<'_>, TryLockError> {
+        self.read_with(Wait::NonBlocking)
+    }
+
+    /// A shared lock, waiting at most `timeout` (`Err(TimedOut)` after).
+    pub fn try_read_for(&self, timeout: Duration) -> Result<FileReadGuard<'_>, TryLockError> {
+        self.read_with(Wait::timeout(timeout))
+    }
+
+    /// A shared lock, waiting until `deadline` at most.
+    pub fn try_read_until(&self, deadline: Instant) -> Result<FileReadGuard<'_>, TryLockError> {
+        self.read_with(Wait::Until(deadline))
+    }
+
+    /// Blocks until the exclusive lock is held.
+    pub fn write(&self) -> Result<FileWriteGuard<'_>> {
+        self.write_with(Wait::Forever).map_err(Error::from)
+    }
+
+    /// The exclusive lock if it is free now, else `Err(WouldBlock)`.
+    pub fn try_write(&self) -> Result<FileWriteGuard<'_>, TryLockError> {
+        self.write_with(Wait::NonBlocking)
+    }
+
+    /// The exclusive lock, waiting at most `timeout`.
+    pub fn try_write_for(&self, timeout: Duration) -> Result<FileWriteGuard<'_>, TryLockError> {
+        self.write_with(Wait::timeout(timeout))
+    }
+
+    /// The exclusive lock, waiting until `deadline` at most.
+    pub fn try_write_until(&self, deadline: Instant) -> Result<FileWriteGuard<'_>, TryLockError> {
+        self.write_with(Wait::Until(deadline))
+    }
+
+    /// Blocks until an upgradable shared lock is held: it coexists with
+    /// readers, excludes writers and other upgradable readers, and can be
+    /// upgraded to the exclusive lock without letting a writer in between.
+    pub fn upgradable_read(&self) -> Result<FileUpgradableGuard<'_>> {
+        self.upgradable_with(Wait::Forever).map_err(Error::from)
+    }
+
+    /// An upgradable shared lock if it is free now.
+    pub fn try_upgradable_read(&self) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+        self.upgradable_with(Wait::NonBlocking)
+    }
+
+    /// An upgradable shared lock, waiting at most `timeout`.
+    pub fn try_upgradable_read_for(
+        &self,
+        timeout: Duration,
+    ) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+        self.upgradable_with(Wait::timeout(timeout))
+    }
+
+    /// An upgradable shared lock, waiting until `deadline` at most.
+    pub fn try_upgradable_read_until(
+        &self,
+        deadline: Instant,
+    ) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+        self.upgradable_with(Wait::Until(deadline))
+    }
+
+    // ----- acquisition -------------------------------------------------------
+
+    /// A shared lock, waiting as `wait` allows.
+    pub fn read_with(&self, wait: Wait) -> Result<FileReadGuard<'_>, TryLockError> {
+        let mut a = Attempt::new(self, wait, Mode::Shared);
+        let rw = a.park(
+            || self.rw.try_read(),
+            || self.rw.read(),
+            |t| self.rw.try_read_until(t),
+        )?;
+        self.join_shared(&rw, &mut a)?;
+        Ok(FileReadGuard {
+            lock: self,
+            rw: Some(rw),
+        })
+    }
+
+    /// The exclusive lock, waiting as `wait` allows.
+    pub fn write_with(&self, wait: Wait) -> Result<FileWriteGuard<'_>, TryLockError> {
+        let mut a = Attempt::new(self, wait, Mode::Exclusive);
+        let rw = a.park(
+            || self.rw.try_write(),
+            || self.rw.write(),
+            |t| self.rw.try_write_until(t),
+        )?;
+        // With `rw` held exclusively no other thread of ours touches the
+        // kernel side: no mutex needed.
+        let mut rw = rw;
+        self.take_exclusive(rw.get_mut(), &mut a)?;
+        Ok(FileWriteGuard {
+            lock: self,
+            rw: Some(rw),
+        })
+    }
+
+    /// An upgradable shared lock, waiting as `wait` allows.
+    pub fn upgradable_with(&self, wait: Wait) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+        let mut a = Attempt::new(self, wait, Mode::Shared);
+        let rw = a.park(
+            || self.rw.try_upgradable_read(),
+            || self.rw.upgradable_read(),
+            |t| self.rw.try_upgradable_read_until(t),
+        )?;
+        loop {
+            let file = self.lock_state(&rw, &mut a)?.file.clone();
+            // The slot, without the state mutex: in-process readers must be
+            // able to come and go while we wait for another process's
+            // upgrader or writer.
+            a.kernel(&file, Req::Ofd(RangeLock::Write, self.slot()), false)?;
+            let mut st = match self.lock_state(&rw, &mut a) {
+                Ok(st) => st,
+                Err(e) => {
+                    let _ = unlock_ofd(&file, self.slot());
+                    return Err(e);
+                }
+            };
+            if !Arc::ptr_eq(&st.file, &file) {
+                // A reader replaced the descriptor meanwhile (the file was
+                // removed); our slot is on the old inode.
+                drop(st);
+                unlock_ofd(&file, self.slot()).map_err(|e| self.io_err("unlock", e))?;
+                continue;
+            }
+            if st.readers > 0 {
+                // Holding the slot, no writer of ours can be at the gate.
+                st.readers += 1;
+            } else if let Err(e) = self.take_first_shared(&mut st, &mut a) {
+                let _ = unlock_ofd(&file, self.slot());
+                return Err(e);
+            } else if !Arc::ptr_eq(&st.file, &file) {
+                // The path check replaced the descriptor: start again there.
+                self.release_shared_kernel(&st)
+                    .map_err(|e| self.io_err("unlock", e))?;
+                drop(st);
+                unlock_ofd(&file, self.slot()).map_err(|e| self.io_err("unlock", e))?;
+                continue;
+            } else {
+                st.readers = 1;
+            }
+            drop(st);
+            return Ok(FileUpgradableGuard {
+                lock: self,
+                rw: Some(rw),
+            });
+        }
+    }
+
+    /// The state mutex. Its holders do only short work except while
+    /// `kernel_blocked` is set; a `try_*` gives up only then.
+    fn lock_state<'m>(
+        &self,
+        m: &'m Mutex<State>,
+        a: &mut Attempt<'_>,
+    ) -> Result<MutexGuard<'m, State>, TryLockError> {
+        loop {
+            if let Some(st) = m.try_lock() {
+                return Ok(st);
+            }
+            if self.kernel_blocked.load(Ordering::Acquire) {
+                return a.park(|| m.try_lock(), || m.lock(), |t| m.try_lock_until(t));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Joins the in-process readers, taking the kernel's shared lock if we
+    /// are the first.
+    fn join_shared(&self, m: &Mutex<State>, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        loop {
+            let mut st = self.lock_state(m, a)?;
+            if st.readers == 0 {
+                self.take_first_shared(&mut st, a)?;
+                st.readers = 1;
+                return Ok(());
+            }
+            if self.fairness == Fairness::Kernel
+                || gate_open(&st.file, self.gate()).map_err(|e| self.io_err("test lock", e))?
+            {
+                st.readers += 1;
+                return Ok(());
+            }
+            // A writer in another process holds the gate while our readers
+            // hold the data: wait behind it, holding nothing of our own and
+            // without the mutex (our readers must be able to leave).
+            let file = st.file.clone();
+            drop(st);
+            a.block(&file, Req::Ofd(RangeLock::Read, self.gate()), false)?;
+            unlock_ofd(&file, self.gate()).map_err(|e| self.io_err("unlock", e))?;
+        }
+    }
+
+    /// Takes the kernel's shared lock for the first in-process holder, on
+    /// the file that is at the path (reopening it if it was replaced).
+    fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        loop {
+            self.kernel_shared(&st.file, a)?;
+            if self.path_holds(st)? {
+                return Ok(());
+            }
+            self.release_shared_kernel(st)
+                .map_err(|e| self.io_err("unlock", e))?;
+            self.reopen(st)?;
+        }
+    }
+
+    fn kernel_shared(&self, f: &File, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        use RangeLock::Read;
+        match (self.flavor, self.fairness) {
+            (Flavor::Fcntl, Fairness::Kernel) => a.kernel(f, Req::Ofd(Read, DATA), true),
+            (Flavor::Fcntl, Fairness::PreferWriters) => {
+                // Data and gate in one request: while a writer holds the
+                // gate, this waits; then let the gate go at once.
+                a.kernel(f, Req::Ofd(Read, DATA_GATE), true)?;
+                if let Err(e) = unlock_ofd(f, self.gate()) {
+                    let _ = unlock_ofd(f, DATA_GATE);
+                    return Err(self.io_err("unlock", e).into());
+                }
+                Ok(())
+            }
+            (Flavor::Flock, Fairness::Kernel) => a.kernel(f, Req::Flock(FlockOp::Shared), true),
+            (Flavor::Flock, Fairness::PreferWriters) => {
+                // Fast path: take the data, then look at the gate. A writer
+                // that shuts the gate after our look finds us holding the
+                // data and waits for us, as it waits for any reader.
+                if Req::Flock(FlockOp::Shared)
+                    .try_on(f)
+                    .map_err(|e| self.io_err("lock", e))?
+                {
+                    match gate_open(f, self.gate()) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => {
+                            let _ = unlock_flock(f);
+                            return Err(self.io_err("test lock", e).into());
+                        }
+                    }
+                    unlock_flock(f).map_err(|e| self.io_err("unlock", e))?;
+                }
+                if a.wait == Wait::NonBlocking {
+                    return Err(TryLockError::WouldBlock);
+                }
+                // Slow path: through the gate, then the data.
+                a.block(f, Req::Ofd(Read, self.gate()), true)?;
+                let got = a.block(f, Req::Flock(FlockOp::Shared), true);
+                let ungated = unlock_ofd(f, self.gate());
+                got?;
+                if let Err(e) = ungated {
+                    let _ = unlock_flock(f);
+                    return Err(self.io_err("unlock", e).into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases the kernel's shared data lock (the last in-process reader).
+    fn release_shared_kernel(&self, st: &State) -> io::Result<()> {
+        match self.flavor {
+            Flavor::Fcntl => unlock_ofd(&st.file, DATA),
+            Flavor::Flock => unlock_flock(&st.file),
+        }
+    }
+
+    /// Takes the kernel's exclusive lock on the file at the path. The caller
+    /// holds `rw` exclusively.
+    fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        loop {
+            st.writer_ofd = self.kernel_exclusive(&st.file, a)?;
+            if self.path_holds(st)? {
+                return Ok(());
+            }
+            self.release_exclusive_kernel(st)
+                .map_err(|e| self.io_err("unlock", e))?;
+            self.reopen(st)?;
+        }
+    }
+
+    /// The writer's kernel locks; `Ok(true)` if it holds the OFD gate and
+    /// slot besides the flock (flock flavor, slow path).
+    fn kernel_exclusive(&self, f: &File, a: &mut Attempt<'_>) -> Result<bool, TryLockError> {
+        use RangeLock::Write;
+        match self.flavor {
+            Flavor::Fcntl => {
+                // Fast path: slot, gate and data in one request.
+                if Req::Ofd(Write, ALL)
+                    .try_on(f)
+                    .map_err(|e| self.io_err("lock", e))?
+                {
+                    return Ok(false);
+                }
+                if a.wait == Wait::NonBlocking {
+                    return Err(TryLockError::WouldBlock);
+                }
+                let got = a
+                    .block(f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
+                    .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
+                if got.is_err() {
+                    let _ = unlock_ofd(f, ALL);
+                }
+                got.map(|()| false)
+            }
+            Flavor::Flock => {
+                // Fast path: the data, then make sure no upgrader is in the
+                // middle of its (non-atomic) flock conversion and no writer
+                // is queued at the gate; if one is, make way.
+                if Req::Flock(FlockOp::Exclusive)
+                    .try_on(f)
+                    .map_err(|e| self.io_err("lock", e))?
+                {
+                    match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
+                        Ok(None) => return Ok(false),
+                        Ok(Some(_)) => {}
+                        Err(e) => {
+                            let _ = unlock_flock(f);
+                            return Err(self.io_err("test lock", e).into());
+                        }
+                    }
+                    unlock_flock(f).map_err(|e| self.io_err("unlock", e))?;
+                }
+                if a.wait == Wait::NonBlocking {
+                    return Err(TryLockError::WouldBlock);
+                }
+                let got = a
+                    .block(f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
+                    .and_then(|()| a.block(f, Req::Flock(FlockOp::Exclusive), true));
+                match got {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        let _ = unlock_ofd(f, self.gate_slot());
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases the writer's kernel locks.
+    fn release_exclusive_kernel(&self, st: &mut State) -> io::Result<()> {
+        match self.flavor {
+            Flavor::Fcntl => unlock_ofd(&st.file, ALL),
+            Flavor::Flock => {
+                let r = unlock_flock(&st.file);
+                if std::mem::take(&mut st.writer_ofd) {
+                    unlock_ofd(&st.file, self.gate_slot())?;
+                }
+                r
+            }
+        }
+    }
+
+    /// Whether the locked descriptor is still the file at the path.
+    fn path_holds(&self, st: &State) -> Result<bool> {
+        if !self.verify_path {
+            return Ok(true);
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => Ok((m.dev(), m.ino()) == st.id),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.io_err("check lock file", e)),
+        }
+    }
+
+    /// Replaces the descriptor with a fresh open of the path (creating the
+    /// file). Only when no kernel lock is held through the old one.
+    fn reopen(&self, st: &mut State) -> Result<()> {
+        let (file, id) = open_file(&self.path, self.mode)?;
+        st.file = Arc::new(file);
+        st.id = id;
+        Ok(())
+    }
+
+    // ----- release and conversion -------------------------------------------
+
+    fn leave_shared(&self, m: &Mutex<State>) -> Result<()> {
+        let mut st = m.lock();
+        st.readers -= 1;
+        if st.readers == 0 {
+            self.release_shared_kernel(&st)
+                .map_err(|e| self.io_err("unlock", e))?;
+        }
+        Ok(())
+    }
+
+    fn leave_upgradable(&self, m: &Mutex<State>) -> Result<()> {
+        let mut st = m.lock();
+        st.readers -= 1;
+        let r = if st.readers > 0 {
+            unlock_ofd(&st.file, self.slot())
+        } else {
+            match self.flavor {
+                Flavor::Fcntl => unlock_ofd(&st.file, ALL),
+                Flavor::Flock => {
+                    let r = unlock_flock(&st.file);
+                    unlock_ofd(&st.file, self.slot()).and(r)
+                }
+            }
+        };
+        r.map_err(|e| self.io_err("unlock", e))
+    }
+
+    fn leave_exclusive(&self, st: &mut State) -> Result<()> {
+        self.release_exclusive_kernel(st)
+            .map_err(|e| self.io_err("unlock", e))
+    }
+
+    /// Write to read, in the kernel: converting never waits.
+    fn kernel_downgrade(&self, st: &mut State) -> io::Result<()> {
+        match self.flavor {
+            Flavor::Fcntl => {
+                if !fcntl::ofd_try(st.file.as_fd(), RangeLock::Read, DATA)? {
+                    return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                }
+                unlock_ofd(&st.file, self.gate_slot())
+            }
+            Flavor::Flock => {
+                // EX to SH with no other holder is atomic in the kernel.
+                if !fcntl::flock(st.file.as_fd(), FlockOp::Shared, false)? {
+                    return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                }
+                if std::mem::take(&mut st.writer_ofd) {
+                    unlock_ofd(&st.file, self.gate_slot())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Upgradable to write, in the kernel. The caller holds `rw`
+    /// exclusively, so the only in-process reader is the upgrader.
+    fn kernel_upgrade(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), UpgradeErr> {
+        use RangeLock::Write;
+        let f = st.file.clone();
+        let f = &*f;
+        let io = |e: io::Error| UpgradeErr::Restored(self.io_err("lock", e).into());
+        match self.flavor {
+            Flavor::Fcntl => {
+                // OFD conversion keeps the shared lock while it waits and
+                // when it fails, so every failure leaves the read lock held.
+                if Req::Ofd(Write, DATA_GATE).try_on(f).map_err(io)? {
+                    return Ok(());
+                }
+                if a.wait == Wait::NonBlocking {
+                    return Err(UpgradeErr::Restored(TryLockError::WouldBlock));
+                }
+                let got = a
+                    .block(f, Req::Ofd(Write, self.gate()), true)
+                    .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
+                got.map_err(|e| {
+                    let _ = unlock_ofd(f, self.gate());
+                    UpgradeErr::Restored(e)
+                })
+            }
+            Flavor::Flock => {
+                // Shut the gate first: no interlock reader enters, and no
+                // interlock writer passes our slot, while the kernel drops
+                // our shared lock to convert it.
+                a.kernel(f, Req::Ofd(Write, self.gate()), true)
+                    .map_err(UpgradeErr::Restored)?;
+                let got = if Req::Flock(FlockOp::Exclusive).try_on(f).map_err(|e| {
+                    let _ = unlock_ofd(f, self.gate());
+                    io(e)
+                })? {
+                    Ok(())
+                } else if a.wait == Wait::NonBlocking {
+                    Err(TryLockError::WouldBlock)
+                } else {
+                    a.block(f, Req::Flock(FlockOp::Exclusive), true)
+                };
+                match got {
+                    Ok(()) => {
+                        st.writer_ofd = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // The kernel dropped our shared lock. Take it back:
+                        // only a foreign flock user can hold the file now
+                        // (interlock writers make way for our slot).
+                        let back =
+                            timer::block_until(None, || Req::Flock(FlockOp::Shared).wait_on(f));
+                        let ungated = unlock_ofd(f, self.gate());
+                        match back.and(ungated) {
+                            Ok(_) => Err(UpgradeErr::Restored(e)),
+                            Err(lost) => {
+                                let _ = unlock_flock(f);
+                                let _ = unlock_ofd(f, self.gate_slot());
+                                Err(UpgradeErr::Lost(
+                                    self.io_err("restore shared lock after failed upgrade", lost)
+                                        .with_kind(ErrorKind::Io)
+                                        .into(),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Lock for FileLock {
+    type Guard<'a> = FileLockGuard<'a>;
+
+    fn acquire(&self, mode: Mode, wait: Wait) -> Result<FileLockGuard<'_>, TryLockError> {
+        match mode {
+            Mode::Shared => self.read_with(wait).map(FileLockGuard::Shared),
+            Mode::Exclusive => self.write_with(wait).map(FileLockGuard::Exclusive),
+        }
+    }
+}
+
+/// A held lock of either mode (what [`Lock::acquire`] returns).
+#[derive(Debug)]
+pub enum FileLockGuard<'a> {
+    /// A shared lock.
+    Shared(FileReadGuard<'a>),
+    /// The exclusive lock.
+    Exclusive(FileWriteGuard<'a>),
+}
+
+impl FileLockGuard<'_> {
+    /// Releases the lock, reporting errors that drop would swallow.
+    pub fn unlock(self) -> Result<()> {
+        match self {
+            FileLockGuard::Shared(g) => g.unlock(),
+            FileLockGuard::Exclusive(g) => g.unlock(),
+        }
+    }
+}
+
+/// A shared lock on a [`FileLock`]; released on drop.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct FileReadGuard<'a> {
+    lock: &'a FileLock,
+    rw: Option<RwLockReadGuard<'a, Mutex<State>>>,
+}
+
+impl FileReadGuard<'_> {
+    /// Releases the lock, reporting errors that drop would swallow.
+    pub fn unlock(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let Some(rw) = self.rw.take() else {
+            return Ok(());
+        };
+        // The kernel first, then the in-process lock: a writer of ours that
+        // gets `rw` finds no kernel lock of ours left.
+        let r = self.lock.leave_shared(&rw);
+        drop(rw);
+        r
+    }
+}
+
+impl Drop for FileReadGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+impl fmt::Debug for FileReadGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileReadGuard")
+            .field("path", &self.lock.path)
+            .finish()
+    }
+}
+
+/// The exclusive lock on a [`FileLock`]; released on drop.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct FileWriteGuard<'a> {
+    lock: &'a FileLock,
+    rw: Option<RwLockWriteGuard<'a, Mutex<State>>>,
+}
+
+impl<'a> FileWriteGuard<'a> {
+    /// Releases the lock, reporting errors that drop would swallow.
+    pub fn unlock(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let Some(mut rw) = self.rw.take() else {
+            return Ok(());
+        };
+        let r = self.lock.leave_exclusive(rw.get_mut());
+        drop(rw);
+        r
+    }
+
+    /// Turns the exclusive lock into a shared one without letting a writer
+    /// in between. It never waits. On the (unlikely) error the lock is
+    /// released.
+    pub fn downgrade(mut self) -> Result<FileReadGuard<'a>> {
+        let lock = self.lock;
+        let mut rw = self.rw.take().expect("write guard holds its lock");
+        let st = rw.get_mut();
+        if let Err(e) = lock.kernel_downgrade(st) {
+            let _ = lock.release_exclusive_kernel(st);
+            return Err(lock.io_err("downgrade", e));
+        }
+        st.readers = 1;
+        Ok(FileReadGuard {
+            lock,
+            rw: Some(RwLockWriteGuard::downgrade(rw)),
+        })
+    }
+}
+
+impl Drop for FileWriteGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+impl fmt::Debug for FileWriteGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileWriteGuard")
+            .field("path", &self.lock.path)
+            .finish()
+    }
+}
+
+/// An upgradable shared lock on a [`FileLock`]; released on drop.
+///
+/// It coexists with readers and excludes writers and other upgradable
+/// readers, in this process and in others, so [`upgrade`](Self::upgrade)
+/// cannot let a writer in between.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct FileUpgradableGuard<'a> {
+    lock: &'a FileLock,
+    rw: Option<RwLockUpgradableReadGuard<'a, Mutex<State>>>,
+}
+
+impl<'a> FileUpgradableGuard<'a> {
+    /// Releases the lock, reporting errors that drop would swallow.
+    pub fn unlock(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let Some(rw) = self.rw.take() else {
+            return Ok(());
+        };
+        let r = self.lock.leave_upgradable(&rw);
+        drop(rw);
+        r
+    }
+
+    /// Waits until the readers are gone and turns this into the exclusive
+    /// lock; new readers queue behind the upgrade.
+    ///
+    /// With [`Flavor::Flock`] the kernel drops the shared lock while it
+    /// waits for the exclusive one; interlock users are kept out by the slot
+    /// and gate, but another program's flock user may get the file in
+    /// between.
+    pub fn upgrade(self) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        self.upgrade_with(Wait::Forever)
+    }
+
+    /// The exclusive lock if no one else holds the data now; on failure the
+    /// guard comes back in the error, still holding the read lock.
+    pub fn try_upgrade(self) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        self.upgrade_with(Wait::NonBlocking)
+    }
+
+    /// As [`upgrade`](Self::upgrade), waiting at most `timeout`; on failure
+    /// the guard comes back, still holding the read lock.
+    pub fn try_upgrade_for(
+        self,
+        timeout: Duration,
+    ) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        self.upgrade_with(Wait::timeout(timeout))
+    }
+
+    /// As [`upgrade`](Self::upgrade), waiting until `deadline` at most.
+    pub fn try_upgrade_until(
+        self,
+        deadline: Instant,
+    ) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        self.upgrade_with(Wait::Until(deadline))
+    }
+
+    /// Upgrades, waiting as `wait` allows.
+    pub fn upgrade_with(mut self, wait: Wait) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        let lock = self.lock;
+        let mut a = Attempt::new(lock, wait, Mode::Exclusive);
+        let u = self.rw.take().expect("upgradable guard holds its lock");
+        let w = match RwLockUpgradableReadGuard::try_upgrade(u) {
+            Ok(w) => Ok(w),
+            Err(u) => match wait {
+                Wait::NonBlocking => Err(u),
+                Wait::Forever => {
+                    a.about_to_block();
+                    Ok(RwLockUpgradableReadGuard::upgrade(u))
+                }
+                Wait::Until(t) => {
+                    a.about_to_block();
+                    RwLockUpgradableReadGuard::try_upgrade_until(u, t)
+                }
+            },
+        };
+        let mut w = match w {
+            Ok(w) => w,
+            Err(u) => {
+                self.rw = Some(u);
+                return Err(UpgradeFailed {
+                    guard: Some(self),
+                    error: wait.gave_up(),
+                });
+            }
+        };
+        debug_assert_eq!(w.get_mut().readers, 1);
+        match lock.kernel_upgrade(w.get_mut(), &mut a) {
+            Ok(()) => {
+                w.get_mut().readers = 0;
+                Ok(FileWriteGuard { lock, rw: Some(w) })
+            }
+            Err(UpgradeErr::Restored(error)) => {
+                self.rw = Some(RwLockWriteGuard::downgrade_to_upgradable(w));
+                Err(UpgradeFailed {
+                    guard: Some(self),
+                    error,
+                })
+            }
+            Err(UpgradeErr::Lost(error)) => {
+                w.get_mut().readers = 0;
+                drop(w);
+                Err(UpgradeFailed { guard: None, error })
+            }
+        }
+    }
+
+    /// Gives up the right to upgrade, keeping a plain shared lock.
+    pub fn downgrade(mut self) -> Result<FileReadGuard<'a>> {
+        let lock = self.lock;
+        let u = self.rw.take().expect("upgradable guard holds its lock");
+        // The slot first, while no other thread of ours can take it.
+        let st = u.lock();
+        let r = unlock_ofd(&st.file, lock.slot());
+        drop(st);
+        let g = FileReadGuard {
+            lock,
+            rw: Some(RwLockUpgradableReadGuard::downgrade(u)),
+        };
+        match r {
+            Ok(()) => Ok(g),
+            Err(e) => Err(lock.io_err("downgrade", e)),
+        }
+    }
+}
+
+impl Drop for FileUpgradableGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+impl fmt::Debug for FileUpgradableGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileUpgradableGuard")
+            .field("path", &self.lock.path)
+            .finish()
+    }
+}
+
+/// A failed upgrade: why, and the upgradable guard back (still holding the
+/// read lock).
+pub struct UpgradeFailed<'a> {
+    guard: Option<FileUpgradableGuard<'a>>,
+    error: TryLockError,
+}
+
+impl<'a> UpgradeFailed<'a> {
+    /// Why the upgrade failed: `WouldBlock`, `TimedOut` or an error.
+    pub fn error(&self) -> &TryLockError {
+        &self.error
+    }
+
+    /// The kind, as [`TryLockError::kind`] reports it.
+    pub fn kind(&self) -> ErrorKind {
+        self.error.kind()
+    }
+
+    /// The upgradable guard, still holding the read lock. `None` only if the
+    /// flock flavor could not take back the shared lock the kernel dropped
+    /// during the attempt (then nothing is held and `error` says so).
+    pub fn into_guard(self) -> Option<FileUpgradableGuard<'a>> {
+        self.guard
+    }
+
+    /// Both parts.
+    pub fn into_parts(self) -> (Option<FileUpgradableGuard<'a>>, TryLockError) {
+        (self.guard, self.error)
+    }
+}
+
+impl fmt::Debug for UpgradeFailed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpgradeFailed")
+            .field("error", &self.error)
+            .field("still_held", &self.guard.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Display for UpgradeFailed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "upgrade failed: {}", self.error)
+    }
+}
+
+impl From<UpgradeFailed<'_>> for TryLockError {
+    fn from(e: UpgradeFailed<'_>) -> TryLockError {
+        e.error
+    }
+}
