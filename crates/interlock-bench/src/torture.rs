@@ -584,11 +584,20 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
         if Instant::now() >= end {
             break;
         }
-        // Pick a victim, preferring a current holder.
-        let holders: Vec<usize> = (0..a.procs)
-            .filter(|&i| held_mode(p.slot(i, page::S_STATE).load(Ordering::SeqCst)).is_some())
-            .collect();
-        let victim = if !holders.is_empty() && rng.next() % 100 < a.kill_holder_pct {
+        // Pick a victim, preferring a current holder: for a slow lock with
+        // short holds, watch the slots for up to 20 ms to catch one.
+        let want_holder = rng.next() % 100 < a.kill_holder_pct;
+        let watch = Instant::now();
+        let holders = loop {
+            let h: Vec<usize> = (0..a.procs)
+                .filter(|&i| held_mode(p.slot(i, page::S_STATE).load(Ordering::SeqCst)).is_some())
+                .collect();
+            if !h.is_empty() || !want_holder || watch.elapsed() > Duration::from_millis(20) {
+                break h;
+            }
+            std::thread::yield_now();
+        };
+        let victim = if want_holder && !holders.is_empty() {
             holders[(rng.next() % holders.len() as u64) as usize]
         } else {
             (rng.next() % a.procs as u64) as usize
