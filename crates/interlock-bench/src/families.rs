@@ -6,24 +6,63 @@
 //! [`interlock::Lock`] trait so the harness measures exactly what users call.
 
 use anyhow::Result;
-use interlock::{ErrorKind, Lock, LockSet, Mode, TryLockError, Wait};
+use interlock::{ErrorKind, FileLock, Flavor, Lock, LockSet, Mode, TryLockError, Wait};
 
 use crate::targets::{setup_file, Ctx, Floor, Group, Handle, Impl, Target};
 
+fn family(
+    name: &'static str,
+    label: &'static str,
+    floor: Floor,
+    shared: bool,
+    setup: fn(&Ctx) -> Result<()>,
+    open: fn(&Ctx) -> Result<Box<dyn Handle>>,
+) -> Target {
+    Target {
+        name,
+        label,
+        group: Group::Interlock,
+        floor,
+        shared,
+        recovers: true,
+        imp: Impl::Rust { setup, open },
+    }
+}
+
+fn file_lock(c: &Ctx, flavor: Flavor) -> Result<FileLock> {
+    let mut o = FileLock::options();
+    o.flavor(flavor);
+    Ok(o.open(c.lock_path())?)
+}
+
 /// The families present in this build.
 pub fn targets() -> Vec<Target> {
-    vec![Target {
-        name: "lockset",
-        label: "interlock LockSet (index 0; OFD)",
-        group: Group::Interlock,
-        floor: Floor::Ofd,
-        shared: true,
-        recovers: true,
-        imp: Impl::Rust {
-            setup: setup_file,
-            open: |c: &Ctx| Ok(Box::new(SetIndex(LockSet::open(c.lock_path())?))),
-        },
-    }]
+    vec![
+        family(
+            "filelock-fcntl",
+            "interlock FileLock (fcntl flavor)",
+            Floor::Ofd,
+            true,
+            setup_file,
+            |c| Ok(Box::new(Il(file_lock(c, Flavor::Fcntl)?))),
+        ),
+        family(
+            "filelock-flock",
+            "interlock FileLock (flock flavor)",
+            Floor::Flock,
+            true,
+            setup_file,
+            |c| Ok(Box::new(Il(file_lock(c, Flavor::Flock)?))),
+        ),
+        family(
+            "lockset",
+            "interlock LockSet (index 0; OFD)",
+            Floor::Ofd,
+            true,
+            setup_file,
+            |c| Ok(Box::new(SetIndex(LockSet::open(c.lock_path())?))),
+        ),
+    ]
 }
 
 /// One index of a [`LockSet`] ("lock i is byte i"), the way a user who
@@ -40,7 +79,6 @@ impl Handle for SetIndex {
 }
 
 /// Drives any [`Lock`] with a blocking acquisition.
-#[allow(dead_code)] // until the first family lands on main
 pub struct Il<L>(pub L);
 
 impl<L: Lock> Handle for Il<L> {
