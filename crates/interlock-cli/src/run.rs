@@ -179,7 +179,7 @@ fn run_set(plan: &Plan<'_>) -> u8 {
     let range = a.range.clone().expect("validated: --kind set has --range");
     let mut opts = LockSet::options();
     if !a.quiet {
-        opts = opts.on_block(std::sync::Arc::new(announce_wait(a.kind)));
+        opts.on_block(announce_wait(a.kind));
     }
     let set = match opts.open(&a.path) {
         Ok(s) => s,

@@ -11,7 +11,6 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use interlock::{holders, ErrorKind, LockKind, LockSet, Mode, TryLockError};
@@ -39,7 +38,7 @@ fn show_held(set: &LockSet) -> String {
 
 fn open_announcing(path: &str) -> LockSet {
     LockSet::options()
-        .on_block(Arc::new(|_| support::say("blocked")))
+        .on_block(|_| support::say("blocked"))
         .open(path)
         .expect("open lock set")
 }
@@ -437,9 +436,9 @@ fn no_false_deadlock_under_ordered_random_workload() {
             .unwrap();
         static BLOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let set = LockSet::options()
-            .on_block(Arc::new(|_| {
+            .on_block(|_| {
                 BLOCKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }))
+            })
             .open(words.trim_end())
             .unwrap();
         let mut x = seed | 1;

@@ -54,11 +54,12 @@
 //! slot: the two kernel families ignore each other, so they can share one
 //! file, and the offsets keep clear of the fcntl flavor's bytes.
 
+use super::open::open_lock_file;
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -245,38 +246,16 @@ impl FileLockOptions {
 }
 
 /// Opens or creates the lock file and returns it with its (device, inode).
+/// FileLock needs a writable descriptor: fcntl write locks (its data lock,
+/// and the gate and slot of both flavors) fail on a read-only one.
 fn open_file(path: &Path, mode: u32) -> Result<(File, (u64, u64))> {
-    let opened = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(path);
-    let file = opened.map_err(|e| {
-        let detail = match e.raw_os_error() {
-            Some(libc::EISDIR) => Some("a directory is at this path"),
-            Some(libc::ELOOP) => Some("a symbolic link is at this path"),
-            Some(libc::ENOENT) => Some("the parent directory does not exist"),
-            Some(libc::ENOTDIR) => Some("a component of the parent is not a directory"),
-            _ => None,
-        };
-        let err = Error::io("open lock file", e).with_path(path);
-        match detail {
-            Some(d) => err.with_detail(d),
-            None => err,
-        }
-    })?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io("stat lock file", e).with_path(path))?;
-    if !meta.file_type().is_file() {
-        return Err(Error::new(ErrorKind::Corrupt, "open lock file")
+    let opened = open_lock_file(path, mode, "open lock file")?;
+    if !opened.writable {
+        return Err(Error::new(ErrorKind::PermissionDenied, "open lock file")
             .with_path(path)
-            .with_detail("not a regular file"));
+            .with_detail("a file lock needs write permission on the lock file"));
     }
-    Ok((file, (meta.dev(), meta.ino())))
+    Ok((opened.file, opened.id))
 }
 
 /// What the in-process layer knows about this handle's kernel locks.

@@ -9,6 +9,7 @@
 mod deadlock;
 mod inspect;
 mod lock;
+mod open;
 mod ranges;
 mod set;
 

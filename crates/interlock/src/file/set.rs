@@ -16,12 +16,12 @@
 //! publishes its wait in a registry first (see `deadlock.rs`). The
 //! uncontended path is one `fcntl` and a small vector update, nothing else.
 
+use super::open::{open_lock_file, Opened};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,7 +66,7 @@ impl Default for LockSetOptions {
 impl LockSetOptions {
     /// The permission bits for a newly created lock file (default `0o644`,
     /// narrowed by the umask). An existing file keeps its mode.
-    pub fn mode(mut self, mode: u32) -> Self {
+    pub fn mode(&mut self, mode: u32) -> &mut Self {
         self.mode = mode;
         self
     }
@@ -76,8 +76,8 @@ impl LockSetOptions {
     /// ([`LockSet::holders`]). It runs while the set is busy with the
     /// acquisition, so it must not call the set's other methods (they would
     /// wait for the acquisition, which waits for the callback).
-    pub fn on_block(mut self, f: OnBlock) -> Self {
-        self.on_block = Some(f);
+    pub fn on_block(&mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> &mut Self {
+        self.on_block = Some(std::sync::Arc::new(f));
         self
     }
 
@@ -93,16 +93,16 @@ impl LockSetOptions {
     /// is missing, [`ErrorKind::Corrupt`] if a directory, a symbolic link or
     /// another non-regular file is at the path, and
     /// [`ErrorKind::PermissionDenied`] if it cannot be opened at all.
-    pub fn open(self, path: impl AsRef<Path>) -> Result<LockSet> {
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<LockSet> {
         let path = path.as_ref();
-        let (file, writable) = open_lock_file(path, self.mode)?;
+        let Opened { file, writable, .. } = open_lock_file(path, self.mode, "open lock set")?;
         let key = FileKey::of(&file).map_err(|e| Error::io("stat lock file", e).with_path(path))?;
         Ok(LockSet {
             file,
             path: path.to_path_buf(),
             writable,
             key,
-            on_block: self.on_block,
+            on_block: self.on_block.clone(),
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             state: Mutex::new(State {
                 detection: Detection::Unopened,
@@ -110,64 +110,6 @@ impl LockSetOptions {
             }),
         })
     }
-}
-
-fn open_lock_file(path: &Path, mode: u32) -> Result<(File, bool)> {
-    const OP: &str = "open lock set";
-    // O_NONBLOCK: opening a FIFO planted at the path must not hang (it is
-    // then refused as not a regular file). It has no effect on fcntl locks.
-    let flags = libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    let rw = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .custom_flags(flags)
-        .open(path);
-    let (file, writable) = match rw {
-        Ok(f) => (f, true),
-        Err(e)
-            if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EROFS) =>
-        {
-            match OpenOptions::new().read(true).custom_flags(flags).open(path) {
-                Ok(f) => (f, false),
-                Err(_) => {
-                    return Err(Error::io(OP, e)
-                        .with_path(path)
-                        .with_kind(ErrorKind::PermissionDenied))
-                }
-            }
-        }
-        Err(e) => {
-            let detail = match e.raw_os_error() {
-                Some(libc::ENOENT) => Some("the parent directory does not exist"),
-                Some(libc::ENOTDIR) => Some("a parent of the path is not a directory"),
-                Some(libc::EISDIR) => Some("a directory is at this path"),
-                Some(libc::ELOOP) => Some("a symbolic link is at this path (not followed)"),
-                _ => None,
-            };
-            let mut err = Error::io(OP, e).with_path(path);
-            if let Some(d) = detail {
-                err = err.with_detail(d);
-            }
-            return Err(err);
-        }
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(OP, e).with_path(path))?;
-    if !meta.file_type().is_file() {
-        let what = if meta.file_type().is_fifo() {
-            "a FIFO is at this path"
-        } else {
-            "not a regular file"
-        };
-        return Err(Error::new(ErrorKind::Corrupt, OP)
-            .with_path(path)
-            .with_detail(what));
-    }
-    Ok((file, writable))
 }
 
 /// The state of deadlock detection for one set.
