@@ -8,11 +8,15 @@
 #![allow(dead_code)]
 
 mod error;
+mod lease;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
+pub use lease::{
+    Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,
+};
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 

@@ -11,7 +11,7 @@
 //! opens a lock directory once and does everything inside it through the
 //! descriptor; only creating the lock and removing an *empty* one use names.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -26,7 +26,8 @@ pub struct Dir {
 }
 
 fn cstr(name: &[u8]) -> io::Result<CString> {
-    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+    CString::new(name.to_vec())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -64,8 +65,8 @@ impl Dir {
     }
 
     /// Opens the subdirectory `name` of this directory (no symlinks).
-    pub fn open_at(&self, name: &str) -> io::Result<Dir> {
-        let n = cstr(name.as_bytes())?;
+    pub fn open_at(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
+        let n = cstr(name.as_ref().as_bytes())?;
         // SAFETY: valid fd and NUL-terminated name; returns a new fd or -1.
         let fd = cvt(unsafe { libc::openat(self.fd.as_raw_fd(), n.as_ptr(), DIR_FLAGS) })?;
         // SAFETY: `fd` is new and ours.
@@ -74,25 +75,25 @@ impl Dir {
     }
 
     /// `mkdirat(fd, name, mode)`: atomic create-or-fail (`EEXIST`).
-    pub fn mkdir(&self, name: &str, mode: u32) -> io::Result<()> {
-        let n = cstr(name.as_bytes())?;
+    pub fn mkdir(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<()> {
+        let n = cstr(name.as_ref().as_bytes())?;
         // SAFETY: valid fd and NUL-terminated name.
         cvt(unsafe { libc::mkdirat(self.fd.as_raw_fd(), n.as_ptr(), mode as libc::mode_t) })?;
         Ok(())
     }
 
     /// `unlinkat(fd, name, AT_REMOVEDIR)`: removes an *empty* directory.
-    pub fn rmdir(&self, name: &str) -> io::Result<()> {
+    pub fn rmdir(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         self.unlink_flags(name, libc::AT_REMOVEDIR)
     }
 
     /// `unlinkat(fd, name, 0)`: removes a non-directory.
-    pub fn unlink(&self, name: &str) -> io::Result<()> {
+    pub fn unlink(&self, name: impl AsRef<OsStr>) -> io::Result<()> {
         self.unlink_flags(name, 0)
     }
 
-    fn unlink_flags(&self, name: &str, flags: libc::c_int) -> io::Result<()> {
-        let n = cstr(name.as_bytes())?;
+    fn unlink_flags(&self, name: impl AsRef<OsStr>, flags: libc::c_int) -> io::Result<()> {
+        let n = cstr(name.as_ref().as_bytes())?;
         // SAFETY: valid fd and NUL-terminated name.
         cvt(unsafe { libc::unlinkat(self.fd.as_raw_fd(), n.as_ptr(), flags) })?;
         Ok(())
@@ -101,9 +102,9 @@ impl Dir {
     /// `renameat(fd, from, fd, to)` within this directory: atomic; fails
     /// with `ENOENT` if `from` is not there (the compare half of a
     /// compare-and-swap on a name).
-    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let f = cstr(from.as_bytes())?;
-        let t = cstr(to.as_bytes())?;
+    pub fn rename(&self, from: impl AsRef<OsStr>, to: impl AsRef<OsStr>) -> io::Result<()> {
+        let f = cstr(from.as_ref().as_bytes())?;
+        let t = cstr(to.as_ref().as_bytes())?;
         let fd = self.fd.as_raw_fd();
         // SAFETY: valid fds and NUL-terminated names.
         cvt(unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) })?;
@@ -114,12 +115,12 @@ impl Dir {
     /// With `sync`, the data is flushed before returning.
     pub fn create_file(
         &self,
-        name: &str,
+        name: impl AsRef<OsStr>,
         contents: &[u8],
         mode: u32,
         sync: bool,
     ) -> io::Result<()> {
-        let n = cstr(name.as_bytes())?;
+        let n = cstr(name.as_ref().as_bytes())?;
         let flags =
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid fd and NUL-terminated name; the mode is passed as the
@@ -137,8 +138,8 @@ impl Dir {
     }
 
     /// Reads at most `limit` bytes of the regular file `name` (no symlinks).
-    pub fn read_file(&self, name: &str, limit: u64) -> io::Result<Vec<u8>> {
-        let n = cstr(name.as_bytes())?;
+    pub fn read_file(&self, name: impl AsRef<OsStr>, limit: u64) -> io::Result<Vec<u8>> {
+        let n = cstr(name.as_ref().as_bytes())?;
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: valid fd and NUL-terminated name.
         let fd = cvt(unsafe { libc::openat(self.fd.as_raw_fd(), n.as_ptr(), flags) })?;
@@ -151,8 +152,8 @@ impl Dir {
 
     /// Whether `name` exists in this directory (`fstatat`, no symlinks
     /// followed).
-    pub fn contains(&self, name: &str) -> io::Result<bool> {
-        let n = cstr(name.as_bytes())?;
+    pub fn contains(&self, name: impl AsRef<OsStr>) -> io::Result<bool> {
+        let n = cstr(name.as_ref().as_bytes())?;
         // SAFETY: an all-zero `stat` is a valid value of a plain C struct.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid fd, NUL-terminated name, `st` is writable.
@@ -266,12 +267,12 @@ impl AsRawFd for Dir {
 /// plain `renameat`.
 pub fn rename_noreplace(
     from_dir: &Dir,
-    from: &str,
+    from: impl AsRef<OsStr>,
     to_dir: &Dir,
-    to: &str,
+    to: impl AsRef<OsStr>,
 ) -> io::Result<NoReplace> {
-    let f = cstr(from.as_bytes())?;
-    let t = cstr(to.as_bytes())?;
+    let f = cstr(from.as_ref().as_bytes())?;
+    let t = cstr(to.as_ref().as_bytes())?;
     // SAFETY: valid fds and NUL-terminated names.
     let r = unsafe {
         libc::renameat2(
@@ -301,11 +302,6 @@ pub fn rename_noreplace(
         }
         _ => Err(e),
     }
-}
-
-/// A name as the bytes of a path component, for callers holding `OsString`s.
-pub fn name_str(name: &std::ffi::OsStr) -> Option<&str> {
-    std::str::from_utf8(name.as_bytes()).ok()
 }
 
 #[cfg(test)]
