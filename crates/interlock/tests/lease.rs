@@ -651,7 +651,12 @@ fn log_lines(dir: &Path) -> Vec<(u64, u32)> {
         .collect()
 }
 
-fn stress(test: &str, procs: usize, iters: u64, kills: usize) {
+/// The workers are always spawned through the default-run test's name (a
+/// re-executed child runs only non-ignored tests).
+const STRESS_TEST: &str = "many_processes_with_sigkills_never_overlap_and_tokens_increase";
+
+fn stress(procs: usize, iters: u64, kills: usize) {
+    let test = STRESS_TEST;
     if let Some(role) = support::role() {
         assert_eq!(role, "worker");
         let (dir, n) = support::arg()
@@ -761,17 +766,12 @@ fn stress(test: &str, procs: usize, iters: u64, kills: usize) {
 
 #[test]
 fn many_processes_with_sigkills_never_overlap_and_tokens_increase() {
-    stress(
-        "many_processes_with_sigkills_never_overlap_and_tokens_increase",
-        8,
-        150,
-        12,
-    );
+    stress(8, 150, 12);
 }
 
 /// The full size: `cargo test -p interlock --release --test lease -- --ignored full_size --nocapture`
 #[test]
 #[ignore]
 fn full_size_8x1000_with_sigkills() {
-    stress("full_size_8x1000_with_sigkills", 8, 1000, 80);
+    stress(8, 1000, 80);
 }
