@@ -37,8 +37,8 @@
 //!                                namespace, pid, start time, nonce, ttl
 //!   (dead.VERSION.TOKEN.EXPIRY)  the same file once released or broken
 //! DIR/NAME.lease/                made on first use; never delete it while
-//!   tokens/N/                    the lock is in use: the newest claimed
-//!                                fencing token(s)
+//!   tokens/N                     the lock is in use: the newest claimed
+//!                                fencing token(s), empty files
 //!   stage/TAG.PID.START.NONCE/   an acquirer's private staging directory
 //! ```
 //!
