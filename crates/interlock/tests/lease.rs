@@ -229,6 +229,12 @@ fn bad_input_is_a_typed_error_or_a_safe_takeover() {
     let e = LeaseLock::new(t.path().join("no/such/lk"), TTL).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert_eq!(e.path(), Some(t.path().join("no/such/lk").as_path()));
+    // A parent named through a symlink is followed (only the lock's own
+    // name must not be a link).
+    fs::create_dir(t.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(t.path().join("real"), t.path().join("via")).unwrap();
+    let l = LeaseLock::new(t.path().join("via/lk"), TTL).unwrap();
+    drop(l.try_lock().unwrap());
     // No final name; zero ttl.
     assert_eq!(
         LeaseLock::new("/", TTL).unwrap_err().kind(),

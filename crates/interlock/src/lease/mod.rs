@@ -239,6 +239,31 @@ pub struct LeaseHolder {
 ///
 /// [`Mode::Shared`] is not supported: [`Lock::acquire`] returns an error of
 /// kind [`ErrorKind::Unsupported`].
+///
+/// Holding a lease while a child process runs, renewed in the background,
+/// and handing the child the fencing token:
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use interlock::{LeaseLock, LeaseOptions};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let opts = LeaseOptions::new(Duration::from_secs(30))
+///     .keep_alive(true) // renew every ttl/3 from a background thread
+///     .on_lost(Arc::new(|e| eprintln!("lost the lease: {e}")));
+/// let lock = LeaseLock::with_options(dir.path().join("job.lock"), opts)?;
+/// let guard = lock.try_lock_for(Duration::from_secs(10))?;
+/// let token: u64 = guard.token();
+/// let status = std::process::Command::new("true")
+///     .env("LOCK_TOKEN", token.to_string())
+///     .status()?;
+/// assert!(status.success());
+/// guard.release()?; // Err(LeaseLost) if it was lost meanwhile
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct LeaseLock {
     inner: Arc<Inner>,
@@ -326,7 +351,7 @@ impl LeaseLock {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let parent = Dir::open(&parent_path).map_err(|e| {
+        let parent = Dir::open_following(&parent_path).map_err(|e| {
             Error::io("open parent directory of lease lock", e)
                 .with_path(&path)
                 .with_detail(format!("cannot open {}", parent_path.display()))

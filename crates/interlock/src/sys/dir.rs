@@ -55,10 +55,20 @@ pub enum NoReplace {
 impl Dir {
     /// Opens the directory at `path` (not following a final symlink).
     pub fn open(path: &Path) -> io::Result<Dir> {
+        Dir::open_flags(path, DIR_FLAGS)
+    }
+
+    /// Opens the directory at `path`, following symlinks all the way (for a
+    /// parent directory named through a link, such as `/var/run`).
+    pub fn open_following(path: &Path) -> io::Result<Dir> {
+        Dir::open_flags(path, DIR_FLAGS & !libc::O_NOFOLLOW)
+    }
+
+    fn open_flags(path: &Path, flags: libc::c_int) -> io::Result<Dir> {
         let p = cstr(path.as_os_str().as_bytes())?;
         // SAFETY: `p` is a valid NUL-terminated string; open has no other
         // memory requirements and returns a new descriptor we own or -1.
-        let fd = cvt(unsafe { libc::open(p.as_ptr(), DIR_FLAGS) })?;
+        let fd = cvt(unsafe { libc::open(p.as_ptr(), flags) })?;
         // SAFETY: `fd` was just returned by open and is owned by no one else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Dir { fd })
