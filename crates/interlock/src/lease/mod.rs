@@ -948,22 +948,39 @@ impl<'a> Waiter<'a> {
         if let Some(r) = wait.remaining() {
             timeout = timeout.min(r);
         }
+        use std::os::fd::AsFd;
         let mut fds = Vec::with_capacity(2);
         if let Some(n) = &self.notify {
-            use std::os::fd::AsFd;
             fds.push(n.as_fd());
         }
         if let Some(p) = &pidfd {
-            use std::os::fd::AsFd;
             fds.push(p.as_fd());
         }
         if fds.is_empty() {
             std::thread::sleep(timeout);
-        } else {
-            let _ = notify::poll_readable(&fds, Some(timeout));
+            return;
         }
-        if let Some(n) = &self.notify {
-            let _ = n.drain(&inner.name);
+        // Sleep until something that concerns this lock happens: events
+        // about other names in a busy parent directory (say /tmp) are
+        // drained and slept through rather than answered with a new look.
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match notify::poll_readable(&fds, Some(left)) {
+                Ok(true) => {}
+                // Time-out, EINTR, or a poll error: look at the lock again.
+                _ => return,
+            }
+            let relevant = match &self.notify {
+                Some(n) => n.drain(&inner.name).unwrap_or(true),
+                None => true,
+            };
+            let died = pidfd.as_ref().is_some_and(|p| {
+                notify::poll_readable(&[p.as_fd()], Some(Duration::ZERO)).unwrap_or(true)
+            });
+            if relevant || died || left.is_zero() {
+                return;
+            }
         }
     }
 }
