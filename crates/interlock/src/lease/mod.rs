@@ -283,7 +283,9 @@ pub(crate) struct Inner {
     /// Inotify instances watching the parent, kept for reuse: closing one
     /// costs an SRCU grace period in the kernel (4-16 ms measured here),
     /// which would otherwise be added to every acquisition that waited.
-    notifiers: parking_lot::Mutex<Vec<Inotify>>,
+    /// Each is tagged with the pid that made it: after `fork` a child must
+    /// not share an instance (and its events) with its parent.
+    notifiers: parking_lot::Mutex<Vec<(u32, Inotify)>>,
 }
 
 /// How long a waiter with inotify on a local file system sleeps at most
@@ -903,7 +905,14 @@ impl<'a> Waiter<'a> {
     /// again before the first wait.
     fn new(inner: &'a Inner) -> Waiter<'a> {
         let notify = if inner.opts.notify {
-            let pooled = inner.notifiers.lock().pop();
+            let me = std::process::id();
+            let pooled = {
+                let mut pool = inner.notifiers.lock();
+                // Instances inherited from a parent process are dropped
+                // (closing a shared copy is cheap: the parent keeps it).
+                pool.retain(|(pid, _)| *pid == me);
+                pool.pop().map(|(_, n)| n)
+            };
             match pooled {
                 Some(n) => n.drain(&inner.name).map(|_| n).ok(),
                 None => Inotify::new()
@@ -988,7 +997,7 @@ impl<'a> Waiter<'a> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         if let Some(n) = self.notify.take() {
-            self.inner.notifiers.lock().push(n);
+            self.inner.notifiers.lock().push((std::process::id(), n));
         }
     }
 }
