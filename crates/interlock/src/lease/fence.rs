@@ -39,32 +39,37 @@ impl Fence {
     /// older claims seen, for [`Fence::trim`] once it is issued.
     pub fn claim(&self) -> io::Result<(u64, Vec<u64>)> {
         loop {
-            let seen: Vec<u64> = self
-                .dir
-                .names()?
-                .iter()
-                .filter_map(|n| n.to_str()?.parse::<u64>().ok())
-                .collect();
-            let next = seen
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(0)
-                .checked_add(1)
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, "fencing tokens exhausted")
-                })?;
-            match self.dir.create_file(next.to_string(), b"", 0o644, false) {
-                Ok(()) => {
-                    if self.durable {
-                        self.dir.sync()?;
-                    }
-                    return Ok((next, seen));
-                }
-                // Someone claimed it first: look again.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
-                Err(e) => return Err(e),
+            let seen = self.scan()?;
+            let next = next_after(&seen)?;
+            if self.try_claim(next)? {
+                return Ok((next, seen));
             }
+            // Someone claimed it first: look again.
+        }
+    }
+
+    /// The claims present now.
+    fn scan(&self) -> io::Result<Vec<u64>> {
+        Ok(self
+            .dir
+            .names()?
+            .iter()
+            .filter_map(|n| n.to_str()?.parse::<u64>().ok())
+            .collect())
+    }
+
+    /// Creates claim `n`; `Ok(false)` if it exists. With `durable`, the
+    /// directory is fsynced before returning.
+    fn try_claim(&self, n: u64) -> io::Result<bool> {
+        match self.dir.create_file(n.to_string(), b"", 0o644, false) {
+            Ok(()) => {
+                if self.durable {
+                    self.dir.sync()?;
+                }
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -88,6 +93,16 @@ impl Fence {
     }
 }
 
+/// One above the largest of `seen` (1 if none).
+fn next_after(seen: &[u64]) -> io::Result<u64> {
+    seen.iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .checked_add(1)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "fencing tokens exhausted"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +123,149 @@ mod tests {
         // Junk names are ignored.
         std::fs::write(t.path().join("x"), b"").unwrap();
         assert_eq!(f.claim().unwrap().0, 7);
+    }
+
+    /// The fencing argument, checked against real directories under every
+    /// interleaving proptest finds: processes run the acquisition protocol
+    /// step by step (install the staged lock directory, list the claims,
+    /// claim one, publish it by renaming the lease file, trim, release),
+    /// while an adversary breaks whatever lease is in place at arbitrary
+    /// moments (as expiry plus a paused holder can). Whatever happens, the
+    /// tokens issued (publishing renames that succeeded), in the order they
+    /// were issued, strictly increase.
+    mod interleavings {
+        use super::*;
+        use crate::lease::record::LeaseName;
+        use crate::sys::dir::rename_noreplace;
+        use proptest::prelude::*;
+
+        enum P {
+            Idle,
+            Staged(String),
+            Installed(Dir),
+            Listed(Dir, Vec<u64>),
+            Claimed(Dir, u64, Vec<u64>),
+            Holding(Dir, u64, Vec<u64>),
+        }
+
+        const LIVE0: &str = "lease.0.0.0";
+
+        fn live(t: u64) -> String {
+            LeaseName {
+                dead: false,
+                version: 1,
+                token: t,
+                expiry_ns: 0,
+            }
+            .render()
+        }
+
+        /// Breaks (or, for its holder, releases) the lock directory in place.
+        fn kill_in_place(root: &Dir) {
+            let Ok(inst) = root.open_at("lk") else { return };
+            for n in inst.names().unwrap() {
+                let n = n.to_str().unwrap().to_string();
+                if let Some(l) = LeaseName::parse(&n) {
+                    let tomb = l.tombstone().render();
+                    if l.dead || inst.rename(&n, &tomb).is_ok() {
+                        let _ = inst.unlink(&tomb);
+                    }
+                }
+            }
+            let _ = root.rmdir("lk");
+        }
+
+        fn run(schedule: &[u8], procs: usize) -> Vec<u64> {
+            let t = tempfile::tempdir().unwrap();
+            let root = Dir::open(t.path()).unwrap();
+            root.mkdir("tokens", 0o755).unwrap();
+            root.mkdir("stage", 0o755).unwrap();
+            let fence = Fence::new(root.open_at("tokens").unwrap(), false);
+            let stage = root.open_at("stage").unwrap();
+            let mut ps: Vec<P> = (0..procs).map(|_| P::Idle).collect();
+            let mut issued = Vec::new();
+            let mut serial = 0;
+            for &a in schedule {
+                let a = a as usize % (procs + 1);
+                if a == procs {
+                    kill_in_place(&root);
+                    continue;
+                }
+                let p = std::mem::replace(&mut ps[a], P::Idle);
+                ps[a] = match p {
+                    P::Idle => {
+                        serial += 1;
+                        let name = format!("s{a}.{serial}");
+                        stage.mkdir(&name, 0o755).unwrap();
+                        stage
+                            .open_at(&name)
+                            .unwrap()
+                            .create_file(LIVE0, b"", 0o644, false)
+                            .unwrap();
+                        P::Staged(name)
+                    }
+                    P::Staged(name) => {
+                        let d = stage.open_at(&name).unwrap();
+                        match rename_noreplace(&stage, &name, &root, "lk") {
+                            Ok(_) => P::Installed(d),
+                            Err(_) => P::Staged(name),
+                        }
+                    }
+                    P::Installed(d) => {
+                        let seen = fence.scan().unwrap();
+                        P::Listed(d, seen)
+                    }
+                    P::Listed(d, seen) => {
+                        let n = next_after(&seen).unwrap();
+                        if fence.try_claim(n).unwrap() {
+                            P::Claimed(d, n, seen)
+                        } else {
+                            P::Installed(d)
+                        }
+                    }
+                    P::Claimed(d, n, seen) => match d.rename(LIVE0, live(n)) {
+                        Ok(()) => {
+                            issued.push(n);
+                            P::Holding(d, n, seen)
+                        }
+                        Err(_) => P::Idle, // broken before publishing
+                    },
+                    P::Holding(d, n, seen) => {
+                        fence.trim(n, &seen);
+                        let tomb = LeaseName::parse(&live(n)).unwrap().tombstone().render();
+                        if d.rename(live(n), &tomb).is_ok() {
+                            let _ = d.unlink(&tomb);
+                            let _ = root.rmdir("lk");
+                        }
+                        P::Idle
+                    }
+                };
+            }
+            issued
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+            #[test]
+            fn issued_tokens_strictly_increase(
+                schedule in proptest::collection::vec(any::<u8>(), 0..300),
+                procs in 2usize..5,
+            ) {
+                let issued = run(&schedule, procs);
+                prop_assert!(
+                    issued.windows(2).all(|w| w[0] < w[1]),
+                    "issued out of order: {:?}", issued
+                );
+            }
+        }
+
+        /// The case the argument has to handle: A lists the claims (none),
+        /// is broken; B issues 1; C issues 2 and trims claim 1; A now
+        /// claims 1 again (its file is gone) but cannot publish it.
+        #[test]
+        fn a_stale_claim_of_a_trimmed_number_is_never_issued() {
+            let schedule = [0, 0, 0, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0];
+            assert_eq!(run(&schedule, 3), vec![1, 2]);
+        }
     }
 }

@@ -795,7 +795,7 @@ impl Inner {
             }
             // Empty or only tombstones: a release or a break in progress, or
             // one whose process died. Finish it.
-            self.remove_dead(&inst, &dead);
+            self.remove_dead(&inst, &dead)?;
             return Ok(Step::Changed(Some(st)));
         };
         let owner = match inst.read_file(lease.render(), MAX_RECORD) {
@@ -834,7 +834,7 @@ impl Inner {
                 let tomb = lease.tombstone();
                 match inst.rename(lease.render(), tomb.render()) {
                     Ok(()) => {
-                        self.remove_dead(&inst, &[tomb]);
+                        self.remove_dead(&inst, &[tomb])?;
                         if verdict == Verdict::OwnerDead {
                             self.sweep_stages();
                         }
@@ -851,11 +851,26 @@ impl Inner {
 
     /// Empties a dead lock directory (through its descriptor) and removes
     /// it by name, which succeeds only while it is empty.
-    fn remove_dead(&self, inst: &Dir, tombstones: &[LeaseName]) {
+    /// Errors other than "someone else got there first" (a read-only file
+    /// system, no permission) are returned, so that a dead lock directory
+    /// that cannot be removed is reported instead of waited on forever.
+    fn remove_dead(&self, inst: &Dir, tombstones: &[LeaseName]) -> Result<()> {
+        let benign = |e: &io::Error| {
+            matches!(
+                errno(e),
+                libc::ENOENT | libc::ESTALE | libc::ENOTEMPTY | libc::EEXIST | libc::EBUSY
+            )
+        };
         for t in tombstones {
-            let _ = inst.unlink(t.render());
+            match inst.unlink(t.render()) {
+                Err(e) if !benign(&e) => return Err(self.err("remove dead lease", e)),
+                _ => {}
+            }
         }
-        let _ = self.parent.rmdir(&self.name);
+        match self.parent.rmdir(&self.name) {
+            Err(e) if !benign(&e) => Err(self.err("remove dead lock directory", e)),
+            _ => Ok(()),
+        }
     }
 
     /// Removes staging directories left by dead processes of this host.
