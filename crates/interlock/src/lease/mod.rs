@@ -55,7 +55,8 @@
 //! holder lists the claims only after its own directory is installed, so it
 //! sees a claim ≥ `t` (claims are removed only below a newer existing claim,
 //! so the largest never decreases) and claims a larger number. Two holders
-//! can never be issued the same number: a number is claimed by `mkdir`, and
+//! can never be issued the same number: a number is claimed by an exclusive
+//! create (`O_CREAT|O_EXCL`), and
 //! one that was claimed, issued and later trimmed could only be claimed
 //! again by a process that listed before it existed, whose own directory
 //! would then have to have been live both before and after the other's
@@ -68,7 +69,8 @@
 //! Crash: a dead holder of this host, boot and pid namespace is taken over
 //! at once (waiters watch it with a pidfd); a holder elsewhere only after its
 //! lease plus the clock-skew allowance. NFS: needs atomic `mkdir`/`rename`
-//! (every version) and wall clocks within the skew allowance; inotify does
+//! and exclusive create (NFSv3 and later) and wall clocks within the skew
+//! allowance; inotify does
 //! not see other clients' changes, so waiters there poll with back-off.
 
 mod clock;
@@ -233,7 +235,7 @@ pub struct LeaseHolder {
 /// alike; exclusive only. On fork the child inherits no lease; closing
 /// descriptors never releases; a crashed holder on this host is taken over
 /// at once, one elsewhere once its lease (plus the clock-skew allowance) ran
-/// out; on NFS it works with atomic `mkdir`/`rename` and clocks within the
+/// out; on NFS (v3+) it works with atomic `mkdir`/`rename` and clocks within the
 /// skew allowance, and waiters poll. See the module source for the protocol
 /// and docs/design-lease.md for the arguments.
 ///
