@@ -49,6 +49,12 @@ fn vocabulary_tokens_and_release() {
     assert_eq!(h.token, 1);
     assert_eq!(h.process.unwrap().pid, std::process::id());
     assert!(h.local);
+    let shown = h.to_string();
+    assert!(
+        shown.starts_with(&format!("pid {} on host ", std::process::id())),
+        "{shown}"
+    );
+    assert!(shown.contains("(token 1, lease expires in "), "{shown}");
     assert_eq!(kind(b.try_lock()), ErrorKind::WouldBlock);
     let start = Instant::now();
     assert_eq!(

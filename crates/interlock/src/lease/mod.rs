@@ -229,6 +229,30 @@ pub struct LeaseHolder {
     pub expires: SystemTime,
 }
 
+/// "pid 4242 on host build-3 (token 17, lease expires in 12.0 s)", for
+/// waiting messages.
+impl std::fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.process, &self.host) {
+            (Some(p), Some(h)) => write!(f, "pid {} on host {h}", p.pid)?,
+            _ => f.write_str("an unknown owner (unreadable record)")?,
+        }
+        if self.token == 0 {
+            f.write_str(" (being issued a token")?;
+        } else {
+            write!(f, " (token {}", self.token)?;
+        }
+        match self.expires.duration_since(SystemTime::now()) {
+            Ok(left) => write!(f, ", lease expires in {:.1} s)", left.as_secs_f64()),
+            Err(past) => write!(
+                f,
+                ", lease expired {:.1} s ago)",
+                past.duration().as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// A lock that is a directory, held for a time to live, with fencing tokens.
 ///
 /// Scope: everyone who opens the same path, threads, processes and hosts
