@@ -110,6 +110,7 @@ pub struct LeaseOptions {
     durable: bool,
     notify: bool,
     max_poll: Duration,
+    dir_mode: u32,
 }
 
 impl LeaseOptions {
@@ -127,6 +128,7 @@ impl LeaseOptions {
             durable: true,
             notify: true,
             max_poll: Duration::from_millis(100),
+            dir_mode: 0o755,
         }
     }
 
@@ -191,6 +193,17 @@ impl LeaseOptions {
         self
     }
 
+    /// The mode of the directories the lock creates (default `0o755`, less
+    /// the umask). Breaking or releasing a lease renames a file inside the
+    /// holder's lock directory, so processes of *different users* sharing a
+    /// lock need a mode such as `0o775` with a common group (and a umask
+    /// that keeps it), and no sticky bit on the lock's parent directory.
+    #[must_use]
+    pub fn dir_mode(mut self, mode: u32) -> Self {
+        self.dir_mode = mode & 0o7777;
+        self
+    }
+
     /// The longest a waiter sleeps between looks when it cannot be woken
     /// (network file systems, `notify(false)`). Default 100 ms.
     #[must_use]
@@ -210,6 +223,7 @@ impl std::fmt::Debug for LeaseOptions {
             .field("durable", &self.durable)
             .field("notify", &self.notify)
             .field("max_poll", &self.max_poll)
+            .field("dir_mode", &format_args!("{:o}", self.dir_mode))
             .finish_non_exhaustive()
     }
 }
@@ -325,8 +339,8 @@ fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-fn mkdir_ok_if_exists(dir: &Dir, name: &str) -> io::Result<()> {
-    match dir.mkdir(name, 0o755) {
+fn mkdir_ok_if_exists(dir: &Dir, name: &str, mode: u32) -> io::Result<()> {
+    match dir.mkdir(name, mode) {
         Err(e) if errno(&e) == libc::EEXIST => Ok(()),
         r => r,
     }
@@ -394,13 +408,13 @@ impl LeaseLock {
                 err
             }
         };
-        mkdir_ok_if_exists(&parent, &side)
+        mkdir_ok_if_exists(&parent, &side, opts.dir_mode)
             .map_err(|e| io_err("create lease side directory", &side_path, e))?;
         let side_dir = parent
             .open_at(&side)
             .map_err(|e| io_err("open lease side directory", &side_path, e))?;
         for sub in ["tokens", "stage"] {
-            mkdir_ok_if_exists(&side_dir, sub)
+            mkdir_ok_if_exists(&side_dir, sub, opts.dir_mode)
                 .map_err(|e| io_err("create lease side directory", &side_path.join(sub), e))?;
         }
         let tokens = side_dir
@@ -619,7 +633,7 @@ impl<'a> Stage<'a> {
         };
         inner
             .stage
-            .mkdir(&name, 0o755)
+            .mkdir(&name, inner.opts.dir_mode)
             .map_err(|e| Error::io("create lease staging directory", e).with_path(stage_path()))?;
         let dir = match inner.stage.open_at(&name) {
             Ok(d) => d,
@@ -1040,5 +1054,35 @@ impl Drop for Waiter<'_> {
         if let Some(n) = self.notify.take() {
             self.inner.notifiers.lock().push((std::process::id(), n));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::dir::FORCE_PLAIN_RENAME;
+
+    /// Without `RENAME_NOREPLACE` (NFS), installing is a plain rename, which
+    /// replaces an empty directory: that is only ever a dead lock directory,
+    /// so it is taken; a live one is never empty, so it is never replaced.
+    #[test]
+    fn plain_rename_fallback_replaces_only_dead_empty_directories() {
+        FORCE_PLAIN_RENAME.with(|c| c.set(true));
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("lk");
+        let a = LeaseLock::new(&path, Duration::from_secs(60)).unwrap();
+        let b = LeaseLock::new(&path, Duration::from_secs(60)).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let g = a.try_lock().expect("an empty (dead) directory is replaced");
+        assert_eq!(g.token(), 1);
+        for _ in 0..3 {
+            assert!(matches!(b.try_lock(), Err(TryLockError::WouldBlock)));
+        }
+        assert!(g.is_held(), "a live lock directory is never replaced");
+        g.release().unwrap();
+        let g = b.try_lock().unwrap();
+        assert_eq!(g.token(), 2);
+        drop(g);
+        FORCE_PLAIN_RENAME.with(|c| c.set(false));
     }
 }

@@ -271,6 +271,13 @@ impl AsRawFd for Dir {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to run [`rename_noreplace`]'s fallback (plain
+    /// `renameat`, as on NFS) on the current thread.
+    pub static FORCE_PLAIN_RENAME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Moves `from_dir/from` to `to_dir/to`, refusing to replace an existing
 /// `to` as far as the file system allows (see [`NoReplace`]).
 /// `renameat2(RENAME_NOREPLACE)` first; on `EINVAL`/`ENOSYS` (no support)
@@ -283,6 +290,19 @@ pub fn rename_noreplace(
 ) -> io::Result<NoReplace> {
     let f = cstr(from.as_ref().as_bytes())?;
     let t = cstr(to.as_ref().as_bytes())?;
+    #[cfg(test)]
+    if FORCE_PLAIN_RENAME.with(|c| c.get()) {
+        // SAFETY: valid fds and NUL-terminated names.
+        cvt(unsafe {
+            libc::renameat(
+                from_dir.as_raw_fd(),
+                f.as_ptr(),
+                to_dir.as_raw_fd(),
+                t.as_ptr(),
+            )
+        })?;
+        return Ok(NoReplace::EmptyDirMayBeReplaced);
+    }
     // SAFETY: valid fds and NUL-terminated names.
     let r = unsafe {
         libc::renameat2(
