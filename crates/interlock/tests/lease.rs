@@ -830,3 +830,82 @@ fn polling_waiter_without_notify_gets_the_lease() {
         assert_eq!(w.join().unwrap().expect("got it by polling"), 2);
     });
 }
+
+/// Kleppmann's scenario end to end: a holder is paused (SIGSTOP) past its
+/// lease, a waiter takes the lease over when it expires, the holder is
+/// continued and learns it lost the lease; a resource that remembers the
+/// largest token it has seen refuses the old holder's late write.
+#[test]
+fn paused_holder_loses_its_lease_and_is_fenced_off() {
+    if let Some(role) = support::role() {
+        assert_eq!(role, "holder");
+        let lost = Arc::new(AtomicUsize::new(0));
+        let l2 = Arc::clone(&lost);
+        let l = LeaseLock::with_options(
+            support::arg(),
+            LeaseOptions::new(Duration::from_millis(300))
+                .max_clock_skew(Duration::ZERO)
+                .on_lost(Arc::new(move |_| {
+                    l2.fetch_add(1, Ordering::SeqCst);
+                })),
+        )
+        .unwrap();
+        let g = l.lock().unwrap();
+        support::say(format!("held {}", g.token()));
+        assert_eq!(support::hear().as_deref(), Some("renew"));
+        let r = g.renew();
+        support::say(match r {
+            Err(e) if e.kind() == ErrorKind::LeaseLost => {
+                format!("lost {}", lost.load(Ordering::SeqCst))
+            }
+            other => format!("unexpected {other:?}"),
+        });
+        while support::hear().is_some() {}
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("lk");
+    let mut c = Child::spawn(
+        "paused_holder_loses_its_lease_and_is_fenced_off",
+        "holder",
+        path.to_str().unwrap(),
+    );
+    let old = parse_kv(&c.recv(), "held ");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &c.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    // The resource: accepts a write only with a token at least as large as
+    // every token it has seen.
+    let mut highest = 0u64;
+    let mut write = |token: u64| {
+        if token >= highest {
+            highest = token;
+            true
+        } else {
+            false
+        }
+    };
+    assert!(write(old), "the holder wrote before it was paused");
+    let l = LeaseLock::with_options(&path, LeaseOptions::new(TTL).max_clock_skew(Duration::ZERO))
+        .unwrap();
+    let g = l
+        .try_lock_for(Duration::from_secs(20))
+        .expect("taken over once the paused holder's 300 ms lease ran out");
+    assert!(g.token() > old);
+    assert!(write(g.token()));
+    signal("-CONT");
+    c.send("renew");
+    assert_eq!(
+        c.recv(),
+        "lost 1",
+        "the holder learns it lost the lease, once"
+    );
+    assert!(!write(old), "the old holder's late write is refused");
+    assert!(g.is_held());
+}
