@@ -909,3 +909,34 @@ fn paused_holder_loses_its_lease_and_is_fenced_off() {
     assert!(!write(old), "the old holder's late write is refused");
     assert!(g.is_held());
 }
+
+/// A lock directory removed by hand while held: the holder finds out (and
+/// is told once), and the lock is free for the next acquirer.
+#[test]
+fn lock_directory_removed_by_hand() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("lk");
+    let lost = Arc::new(AtomicUsize::new(0));
+    let l2 = Arc::clone(&lost);
+    let l = LeaseLock::with_options(
+        &path,
+        LeaseOptions::new(TTL).on_lost(Arc::new(move |_| {
+            l2.fetch_add(1, Ordering::SeqCst);
+        })),
+    )
+    .unwrap();
+    let g = l.try_lock().unwrap();
+    fs::remove_dir_all(&path).unwrap();
+    assert!(!g.is_held());
+    assert_eq!(g.check().unwrap_err().kind(), ErrorKind::LeaseLost);
+    assert_eq!(g.renew().unwrap_err().kind(), ErrorKind::LeaseLost);
+    let other = LeaseLock::new(&path, TTL).unwrap();
+    let g2 = other.try_lock().unwrap();
+    assert!(g2.token() > g.token());
+    assert_eq!(g.release().unwrap_err().kind(), ErrorKind::LeaseLost);
+    assert_eq!(lost.load(Ordering::SeqCst), 1);
+    assert!(
+        g2.is_held(),
+        "the old guard's release did not touch the new lock"
+    );
+}
