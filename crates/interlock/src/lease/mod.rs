@@ -852,7 +852,7 @@ impl Inner {
             &self.here,
             self.now_ns(),
             nanos(self.opts.max_clock_skew),
-            proc::liveness,
+            liveness,
         );
         match verdict {
             Verdict::Live { wake_at_ns } => {
@@ -930,7 +930,7 @@ impl Inner {
             let (Some(pid), Some(start_time)) = (pid, start) else {
                 continue;
             };
-            if proc::liveness(ProcessId { pid, start_time }) != Liveness::Dead {
+            if liveness(ProcessId { pid, start_time }) != Liveness::Dead {
                 continue;
             }
             if let Ok(d) = self.stage.open_at(s) {
@@ -940,6 +940,30 @@ impl Inner {
             }
             let _ = self.stage.rmdir(s);
         }
+    }
+}
+
+/// Whether the process `p` of this host runs, erring on "alive".
+///
+/// `/proc/PID/stat` answers with the start time, so pid reuse is caught;
+/// but "no such file" can also mean that /proc hides other users' processes
+/// (`hidepid=`), and judging a hidden live holder dead would break its lock.
+/// So a missing entry is believed only if the kernel confirms, through
+/// `pidfd_open`, that no process has the pid; if the kernel cannot tell,
+/// the owner counts as alive and only its lease's expiry frees the lock.
+fn liveness(p: ProcessId) -> Liveness {
+    if proc::liveness(p) == Liveness::Alive {
+        return Liveness::Alive;
+    }
+    if std::fs::symlink_metadata(format!("/proc/{}", p.pid)).is_ok() {
+        // Visible: a different start time or a zombie, both really dead.
+        return Liveness::Dead;
+    }
+    match PidFd::open(p.pid) {
+        Err(e) if errno(&e) == libc::ESRCH => Liveness::Dead,
+        // A process with this pid exists but is hidden from us, or the
+        // kernel has no pidfd_open: we cannot check its start time.
+        _ => Liveness::Alive,
     }
 }
 
@@ -990,7 +1014,7 @@ impl<'a> Waiter<'a> {
             Some(p) => match PidFd::open(p.pid) {
                 // The pidfd names whatever process has the pid now: check it
                 // is still the holder (pids are reused).
-                Ok(fd) if proc::liveness(p) == Liveness::Alive => Some(fd),
+                Ok(fd) if liveness(p) == Liveness::Alive => Some(fd),
                 Ok(_) => return,
                 Err(e) if errno(&e) == libc::ESRCH => return,
                 Err(_) => None,
