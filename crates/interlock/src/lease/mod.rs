@@ -795,29 +795,38 @@ impl Inner {
             }
             Err(e) => return Err(self.err("inspect lease lock", e)),
         };
-        let names = match inst.names() {
-            Ok(n) => n,
-            Err(e) if matches!(errno(&e), libc::ENOENT | libc::ESTALE) => {
-                return Ok(Step::Changed(Some(st)))
-            }
-            Err(e) => return Err(self.err("list lease lock", e)),
-        };
-        let mut live = None;
-        let mut dead = Vec::new();
-        let mut foreign = Vec::new();
-        for n in names {
-            match n.to_str().and_then(LeaseName::parse) {
-                Some(l) if l.dead => dead.push(l),
-                Some(l) => {
-                    if live.replace(l).is_some() {
-                        return Err(Error::new(ErrorKind::Corrupt, "inspect lease lock")
-                            .with_path(&self.path)
-                            .with_detail("two live lease files in one lock directory"));
-                    }
+        // Two live files cannot exist, but a listing that raced with a
+        // renewal's rename on a network file system could show both names:
+        // look twice before calling the directory corrupt.
+        let mut second_look = false;
+        let (live, dead, foreign) = loop {
+            let names = match inst.names() {
+                Ok(n) => n,
+                Err(e) if matches!(errno(&e), libc::ENOENT | libc::ESTALE) => {
+                    return Ok(Step::Changed(Some(st)))
                 }
-                None => foreign.push(n),
+                Err(e) => return Err(self.err("list lease lock", e)),
+            };
+            let mut live = Vec::new();
+            let mut dead = Vec::new();
+            let mut foreign = Vec::new();
+            for n in names {
+                match n.to_str().and_then(LeaseName::parse) {
+                    Some(l) if l.dead => dead.push(l),
+                    Some(l) => live.push(l),
+                    None => foreign.push(n),
+                }
             }
-        }
+            if live.len() <= 1 {
+                break (live.pop(), dead, foreign);
+            }
+            if second_look {
+                return Err(Error::new(ErrorKind::Corrupt, "inspect lease lock")
+                    .with_path(&self.path)
+                    .with_detail("two live lease files in one lock directory"));
+            }
+            second_look = true;
+        };
         let Some(lease) = live else {
             if !foreign.is_empty() {
                 let shown: Vec<_> = foreign
