@@ -34,6 +34,14 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 #[test]
+fn handles_and_guards_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<LeaseLock>();
+    send_sync::<interlock::LeaseGuard<'static>>();
+    send_sync::<LeaseOptions>();
+}
+
+#[test]
 fn vocabulary_tokens_and_release() {
     let t = tempfile::tempdir().unwrap();
     let path = t.path().join("lk");
