@@ -133,10 +133,10 @@ fn injected_clock_expires_leases_without_sleeping() {
     let opts = LeaseOptions::new(ttl)
         .clock(clock.clone())
         .max_clock_skew(Duration::from_secs(2))
-        .on_lost(Arc::new(move |e| {
+        .on_lost(move |e| {
             assert_eq!(e.kind(), ErrorKind::LeaseLost);
             lost2.fetch_add(1, Ordering::SeqCst);
-        }));
+        });
     let a = LeaseLock::with_options(&path, opts.clone()).unwrap();
     let b = LeaseLock::with_options(&path, opts).unwrap();
     let g = a.try_lock().unwrap();
@@ -189,9 +189,9 @@ fn background_renewal_keeps_the_lease_and_reports_loss() {
         .clock(clock.clone())
         .max_clock_skew(Duration::ZERO)
         .keep_alive_every(Duration::from_millis(2))
-        .on_lost(Arc::new(move |_| {
+        .on_lost(move |_| {
             lost2.fetch_add(1, Ordering::SeqCst);
-        }));
+        });
     let a = LeaseLock::with_options(&path, holder_opts).unwrap();
     let b = LeaseLock::with_options(
         &path,
@@ -414,10 +414,10 @@ fn dead_holder_is_taken_over_at_once() {
     let b2 = Arc::clone(&blocked);
     let l = LeaseLock::with_options(
         &path,
-        LeaseOptions::new(TTL).on_block(Arc::new(move |b| {
+        LeaseOptions::new(TTL).on_block(move |b| {
             assert_eq!(b.mode, Mode::Exclusive);
             b2.fetch_add(1, Ordering::SeqCst);
-        })),
+        }),
     )
     .unwrap();
     std::thread::scope(|s| {
@@ -457,7 +457,7 @@ fn waiter_in_another_process_wakes_on_release() {
     let c2 = Arc::clone(&c);
     let l = LeaseLock::with_options(
         &path,
-        LeaseOptions::new(TTL).on_block(Arc::new(move |_| c2.lock().unwrap().send("release"))),
+        LeaseOptions::new(TTL).on_block(move |_| c2.lock().unwrap().send("release")),
     )
     .unwrap();
     let start = Instant::now();
@@ -823,7 +823,7 @@ fn polling_waiter_without_notify_gets_the_lease() {
         LeaseOptions::new(TTL)
             .notify(false)
             .max_poll(Duration::from_millis(20))
-            .on_block(Arc::new(move |_| tx.lock().unwrap().send(()).unwrap())),
+            .on_block(move |_| tx.lock().unwrap().send(()).unwrap()),
     )
     .unwrap();
     std::thread::scope(|s| {
@@ -853,9 +853,9 @@ fn paused_holder_loses_its_lease_and_is_fenced_off() {
             support::arg(),
             LeaseOptions::new(Duration::from_millis(300))
                 .max_clock_skew(Duration::ZERO)
-                .on_lost(Arc::new(move |_| {
+                .on_lost(move |_| {
                     l2.fetch_add(1, Ordering::SeqCst);
-                })),
+                }),
         )
         .unwrap();
         let g = l.lock().unwrap();
@@ -928,9 +928,9 @@ fn lock_directory_removed_by_hand() {
     let l2 = Arc::clone(&lost);
     let l = LeaseLock::with_options(
         &path,
-        LeaseOptions::new(TTL).on_lost(Arc::new(move |_| {
+        LeaseOptions::new(TTL).on_lost(move |_| {
             l2.fetch_add(1, Ordering::SeqCst);
-        })),
+        }),
     )
     .unwrap();
     let g = l.try_lock().unwrap();

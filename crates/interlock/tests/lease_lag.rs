@@ -102,11 +102,11 @@ fn release_lag(notify: bool, rounds: usize) -> Vec<u128> {
         LeaseOptions::new(TTL)
             .notify(notify)
             .durable(durable())
-            .on_block(Arc::new(move |_| {
+            .on_block(move |_| {
                 let r = r2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let pause_us = 2000 + (r * 7919) % 8000;
                 c2.lock().unwrap().send(&format!("go {pause_us}"));
-            })),
+            }),
     )
     .unwrap();
     let mut lags = Vec::with_capacity(rounds);
@@ -147,9 +147,9 @@ fn measure_dead_holder_lag() {
             &path,
             LeaseOptions::new(TTL)
                 .durable(durable())
-                .on_block(Arc::new(move |_| {
+                .on_block(move |_| {
                     let _ = tx.send(());
-                })),
+                }),
         )
         .unwrap();
         std::thread::scope(|s| {

@@ -163,15 +163,15 @@ impl LeaseOptions {
 
     /// Called once per acquisition just before it blocks.
     #[must_use]
-    pub fn on_block(mut self, f: OnBlock) -> Self {
-        self.on_block = Some(f);
+    pub fn on_block(mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> Self {
+        self.on_block = Some(Arc::new(f));
         self
     }
 
     /// Called once per guard when it learns its lease was lost.
     #[must_use]
-    pub fn on_lost(mut self, f: OnLost) -> Self {
-        self.on_lost = Some(f);
+    pub fn on_lost(mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.on_lost = Some(Arc::new(f));
         self
     }
 
@@ -292,7 +292,7 @@ impl std::fmt::Display for LeaseHolder {
 /// # let dir = tempfile::tempdir()?;
 /// let opts = LeaseOptions::new(Duration::from_secs(30))
 ///     .keep_alive(true) // renew every ttl/3 from a background thread
-///     .on_lost(Arc::new(|e| eprintln!("lost the lease: {e}")));
+///     .on_lost(|e| eprintln!("lost the lease: {e}"));
 /// let lock = LeaseLock::with_options(dir.path().join("job.lock"), opts)?;
 /// let guard = lock.try_lock_for(Duration::from_secs(10))?;
 /// let token: u64 = guard.token();
