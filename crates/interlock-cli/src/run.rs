@@ -325,6 +325,9 @@ fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<u32
 }
 
 pub fn status(args: StatusArgs) -> u8 {
+    if is_lease(&args.path) {
+        return lease_status(&args.path);
+    }
     match interlock::holders(&args.path) {
         Ok(list) if list.is_empty() => {
             println!("{}: no locks", args.path.display());
@@ -334,6 +337,33 @@ pub fn status(args: StatusArgs) -> u8 {
             for h in list {
                 println!("{h}");
             }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// A lease lock at `path` keeps its side directory `NAME.lease` beside it.
+fn is_lease(path: &Path) -> bool {
+    match path.file_name() {
+        Some(name) => {
+            let mut side = name.to_os_string();
+            side.push(".lease");
+            path.with_file_name(side).is_dir()
+        }
+        None => false,
+    }
+}
+
+fn lease_status(path: &Path) -> u8 {
+    let holder = LeaseLock::new(path, DEFAULT_TTL).and_then(|l| l.holder());
+    match holder {
+        Ok(Some(h)) => {
+            println!("{h} exclusive lease");
+            0
+        }
+        Ok(None) => {
+            println!("{}: no lease held", path.display());
             0
         }
         Err(e) => fail(&e),

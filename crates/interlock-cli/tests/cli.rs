@@ -401,7 +401,12 @@ fn lease_kind_exports_increasing_tokens_and_excludes() {
         "{}",
         stderr_of(&o)
     );
+    let o = interlock(&["status", p]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(&format!("pid {}", holder.child.id())), "{out}");
     assert_eq!(holder.release(), 0);
+    let o = interlock(&["status", p]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no lease held"));
     assert!(token() > b);
     assert_fails(
         &interlock(&["run", "-s", "--kind", "lease", p, "--", "true"]),
