@@ -6,7 +6,8 @@
 //!   `-n`, or still held after `-w SECS`);
 //! - 64 bad usage, 65 unusable content at the path (a directory, a symbolic
 //!   link, a foreign or damaged lock), 66 no such file or directory, 69 not
-//!   supported here, 71 other system error, 77 permission denied;
+//!   supported here, 71 other system error, 75 a lease was lost while the
+//!   command ran (and it succeeded), 77 permission denied;
 //! - 126 the command cannot be executed, 127 the command was not found.
 
 mod args;

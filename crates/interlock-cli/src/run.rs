@@ -12,7 +12,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-use interlock::{Blocked, Error, ErrorKind, FileLock, Flavor, LockSet, Mode, TryLockError, Wait};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use interlock::{
+    Blocked, Error, ErrorKind, FileLock, Flavor, LeaseLock, LeaseOptions, LockSet, Mode,
+    TryLockError, Wait,
+};
 
 use crate::args::{Kind, RunArgs, StatusArgs};
 use crate::sys;
@@ -138,7 +145,8 @@ pub fn run(args: RunArgs) -> u8 {
     match args.kind {
         Kind::File | Kind::Flock => run_file(&plan),
         Kind::Set => run_set(&plan),
-        Kind::Shm | Kind::Lease => {
+        Kind::Lease => run_lease(&plan),
+        Kind::Shm => {
             eprintln!(
                 "interlock: --kind {:?} is not available in this build",
                 args.kind
@@ -167,7 +175,7 @@ fn run_file(plan: &Plan<'_>) -> u8 {
         Ok(g) => g,
         Err(e) => return plan.not_taken(e),
     };
-    let code = execute(&a.command, &[]);
+    let code = execute(&a.command, &[], None);
     match guard.unlock() {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
@@ -188,10 +196,70 @@ fn run_set(plan: &Plan<'_>) -> u8 {
     if let Err(e) = set.lock_with(range, plan.mode, plan.wait) {
         return plan.not_taken(e);
     }
-    let code = execute(&a.command, &[]);
+    let code = execute(&a.command, &[], None);
     match set.unlock_all() {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
+    }
+}
+
+/// The default lease time to live when `--ttl` is not given.
+const DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+fn run_lease(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let ttl = a.ttl.unwrap_or(DEFAULT_TTL);
+    // The command's pid once it runs (0 before): if the lease is lost while
+    // it runs, another holder may be in, so the command is told to stop.
+    let child = Arc::new(Mutex::new(0u32));
+    let lost = Arc::new(AtomicBool::new(false));
+    let mut opts = LeaseOptions::new(ttl).keep_alive(true).on_lost({
+        let (child, lost) = (Arc::clone(&child), Arc::clone(&lost));
+        move |e| {
+            lost.store(true, Ordering::SeqCst);
+            eprintln!("interlock: {e}; stopping the command");
+            let pid = child.lock().unwrap_or_else(|p| p.into_inner());
+            sys::terminate(*pid);
+        }
+    });
+    if !a.quiet {
+        let probe = LeaseLock::new(&a.path, ttl);
+        opts = opts.on_block(move |b| {
+            let by = match probe.as_ref().ok().and_then(|p| p.holder().ok().flatten()) {
+                Some(h) => format!(" held by {h}"),
+                None => String::new(),
+            };
+            eprintln!("interlock: waiting for lease {}{by}", b.resource.display());
+        });
+    }
+    let lock = match LeaseLock::with_options(&a.path, opts) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let guard = match interlock::Lock::acquire(&lock, Mode::Exclusive, plan.wait) {
+        Ok(g) => g,
+        Err(e) => return plan.not_taken(e),
+    };
+    let token = guard.token().to_string();
+    let code = execute(&a.command, &[("INTERLOCK_TOKEN", token)], Some(&child));
+    match guard.release() {
+        Ok(()) if !lost.load(Ordering::SeqCst) => code,
+        Ok(()) => lease_lost_code(code),
+        Err(e) if e.kind() == ErrorKind::LeaseLost => {
+            eprintln!("interlock: {e}");
+            lease_lost_code(code)
+        }
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+/// A command that ran while its lease was lost did not run under the lock:
+/// its own failure status stands; success becomes EX_TEMPFAIL (75).
+fn lease_lost_code(code: u8) -> u8 {
+    if code == 0 {
+        75
+    } else {
+        code
     }
 }
 
@@ -210,7 +278,11 @@ fn release_failed(code: u8, e: &Error) -> u8 {
 /// Runs `argv` with extra environment `env`, passing on SIGTERM/SIGHUP;
 /// returns its exit status, 128+N if killed by signal N, 127 if not found,
 /// 126 if not executable.
-fn execute(argv: &[OsString], env: &[(&str, String)]) -> u8 {
+///
+/// While it runs, `running` (if given) holds its pid; it is reset to 0
+/// under the mutex before the child is reaped, so whoever signals the pid
+/// while holding the mutex never signals a reused pid.
+fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<u32>>) -> u8 {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     for (k, v) in env {
@@ -227,9 +299,15 @@ fn execute(argv: &[OsString], env: &[(&str, String)]) -> u8 {
             };
         }
     };
+    if let Some(r) = running {
+        *r.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
+    }
     sys::forward_signals_to(child.id());
     let waited = sys::wait_exit_unreaped(child.id());
     sys::stop_forwarding();
+    if let Some(r) = running {
+        *r.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+    }
     if let Err(e) = waited {
         eprintln!("interlock: waiting for the command: {e}");
     }
@@ -247,6 +325,9 @@ fn execute(argv: &[OsString], env: &[(&str, String)]) -> u8 {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
+    if is_lease(&args.path) {
+        return lease_status(&args.path);
+    }
     match interlock::holders(&args.path) {
         Ok(list) if list.is_empty() => {
             println!("{}: no locks", args.path.display());
@@ -256,6 +337,33 @@ pub fn status(args: StatusArgs) -> u8 {
             for h in list {
                 println!("{h}");
             }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// A lease lock at `path` keeps its side directory `NAME.lease` beside it.
+fn is_lease(path: &Path) -> bool {
+    match path.file_name() {
+        Some(name) => {
+            let mut side = name.to_os_string();
+            side.push(".lease");
+            path.with_file_name(side).is_dir()
+        }
+        None => false,
+    }
+}
+
+fn lease_status(path: &Path) -> u8 {
+    let holder = LeaseLock::new(path, DEFAULT_TTL).and_then(|l| l.holder());
+    match holder {
+        Ok(Some(h)) => {
+            println!("{h} exclusive lease");
+            0
+        }
+        Ok(None) => {
+            println!("{}: no lease held", path.display());
             0
         }
         Err(e) => fail(&e),

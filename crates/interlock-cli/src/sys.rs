@@ -79,3 +79,12 @@ pub fn wait_exit_unreaped(pid: u32) -> std::io::Result<()> {
         }
     }
 }
+
+/// Sends SIGTERM to `pid` if it is set (non-zero): our child, not yet
+/// reaped (the caller clears `pid` before reaping).
+pub fn terminate(pid: u32) {
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory effects; `pid` is our unreaped child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+}

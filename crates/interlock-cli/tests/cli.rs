@@ -364,3 +364,95 @@ fn sigterm_is_passed_to_the_command_and_the_lock_held_until_it_exits() {
     let _ = holder.stdin.as_mut().unwrap().write_all(b"bye\n");
     assert_eq!(holder.release(), 0);
 }
+
+#[test]
+fn lease_kind_exports_increasing_tokens_and_excludes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job");
+    let p = path.to_str().unwrap();
+    let token = || {
+        let o = interlock(&[
+            "run",
+            "--kind",
+            "lease",
+            "--ttl",
+            "5",
+            p,
+            "--",
+            "sh",
+            "-c",
+            "echo $INTERLOCK_TOKEN",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .expect("a token")
+    };
+    let (a, b) = (token(), token());
+    assert!(b > a, "{a} then {b}");
+    let holder = Holder::interlock(&["--kind", "lease", "--ttl", "5"], &path);
+    let o = interlock(&["run", "-n", "--kind", "lease", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let o = interlock(&["run", "-w", "0.1", "--kind", "lease", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr_of(&o).contains(&format!("pid {}", holder.child.id())),
+        "{}",
+        stderr_of(&o)
+    );
+    let o = interlock(&["status", p]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains(&format!("pid {}", holder.child.id())), "{out}");
+    assert_eq!(holder.release(), 0);
+    let o = interlock(&["status", p]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no lease held"));
+    assert!(token() > b);
+    assert_fails(
+        &interlock(&["run", "-s", "--kind", "lease", p, "--", "true"]),
+        64,
+        "exclusive",
+    );
+    assert_fails(
+        &interlock(&["run", "--ttl", "1", p, "--", "true"]),
+        64,
+        "--ttl",
+    );
+}
+
+#[test]
+fn lost_lease_stops_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job");
+    let p = path.to_str().unwrap();
+    // A holder with a short lease that we freeze past its expiry.
+    let mut holder = Holder::interlock(&["--kind", "lease", "--ttl", "0.3"], &path);
+    let pid = holder.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Another run takes the lease over once it expired (plus the 1 s
+    // clock-skew allowance), with a larger token.
+    let o = interlock(&["run", "-w", "20", "-q", "--kind", "lease", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    // Resumed, the first holder learns it lost the lease and stops its command.
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let end = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = holder.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "holder kept running without its lease"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(128 + 15), "the command was terminated");
+}

@@ -7,6 +7,7 @@
 
 mod error;
 mod file;
+mod lease;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
@@ -16,6 +17,9 @@ pub use file::{
     holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard,
     FileUpgradableGuard, FileWriteGuard, Flavor, Holder, IndexRange, LockKind, LockSet,
     LockSetOptions, Scope, UpgradeFailed, INDEX_END, REGISTRY_DIR_ENV,
+};
+pub use lease::{
+    Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,
 };
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};

@@ -6,6 +6,8 @@
 //! reviewed without reasoning about pointers, and so tests can see exactly
 //! which calls a family makes.
 
+pub mod dir;
 pub mod fcntl;
+pub mod notify;
 pub mod proc;
 pub mod timer;

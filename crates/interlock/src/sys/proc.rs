@@ -77,34 +77,35 @@ fn identity_of(pid: u32) -> ProcessId {
     ProcessId { pid, start_time }
 }
 
-/// The identity of a running process, or `None` if there is none with `pid`.
-#[allow(dead_code)] // used by the lease family
-pub fn identity(pid: u32) -> Option<ProcessId> {
-    read_stat(pid).ok().map(|s| ProcessId {
-        pid,
-        start_time: s.start_time,
-    })
-}
-
-/// Whether the process named by `id` still runs.
+/// Whether the process named by `id` still runs, erring on "alive".
+///
+/// `/proc/PID/stat` answers with the start time, so pid reuse is caught.
+/// But a missing entry can also mean that /proc hides other users'
+/// processes (`hidepid=`), and judging a hidden live holder dead would break
+/// its lock; so a missing entry is believed only if the kernel confirms,
+/// through `pidfd_open`, that no process has the pid. If it cannot tell,
+/// the process counts as alive.
 pub fn liveness(id: ProcessId) -> Liveness {
     match read_stat(id.pid) {
         Ok(s) if s.start_time == id.start_time && s.state != b'Z' && s.state != b'X' => {
             Liveness::Alive
         }
+        // Visible with another start time, or a zombie: really dead.
         Ok(_) => Liveness::Dead,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Liveness::Dead,
-        // ESRCH while reading a vanishing process, or anything odd: only a
-        // missing entry proves death, so we err on "alive" and let the
-        // caller retry later rather than break a live holder's lock.
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Liveness::Dead,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            match super::notify::PidFd::open(id.pid) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Liveness::Dead,
+                _ => Liveness::Alive,
+            }
+        }
+        // Anything odd: only proof of death counts, so we err on "alive"
+        // and let the caller retry later rather than break a live lock.
         Err(_) => Liveness::Alive,
     }
 }
 
 /// This boot's id (/proc/sys/kernel/random/boot_id), to tell a process of
 /// this boot from one of an earlier boot or another host.
-#[allow(dead_code)] // used by the lease family
 pub fn boot_id() -> &'static str {
     static BOOT: OnceLock<String> = OnceLock::new();
     BOOT.get_or_init(|| {
