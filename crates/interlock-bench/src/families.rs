@@ -5,10 +5,16 @@
 //! it has a shared mode, how to open it), driven through the crate's
 //! [`interlock::Lock`] trait so the harness measures exactly what users call.
 
-use anyhow::Result;
-use interlock::{ErrorKind, FileLock, Flavor, Lock, LockSet, Mode, TryLockError, Wait};
+use std::time::Duration;
 
-use crate::targets::{setup_file, Ctx, Floor, Group, Handle, Impl, Target};
+use anyhow::Result;
+use interlock::{ErrorKind, FileLock, Flavor, LeaseLock, Lock, LockSet, Mode, TryLockError, Wait};
+
+use crate::targets::{setup_file, setup_none, Ctx, Floor, Group, Handle, Impl, Target};
+
+/// A lease's time to live in the harness: long, so that only a dead local
+/// owner (detected at once) ever ends a lease early.
+const LEASE_TTL: Duration = Duration::from_secs(30);
 
 fn family(
     name: &'static str,
@@ -61,6 +67,14 @@ pub fn targets() -> Vec<Target> {
             true,
             setup_file,
             |c| Ok(Box::new(SetIndex(LockSet::open(c.lock_path())?))),
+        ),
+        family(
+            "lease",
+            "interlock LeaseLock (TTL 30 s)",
+            Floor::Mkdir,
+            false,
+            setup_none,
+            |c| Ok(Box::new(Il(LeaseLock::new(c.lease_path(), LEASE_TTL)?))),
         ),
     ]
 }
