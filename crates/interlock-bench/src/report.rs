@@ -370,6 +370,63 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
         }
     }
 
+    // At a glance: throughput by process count, no hold, per mix.
+    let _ = writeln!(s, "## At a glance: acquisitions per second, no hold\n");
+    let _ = writeln!(
+        s,
+        "Throughput by process count (2 CPUs), with the ratio to the row's floor in parentheses. \
+         Full figures per scenario are in the tables further down.\n"
+    );
+    for mix in [Mix::Writers, Mix::Read90, Mix::OneWriter] {
+        let in_mix: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.scenario.mix == mix && r.scenario.hold_ns == 0)
+            .collect();
+        if in_mix.is_empty() {
+            continue;
+        }
+        let mut procs: Vec<usize> = in_mix.iter().map(|r| r.scenario.procs).collect();
+        procs.sort_unstable();
+        procs.dedup();
+        let _ = writeln!(s, "**{}**\n", capitalise(mix.title()));
+        let head: Vec<String> = procs.iter().map(|p| format!("{p} procs")).collect();
+        let _ = writeln!(s, "| lock | {} |", head.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(procs.len()));
+        for t in ts {
+            if !in_mix.iter().any(|r| r.target == t.name) {
+                continue;
+            }
+            let cells: Vec<String> = procs
+                .iter()
+                .map(|&p| {
+                    match in_mix
+                        .iter()
+                        .find(|r| r.target == t.name && r.scenario.procs == p)
+                    {
+                        Some(r) if r.error.is_some() => "failed".into(),
+                        Some(r) => {
+                            let q = ratios(r, rows, ts);
+                            match q.floor {
+                                Some((_, f)) if t.group != Group::Floor => {
+                                    format!("{} ({})", fmt_rate(r.acq_per_s), fmt_ratio(Some(f)))
+                                }
+                                _ => fmt_rate(r.acq_per_s),
+                            }
+                        }
+                        None => String::new(),
+                    }
+                })
+                .collect();
+            let label = if t.group == Group::Interlock {
+                format!("**{}**", t.label)
+            } else {
+                t.label.to_string()
+            };
+            let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+        }
+        s.push('\n');
+    }
+
     // Where interlock stands.
     let il: Vec<&Row> = rows
         .iter()
