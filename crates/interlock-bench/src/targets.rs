@@ -30,7 +30,6 @@ pub struct Ctx {
     pub page: Arc<SharedPage>,
     /// The scenario's private directory in /dev/shm (shared-memory lock
     /// files, LockSet's deadlock registry).
-    #[allow(dead_code)] // read by the shared-memory families once they land
     pub shm_dir: PathBuf,
 }
 
@@ -39,9 +38,12 @@ impl Ctx {
     pub fn lock_path(&self) -> PathBuf {
         self.dir.join("lock")
     }
-    /// The lock directory (lease targets).
+    /// The lock directory (lease targets). It lives on tmpfs: on the
+    /// shared machine's ext4, directory operations wait for the journal,
+    /// and other work's I/O made one rmdir take milliseconds, drowning the
+    /// locks' own costs (the floor is measured in the same place).
     pub fn lease_path(&self) -> PathBuf {
-        self.dir.join("lease")
+        self.shm_dir.join("lease")
     }
 }
 
