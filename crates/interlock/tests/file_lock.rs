@@ -1295,3 +1295,49 @@ fn threads_and_processes_mixing_every_acquisition_keep_exclusion() {
         }
     }
 }
+
+// ----- error paths must not leak kernel locks --------------------------------
+
+#[test]
+fn a_failing_path_check_leaks_no_kernel_lock() {
+    if child() {
+        return;
+    }
+    // The path check (lstat) fails with something other than "gone": here
+    // ELOOP, because the lock's parent directory was moved away and replaced
+    // by a symbolic link to itself (on NFS, ESTALE; for a non-root user who
+    // lost search permission on the parent, EACCES). The acquisition must
+    // fail without keeping the kernel lock it took before the check.
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let d = dir.path().join(format!("d-{}", flavor_name(flavor)));
+        let moved = dir.path().join(format!("moved-{}", flavor_name(flavor)));
+        fs::create_dir(&d).unwrap();
+        let lock = open(flavor, &d.join("l.lock"));
+        fs::rename(&d, &moved).unwrap();
+        std::os::unix::fs::symlink(&d, &d).unwrap();
+        // The same inode, reached by a path that still works.
+        let other = open(flavor, &moved.join("l.lock"));
+
+        let e = lock.write().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed write() kept its kernel lock"
+        );
+
+        let e = lock.read().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed read() kept its kernel lock"
+        );
+
+        let e = lock.upgradable_read().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed upgradable_read() kept its kernel lock"
+        );
+    }
+}

@@ -776,11 +776,15 @@ impl FileLock {
     fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
             self.kernel_shared(&st.file, a)?;
-            if self.path_holds(st)? {
+            let held = self.path_holds(st);
+            if let Ok(true) = held {
                 return Ok(());
             }
-            self.release_shared_kernel(st)
-                .map_err(|e| self.io_err("unlock", e))?;
+            // A mismatch, or a check that failed: either way let go of the
+            // kernel lock before anything else (an error must not keep it).
+            let released = self.release_shared_kernel(st);
+            held?;
+            released.map_err(|e| self.io_err("unlock", e))?;
             self.reopen(st)?;
         }
     }
@@ -848,11 +852,14 @@ impl FileLock {
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
             st.writer_ofd = self.kernel_exclusive(&st.file, a)?;
-            if self.path_holds(st)? {
+            let held = self.path_holds(st);
+            if let Ok(true) = held {
                 return Ok(());
             }
-            self.release_exclusive_kernel(st)
-                .map_err(|e| self.io_err("unlock", e))?;
+            // As in `take_first_shared`: never return holding the lock.
+            let released = self.release_exclusive_kernel(st);
+            held?;
+            released.map_err(|e| self.io_err("unlock", e))?;
             self.reopen(st)?;
         }
     }
