@@ -203,23 +203,31 @@ fn run_set(plan: &Plan<'_>) -> u8 {
     }
 }
 
+/// The command's pid while it runs (0 otherwise), and whether it must stop.
+#[derive(Default)]
+struct Running {
+    pid: u32,
+    stop: bool,
+}
+
 /// The default lease time to live when `--ttl` is not given.
 const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
 fn run_lease(plan: &Plan<'_>) -> u8 {
     let a = plan.args;
     let ttl = a.ttl.unwrap_or(DEFAULT_TTL);
-    // The command's pid once it runs (0 before): if the lease is lost while
-    // it runs, another holder may be in, so the command is told to stop.
-    let child = Arc::new(Mutex::new(0u32));
+    // If the lease is lost, another holder may be in, so the command is
+    // told to stop, whether it runs already or is about to start.
+    let child = Arc::new(Mutex::new(Running::default()));
     let lost = Arc::new(AtomicBool::new(false));
     let mut opts = LeaseOptions::new(ttl).keep_alive(true).on_lost({
         let (child, lost) = (Arc::clone(&child), Arc::clone(&lost));
         move |e| {
             lost.store(true, Ordering::SeqCst);
             eprintln!("interlock: {e}; stopping the command");
-            let pid = child.lock().unwrap_or_else(|p| p.into_inner());
-            sys::terminate(*pid);
+            let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
+            c.stop = true;
+            sys::terminate(c.pid);
         }
     });
     if !a.quiet {
@@ -281,8 +289,9 @@ fn release_failed(code: u8, e: &Error) -> u8 {
 ///
 /// While it runs, `running` (if given) holds its pid; it is reset to 0
 /// under the mutex before the child is reaped, so whoever signals the pid
-/// while holding the mutex never signals a reused pid.
-fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<u32>>) -> u8 {
+/// while holding the mutex never signals a reused pid. If `stop` was set
+/// before the child started, it is terminated at once.
+fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<Running>>) -> u8 {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     for (k, v) in env {
@@ -300,13 +309,17 @@ fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<u32
         }
     };
     if let Some(r) = running {
-        *r.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
+        let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+        r.pid = child.id();
+        if r.stop {
+            sys::terminate(r.pid);
+        }
     }
     sys::forward_signals_to(child.id());
     let waited = sys::wait_exit_unreaped(child.id());
     sys::stop_forwarding();
     if let Some(r) = running {
-        *r.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+        r.lock().unwrap_or_else(|p| p.into_inner()).pid = 0;
     }
     if let Err(e) = waited {
         eprintln!("interlock: waiting for the command: {e}");

@@ -1295,3 +1295,129 @@ fn threads_and_processes_mixing_every_acquisition_keep_exclusion() {
         }
     }
 }
+
+// ----- error paths must not leak kernel locks --------------------------------
+
+#[test]
+fn a_failing_path_check_leaks_no_kernel_lock() {
+    if child() {
+        return;
+    }
+    // The path check (lstat) fails with something other than "gone": here
+    // ELOOP, because the lock's parent directory was moved away and replaced
+    // by a symbolic link to itself (on NFS, ESTALE; for a non-root user who
+    // lost search permission on the parent, EACCES). The acquisition must
+    // fail without keeping the kernel lock it took before the check.
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let d = dir.path().join(format!("d-{}", flavor_name(flavor)));
+        let moved = dir.path().join(format!("moved-{}", flavor_name(flavor)));
+        fs::create_dir(&d).unwrap();
+        let lock = open(flavor, &d.join("l.lock"));
+        fs::rename(&d, &moved).unwrap();
+        std::os::unix::fs::symlink(&d, &d).unwrap();
+        // The same inode, reached by a path that still works.
+        let other = open(flavor, &moved.join("l.lock"));
+
+        let e = lock.write().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed write() kept its kernel lock"
+        );
+
+        let e = lock.read().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed read() kept its kernel lock"
+        );
+
+        let e = lock.upgradable_read().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: a failed upgradable_read() kept its kernel lock"
+        );
+    }
+}
+
+#[test]
+fn a_panicking_on_block_callback_leaks_no_lock() {
+    if child() {
+        return;
+    }
+    use interlock::__raw::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
+    use std::os::fd::AsFd;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let byte0 = ByteRange { start: 0, len: 1 };
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("pan-{}.lock", flavor_name(flavor)));
+        let lock = FileLock::options()
+            .flavor(flavor)
+            .on_block(|_| panic!("on_block callback panics (on purpose)"))
+            .open(&p)
+            .unwrap();
+        let other = open(flavor, &p);
+        let raw = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        // Holds the data the way a foreign program would, exclusively or
+        // shared, without interlock's gate and slot.
+        let foreign = |take: Option<bool>| match (flavor, take) {
+            (Flavor::Fcntl, Some(x)) => {
+                let k = if x { RangeLock::Write } else { RangeLock::Read };
+                assert!(ofd_try(raw.as_fd(), k, byte0).unwrap());
+            }
+            (Flavor::Fcntl, None) => {
+                assert!(ofd_try(raw.as_fd(), RangeLock::Unlock, byte0).unwrap())
+            }
+            (Flavor::Flock, Some(x)) => {
+                let op = if x {
+                    FlockOp::Exclusive
+                } else {
+                    FlockOp::Shared
+                };
+                assert!(flock(raw.as_fd(), op, false).unwrap());
+            }
+            (Flavor::Flock, None) => assert!(flock(raw.as_fd(), FlockOp::Unlock, false).unwrap()),
+        };
+
+        // 1. An upgrade that has to wait for a reader of this process.
+        let r = lock.read().unwrap();
+        let u = lock.upgradable_read().unwrap();
+        assert!(catch_unwind(AssertUnwindSafe(|| u.upgrade().map(drop))).is_err());
+        drop(r);
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: in-process upgrade: the lock stayed held"
+        );
+
+        // 2. An upgrade that has to wait for a reader in the kernel.
+        let u = lock.upgradable_read().unwrap();
+        foreign(Some(false));
+        assert!(catch_unwind(AssertUnwindSafe(|| u.upgrade().map(drop))).is_err());
+        foreign(None);
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: kernel upgrade: the lock stayed held"
+        );
+
+        // 3. An upgradable read that gets the slot at once, then waits for
+        //    the data.
+        foreign(Some(true));
+        assert!(catch_unwind(AssertUnwindSafe(|| lock.upgradable_read().map(drop))).is_err());
+        foreign(None);
+        assert!(
+            other.try_write().is_ok(),
+            "{flavor:?}: upgradable read: the slot stayed held"
+        );
+
+        // This handle still works.
+        drop(lock.try_write().unwrap());
+        drop(lock.try_upgradable_read().unwrap());
+    }
+}

@@ -192,7 +192,9 @@ impl FileLockOptions {
     ///
     /// It runs in the acquiring thread, possibly while internal locks of this
     /// `FileLock` are held: it may call its `try_*` methods (they answer
-    /// WouldBlock) but must not block on the same `FileLock`.
+    /// WouldBlock) but must not block on the same `FileLock`. If it panics,
+    /// the acquisition gives back whatever it had taken and the panic goes
+    /// on in the caller.
     pub fn on_block(&mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> &mut Self {
         self.on_block = Some(Arc::new(f));
         self
@@ -391,6 +393,12 @@ struct Attempt<'a> {
     wait: Wait,
     mode: Mode,
     told: bool,
+    /// A panic of the on-block callback. The callback runs in the middle of
+    /// the protocol (say, holding the slot while the data is busy), so its
+    /// panic is caught, the acquisition fails through its ordinary error
+    /// paths (which give back whatever it took), and [`Attempt::finish`]
+    /// re-raises it.
+    panicked: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl<'a> Attempt<'a> {
@@ -400,20 +408,40 @@ impl<'a> Attempt<'a> {
             wait,
             mode,
             told: false,
+            panicked: None,
         }
     }
 
-    fn about_to_block(&mut self) {
+    /// Tells the callback (the first time). If it panics, the acquisition
+    /// must fail: `Err`, and the panic is kept for [`Attempt::finish`].
+    fn about_to_block(&mut self) -> Result<(), TryLockError> {
         if !self.told {
             self.told = true;
             if let Some(cb) = &self.lock.on_block {
-                cb(&Blocked {
+                let blocked = Blocked {
                     resource: &self.lock.path,
                     mode: self.mode,
                     range: None,
-                });
+                };
+                let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&blocked)));
+                if let Err(p) = told {
+                    self.panicked = Some(p);
+                    return Err(TryLockError::WouldBlock);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// The acquisition's result, unless the callback panicked: then the
+    /// result (an error that released everything) is dropped and the panic
+    /// goes on.
+    fn finish<T>(&mut self, result: T) -> T {
+        if let Some(p) = self.panicked.take() {
+            drop(result);
+            std::panic::resume_unwind(p);
+        }
+        result
     }
 
     /// An in-process wait: try, and if that fails, tell and wait as allowed.
@@ -429,11 +457,11 @@ impl<'a> Attempt<'a> {
         match self.wait {
             Wait::NonBlocking => Err(TryLockError::WouldBlock),
             Wait::Forever => {
-                self.about_to_block();
+                self.about_to_block()?;
                 Ok(forever())
             }
             Wait::Until(t) => {
-                self.about_to_block();
+                self.about_to_block()?;
                 until(t).ok_or(TryLockError::TimedOut)
             }
         }
@@ -476,7 +504,7 @@ impl<'a> Attempt<'a> {
         let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
         // After the flag: a callback that asks this same lock for a try_*
         // gets WouldBlock instead of waiting for the mutex we hold.
-        self.about_to_block();
+        self.about_to_block()?;
         let got = timer::block_until(deadline, || req.wait_on(f));
         match got {
             Ok(Some(())) => Ok(()),
@@ -645,12 +673,17 @@ impl FileLock {
     /// A shared lock, waiting as `wait` allows.
     pub fn read_with(&self, wait: Wait) -> Result<FileReadGuard<'_>, TryLockError> {
         let mut a = Attempt::new(self, wait, Mode::Shared);
+        let got = self.read_attempt(&mut a);
+        a.finish(got)
+    }
+
+    fn read_attempt(&self, a: &mut Attempt<'_>) -> Result<FileReadGuard<'_>, TryLockError> {
         let rw = a.park(
             || self.rw.try_read(),
             || self.rw.read(),
             |t| self.rw.try_read_until(t),
         )?;
-        self.join_shared(&rw, &mut a)?;
+        self.join_shared(&rw, a)?;
         Ok(FileReadGuard {
             lock: self,
             rw: Some(rw),
@@ -660,6 +693,11 @@ impl FileLock {
     /// The exclusive lock, waiting as `wait` allows.
     pub fn write_with(&self, wait: Wait) -> Result<FileWriteGuard<'_>, TryLockError> {
         let mut a = Attempt::new(self, wait, Mode::Exclusive);
+        let got = self.write_attempt(&mut a);
+        a.finish(got)
+    }
+
+    fn write_attempt(&self, a: &mut Attempt<'_>) -> Result<FileWriteGuard<'_>, TryLockError> {
         let rw = a.park(
             || self.rw.try_write(),
             || self.rw.write(),
@@ -668,7 +706,7 @@ impl FileLock {
         // With `rw` held exclusively no other thread of ours touches the
         // kernel side: no mutex needed.
         let mut rw = rw;
-        self.take_exclusive(rw.get_mut(), &mut a)?;
+        self.take_exclusive(rw.get_mut(), a)?;
         Ok(FileWriteGuard {
             lock: self,
             rw: Some(rw),
@@ -678,18 +716,26 @@ impl FileLock {
     /// An upgradable shared lock, waiting as `wait` allows.
     pub fn upgradable_with(&self, wait: Wait) -> Result<FileUpgradableGuard<'_>, TryLockError> {
         let mut a = Attempt::new(self, wait, Mode::Shared);
+        let got = self.upgradable_attempt(&mut a);
+        a.finish(got)
+    }
+
+    fn upgradable_attempt(
+        &self,
+        a: &mut Attempt<'_>,
+    ) -> Result<FileUpgradableGuard<'_>, TryLockError> {
         let rw = a.park(
             || self.rw.try_upgradable_read(),
             || self.rw.upgradable_read(),
             |t| self.rw.try_upgradable_read_until(t),
         )?;
         loop {
-            let file = self.lock_state(&rw, &mut a)?.file.clone();
+            let file = self.lock_state(&rw, a)?.file.clone();
             // The slot, without the state mutex: in-process readers must be
             // able to come and go while we wait for another process's
             // upgrader or writer.
             a.kernel(&file, Req::Ofd(RangeLock::Write, self.slot()), false)?;
-            let mut st = match self.lock_state(&rw, &mut a) {
+            let mut st = match self.lock_state(&rw, a) {
                 Ok(st) => st,
                 Err(e) => {
                     let _ = unlock_ofd(&file, self.slot());
@@ -706,7 +752,7 @@ impl FileLock {
             if st.readers > 0 {
                 // Holding the slot, no writer of ours can be at the gate.
                 st.readers += 1;
-            } else if let Err(e) = self.take_first_shared(&mut st, &mut a) {
+            } else if let Err(e) = self.take_first_shared(&mut st, a) {
                 let _ = unlock_ofd(&file, self.slot());
                 return Err(e);
             } else if !Arc::ptr_eq(&st.file, &file) {
@@ -776,11 +822,15 @@ impl FileLock {
     fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
             self.kernel_shared(&st.file, a)?;
-            if self.path_holds(st)? {
+            let held = self.path_holds(st);
+            if let Ok(true) = held {
                 return Ok(());
             }
-            self.release_shared_kernel(st)
-                .map_err(|e| self.io_err("unlock", e))?;
+            // A mismatch, or a check that failed: either way let go of the
+            // kernel lock before anything else (an error must not keep it).
+            let released = self.release_shared_kernel(st);
+            held?;
+            released.map_err(|e| self.io_err("unlock", e))?;
             self.reopen(st)?;
         }
     }
@@ -848,11 +898,14 @@ impl FileLock {
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
             st.writer_ofd = self.kernel_exclusive(&st.file, a)?;
-            if self.path_holds(st)? {
+            let held = self.path_holds(st);
+            if let Ok(true) = held {
                 return Ok(());
             }
-            self.release_exclusive_kernel(st)
-                .map_err(|e| self.io_err("unlock", e))?;
+            // As in `take_first_shared`: never return holding the lock.
+            let released = self.release_exclusive_kernel(st);
+            held?;
+            released.map_err(|e| self.io_err("unlock", e))?;
             self.reopen(st)?;
         }
     }
@@ -1271,22 +1324,28 @@ impl<'a> FileUpgradableGuard<'a> {
     }
 
     /// Upgrades, waiting as `wait` allows.
-    pub fn upgrade_with(mut self, wait: Wait) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+    pub fn upgrade_with(self, wait: Wait) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
+        let mut a = Attempt::new(self.lock, wait, Mode::Exclusive);
+        // On a panic of the callback, the guard comes back in the error and
+        // is dropped (released) before the panic goes on.
+        let got = self.upgrade_attempt(&mut a, wait);
+        a.finish(got)
+    }
+
+    fn upgrade_attempt(
+        mut self,
+        a: &mut Attempt<'_>,
+        wait: Wait,
+    ) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
         let lock = self.lock;
-        let mut a = Attempt::new(lock, wait, Mode::Exclusive);
         let u = self.rw.take().expect("upgradable guard holds its lock");
         let w = match RwLockUpgradableReadGuard::try_upgrade(u) {
             Ok(w) => Ok(w),
-            Err(u) => match wait {
-                Wait::NonBlocking => Err(u),
-                Wait::Forever => {
-                    a.about_to_block();
-                    Ok(RwLockUpgradableReadGuard::upgrade(u))
-                }
-                Wait::Until(t) => {
-                    a.about_to_block();
-                    RwLockUpgradableReadGuard::try_upgrade_until(u, t)
-                }
+            Err(u) if wait == Wait::NonBlocking => Err(u),
+            Err(u) => match (a.about_to_block(), wait) {
+                (Err(_), _) => Err(u),
+                (Ok(()), Wait::Until(t)) => RwLockUpgradableReadGuard::try_upgrade_until(u, t),
+                (Ok(()), _) => Ok(RwLockUpgradableReadGuard::upgrade(u)),
             },
         };
         let mut w = match w {
@@ -1300,7 +1359,7 @@ impl<'a> FileUpgradableGuard<'a> {
             }
         };
         debug_assert_eq!(w.get_mut().readers, 1);
-        match lock.kernel_upgrade(w.get_mut(), &mut a) {
+        match lock.kernel_upgrade(w.get_mut(), a) {
             Ok(()) => {
                 w.get_mut().readers = 0;
                 Ok(FileWriteGuard { lock, rw: Some(w) })
