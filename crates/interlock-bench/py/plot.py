@@ -158,7 +158,8 @@ def writer_wait(rows, out):
         ax.set_title("%s locks, %s" % (cls, hold_title(hold)))
         ax.set_xlabel("processes (1 writer, the rest readers; 2 CPUs)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if targets:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("writer's p99 wait")
     fig.suptitle("Writer starvation: the one writer's p99 wait among readers")
     fig.tight_layout()
