@@ -8,11 +8,18 @@
 #![allow(dead_code)]
 
 mod error;
+pub mod shm;
+mod sync;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
+#[cfg(not(loom))]
+pub use shm::{
+    LockResult, Poisoned, ShmMutex, ShmMutexGuard, ShmOptions, ShmReadGuard, ShmRwLock,
+    ShmUpgradableGuard, ShmWriteGuard,
+};
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
 

@@ -7,5 +7,8 @@
 //! which calls a family makes.
 
 pub mod fcntl;
+pub mod fork;
+pub mod futex;
+pub mod mmap;
 pub mod proc;
 pub mod timer;

@@ -1,0 +1,196 @@
+//! Which slot a thread uses: a thread-local cache, and each process's pool.
+//!
+//! Why it is built this way: the reader fast path must not search the slot
+//! table (that would touch every line) nor take a process-wide lock, so each
+//! thread remembers the slot it claimed, keyed by a process-unique handle id
+//! (not an address: a freed handle's address can be reused) and by the fork
+//! generation (a forked child must not use its parent's slots). A
+//! one-entry cache answers the common case with two compares.
+//!
+//! Slots belong to the *process*, not the thread: identities are per
+//! process, and counts are atomic increments, so any number of a process's
+//! threads may use one slot safely; a slot of its own only spares a thread
+//! the shared cache line. That makes the rules simple: a thread that exits
+//! gives its slot back to its process's pool (it may still be in use by a
+//! thread that shares it: harmless); slots go back to the shared table only
+//! when the handle is dropped, when no guard can exist.
+
+use super::protocol::{Notify, CHECK};
+use super::Inner;
+use crate::sys::fork::generation;
+use crate::wait::Wait;
+use crate::TryLockError;
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Weak};
+
+/// One process's slots of one lock (per handle).
+#[derive(Default)]
+pub(crate) struct Pool {
+    /// The fork generation these slots were claimed in.
+    gen: u64,
+    /// Every slot this process claimed through this handle.
+    claimed: Vec<u32>,
+    /// Claimed slots no thread calls its own.
+    free: Vec<u32>,
+    /// Round-robin cursor for sharing when slots run out.
+    next_share: usize,
+}
+
+impl Pool {
+    /// Forgets slots claimed before a fork: they are the parent's.
+    fn refresh(&mut self, gen: u64) {
+        if self.gen != gen {
+            *self = Pool {
+                gen,
+                ..Pool::default()
+            };
+        }
+    }
+}
+
+struct Entry {
+    id: u64,
+    gen: u64,
+    slot: u32,
+    own: bool,
+    inner: Weak<Inner>,
+}
+
+struct Local(Vec<Entry>);
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let gen = generation();
+        for e in self.0.drain(..) {
+            if e.gen != gen || !e.own {
+                continue;
+            }
+            if let Some(inner) = e.inner.upgrade() {
+                let mut pool = inner.pool.lock();
+                if pool.gen == gen {
+                    pool.free.push(e.slot);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The last (handle id, fork generation, slot) this thread used.
+    static LAST: Cell<(u64, u64, u32)> = const { Cell::new((0, 0, 0)) };
+    /// Every slot this thread uses.
+    static ALL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
+}
+
+/// The slot this thread uses for `inner`, claiming one if needed; waits (as
+/// `wait` allows) only if the process has no slot at all and none is free.
+#[inline]
+pub(crate) fn slot(
+    inner: &Arc<Inner>,
+    wait: &Wait,
+    notify: &mut Notify<'_>,
+) -> Result<u32, TryLockError> {
+    let gen = generation();
+    if let Ok((id, g, s)) = LAST.try_with(Cell::get) {
+        if id == inner.id && g == gen {
+            return Ok(s);
+        }
+    }
+    slot_slow(inner, gen, wait, notify)
+}
+
+#[cold]
+fn slot_slow(
+    inner: &Arc<Inner>,
+    gen: u64,
+    wait: &Wait,
+    notify: &mut Notify<'_>,
+) -> Result<u32, TryLockError> {
+    let known = ALL
+        .try_with(|a| {
+            a.try_borrow().ok().and_then(|a| {
+                a.0.iter()
+                    .find(|e| e.id == inner.id && e.gen == gen)
+                    .map(|e| e.slot)
+            })
+        })
+        .ok()
+        .flatten();
+    if let Some(s) = known {
+        let _ = LAST.try_with(|c| c.set((inner.id, gen, s)));
+        return Ok(s);
+    }
+    loop {
+        if let Some((s, own)) = take(inner, gen) {
+            let _ = ALL.try_with(|a| {
+                if let Ok(mut a) = a.try_borrow_mut() {
+                    a.0.retain(|e| e.inner.strong_count() > 0);
+                    a.0.push(Entry {
+                        id: inner.id,
+                        gen,
+                        slot: s,
+                        own,
+                        inner: Arc::downgrade(inner),
+                    });
+                }
+            });
+            // If the thread-local is gone (the thread is exiting), the slot
+            // simply stays in the process's claimed list until the handle
+            // is dropped.
+            let _ = LAST.try_with(|c| c.set((inner.id, gen, s)));
+            return Ok(s);
+        }
+        // Every slot belongs to a live process and this one has none: wait
+        // for one to be freed (a process exiting or dropping its handle).
+        if !wait.may_block() || wait.expired() {
+            return Err(wait.gave_up());
+        }
+        notify.fire();
+        std::thread::sleep(wait.remaining().map_or(CHECK, |r| r.min(CHECK)));
+    }
+}
+
+/// A slot for a thread of this process: a pooled one, a newly claimed one,
+/// or (when the table is full) one shared with another of our threads.
+fn take(inner: &Inner, gen: u64) -> Option<(u32, bool)> {
+    let mut pool = inner.pool.lock();
+    pool.refresh(gen);
+    if let Some(s) = pool.free.pop() {
+        return Some((s, true));
+    }
+    if let Some(s) = inner.core().claim_slot() {
+        pool.claimed.push(s);
+        return Some((s, true));
+    }
+    if pool.claimed.is_empty() {
+        return None;
+    }
+    let s = pool.claimed[pool.next_share % pool.claimed.len()];
+    pool.next_share = pool.next_share.wrapping_add(1);
+    Some((s, false))
+}
+
+/// Returns every slot this process claimed through `inner` to the shared
+/// table (the handle is being dropped: no guard exists).
+pub(crate) fn release_all(inner: &Inner) {
+    let gen = generation();
+    let pool = inner.pool.lock();
+    if pool.gen != gen {
+        return;
+    }
+    let core = inner.core();
+    for &s in &pool.claimed {
+        core.release_slot(s);
+    }
+}
+
+/// How many slots this process has claimed through `inner` (for tests).
+#[cfg(test)]
+pub(crate) fn claimed(inner: &Inner) -> usize {
+    let pool = inner.pool.lock();
+    if pool.gen == generation() {
+        pool.claimed.len()
+    } else {
+        0
+    }
+}
