@@ -8,12 +8,15 @@
 //! one-entry cache answers the common case with two compares.
 //!
 //! Slots belong to the *process*, not the thread: identities are per
-//! process, and counts are atomic increments, so any number of a process's
-//! threads may use one slot safely; a slot of its own only spares a thread
-//! the shared cache line. That makes the rules simple: a thread that exits
-//! gives its slot back to its process's pool (it may still be in use by a
-//! thread that shares it: harmless); slots go back to the shared table only
-//! when the handle is dropped, when no guard can exist.
+//! process. Each process first claims one *shared* slot, which any of its
+//! threads may use (its counter moves only by atomic increments and
+//! decrements); then each thread claims a slot of its *own* if one is free,
+//! which spares it the shared cache line and lets it release a read hold
+//! with a plain store (see `protocol::Core::read_exit`). An own slot is
+//! never shared; a thread that finds no free slot uses the shared one, so
+//! slots running out costs speed, never exclusion. A thread that exits
+//! gives its own slot back to its process's pool; slots go back to the
+//! shared table only when the handle is dropped, when no guard can exist.
 
 use super::protocol::{Notify, CHECK};
 use super::Inner;
@@ -30,10 +33,10 @@ pub(crate) struct Pool {
     gen: u64,
     /// Every slot this process claimed through this handle.
     claimed: Vec<u32>,
-    /// Claimed slots no thread calls its own.
+    /// Own slots no thread holds now.
     free: Vec<u32>,
-    /// Round-robin cursor for sharing when slots run out.
-    next_share: usize,
+    /// The slot every thread without one of its own shares.
+    shared: Option<u32>,
 }
 
 impl Pool {
@@ -76,27 +79,33 @@ impl Drop for Local {
 }
 
 thread_local! {
-    /// The last (handle id, fork generation, slot) this thread used.
-    static LAST: Cell<(u64, u64, u32)> = const { Cell::new((0, 0, 0)) };
+    /// The last (handle id, fork generation, slot, own) this thread used.
+    static LAST: Cell<(u64, u64, u32, bool)> = const { Cell::new((0, 0, 0, false)) };
     /// Every slot this thread uses.
     static ALL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
 }
 
-/// The slot this thread uses for `inner`, claiming one if needed; waits (as
-/// `wait` allows) only if the process has no slot at all and none is free.
+/// The slot this thread last used for `inner` and whether it is its own,
+/// if that is still valid: the fast path, two compares.
+#[inline]
+pub(crate) fn cached(inner: &Inner) -> Option<(u32, bool)> {
+    let (id, g, s, own) = LAST.try_with(Cell::get).ok()?;
+    (id == inner.id && g == generation()).then_some((s, own))
+}
+
+/// The slot this thread uses for `inner` and whether it is its own,
+/// claiming one if needed; waits (as `wait` allows) only if the process has
+/// no slot at all and none is free.
 #[inline]
 pub(crate) fn slot(
     inner: &Arc<Inner>,
     wait: &Wait,
     notify: &mut Notify<'_>,
-) -> Result<u32, TryLockError> {
-    let gen = generation();
-    if let Ok((id, g, s)) = LAST.try_with(Cell::get) {
-        if id == inner.id && g == gen {
-            return Ok(s);
-        }
+) -> Result<(u32, bool), TryLockError> {
+    match cached(inner) {
+        Some(x) => Ok(x),
+        None => slot_slow(inner, generation(), wait, notify),
     }
-    slot_slow(inner, gen, wait, notify)
 }
 
 #[cold]
@@ -105,20 +114,20 @@ fn slot_slow(
     gen: u64,
     wait: &Wait,
     notify: &mut Notify<'_>,
-) -> Result<u32, TryLockError> {
+) -> Result<(u32, bool), TryLockError> {
     let known = ALL
         .try_with(|a| {
             a.try_borrow().ok().and_then(|a| {
                 a.0.iter()
                     .find(|e| e.id == inner.id && e.gen == gen)
-                    .map(|e| e.slot)
+                    .map(|e| (e.slot, e.own))
             })
         })
         .ok()
         .flatten();
-    if let Some(s) = known {
-        let _ = LAST.try_with(|c| c.set((inner.id, gen, s)));
-        return Ok(s);
+    if let Some((s, own)) = known {
+        let _ = LAST.try_with(|c| c.set((inner.id, gen, s, own)));
+        return Ok((s, own));
     }
     loop {
         if let Some((s, own)) = take(inner, gen) {
@@ -134,11 +143,10 @@ fn slot_slow(
                     });
                 }
             });
-            // If the thread-local is gone (the thread is exiting), the slot
-            // simply stays in the process's claimed list until the handle
-            // is dropped.
-            let _ = LAST.try_with(|c| c.set((inner.id, gen, s)));
-            return Ok(s);
+            // If the thread-local is gone (the thread is exiting), an own
+            // slot simply stays claimed until the handle is dropped.
+            let _ = LAST.try_with(|c| c.set((inner.id, gen, s, own)));
+            return Ok((s, own));
         }
         // Every slot belongs to a live process and this one has none: wait
         // for one to be freed (a process exiting or dropping its handle).
@@ -150,24 +158,30 @@ fn slot_slow(
     }
 }
 
-/// A slot for a thread of this process: a pooled one, a newly claimed one,
-/// or (when the table is full) one shared with another of our threads.
+/// A slot for a thread of this process: a pooled own slot, a newly
+/// claimed own slot, or (when the table is full) the process's shared slot.
+/// `None` if the process has no slot at all and none is free.
 fn take(inner: &Inner, gen: u64) -> Option<(u32, bool)> {
     let mut pool = inner.pool.lock();
     pool.refresh(gen);
+    let core = inner.core();
+    let shared = match pool.shared {
+        Some(s) => s,
+        None => {
+            let s = core.claim_slot()?;
+            pool.claimed.push(s);
+            pool.shared = Some(s);
+            s
+        }
+    };
     if let Some(s) = pool.free.pop() {
         return Some((s, true));
     }
-    if let Some(s) = inner.core().claim_slot() {
+    if let Some(s) = core.claim_slot() {
         pool.claimed.push(s);
         return Some((s, true));
     }
-    if pool.claimed.is_empty() {
-        return None;
-    }
-    let s = pool.claimed[pool.next_share % pool.claimed.len()];
-    pool.next_share = pool.next_share.wrapping_add(1);
-    Some((s, false))
+    Some((shared, false))
 }
 
 /// Returns every slot this process claimed through `inner` to the shared

@@ -11,6 +11,7 @@ use super::local;
 use super::rwlock::forever;
 use super::{lost, Inner, LockResult, Poisoned, ShmOptions};
 use crate::error::Result;
+use crate::shm::layout::WRITER;
 use crate::shm::protocol::Notify;
 use crate::sys::fork::generation;
 use crate::wait::{Mode, OnBlock, Wait};
@@ -88,10 +89,10 @@ impl ShmMutex {
         Some(crate::ProcessId { pid, start_time })
     }
 
-    #[inline]
+    #[cold]
     fn acquire(&self, wait: Wait) -> Result<LockResult<ShmMutexGuard<'_>>, TryLockError> {
         let go = |n: &mut Notify<'_>| {
-            let slot = local::slot(&self.inner, &wait, n)?;
+            let (slot, _) = local::slot(&self.inner, &wait, n)?;
             let poisoned = self.inner.core().write(slot, false, &wait, n)?;
             let g = ShmMutexGuard {
                 lock: self,
@@ -119,6 +120,17 @@ impl ShmMutex {
     /// Blocks until held. `Err` carries the guard if the mutex is poisoned.
     #[inline]
     pub fn lock(&self) -> LockResult<ShmMutexGuard<'_>> {
+        if let Some((slot, _)) = local::cached(&self.inner) {
+            if self.inner.core().try_write_fast(slot, false) {
+                return Ok(ShmMutexGuard {
+                    lock: self,
+                    slot,
+                    gen: generation(),
+                    poison: false,
+                    _not_send: PhantomData,
+                });
+            }
+        }
         forever(self.acquire(Wait::Forever))
     }
 
@@ -177,7 +189,8 @@ impl ShmMutexGuard<'_> {
 
     fn release(&self) -> Result<()> {
         let poison = self.poison || std::thread::panicking();
-        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, poison) {
+        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, WRITER, poison)
+        {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))

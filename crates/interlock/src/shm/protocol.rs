@@ -60,6 +60,10 @@ use crate::wait::Wait;
 use crate::TryLockError;
 use std::time::Duration;
 
+/// The longest a draining writer sleeps on a reader's counter before it
+/// looks again (see [`Core::read_exit`] for why it may need to).
+pub const DRAIN_SLICE: Duration = Duration::from_millis(1);
+
 /// How long a waiter sleeps before it checks that the holder is alive.
 /// Short enough that a dead holder is noticed within a few periods (the goal
 /// is 50 ms at p99), long enough that a waiter costs nothing measurable:
@@ -306,10 +310,11 @@ impl<'a, E: Env> Core<'a, E> {
     // ---------------------------------------------------------------
     // Readers.
 
-    /// One attempt to enter as a reader through slot `s`: `Ok(poisoned)`,
-    /// or `Err(state)` (a writer is present; nothing is held).
+    /// One attempt to enter as a reader through slot `s` (`own`: only this
+    /// thread uses it): `Ok(poisoned)`, or `Err(state)` (a writer is
+    /// present; nothing is held).
     #[inline]
-    pub fn read_enter(&self, s: u32) -> Result<bool, u32> {
+    pub fn read_enter(&self, s: u32, own: bool) -> Result<bool, u32> {
         let slot = &self.slots[s as usize];
         // SeqCst increment, then SeqCst load: the reader's half of Dekker's
         // pattern (module docs). The load also acquires the last writer's
@@ -319,22 +324,44 @@ impl<'a, E: Env> Core<'a, E> {
         if ws & WRITER == 0 {
             return Ok(ws & POISON != 0);
         }
-        self.read_exit(s);
+        self.read_exit(s, own);
         Err(ws)
     }
 
     /// Drops one read hold of slot `s`. Returns false if the slot held none
     /// (it was reclaimed from under us: we had been taken for dead).
+    ///
+    /// A slot used by one thread only (`own`) is released with a plain
+    /// Release store, which costs no locked instruction: nobody else writes
+    /// the counter (a reclaimer only touches slots of dead processes). The
+    /// store publishes the critical section to the writer that then loads
+    /// the counter (Release/SeqCst-load). The price: the store and the
+    /// following load of `state` are not ordered (store→load), so a writer
+    /// that announces DRAIN_SLEEP at that very instant may not be woken and
+    /// instead notices the zero when its bounded sleep ends (a latency of at
+    /// most [`DRAIN_SLICE`], never a loss of exclusion or a hang). A shared
+    /// slot uses a SeqCst decrement, which closes that window.
     #[inline]
-    pub fn read_exit(&self, s: u32) -> bool {
+    pub fn read_exit(&self, s: u32, own: bool) -> bool {
         let slot = &self.slots[s as usize];
-        // SeqCst decrement then SeqCst load of state: pairs with the
-        // writer's "set DRAIN_SLEEP (SeqCst), then sleep while held == v":
-        // either we see DRAIN_SLEEP and wake it, or its futex check (after
-        // its SeqCst RMW) sees our decrement.
-        let prev = slot.held.fetch_sub(1, Ordering::SeqCst);
+        let prev = if own {
+            let h = slot.held.load(Ordering::Relaxed);
+            if h != 0 {
+                slot.held.store(h - 1, Ordering::Release);
+            }
+            h
+        } else {
+            // SeqCst decrement then SeqCst load of state: pairs with the
+            // writer's "set DRAIN_SLEEP (SeqCst), then sleep while
+            // held == v": either we see DRAIN_SLEEP and wake it, or its
+            // futex check (after its SeqCst RMW) sees our decrement.
+            let prev = slot.held.fetch_sub(1, Ordering::SeqCst);
+            if prev == 0 {
+                slot.held.fetch_add(1, Ordering::SeqCst);
+            }
+            prev
+        };
         if prev == 0 {
-            slot.held.fetch_add(1, Ordering::SeqCst);
             return false;
         }
         if prev == 1 && self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0 {
@@ -345,9 +372,15 @@ impl<'a, E: Env> Core<'a, E> {
 
     /// Acquires a read hold through slot `s`, waiting as `wait` allows.
     /// `Ok(poisoned)`.
-    pub fn read(&self, s: u32, wait: &Wait, notify: &mut Notify<'_>) -> Result<bool, TryLockError> {
+    pub fn read(
+        &self,
+        s: u32,
+        own: bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
         loop {
-            match self.read_enter(s) {
+            match self.read_enter(s, own) {
                 Ok(p) => return Ok(p),
                 Err(_) => {
                     self.wait_state(|ws| ws & WRITER != 0, wait, notify)?;
@@ -408,6 +441,7 @@ impl<'a, E: Env> Core<'a, E> {
             let slot = &self.slots[i];
             let mut spins = SPIN;
             let mut checked = false;
+            let mut slept = 0u32;
             loop {
                 // SeqCst: the writer's half of Dekker's pattern.
                 let h = slot.held.load(Ordering::SeqCst);
@@ -431,8 +465,13 @@ impl<'a, E: Env> Core<'a, E> {
                 // call (SeqCst RMW; pairs with `read_exit`).
                 self.state().fetch_or(DRAIN_SLEEP, Ordering::SeqCst);
                 notify.fire();
-                if futex::wait(&slot.held, h, slice(wait)) == Woke::TimedOut {
-                    self.check_slot(i as u32);
+                let nap = slice(wait).map(|d| d.min(DRAIN_SLICE));
+                if futex::wait(&slot.held, h, nap) == Woke::TimedOut {
+                    slept += 1;
+                    // Check liveness about once per CHECK, not per nap.
+                    if slept % (CHECK.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32 == 0 {
+                        self.check_slot(i as u32);
+                    }
                 }
             }
         }
@@ -441,6 +480,7 @@ impl<'a, E: Env> Core<'a, E> {
 
     /// Acquires the exclusive lock through slot `s`. `drain` is false for a
     /// mutex (which has no readers). `Ok(poisoned)`.
+    #[inline]
     pub fn write(
         &self,
         s: u32,
@@ -448,10 +488,75 @@ impl<'a, E: Env> Core<'a, E> {
         wait: &Wait,
         notify: &mut Notify<'_>,
     ) -> Result<bool, TryLockError> {
-        let poisoned = self.token(s, WRITER, wait, notify)?;
+        // Fast path: a clean, free word and (for a rwlock) no reader inside.
+        let took = self
+            .state()
+            .compare_exchange(
+                0,
+                Self::token_of(s) | WRITER,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        if took && (!drain || self.no_readers()) {
+            return Ok(false);
+        }
+        self.write_slow(s, took, drain, wait, notify)
+    }
+
+    /// The whole uncontended write acquisition, or nothing: takes a clean,
+    /// free token and finds no reader; otherwise undoes and returns false
+    /// (the caller then takes the slow path).
+    #[inline]
+    pub fn try_write_fast(&self, s: u32, drain: bool) -> bool {
+        if self
+            .state()
+            .compare_exchange(
+                0,
+                Self::token_of(s) | WRITER,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        if !drain || self.no_readers() {
+            return true;
+        }
+        self.token_exit(s, WRITER, false);
+        false
+    }
+
+    /// Whether every slot in use is at zero right now (SeqCst loads: the
+    /// writer's half of Dekker's pattern).
+    #[inline]
+    fn no_readers(&self) -> bool {
+        let high = self.words.high.load(Ordering::SeqCst) as usize;
+        self.slots[..high.min(self.slots.len())]
+            .iter()
+            .all(|x| x.held.load(Ordering::SeqCst) == 0)
+    }
+
+    #[cold]
+    fn write_slow(
+        &self,
+        s: u32,
+        took: bool,
+        drain: bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        // The fast path may already have taken the (clean) token and found
+        // readers; otherwise take it now.
+        let poisoned = if took {
+            false
+        } else {
+            self.token(s, WRITER, wait, notify)?
+        };
         if drain {
             if let Err(e) = self.drain(wait, notify) {
-                self.token_exit(s, poisoned);
+                self.token_exit(s, WRITER, poisoned);
                 return Err(e);
             }
         }
@@ -468,21 +573,33 @@ impl<'a, E: Env> Core<'a, E> {
         self.token(s, UPGRADABLE, wait, notify)
     }
 
-    /// Releases the token held by slot `s` (writer or upgradable), leaving
-    /// `POISON` set iff `poison`. Returns false, changing nothing, if the
-    /// token was not ours (it was reclaimed: we had been taken for dead).
+    /// Releases the token held by slot `s` in mode `bit` (WRITER or
+    /// UPGRADABLE), leaving `POISON` set iff `poison`. Returns false,
+    /// changing nothing, if the token was not ours (it was reclaimed: we had
+    /// been taken for dead).
     #[inline]
-    pub fn token_exit(&self, s: u32, poison: bool) -> bool {
+    pub fn token_exit(&self, s: u32, bit: u32, poison: bool) -> bool {
         let keep = if poison { POISON } else { 0 };
+        // Release: our critical section happens-before the next acquirer's
+        // Acquire (SeqCst) of this word. Fast path: nobody waits.
+        let guess = Self::token_of(s) | bit | keep;
+        match self
+            .state()
+            .compare_exchange(guess, keep, Ordering::Release, Ordering::Relaxed)
+        {
+            Ok(_) => true,
+            Err(ws) => self.token_exit_slow(s, keep, ws),
+        }
+    }
+
+    #[cold]
+    fn token_exit_slow(&self, s: u32, keep: u32, mut ws: u32) -> bool {
         let st = self.state();
-        let mut ws = st.load(Ordering::Relaxed);
         loop {
             if ws & INDEX_MASK != Self::token_of(s) {
                 return false;
             }
-            // Release: our critical section happens-before the next
-            // acquirer's Acquire of this word.
-            match st.compare_exchange_weak(ws, keep, Ordering::Release, Ordering::Relaxed) {
+            match st.compare_exchange(ws, keep, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => {
                     if ws & WAITERS != 0 {
                         futex::wake_all(st);
@@ -520,7 +637,8 @@ impl<'a, E: Env> Core<'a, E> {
     /// can slip in between.
     pub fn downgrade_to_read(&self, s: u32, poison: bool) {
         self.slots[s as usize].held.fetch_add(1, Ordering::SeqCst);
-        self.token_exit(s, poison);
+        let ws = self.state().load(Ordering::Relaxed);
+        self.token_exit(s, ws & (WRITER | UPGRADABLE), poison);
     }
 
     /// Replaces mode bit `from` by `to` in our token, waking sleepers (a

@@ -8,6 +8,7 @@
 //! guard inherited by a forked child releases nothing there (the hold is the
 //! parent's).
 
+use super::layout::{UPGRADABLE, WRITER};
 use super::local;
 use super::protocol::Notify;
 use super::{lost, Inner, LockResult, Poisoned, ShmOptions};
@@ -126,24 +127,29 @@ impl ShmRwLock {
     }
 
     #[inline]
+    fn read_guard(&self, slot: u32, own: bool) -> ShmReadGuard<'_> {
+        ShmReadGuard {
+            lock: self,
+            slot,
+            own,
+            gen: generation(),
+            _not_send: PhantomData,
+        }
+    }
+
+    #[cold]
     fn acquire_read(&self, wait: Wait) -> Result<LockResult<ShmReadGuard<'_>>, TryLockError> {
         self.with_notify(Mode::Shared, |n| {
-            let slot = local::slot(&self.inner, &wait, n)?;
-            let poisoned = self.inner.core().read(slot, &wait, n)?;
-            let g = ShmReadGuard {
-                lock: self,
-                slot,
-                gen: generation(),
-                _not_send: PhantomData,
-            };
-            Ok(self.wrap(g, poisoned))
+            let (slot, own) = local::slot(&self.inner, &wait, n)?;
+            let poisoned = self.inner.core().read(slot, own, &wait, n)?;
+            Ok(self.wrap(self.read_guard(slot, own), poisoned))
         })
     }
 
-    #[inline]
+    #[cold]
     fn acquire_write(&self, wait: Wait) -> Result<LockResult<ShmWriteGuard<'_>>, TryLockError> {
         self.with_notify(Mode::Exclusive, |n| {
-            let slot = local::slot(&self.inner, &wait, n)?;
+            let (slot, _) = local::slot(&self.inner, &wait, n)?;
             let poisoned = self.inner.core().write(slot, true, &wait, n)?;
             let g = ShmWriteGuard {
                 lock: self,
@@ -161,7 +167,7 @@ impl ShmRwLock {
         wait: Wait,
     ) -> Result<LockResult<ShmUpgradableGuard<'_>>, TryLockError> {
         self.with_notify(Mode::Shared, |n| {
-            let slot = local::slot(&self.inner, &wait, n)?;
+            let (slot, _) = local::slot(&self.inner, &wait, n)?;
             let poisoned = self.inner.core().upgradable(slot, &wait, n)?;
             let g = ShmUpgradableGuard {
                 lock: self,
@@ -187,6 +193,11 @@ impl ShmRwLock {
     /// poisoned.
     #[inline]
     pub fn read(&self) -> LockResult<ShmReadGuard<'_>> {
+        if let Some((slot, own)) = local::cached(&self.inner) {
+            if let Ok(poisoned) = self.inner.core().read_enter(slot, own) {
+                return self.wrap(self.read_guard(slot, own), poisoned);
+            }
+        }
         forever(self.acquire_read(Wait::Forever))
     }
 
@@ -216,6 +227,18 @@ impl ShmRwLock {
     /// poisoned.
     #[inline]
     pub fn write(&self) -> LockResult<ShmWriteGuard<'_>> {
+        if let Some((slot, _)) = local::cached(&self.inner) {
+            let core = self.inner.core();
+            if core.try_write_fast(slot, true) {
+                return Ok(ShmWriteGuard {
+                    lock: self,
+                    slot,
+                    gen: generation(),
+                    poison: false,
+                    _not_send: PhantomData,
+                });
+            }
+        }
         forever(self.acquire_write(Wait::Forever))
     }
 
@@ -289,6 +312,7 @@ pub(super) fn forever<G>(r: Result<LockResult<G>, TryLockError>) -> LockResult<G
 pub struct ShmReadGuard<'a> {
     lock: &'a ShmRwLock,
     slot: u32,
+    own: bool,
     gen: u64,
     _not_send: PhantomData<*const ()>,
 }
@@ -302,7 +326,7 @@ impl ShmReadGuard<'_> {
     }
 
     fn release(&self) -> Result<()> {
-        if self.gen != generation() || self.lock.inner.core().read_exit(self.slot) {
+        if self.gen != generation() || self.lock.inner.core().read_exit(self.slot, self.own) {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -358,6 +382,9 @@ impl<'a> ShmWriteGuard<'a> {
         ShmReadGuard {
             lock: me.lock,
             slot: me.slot,
+            // The token holder's slot may be the process's shared one:
+            // release with an atomic decrement, right for either kind.
+            own: false,
             gen: me.gen,
             _not_send: PhantomData,
         }
@@ -384,7 +411,8 @@ impl<'a> ShmWriteGuard<'a> {
 
     fn release(&self) -> Result<()> {
         let poison = self.poison || std::thread::panicking();
-        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, poison) {
+        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, WRITER, poison)
+        {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -482,6 +510,9 @@ impl<'a> ShmUpgradableGuard<'a> {
         ShmReadGuard {
             lock: me.lock,
             slot: me.slot,
+            // The token holder's slot may be the process's shared one:
+            // release with an atomic decrement, right for either kind.
+            own: false,
             gen: me.gen,
             _not_send: PhantomData,
         }
@@ -494,7 +525,13 @@ impl<'a> ShmUpgradableGuard<'a> {
     }
 
     fn release(&self) -> Result<()> {
-        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, self.poison) {
+        if self.gen != generation()
+            || self
+                .lock
+                .inner
+                .core()
+                .token_exit(self.slot, UPGRADABLE, self.poison)
+        {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
