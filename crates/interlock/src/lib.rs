@@ -9,7 +9,11 @@
 
 mod error;
 pub mod shm;
+#[cfg(not(loom))]
 mod sync;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod sync;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;

@@ -55,7 +55,7 @@
 use super::layout::{
     Slot, Words, DRAIN_SLEEP, INDEX_MASK, POISON, RECLAIMING, UPGRADABLE, WAITERS, WRITER,
 };
-use crate::sync::{futex, spin_hint, Ordering, Woke};
+use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
 use crate::wait::Wait;
 use crate::TryLockError;
 use std::time::Duration;
@@ -320,6 +320,7 @@ impl<'a, E: Env> Core<'a, E> {
         // pattern (module docs). The load also acquires the last writer's
         // release of the token.
         slot.held.fetch_add(1, Ordering::SeqCst);
+        dekker();
         let ws = self.state().load(Ordering::SeqCst);
         if ws & WRITER == 0 {
             return Ok(ws & POISON != 0);
@@ -359,12 +360,17 @@ impl<'a, E: Env> Core<'a, E> {
             if prev == 0 {
                 slot.held.fetch_add(1, Ordering::SeqCst);
             }
+            dekker();
             prev
         };
         if prev == 0 {
             return false;
         }
-        if prev == 1 && self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0 {
+        // (Under loom an own-slot release always wakes: that stands for the
+        // drain's bounded sleep, see `sync::futex`.)
+        if prev == 1
+            && ((cfg!(loom) && own) || self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0)
+        {
             futex::wake_all(&slot.held);
         }
         true
@@ -435,7 +441,9 @@ impl<'a, E: Env> Core<'a, E> {
     fn drain(&self, wait: &Wait, notify: &mut Notify<'_>) -> Result<(), TryLockError> {
         // SeqCst: see `claim_slot`. A slot claimed after this load had its
         // first increment after our WRITER flag in the SeqCst order, so that
-        // reader sees WRITER and backs off.
+        // reader sees WRITER and backs off. (Our WRITER flag was set by a
+        // SeqCst RMW before this call.)
+        dekker();
         let high = self.words.high.load(Ordering::SeqCst) as usize;
         for i in 0..high.min(self.slots.len()) {
             let slot = &self.slots[i];
@@ -464,6 +472,7 @@ impl<'a, E: Env> Core<'a, E> {
                 // Announce the sleep before re-checking `held` in the futex
                 // call (SeqCst RMW; pairs with `read_exit`).
                 self.state().fetch_or(DRAIN_SLEEP, Ordering::SeqCst);
+                dekker();
                 notify.fire();
                 let nap = slice(wait).map(|d| d.min(DRAIN_SLICE));
                 if futex::wait(&slot.held, h, nap) == Woke::TimedOut {
@@ -498,6 +507,7 @@ impl<'a, E: Env> Core<'a, E> {
                 Ordering::Relaxed,
             )
             .is_ok();
+        dekker();
         if took && (!drain || self.no_readers()) {
             return Ok(false);
         }
@@ -521,6 +531,7 @@ impl<'a, E: Env> Core<'a, E> {
         {
             return false;
         }
+        dekker();
         if !drain || self.no_readers() {
             return true;
         }

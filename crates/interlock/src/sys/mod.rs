@@ -10,5 +10,7 @@ pub mod fcntl;
 pub mod fork;
 pub mod futex;
 pub mod mmap;
+#[cfg(loom)]
+pub mod probe;
 pub mod proc;
 pub mod timer;
