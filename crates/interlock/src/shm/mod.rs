@@ -113,3 +113,55 @@ pub use rwlock::{ShmGuard, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWrite
 
 #[cfg(all(test, not(loom)))]
 mod tests;
+
+/// Shared counters for the multi-process tests and benchmarks (which may
+/// not contain `unsafe` themselves): `n` atomic words in a file that every
+/// process maps. Not part of the API.
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod testing {
+    use crate::sys::mmap::Mapping;
+    use std::fs::OpenOptions;
+    use std::io;
+    use std::path::Path;
+    use std::sync::atomic::AtomicU64;
+
+    /// `n` shared `AtomicU64`s backed by a file.
+    pub struct SharedWords {
+        map: Mapping,
+        n: usize,
+    }
+
+    impl SharedWords {
+        /// Maps (creating and sizing if needed) `n` words in `path`.
+        pub fn open(path: &Path, n: usize) -> io::Result<SharedWords> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            let len = (n * 8).max(8);
+            if f.metadata()?.len() < len as u64 {
+                f.set_len(len as u64)?;
+            }
+            Ok(SharedWords {
+                map: Mapping::shared_file(&f, len)?,
+                n,
+            })
+        }
+
+        /// `n` words in an anonymous mapping shared with forked children.
+        pub fn anonymous(n: usize) -> io::Result<SharedWords> {
+            Ok(SharedWords {
+                map: Mapping::shared_anonymous((n * 8).max(8))?,
+                n,
+            })
+        }
+
+        /// The words.
+        pub fn words(&self) -> &[AtomicU64] {
+            self.map.slice(0, self.n)
+        }
+    }
+}
