@@ -187,7 +187,7 @@ fn a_killed_reader_process_is_reclaimed_silently() {
 
 #[test]
 fn on_block_names_the_holding_process() {
-    if let Some(role) = support::role() {
+    if support::role().is_some() {
         let lock = ShmMutex::open(support::arg()).unwrap();
         let g = lock.lock().unwrap();
         support::say("held");
