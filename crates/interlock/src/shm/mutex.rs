@@ -7,13 +7,12 @@
 //! the file says which kind it holds so that one is never opened as the
 //! other.
 
-use super::local;
+use super::local::{self, Ticket};
 use super::rwlock::forever;
 use super::{lost, Inner, LockResult, Poisoned, ShmOptions};
 use crate::error::Result;
 use crate::shm::layout::WRITER;
 use crate::shm::protocol::Notify;
-use crate::sys::fork::generation;
 use crate::wait::{Mode, OnBlock, Wait};
 use crate::{Lock, TryLockError};
 use std::fmt;
@@ -96,13 +95,11 @@ impl ShmMutex {
             let poisoned = self.inner.core().write(slot, false, &wait, n)?;
             let g = ShmMutexGuard {
                 lock: self,
-                slot,
-                gen: generation(),
-                poison: poisoned,
+                t: Ticket::new(slot, false, poisoned),
                 _not_send: PhantomData,
             };
             Ok(if poisoned {
-                Err(Poisoned::new(g, &self.inner.path))
+                Err(Poisoned::new(g))
             } else {
                 Ok(g)
             })
@@ -124,9 +121,7 @@ impl ShmMutex {
             if self.inner.core().try_write_fast(slot, false) {
                 return Ok(ShmMutexGuard {
                     lock: self,
-                    slot,
-                    gen: generation(),
-                    poison: false,
+                    t: Ticket::new(slot, false, false),
                     _not_send: PhantomData,
                 });
             }
@@ -160,24 +155,22 @@ impl ShmMutex {
 /// panics, it poisons the mutex (as std's guards do).
 #[must_use = "the mutex is released as soon as the guard is dropped"]
 pub struct ShmMutexGuard<'a> {
-    lock: &'a ShmMutex,
-    slot: u32,
-    gen: u64,
-    poison: bool,
+    pub(super) lock: &'a ShmMutex,
+    t: Ticket,
     _not_send: PhantomData<*const ()>,
 }
 
 impl ShmMutexGuard<'_> {
     /// Whether the mutex is poisoned (a holder died before us).
     pub fn is_poisoned(&self) -> bool {
-        self.poison
+        self.t.poison()
     }
 
     /// Declares the protected data repaired: the mutex is no longer
     /// poisoned.
     pub fn clear_poison(&mut self) {
         self.lock.inner.core().clear_poison();
-        self.poison = false;
+        self.t = self.t.with_poison(false);
     }
 
     /// Releases, reporting what drop would have to swallow: the hold had
@@ -187,10 +180,19 @@ impl ShmMutexGuard<'_> {
         me.release()
     }
 
+    #[inline]
+    fn release_quiet(&self) -> bool {
+        let poison = self.t.poison() || std::thread::panicking();
+        !self.t.current()
+            || self
+                .lock
+                .inner
+                .core()
+                .token_exit(self.t.slot(), WRITER, poison)
+    }
+
     fn release(&self) -> Result<()> {
-        let poison = self.poison || std::thread::panicking();
-        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, WRITER, poison)
-        {
+        if self.release_quiet() {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -201,7 +203,7 @@ impl ShmMutexGuard<'_> {
 impl Drop for ShmMutexGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let _ = self.release();
+        self.release_quiet();
     }
 }
 
@@ -209,7 +211,7 @@ impl fmt::Debug for ShmMutexGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShmMutexGuard")
             .field("lock", &self.lock.inner.path)
-            .field("poisoned", &self.poison)
+            .field("poisoned", &self.t.poison())
             .finish()
     }
 }

@@ -9,7 +9,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::TryLockError;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A lock acquired from a holder that died holding it exclusively: the data
 /// it protects may be half-updated.
@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 #[must_use = "the lock is held and poisoned: handle it (into_inner) or propagate it (?)"]
 pub struct Poisoned<G> {
     guard: G,
-    path: PathBuf,
 }
 
 /// The result of a blocking acquisition: the guard, or the guard inside
@@ -31,11 +30,8 @@ pub struct Poisoned<G> {
 pub type LockResult<G> = std::result::Result<G, Poisoned<G>>;
 
 impl<G> Poisoned<G> {
-    pub(crate) fn new(guard: G, path: &Path) -> Poisoned<G> {
-        Poisoned {
-            guard,
-            path: path.to_path_buf(),
-        }
+    pub(crate) fn new(guard: G) -> Poisoned<G> {
+        Poisoned { guard }
     }
 
     /// The guard: the caller takes responsibility for the data.
@@ -52,46 +48,60 @@ impl<G> Poisoned<G> {
     pub fn get_mut(&mut self) -> &mut G {
         &mut self.guard
     }
-
-    /// The lock's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl<G> fmt::Debug for Poisoned<G> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Poisoned")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("Poisoned").finish_non_exhaustive()
     }
 }
 
 impl<G> fmt::Display for Poisoned<G> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "lock {} is poisoned: a writer died holding it",
-            self.path.display()
-        )
+        f.write_str("lock is poisoned: a writer died holding it")
     }
 }
 
 impl<G> std::error::Error for Poisoned<G> {}
 
-impl<G> From<Poisoned<G>> for Error {
-    fn from(p: Poisoned<G>) -> Error {
-        Error::new(ErrorKind::OwnerDied, "acquire shared-memory lock")
-            .with_path(&p.path)
-            .with_detail("a writer died holding the lock; the data may be inconsistent")
-    }
+/// The error a poisoned acquisition converts to (the guard is dropped).
+pub(crate) fn owner_died(path: &Path) -> Error {
+    Error::new(ErrorKind::OwnerDied, "acquire shared-memory lock")
+        .with_path(path)
+        .with_detail("a writer died holding the lock; the data may be inconsistent")
 }
 
-impl<G> From<Poisoned<G>> for TryLockError {
-    fn from(p: Poisoned<G>) -> TryLockError {
-        TryLockError::Error(p.into())
-    }
+/// `?` on a poisoned acquisition, for each guard type (each knows its
+/// lock's path).
+macro_rules! poison_converts {
+    ($($guard:ident),*) => {$(
+        impl From<Poisoned<super::$guard<'_>>> for Error {
+            fn from(p: Poisoned<super::$guard<'_>>) -> Error {
+                owner_died(p.guard.lock.path())
+            }
+        }
+
+        impl From<Poisoned<super::$guard<'_>>> for TryLockError {
+            fn from(p: Poisoned<super::$guard<'_>>) -> TryLockError {
+                TryLockError::Error(p.into())
+            }
+        }
+
+        impl Poisoned<super::$guard<'_>> {
+            /// The lock's path.
+            pub fn path(&self) -> &Path {
+                self.guard.lock.path()
+            }
+        }
+    )*};
 }
+
+poison_converts!(
+    ShmReadGuard,
+    ShmWriteGuard,
+    ShmUpgradableGuard,
+    ShmMutexGuard
+);
 
 /// The error an explicit unlock reports when the lock was taken from under
 /// its holder (its process had been taken for dead).

@@ -9,11 +9,10 @@
 //! parent's).
 
 use super::layout::{UPGRADABLE, WRITER};
-use super::local;
+use super::local::{self, Ticket};
 use super::protocol::Notify;
 use super::{lost, Inner, LockResult, Poisoned, ShmOptions};
 use crate::error::Result;
-use crate::sys::fork::generation;
 use crate::wait::{Mode, OnBlock, Wait};
 use crate::{Lock, TryLockError};
 use std::fmt;
@@ -130,9 +129,7 @@ impl ShmRwLock {
     fn read_guard(&self, slot: u32, own: bool) -> ShmReadGuard<'_> {
         ShmReadGuard {
             lock: self,
-            slot,
-            own,
-            gen: generation(),
+            t: Ticket::new(slot, own, false),
             _not_send: PhantomData,
         }
     }
@@ -153,9 +150,7 @@ impl ShmRwLock {
             let poisoned = self.inner.core().write(slot, true, &wait, n)?;
             let g = ShmWriteGuard {
                 lock: self,
-                slot,
-                gen: generation(),
-                poison: poisoned,
+                t: Ticket::new(slot, false, poisoned),
                 _not_send: PhantomData,
             };
             Ok(self.wrap(g, poisoned))
@@ -171,9 +166,7 @@ impl ShmRwLock {
             let poisoned = self.inner.core().upgradable(slot, &wait, n)?;
             let g = ShmUpgradableGuard {
                 lock: self,
-                slot,
-                gen: generation(),
-                poison: poisoned,
+                t: Ticket::new(slot, false, poisoned),
                 _not_send: PhantomData,
             };
             Ok(self.wrap(g, poisoned))
@@ -183,7 +176,7 @@ impl ShmRwLock {
     #[inline]
     fn wrap<G>(&self, g: G, poisoned: bool) -> LockResult<G> {
         if poisoned {
-            Err(Poisoned::new(g, &self.inner.path))
+            Err(Poisoned::new(g))
         } else {
             Ok(g)
         }
@@ -232,9 +225,7 @@ impl ShmRwLock {
             if core.try_write_fast(slot, true) {
                 return Ok(ShmWriteGuard {
                     lock: self,
-                    slot,
-                    gen: generation(),
-                    poison: false,
+                    t: Ticket::new(slot, false, false),
                     _not_send: PhantomData,
                 });
             }
@@ -310,10 +301,8 @@ pub(super) fn forever<G>(r: Result<LockResult<G>, TryLockError>) -> LockResult<G
 /// A shared hold on a [`ShmRwLock`]; released on drop.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct ShmReadGuard<'a> {
-    lock: &'a ShmRwLock,
-    slot: u32,
-    own: bool,
-    gen: u64,
+    pub(super) lock: &'a ShmRwLock,
+    t: Ticket,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -325,8 +314,18 @@ impl ShmReadGuard<'_> {
         me.release()
     }
 
+    #[inline]
+    fn release_quiet(&self) -> bool {
+        !self.t.current()
+            || self
+                .lock
+                .inner
+                .core()
+                .read_exit(self.t.slot(), self.t.own())
+    }
+
     fn release(&self) -> Result<()> {
-        if self.gen != generation() || self.lock.inner.core().read_exit(self.slot, self.own) {
+        if self.release_quiet() {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -337,7 +336,7 @@ impl ShmReadGuard<'_> {
 impl Drop for ShmReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let _ = self.release();
+        self.release_quiet();
     }
 }
 
@@ -353,23 +352,21 @@ impl fmt::Debug for ShmReadGuard<'_> {
 /// the thread panics, it poisons the lock (as std's guards do).
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct ShmWriteGuard<'a> {
-    lock: &'a ShmRwLock,
-    slot: u32,
-    gen: u64,
-    poison: bool,
+    pub(super) lock: &'a ShmRwLock,
+    t: Ticket,
     _not_send: PhantomData<*const ()>,
 }
 
 impl<'a> ShmWriteGuard<'a> {
     /// Whether the lock is poisoned (a writer died holding it before us).
     pub fn is_poisoned(&self) -> bool {
-        self.poison
+        self.t.poison()
     }
 
     /// Declares the protected data repaired: the lock is no longer poisoned.
     pub fn clear_poison(&mut self) {
         self.lock.inner.core().clear_poison();
-        self.poison = false;
+        self.t = self.t.with_poison(false);
     }
 
     /// Becomes a read guard without letting a writer in between.
@@ -378,14 +375,12 @@ impl<'a> ShmWriteGuard<'a> {
         me.lock
             .inner
             .core()
-            .downgrade_to_read(me.slot, me.poison || std::thread::panicking());
+            .downgrade_to_read(me.t.slot(), me.t.poison() || std::thread::panicking());
         ShmReadGuard {
             lock: me.lock,
-            slot: me.slot,
             // The token holder's slot may be the process's shared one:
             // release with an atomic decrement, right for either kind.
-            own: false,
-            gen: me.gen,
+            t: me.t.with_own(false),
             _not_send: PhantomData,
         }
     }
@@ -393,12 +388,10 @@ impl<'a> ShmWriteGuard<'a> {
     /// Becomes an upgradable read guard (readers may enter again).
     pub fn downgrade_to_upgradable(self) -> ShmUpgradableGuard<'a> {
         let me = std::mem::ManuallyDrop::new(self);
-        me.lock.inner.core().downgrade_to_upgradable(me.slot);
+        me.lock.inner.core().downgrade_to_upgradable(me.t.slot());
         ShmUpgradableGuard {
             lock: me.lock,
-            slot: me.slot,
-            gen: me.gen,
-            poison: me.poison,
+            t: me.t,
             _not_send: PhantomData,
         }
     }
@@ -409,10 +402,19 @@ impl<'a> ShmWriteGuard<'a> {
         me.release()
     }
 
+    #[inline]
+    fn release_quiet(&self) -> bool {
+        let poison = self.t.poison() || std::thread::panicking();
+        !self.t.current()
+            || self
+                .lock
+                .inner
+                .core()
+                .token_exit(self.t.slot(), WRITER, poison)
+    }
+
     fn release(&self) -> Result<()> {
-        let poison = self.poison || std::thread::panicking();
-        if self.gen != generation() || self.lock.inner.core().token_exit(self.slot, WRITER, poison)
-        {
+        if self.release_quiet() {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -423,7 +425,7 @@ impl<'a> ShmWriteGuard<'a> {
 impl Drop for ShmWriteGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let _ = self.release();
+        self.release_quiet();
     }
 }
 
@@ -431,7 +433,7 @@ impl fmt::Debug for ShmWriteGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShmWriteGuard")
             .field("lock", &self.lock.inner.path)
-            .field("poisoned", &self.poison)
+            .field("poisoned", &self.t.poison())
             .finish()
     }
 }
@@ -440,10 +442,8 @@ impl fmt::Debug for ShmWriteGuard<'_> {
 /// alongside plain readers; released on drop.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct ShmUpgradableGuard<'a> {
-    lock: &'a ShmRwLock,
-    slot: u32,
-    gen: u64,
-    poison: bool,
+    pub(super) lock: &'a ShmRwLock,
+    t: Ticket,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -452,16 +452,14 @@ impl<'a> ShmUpgradableGuard<'a> {
         let me = std::mem::ManuallyDrop::new(self);
         ShmWriteGuard {
             lock: me.lock,
-            slot: me.slot,
-            gen: me.gen,
-            poison: me.poison,
+            t: me.t,
             _not_send: PhantomData,
         }
     }
 
     fn upgrade_with(self, wait: Wait) -> std::result::Result<ShmWriteGuard<'a>, Self> {
         let r = self.lock.with_notify(Mode::Exclusive, |n| {
-            self.lock.inner.core().upgrade(self.slot, &wait, n)
+            self.lock.inner.core().upgrade(self.t.slot(), &wait, n)
         });
         match r {
             Ok(()) => Ok(self.into_write()),
@@ -506,14 +504,15 @@ impl<'a> ShmUpgradableGuard<'a> {
     /// Becomes a plain read guard (another upgradable reader may come).
     pub fn downgrade(self) -> ShmReadGuard<'a> {
         let me = std::mem::ManuallyDrop::new(self);
-        me.lock.inner.core().downgrade_to_read(me.slot, me.poison);
+        me.lock
+            .inner
+            .core()
+            .downgrade_to_read(me.t.slot(), me.t.poison());
         ShmReadGuard {
             lock: me.lock,
-            slot: me.slot,
             // The token holder's slot may be the process's shared one:
             // release with an atomic decrement, right for either kind.
-            own: false,
-            gen: me.gen,
+            t: me.t.with_own(false),
             _not_send: PhantomData,
         }
     }
@@ -524,14 +523,18 @@ impl<'a> ShmUpgradableGuard<'a> {
         me.release()
     }
 
-    fn release(&self) -> Result<()> {
-        if self.gen != generation()
+    #[inline]
+    fn release_quiet(&self) -> bool {
+        !self.t.current()
             || self
                 .lock
                 .inner
                 .core()
-                .token_exit(self.slot, UPGRADABLE, self.poison)
-        {
+                .token_exit(self.t.slot(), UPGRADABLE, self.t.poison())
+    }
+
+    fn release(&self) -> Result<()> {
+        if self.release_quiet() {
             Ok(())
         } else {
             Err(lost(&self.lock.inner.path))
@@ -541,7 +544,7 @@ impl<'a> ShmUpgradableGuard<'a> {
 
 impl Drop for ShmUpgradableGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.release();
+        self.release_quiet();
     }
 }
 

@@ -335,10 +335,10 @@ fn a_dead_writer_poisons_and_poison_is_learned_and_cleared() {
     };
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(l.is_poisoned());
-    // `?` makes it an OwnerDied error.
-    let e: crate::Error = Poisoned::new((), l.path()).into();
+    // `?` makes it an OwnerDied error naming the lock.
+    assert_eq!(p.path(), l.path());
+    let e: crate::Error = p.into();
     assert_eq!(e.kind(), ErrorKind::OwnerDied);
-    drop(p);
     // Still poisoned for the next holders, readers included.
     assert!(l.read().is_err());
     let mut w = match l.write() {
