@@ -226,7 +226,7 @@ fn upgrade_is_atomic_and_excludes_readers() {
 /// The most atomic operations any victim below performs (claim + acquire +
 /// release); budgets run from 0 to past it, so the last run is a victim
 /// that completes.
-const MAX_STEPS: u32 = 14;
+const MAX_STEPS: u32 = 18;
 
 #[test]
 fn a_writer_killed_at_any_step_is_recovered_and_poison_tells() {

@@ -140,33 +140,40 @@ impl<'a, E: Env> Core<'a, E> {
     // ---------------------------------------------------------------
     // Slots.
 
-    /// Claims a free slot for this process, reclaiming slots of dead
-    /// processes if none is free. `None` if every slot belongs to a live
-    /// process.
+    /// Claims a free slot for this process. Slots below `high` come first;
+    /// before `high` would grow, slots of dead processes below it are
+    /// reclaimed (a crash must not leave writers scanning ever more slots).
+    /// `None` if every slot belongs to a live process.
     pub fn claim_slot(&self) -> Option<u32> {
         let me = self.env.me();
-        for pass in 0..2 {
-            for (i, s) in self.slots.iter().enumerate() {
-                let o = s.owner.load(Ordering::Acquire);
-                if o != 0 {
-                    if pass == 1 && self.env.is_dead(o) {
-                        self.reclaim(i as u32, o);
-                    } else {
-                        continue;
-                    }
-                }
-                // Acquire: see the `held = 0` of whoever freed it.
-                if s.owner
+        let high = (self.words.high.load(Ordering::SeqCst) as usize).min(self.slots.len());
+        if let Some(i) = self.claim_in(0..high, me) {
+            return Some(i);
+        }
+        for i in 0..high {
+            let o = self.slots[i].owner.load(Ordering::Acquire);
+            if o != 0 && self.env.is_dead(o) {
+                self.reclaim(i as u32, o);
+            }
+        }
+        self.claim_in(0..self.slots.len(), me)
+    }
+
+    fn claim_in(&self, range: std::ops::Range<usize>, me: u64) -> Option<u32> {
+        for i in range {
+            let s = &self.slots[i];
+            // Acquire (on success): see the `held = 0` of whoever freed it.
+            if s.owner.load(Ordering::Relaxed) == 0
+                && s.owner
                     .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
-                {
-                    // SeqCst: a writer that loads `high` after setting
-                    // WRITER (SeqCst) must see this slot if our first read
-                    // increment (after this, in program order) precedes its
-                    // flag in the SeqCst order. See `drain`.
-                    self.words.high.fetch_max(i as u32 + 1, Ordering::SeqCst);
-                    return Some(i as u32);
-                }
+            {
+                // SeqCst: a writer that loads `high` after setting WRITER
+                // (SeqCst) must see this slot if our first read increment
+                // (after this, in program order) precedes its flag in the
+                // SeqCst order. See `drain`.
+                self.words.high.fetch_max(i as u32 + 1, Ordering::SeqCst);
+                return Some(i as u32);
             }
         }
         None

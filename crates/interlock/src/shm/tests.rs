@@ -597,3 +597,20 @@ fn an_inherited_guard_dropped_in_the_child_releases_nothing() {
     drop(held);
     drop(m.try_lock().unwrap().unwrap());
 }
+
+#[test]
+fn slots_of_dead_processes_are_reused_before_the_table_grows() {
+    let l = ShmRwLock::anonymous().unwrap();
+    let core = l.inner().core();
+    for i in 0..4 {
+        core.slots[i].owner.store(impostor(), Ordering::SeqCst);
+    }
+    core.words.high.store(4, Ordering::SeqCst);
+    drop(l.read().unwrap());
+    // Our shared and own slots came from the dead ones; writers still scan
+    // only four.
+    assert_eq!(core.words.high.load(Ordering::SeqCst), 4);
+    let me = super::protocol::Env::me(&super::open::ProcEnv);
+    assert_eq!(core.slots[0].owner.load(Ordering::SeqCst), me);
+    assert_eq!(core.slots[1].owner.load(Ordering::SeqCst), me);
+}
