@@ -39,23 +39,24 @@
 //! # Slots
 //!
 //! Each lock has a table of slots (128 by default, [`ShmOptions::slots`]),
-//! each on its own 128-byte block. A thread claims a slot of a lock the
-//! first time it uses the lock and keeps it (cached in a thread-local) until
-//! it exits, when the slot goes back to its process's pool; a process
-//! returns its slots when its last handle to the lock is dropped, and the
-//! slots of dead processes are reclaimed by whoever needs them. A reader
-//! increments only its own slot's counter and then reads the state word,
-//! which changes only when a writer comes or goes, so uncontended readers on
-//! different CPUs never contend for a cache line. A writer sets its flag and
-//! then waits until every slot in use drains.
+//! each on its own 128-byte block, each naming its owner process. A process
+//! first claims one *shared* slot, which any of its threads may use; then
+//! each thread that uses the lock claims a slot of its *own*, cached in a
+//! thread-local, given back to the process's pool when the thread exits. A
+//! reader increments only its own slot's counter and then reads the state
+//! word, which changes only when a writer comes or goes, so uncontended
+//! readers on different CPUs never write a common cache line; it releases
+//! with a plain store to its own slot. A writer sets its flag and then
+//! waits until every slot in use drains. A process returns its slots when
+//! its handle is dropped; slots of dead processes are reclaimed by whoever
+//! needs them (a waiting writer, or a claim that would otherwise grow the
+//! table in use).
 //!
-//! When the slots run out (more threads than slots use the lock at once),
-//! a thread shares one of its process's slots with another thread, which is
-//! still exact (counts are atomic increments and identities are per
-//! process) but makes those threads write a common line. If its process has
-//! no slot at all, the thread waits for one to be freed, within its
-//! acquisition's deadline. Exclusion never depends on having a slot of
-//! one's own.
+//! When the slots run out (more threads than slots), a thread uses its
+//! process's shared slot, with atomic increments and decrements: exact, but
+//! those threads then write a common line. A process that has no slot at
+//! all waits for one to be freed, within its acquisition's deadline.
+//! Exclusion never depends on having a slot of one's own.
 //!
 //! # Semantics
 //!
