@@ -13,7 +13,7 @@
 //!   waits use futex time-outs, not a sleep-poll loop;
 //! * every hold is recorded under the holder's identity (pid *and* process
 //!   start time, so a reused pid cannot pass for the dead holder), and a
-//!   waiter that sleeps longer than [`protocol::CHECK`] (5 ms) checks that
+//!   waiter that sleeps longer than 5 ms checks that
 //!   the holder lives; a dead reader's hold is dropped silently, a dead
 //!   writer leaves the lock *poisoned* (see [`Poisoned`]);
 //! * writers are preferred: once a writer waits, new readers wait behind it;
@@ -32,7 +32,7 @@
 //! both end up with the same, fully initialised lock. An existing file is
 //! opened without following symbolic links and must carry this library's
 //! header (magic, layout version, geometry, checksum, size); anything else
-//! is an [`ErrorKind::Corrupt`] error naming the path, never undefined
+//! is an [`crate::ErrorKind::Corrupt`] error naming the path, never undefined
 //! behaviour. [`ShmRwLock::anonymous`] makes a lock in an anonymous shared
 //! mapping instead, shared with children created by `fork()`.
 //!
@@ -66,7 +66,7 @@
 //! | fork | the child shares the lock memory; guards the parent held stay the parent's (dropping an inherited guard in the child does nothing); the child's threads take new slots |
 //! | close | dropping a handle returns its slots; guards borrow the handle, so none outlives it |
 //! | crash | a dead holder is detected by waiters within a few 5 ms periods; a dead reader's hold vanishes, a dead writer poisons the lock |
-//! | NFS | refused ([`ErrorKind::Unsupported`]): memory mapped over a network file system is not shared between hosts, and not coherent |
+//! | NFS | refused ([`crate::ErrorKind::Unsupported`]): memory mapped over a network file system is not shared between hosts, and not coherent |
 //! | file removed while in use | processes that mapped it keep using the old lock, new openers create a new one: do not remove a lock file that may be in use |
 //!
 //! Re-entrancy: as with std's `RwLock`, a thread that holds a read lock and
