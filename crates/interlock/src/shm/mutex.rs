@@ -115,7 +115,7 @@ impl ShmMutex {
     }
 
     /// Blocks until held. `Err` carries the guard if the mutex is poisoned.
-    #[inline]
+    #[inline(always)]
     pub fn lock(&self) -> LockResult<ShmMutexGuard<'_>> {
         if let Some((slot, _)) = local::cached(&self.inner) {
             if self.inner.core().try_write_fast(slot, false) {
@@ -201,7 +201,7 @@ impl ShmMutexGuard<'_> {
 }
 
 impl Drop for ShmMutexGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.release_quiet();
     }

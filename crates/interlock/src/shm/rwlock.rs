@@ -184,7 +184,7 @@ impl ShmRwLock {
 
     /// Blocks until held shared. `Err` carries the guard if the lock is
     /// poisoned.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self) -> LockResult<ShmReadGuard<'_>> {
         if let Some((slot, own)) = local::cached(&self.inner) {
             if let Ok(poisoned) = self.inner.core().read_enter(slot, own) {
@@ -218,7 +218,7 @@ impl ShmRwLock {
 
     /// Blocks until held exclusively. `Err` carries the guard if the lock is
     /// poisoned.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self) -> LockResult<ShmWriteGuard<'_>> {
         if let Some((slot, _)) = local::cached(&self.inner) {
             let core = self.inner.core();
@@ -334,7 +334,7 @@ impl ShmReadGuard<'_> {
 }
 
 impl Drop for ShmReadGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.release_quiet();
     }
@@ -423,7 +423,7 @@ impl<'a> ShmWriteGuard<'a> {
 }
 
 impl Drop for ShmWriteGuard<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         self.release_quiet();
     }
