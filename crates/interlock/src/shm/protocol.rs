@@ -288,12 +288,11 @@ impl<'a, E: Env> Core<'a, E> {
                 }
                 return Err(wait.gave_up());
             }
-            if spins > 0 {
-                spins -= 1;
-                spin_hint();
-                ws = self.state().load(Ordering::Relaxed);
-                continue;
-            }
+            // Announce ourselves first, then spin: a releaser that sees
+            // WAITERS takes its slow path (a wake-up), which also gives a
+            // spinning waiter the chance to take the lock before the
+            // releaser takes it straight back (barging), as glibc's mutex
+            // does.
             if ws & WAITERS == 0 {
                 if let Err(actual) = self.state().compare_exchange(
                     ws,
@@ -305,6 +304,12 @@ impl<'a, E: Env> Core<'a, E> {
                     continue;
                 }
                 ws |= WAITERS;
+            }
+            if spins > 0 {
+                spins -= 1;
+                spin_hint();
+                ws = self.state().load(Ordering::Relaxed);
+                continue;
             }
             notify.fire();
             if futex::wait(self.state(), ws, slice(wait)) == Woke::TimedOut {
@@ -415,16 +420,11 @@ impl<'a, E: Env> Core<'a, E> {
         notify: &mut Notify<'_>,
     ) -> Result<bool, TryLockError> {
         let want = Self::token_of(s) | bit;
-        // Fast path: a free, clean word. Acquire (SeqCst, for the WRITER
-        // flag's role in Dekker's pattern) pairs with the last release.
-        let mut ws =
-            match self
-                .state()
-                .compare_exchange(0, want, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Ok(false),
-                Err(actual) => actual,
-            };
+        // Look before trying: on a contended word a failed CAS still takes
+        // the cache line away from the holder, slowing its release. The CAS
+        // (SeqCst: acquires the last release, and WRITER's role in Dekker's
+        // pattern) is tried only when the token looks free.
+        let mut ws = self.state().load(Ordering::Relaxed);
         loop {
             if ws & INDEX_MASK == 0 {
                 let new = (ws & (POISON | WAITERS)) | want;
@@ -504,21 +504,9 @@ impl<'a, E: Env> Core<'a, E> {
         wait: &Wait,
         notify: &mut Notify<'_>,
     ) -> Result<bool, TryLockError> {
-        // Fast path: a clean, free word and (for a rwlock) no reader inside.
-        let took = self
-            .state()
-            .compare_exchange(
-                0,
-                Self::token_of(s) | WRITER,
-                Ordering::SeqCst,
-                Ordering::Relaxed,
-            )
-            .is_ok();
-        dekker();
-        if took && (!drain || self.no_readers()) {
-            return Ok(false);
-        }
-        self.write_slow(s, took, drain, wait, notify)
+        // (The uncontended case is `try_write_fast`, inlined into the
+        // caller; here the token is taken by looking first.)
+        self.write_slow(s, false, drain, wait, notify)
     }
 
     /// The whole uncontended write acquisition, or nothing: takes a clean,
