@@ -8,6 +8,12 @@
 mod error;
 mod file;
 mod lease;
+pub mod shm;
+#[cfg(not(loom))]
+mod sync;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod sync;
 #[allow(unsafe_code)]
 mod sys;
 mod wait;
@@ -20,6 +26,11 @@ pub use file::{
 };
 pub use lease::{
     Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,
+};
+#[cfg(not(loom))]
+pub use shm::{
+    LockResult, Poisoned, ShmMutex, ShmMutexGuard, ShmOptions, ShmReadGuard, ShmRwLock,
+    ShmUpgradableGuard, ShmWriteGuard,
 };
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};

@@ -8,6 +8,11 @@
 
 pub mod dir;
 pub mod fcntl;
+pub mod fork;
+pub mod futex;
+pub mod mmap;
 pub mod notify;
+#[cfg(loom)]
+pub mod probe;
 pub mod proc;
 pub mod timer;

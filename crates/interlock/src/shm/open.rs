@@ -1,0 +1,424 @@
+//! Opening and creating shared-memory locks: names, files, headers, and the
+//! per-process handle.
+//!
+//! Why it is built this way: a lock file is shared with processes we do not
+//! control, so it is created complete under a temporary name and linked into
+//! place (nobody sees a half-written header), opened without following
+//! symbolic links, checked (regular file, local file system, magic, layout
+//! version, kind, size) before it is mapped, and mapped only to the length
+//! its header and its real size agree on (touching a mapped page past the
+//! end of a file is SIGBUS).
+
+use super::layout::{self, Header, Kind, Slot, Words, HEADER_LEN, SLOTS_OFFSET, WORDS_OFFSET};
+use super::local;
+use super::protocol::{Core, Env};
+use super::{ShmMutex, ShmRwLock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::sys::mmap::{Mapping, View};
+use crate::wait::{Blocked, Mode, OnBlock};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Where a bare lock name lives.
+pub const SHM_DIR: &str = "/dev/shm";
+/// The prefix of a bare name's file.
+pub const NAME_PREFIX: &str = "interlock-";
+/// Slots per lock unless [`ShmOptions::slots`] says otherwise.
+pub const DEFAULT_SLOTS: u32 = 128;
+
+/// Maps a lock name to its file: a bare name goes to
+/// `/dev/shm/interlock-NAME`, anything with a `/` is a path.
+pub fn resolve(name: impl AsRef<Path>) -> Result<PathBuf> {
+    let p = name.as_ref();
+    let s = p.as_os_str().as_encoded_bytes();
+    let bad = |why: &str| {
+        Err(
+            Error::new(ErrorKind::InvalidInput, "open shared-memory lock")
+                .with_path(p)
+                .with_detail(why.to_string()),
+        )
+    };
+    if s.is_empty() {
+        return bad("empty lock name");
+    }
+    if s.contains(&0) {
+        return bad("lock name contains a NUL byte");
+    }
+    if s.contains(&b'/') {
+        if s.ends_with(b"/") {
+            return bad("lock path names a directory");
+        }
+        return Ok(p.to_path_buf());
+    }
+    if s == b"." || s == b".." {
+        return bad("lock name is . or ..");
+    }
+    let mut file = std::ffi::OsString::from(NAME_PREFIX);
+    file.push(p.as_os_str());
+    Ok(Path::new(SHM_DIR).join(file))
+}
+
+/// How to open or create a shared-memory lock.
+#[derive(Clone)]
+pub struct ShmOptions {
+    slots: u32,
+    mode: u32,
+    on_block: Option<OnBlock>,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions::new()
+    }
+}
+
+impl fmt::Debug for ShmOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShmOptions")
+            .field("slots", &self.slots)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("on_block", &self.on_block.is_some())
+            .finish()
+    }
+}
+
+impl ShmOptions {
+    /// The defaults: 128 slots, mode 0o600, no on-block callback.
+    pub fn new() -> ShmOptions {
+        ShmOptions {
+            slots: DEFAULT_SLOTS,
+            mode: 0o600,
+            on_block: None,
+        }
+    }
+
+    /// The number of slots of a lock this call creates (1..=4094; an
+    /// existing lock keeps its own). More slots let more threads read
+    /// without sharing a cache line; each costs 128 bytes.
+    pub fn slots(mut self, n: u32) -> ShmOptions {
+        self.slots = n;
+        self
+    }
+
+    /// The permission bits of a file this call creates (minus the umask).
+    /// Every process that uses the lock needs read and write access.
+    pub fn mode(mut self, mode: u32) -> ShmOptions {
+        self.mode = mode;
+        self
+    }
+
+    /// A callback told once per acquisition, just before it blocks.
+    pub fn on_block(mut self, f: OnBlock) -> ShmOptions {
+        self.on_block = Some(f);
+        self
+    }
+
+    /// Opens or creates the reader-writer lock `name` (see [`resolve`]).
+    pub fn open_rwlock(&self, name: impl AsRef<Path>) -> Result<ShmRwLock> {
+        Ok(ShmRwLock::from_parts(
+            Inner::open(name.as_ref(), Kind::RwLock, self)?,
+            self.on_block.clone(),
+        ))
+    }
+
+    /// A reader-writer lock in a fresh anonymous shared mapping.
+    pub fn anonymous_rwlock(&self) -> Result<ShmRwLock> {
+        Ok(ShmRwLock::from_parts(
+            Inner::anonymous(Kind::RwLock, self)?,
+            self.on_block.clone(),
+        ))
+    }
+
+    /// Opens or creates the mutex `name` (see [`resolve`]).
+    pub fn open_mutex(&self, name: impl AsRef<Path>) -> Result<ShmMutex> {
+        Ok(ShmMutex::from_parts(
+            Inner::open(name.as_ref(), Kind::Mutex, self)?,
+            self.on_block.clone(),
+        ))
+    }
+
+    /// A mutex in a fresh anonymous shared mapping.
+    pub fn anonymous_mutex(&self) -> Result<ShmMutex> {
+        Ok(ShmMutex::from_parts(
+            Inner::anonymous(Kind::Mutex, self)?,
+            self.on_block.clone(),
+        ))
+    }
+}
+
+/// The identity oracle of real processes: pid + start time from /proc.
+pub(crate) struct ProcEnv;
+
+impl Env for ProcEnv {
+    fn me(&self) -> u64 {
+        let id = crate::sys::proc::current();
+        layout::pack(id.pid, id.start_time)
+    }
+
+    fn is_dead(&self, owner: u64) -> bool {
+        let (pid, start_time) = layout::unpack(owner);
+        if pid == 0 {
+            return false;
+        }
+        let id = crate::ProcessId { pid, start_time };
+        crate::sys::proc::liveness(id) == crate::sys::proc::Liveness::Dead
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One process's handle on one lock's memory (shared by the `ShmRwLock` or
+/// `ShmMutex` and the thread-local slot caches, which hold it weakly).
+pub(crate) struct Inner {
+    view: View<Words, Slot>,
+    /// Process-unique, never reused: the key of the thread-local caches.
+    pub(crate) id: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) pool: parking_lot::Mutex<local::Pool>,
+}
+
+impl Inner {
+    #[inline]
+    pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
+        Core {
+            words: self.view.words(),
+            slots: self.view.slots(),
+            env: &ProcEnv,
+        }
+    }
+
+    fn from_mapping(map: Mapping, slots: u32, path: PathBuf) -> Inner {
+        crate::sys::fork::watch();
+        Inner {
+            view: View::new(map, WORDS_OFFSET, SLOTS_OFFSET, slots as usize),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            path,
+            pool: parking_lot::Mutex::new(local::Pool::default()),
+        }
+    }
+
+    fn check_slots(opts: &ShmOptions) -> Result<()> {
+        if !(layout::MIN_SLOTS..=layout::MAX_SLOTS).contains(&opts.slots) {
+            return Err(
+                Error::new(ErrorKind::InvalidInput, "create shared-memory lock").with_detail(
+                    format!(
+                        "{} slots requested; a lock has {}..={}",
+                        opts.slots,
+                        layout::MIN_SLOTS,
+                        layout::MAX_SLOTS
+                    ),
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn anonymous(kind: Kind, opts: &ShmOptions) -> Result<Inner> {
+        Inner::check_slots(opts)?;
+        let h = Header {
+            kind,
+            slots: opts.slots,
+            pid_ns: 0,
+        };
+        let map = Mapping::shared_anonymous(h.total_len())
+            .map_err(|e| Error::io("map anonymous shared memory", e))?;
+        Ok(Inner::from_mapping(
+            map,
+            opts.slots,
+            PathBuf::from("(anonymous shared memory)"),
+        ))
+    }
+
+    fn open(name: &Path, kind: Kind, opts: &ShmOptions) -> Result<Inner> {
+        Inner::check_slots(opts)?;
+        let path = resolve(name)?;
+        let (file, header) = open_or_create(&path, kind, opts)?;
+        let map = Mapping::shared_file(&file, header.total_len())
+            .map_err(|e| Error::io("map shared-memory lock", e).with_path(&path))?;
+        Ok(Inner::from_mapping(map, header.slots, path))
+    }
+
+    /// The description the on-block callback gets.
+    pub(crate) fn blocked(&self, mode: Mode) -> Blocked<'_> {
+        Blocked {
+            resource: &self.path,
+            mode,
+            range: None,
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        local::release_all(self);
+    }
+}
+
+const OPEN_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+/// File systems on which a shared mapping is not shared memory.
+fn network_fs(magic: i64) -> Option<&'static str> {
+    match magic {
+        0x6969 => Some("NFS"),
+        0x517b => Some("SMB"),
+        0xff53_4d42 => Some("CIFS"),
+        0xfe53_4d42 => Some("SMB2"),
+        0x0102_1997 => Some("9P"),
+        0x00c3_6400 => Some("Ceph"),
+        _ => None,
+    }
+}
+
+/// This process's PID namespace (the inode of /proc/self/ns/pid), 0 if
+/// unknown.
+fn pid_namespace() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|l| {
+            let s = l.to_str()?.to_owned();
+            s.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn open_or_create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<(File, Header)> {
+    // A file may vanish between "create failed: exists" and "open": retry a
+    // few times, then report what we last saw.
+    let mut last = None;
+    for _ in 0..16 {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(OPEN_FLAGS)
+            .open(path)
+        {
+            Ok(f) => return validate(f, path, kind),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match create(path, kind, opts) {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => last = Some(e),
+                Err(e) => return Err(e),
+            },
+            Err(e) => {
+                return Err(Error::io("open shared-memory lock", e).with_path(path));
+            }
+        }
+    }
+    Err(Error::io(
+        "open shared-memory lock",
+        last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOENT)),
+    )
+    .with_path(path)
+    .with_detail("the file kept appearing and disappearing"))
+}
+
+/// Checks an opened file: a regular file, on a local file system, of this
+/// kind, with a sound header matching its size.
+fn validate(f: File, path: &Path, kind: Kind) -> Result<(File, Header)> {
+    let corrupt = |detail: String| {
+        Error::new(ErrorKind::Corrupt, "open shared-memory lock")
+            .with_path(path)
+            .with_detail(detail)
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io("stat shared-memory lock", e).with_path(path))?;
+    if !meta.is_file() {
+        return Err(corrupt("not a regular file".into()));
+    }
+    if let Ok(magic) = crate::sys::mmap::fs_type(&f) {
+        if let Some(fs) = network_fs(magic) {
+            return Err(
+                Error::new(ErrorKind::Unsupported, "open shared-memory lock")
+                    .with_path(path)
+                    .with_detail(format!(
+                        "the file is on {fs}: memory mapped from a network file system is not shared between hosts"
+                    )),
+            );
+        }
+    }
+    let len = meta.len();
+    let mut buf = vec![0u8; HEADER_LEN.min(len as usize)];
+    f.read_exact_at(&mut buf, 0)
+        .map_err(|e| Error::io("read shared-memory lock header", e).with_path(path))?;
+    let h = Header::decode(&buf, len).map_err(corrupt)?;
+    if h.kind != kind {
+        return Err(corrupt(format!(
+            "the file holds a {}, not a {}",
+            h.kind.name(),
+            kind.name()
+        )));
+    }
+    let ns = pid_namespace();
+    if h.pid_ns != 0 && ns != 0 && h.pid_ns != ns {
+        return Err(
+            Error::new(ErrorKind::Unsupported, "open shared-memory lock")
+                .with_path(path)
+                .with_detail(
+                    "the lock was created in another PID namespace: holders' liveness cannot be checked from here",
+                ),
+        );
+    }
+    Ok((f, h))
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Creates the lock file complete under a temporary name in the same
+/// directory, then hard-links it into place, so nobody ever sees a partial
+/// header. `Ok(None)` if another process linked its own first (the caller
+/// opens that one).
+fn create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<Option<(File, Header)>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let base = path.file_name().ok_or_else(|| {
+        Error::new(ErrorKind::InvalidInput, "create shared-memory lock")
+            .with_path(path)
+            .with_detail("the path has no file name")
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(base);
+    tmp_name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = dir.join(tmp_name);
+    let h = Header {
+        kind,
+        slots: opts.slots,
+        pid_ns: pid_namespace(),
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(opts.mode)
+        .custom_flags(OPEN_FLAGS)
+        .open(&tmp)
+        .map_err(|e| Error::io("create shared-memory lock", e).with_path(path))?;
+    let cleanup = |e: Error| {
+        let _ = std::fs::remove_file(&tmp);
+        e
+    };
+    f.set_len(h.total_len() as u64)
+        .and_then(|_| f.write_all_at(&h.encode(), 0))
+        .map_err(|e| cleanup(Error::io("initialise shared-memory lock", e).with_path(path)))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            // Re-check as any opener would (and catch a network file system).
+            validate(f, path, kind).map(Some)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(Error::io("create shared-memory lock", e)
+            .with_path(path)
+            .with_detail("could not link the initialised file into place")),
+    }
+}

@@ -1,0 +1,696 @@
+//! The shared-memory reader-writer protocol: reader slots, a token word,
+//! poison, and recovery from holders that died at any instruction.
+//!
+//! Why it is built this way. A process-shared pthread rwlock keeps one
+//! counter of readers and no record of who holds it, so a holder killed by
+//! SIGKILL leaks its hold forever (every later writer waits for a reader that
+//! no longer exists), and every reader on every CPU writes the same cache
+//! line. This protocol keeps both problems out by construction:
+//!
+//! * **Who holds it is always on record.** Every participating thread first
+//!   claims an owner *slot* with one compare-and-swap of a packed identity
+//!   (pid + process start time, 64 bits, so the record is never torn). A read
+//!   hold is an increment of the slot's own `held` counter, and the exclusive
+//!   *token* is the slot's index written into the state word with one CAS. A
+//!   process dying between any two of its stores therefore leaves only state
+//!   that names a slot, that names a dead process: recoverable.
+//! * **Readers do not share a cache line.** A reader's fast path is an atomic
+//!   increment of its *own* slot (a line no other thread writes) followed by
+//!   a load of the state word (a line that only writers write). This is
+//!   Dekker's pattern: the reader stores `held` then loads `state`, the
+//!   writer stores `state` (sets `WRITER`) then loads every `held`. Both
+//!   sides use SeqCst read-modify-writes and SeqCst loads, so in the single
+//!   total order of SeqCst operations either the reader's increment comes
+//!   first (and the writer's scan sees it and waits) or the writer's flag
+//!   comes first (and the reader's load sees it and backs off). Without
+//!   SeqCst on both sides, each could miss the other (store→load reordering
+//!   through the store buffer) and both would enter.
+//! * **Writers are preferred.** A writer takes the token and sets `WRITER`
+//!   *before* waiting for readers to drain; from then on new readers back
+//!   off, so a stream of overlapping readers cannot starve it: it waits at
+//!   most for the readers already inside to leave.
+//! * **Recovery is exactly-once.** A waiter whose bounded futex sleep times
+//!   out (every [`CHECK`]) checks that the process named by the blocking
+//!   slot is alive. If it is dead, the waiter *reclaims* the slot: it
+//!   replaces the owner with its own identity flagged [`RECLAIMING`] by CAS
+//!   (so among several waiters that saw the same death exactly one wins, and
+//!   the slot cannot be reused while the token still names it), then clears
+//!   the token if the slot held it (setting `POISON` if it was a writer),
+//!   zeroes `held` (a dead reader's holds vanish silently), and frees the
+//!   slot. A reclaimer that dies half-way leaves the slot owned by a dead
+//!   identity flagged `RECLAIMING`, which the next waiter reclaims again;
+//!   every step is idempotent.
+//!
+//! Fairness: writers are preferred over readers (see above); among writers
+//! and among readers there is no queue: a release wakes every sleeper and
+//! they race (as every futex lock and glibc's do), so one writer can in
+//! principle be overtaken by another many times; readers can be held off by
+//! a continuous stream of writers.
+//!
+//! The same code runs in production (std atomics on a shared mapping) and
+//! under the loom model checker (see [`crate::sync`]); death is modelled by
+//! a thread that stops after some prefix of its operations and an [`Env`]
+//! that then reports it dead.
+
+use super::layout::{
+    Slot, Words, DRAIN_SLEEP, INDEX_MASK, POISON, RECLAIMING, UPGRADABLE, WAITERS, WRITER,
+};
+use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
+use crate::wait::Wait;
+use crate::TryLockError;
+use std::time::Duration;
+
+/// The longest a draining writer sleeps on a reader's counter before it
+/// looks again (see [`Core::read_exit`] for why it may need to).
+pub const DRAIN_SLICE: Duration = Duration::from_millis(1);
+
+/// How long a waiter sleeps before it checks that the holder is alive.
+/// Short enough that a dead holder is noticed within a few periods (the goal
+/// is 50 ms at p99), long enough that a waiter costs nothing measurable:
+/// one read of /proc/PID/stat (~10 µs) per period.
+pub const CHECK: Duration = Duration::from_millis(5);
+
+/// Busy-wait rounds before sleeping: about a microsecond, enough to catch a
+/// holder that is about to release without paying for a futex sleep.
+#[cfg(not(loom))]
+const SPIN: u32 = 64;
+#[cfg(loom)]
+const SPIN: u32 = 0;
+
+/// Who we are and who is alive: the process-identity oracle.
+pub trait Env {
+    /// This process's packed identity (never 0, never flagged).
+    fn me(&self) -> u64;
+    /// Whether the process named by a packed owner word (flags ignored) is
+    /// certainly dead. "Unknown" must answer false.
+    fn is_dead(&self, owner: u64) -> bool;
+}
+
+/// Calls the on-block callback at most once.
+pub struct Notify<'b> {
+    f: Option<&'b mut dyn FnMut()>,
+}
+
+impl<'b> Notify<'b> {
+    /// A notifier calling `f` the first time the acquisition blocks.
+    pub fn new(f: &'b mut dyn FnMut()) -> Notify<'b> {
+        Notify { f: Some(f) }
+    }
+
+    /// A notifier that does nothing.
+    pub fn none() -> Notify<'static> {
+        Notify { f: None }
+    }
+
+    /// Calls the callback if it was not called yet.
+    pub fn fire(&mut self) {
+        if let Some(f) = self.f.take() {
+            f();
+        }
+    }
+}
+
+/// The time to sleep next: the rest of the wait, at most [`CHECK`].
+fn slice(wait: &Wait) -> Option<Duration> {
+    Some(match wait.remaining() {
+        None => CHECK,
+        Some(r) => r.min(CHECK),
+    })
+}
+
+/// One lock: its words, its slot table and the identity oracle.
+pub struct Core<'a, E: Env> {
+    /// The state and high-water words.
+    pub words: &'a Words,
+    /// The slot table.
+    pub slots: &'a [Slot],
+    /// The identity oracle.
+    pub env: &'a E,
+}
+
+impl<'a, E: Env> Core<'a, E> {
+    fn state(&self) -> &'a crate::sync::AtomicU32 {
+        &self.words.state
+    }
+
+    fn token_of(slot: u32) -> u32 {
+        slot + 1
+    }
+
+    // ---------------------------------------------------------------
+    // Slots.
+
+    /// Claims a free slot for this process. Slots below `high` come first;
+    /// before `high` would grow, slots of dead processes below it are
+    /// reclaimed (a crash must not leave writers scanning ever more slots).
+    /// `None` if every slot belongs to a live process.
+    pub fn claim_slot(&self) -> Option<u32> {
+        let me = self.env.me();
+        let high = (self.words.high.load(Ordering::SeqCst) as usize).min(self.slots.len());
+        if let Some(i) = self.claim_in(0..high, me) {
+            return Some(i);
+        }
+        for i in 0..high {
+            let o = self.slots[i].owner.load(Ordering::Acquire);
+            if o != 0 && self.env.is_dead(o) {
+                self.reclaim(i as u32, o);
+            }
+        }
+        self.claim_in(0..self.slots.len(), me)
+    }
+
+    fn claim_in(&self, range: std::ops::Range<usize>, me: u64) -> Option<u32> {
+        for i in range {
+            let s = &self.slots[i];
+            // Acquire (on success): see the `held = 0` of whoever freed it.
+            if s.owner.load(Ordering::Relaxed) == 0
+                && s.owner
+                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // SeqCst: a writer that loads `high` after setting WRITER
+                // (SeqCst) must see this slot if our first read increment
+                // (after this, in program order) precedes its flag in the
+                // SeqCst order. See `drain`.
+                self.words.high.fetch_max(i as u32 + 1, Ordering::SeqCst);
+                return Some(i as u32);
+            }
+        }
+        None
+    }
+
+    /// Frees slot `s`, which this process owns and through which it holds
+    /// nothing. Returns false (and keeps the slot) if it still holds the
+    /// token or a read count (a guard was leaked).
+    pub fn release_slot(&self, s: u32) -> bool {
+        let slot = &self.slots[s as usize];
+        if self.state().load(Ordering::SeqCst) & INDEX_MASK == Self::token_of(s)
+            || slot.held.load(Ordering::SeqCst) != 0
+        {
+            return false;
+        }
+        slot.owner
+            .compare_exchange(self.env.me(), 0, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Reclaims slot `i`, seen owned by the dead `seen` (possibly a dead
+    /// reclaimer). Returns whether this call did the work; false if someone
+    /// else got there first or the owner changed.
+    pub fn reclaim(&self, i: u32, seen: u64) -> bool {
+        let slot = &self.slots[i as usize];
+        let claim = self.env.me() | RECLAIMING;
+        // Step 1: freeze the slot. Exactly one of several reclaimers wins;
+        // nobody can claim it for reuse while it names us.
+        if slot
+            .owner
+            .compare_exchange(seen, claim, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // Step 2: if the slot holds the token, drop it. Only the slot's
+        // owner ever writes its index into the state word, and the owner is
+        // now us (frozen), so once cleared it cannot reappear.
+        let mut ws = self.state().load(Ordering::SeqCst);
+        while ws & INDEX_MASK == Self::token_of(i) {
+            // Keep POISON; add it if the dead holder was (or was becoming)
+            // a writer: the data may be inconsistent. Clear WAITERS: we wake
+            // everyone, and those still blocked set it again.
+            let mut new = ws & POISON;
+            if ws & WRITER != 0 {
+                new |= POISON;
+            }
+            match self
+                .state()
+                .compare_exchange(ws, new, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => {
+                    if ws & WAITERS != 0 {
+                        futex::wake_all(self.state());
+                    }
+                    break;
+                }
+                Err(actual) => ws = actual,
+            }
+        }
+        // Step 3: drop its read holds, and wake a writer draining on them.
+        slot.held.store(0, Ordering::SeqCst);
+        if self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0 {
+            futex::wake_all(&slot.held);
+        }
+        // Step 4: free the slot. Release: a claimer (Acquire) sees held = 0.
+        slot.owner.store(0, Ordering::Release);
+        true
+    }
+
+    /// If slot `i`'s owner (or reclaimer) is dead, reclaims it.
+    fn check_slot(&self, i: u32) {
+        let o = self.slots[i as usize].owner.load(Ordering::Acquire);
+        if o != 0 && self.env.is_dead(o) {
+            self.reclaim(i, o);
+        }
+    }
+
+    /// If the token holder named in `ws` is dead, reclaims its slot.
+    fn check_token_holder(&self, ws: u32) {
+        let idx = ws & INDEX_MASK;
+        if idx != 0 {
+            self.check_slot(idx - 1);
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Waiting on the state word.
+
+    /// Waits until `blocked(state)` is false; returns the last state seen.
+    fn wait_state(
+        &self,
+        blocked: impl Fn(u32) -> bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<u32, TryLockError> {
+        let mut ws = self.state().load(Ordering::SeqCst);
+        let mut spins = SPIN;
+        let mut checked = false;
+        loop {
+            if !blocked(ws) {
+                return Ok(ws);
+            }
+            if !wait.may_block() || wait.expired() {
+                // Before giving up, make sure we are not waiting for the
+                // dead: a try-lock loop must not be wedged either.
+                if !checked {
+                    checked = true;
+                    self.check_token_holder(ws);
+                    ws = self.state().load(Ordering::SeqCst);
+                    continue;
+                }
+                return Err(wait.gave_up());
+            }
+            // Announce ourselves first, then spin: a releaser that sees
+            // WAITERS takes its slow path (a wake-up), which also gives a
+            // spinning waiter the chance to take the lock before the
+            // releaser takes it straight back (barging), as glibc's mutex
+            // does.
+            if ws & WAITERS == 0 {
+                if let Err(actual) = self.state().compare_exchange(
+                    ws,
+                    ws | WAITERS,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    ws = actual;
+                    continue;
+                }
+                ws |= WAITERS;
+            }
+            if spins > 0 {
+                spins -= 1;
+                spin_hint();
+                ws = self.state().load(Ordering::Relaxed);
+                continue;
+            }
+            notify.fire();
+            if futex::wait(self.state(), ws, slice(wait)) == Woke::TimedOut {
+                self.check_token_holder(self.state().load(Ordering::SeqCst));
+            }
+            ws = self.state().load(Ordering::SeqCst);
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // Readers.
+
+    /// One attempt to enter as a reader through slot `s` (`own`: only this
+    /// thread uses it): `Ok(poisoned)`, or `Err(state)` (a writer is
+    /// present; nothing is held).
+    #[inline]
+    pub fn read_enter(&self, s: u32, own: bool) -> Result<bool, u32> {
+        let slot = &self.slots[s as usize];
+        // SeqCst increment, then SeqCst load: the reader's half of Dekker's
+        // pattern (module docs). The load also acquires the last writer's
+        // release of the token.
+        slot.held.fetch_add(1, Ordering::SeqCst);
+        dekker();
+        let ws = self.state().load(Ordering::SeqCst);
+        if ws & WRITER == 0 {
+            return Ok(ws & POISON != 0);
+        }
+        self.read_exit(s, own);
+        Err(ws)
+    }
+
+    /// Drops one read hold of slot `s`. Returns false if the slot held none
+    /// (it was reclaimed from under us: we had been taken for dead).
+    ///
+    /// A slot used by one thread only (`own`) is released with a plain
+    /// Release store, which costs no locked instruction: nobody else writes
+    /// the counter (a reclaimer only touches slots of dead processes). The
+    /// store publishes the critical section to the writer that then loads
+    /// the counter (Release/SeqCst-load). The price: the store and the
+    /// following load of `state` are not ordered (store→load), so a writer
+    /// that announces DRAIN_SLEEP at that very instant may not be woken and
+    /// instead notices the zero when its bounded sleep ends (a latency of at
+    /// most [`DRAIN_SLICE`], never a loss of exclusion or a hang). A shared
+    /// slot uses a SeqCst decrement, which closes that window.
+    #[inline]
+    pub fn read_exit(&self, s: u32, own: bool) -> bool {
+        let slot = &self.slots[s as usize];
+        let prev = if own {
+            let h = slot.held.load(Ordering::Relaxed);
+            if h != 0 {
+                slot.held.store(h - 1, Ordering::Release);
+            }
+            h
+        } else {
+            // SeqCst decrement then SeqCst load of state: pairs with the
+            // writer's "set DRAIN_SLEEP (SeqCst), then sleep while
+            // held == v": either we see DRAIN_SLEEP and wake it, or its
+            // futex check (after its SeqCst RMW) sees our decrement.
+            let prev = slot.held.fetch_sub(1, Ordering::SeqCst);
+            if prev == 0 {
+                slot.held.fetch_add(1, Ordering::SeqCst);
+            }
+            dekker();
+            prev
+        };
+        if prev == 0 {
+            return false;
+        }
+        // (Under loom an own-slot release always wakes: that stands for the
+        // drain's bounded sleep, see `sync::futex`.)
+        if prev == 1
+            && ((cfg!(loom) && own) || self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0)
+        {
+            futex::wake_all(&slot.held);
+        }
+        true
+    }
+
+    /// Acquires a read hold through slot `s`, waiting as `wait` allows.
+    /// `Ok(poisoned)`.
+    pub fn read(
+        &self,
+        s: u32,
+        own: bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        loop {
+            match self.read_enter(s, own) {
+                Ok(p) => return Ok(p),
+                Err(_) => {
+                    self.wait_state(|ws| ws & WRITER != 0, wait, notify)?;
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------
+    // The token: writers and upgradable readers.
+
+    /// Takes the token for slot `s` with `bit` (WRITER or UPGRADABLE).
+    /// `Ok(poisoned)`.
+    fn token(
+        &self,
+        s: u32,
+        bit: u32,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        let want = Self::token_of(s) | bit;
+        // Look before trying: on a contended word a failed CAS still takes
+        // the cache line away from the holder, slowing its release. The CAS
+        // (SeqCst: acquires the last release, and WRITER's role in Dekker's
+        // pattern) is tried only when the token looks free.
+        let mut ws = self.state().load(Ordering::Relaxed);
+        loop {
+            if ws & INDEX_MASK == 0 {
+                let new = (ws & (POISON | WAITERS)) | want;
+                match self
+                    .state()
+                    .compare_exchange(ws, new, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => return Ok(ws & POISON != 0),
+                    Err(actual) => {
+                        ws = actual;
+                        continue;
+                    }
+                }
+            }
+            ws = self.wait_state(|ws| ws & INDEX_MASK != 0, wait, notify)?;
+        }
+    }
+
+    /// With WRITER set by us, waits until no slot holds a read. On failure
+    /// the caller must undo WRITER.
+    fn drain(&self, wait: &Wait, notify: &mut Notify<'_>) -> Result<(), TryLockError> {
+        // SeqCst: see `claim_slot`. A slot claimed after this load had its
+        // first increment after our WRITER flag in the SeqCst order, so that
+        // reader sees WRITER and backs off. (Our WRITER flag was set by a
+        // SeqCst RMW before this call.)
+        dekker();
+        let high = self.words.high.load(Ordering::SeqCst) as usize;
+        for i in 0..high.min(self.slots.len()) {
+            let slot = &self.slots[i];
+            let mut spins = SPIN;
+            let mut checked = false;
+            let mut slept = 0u32;
+            loop {
+                // SeqCst: the writer's half of Dekker's pattern.
+                let h = slot.held.load(Ordering::SeqCst);
+                if h == 0 {
+                    break;
+                }
+                if !wait.may_block() || wait.expired() {
+                    if !checked {
+                        checked = true;
+                        self.check_slot(i as u32);
+                        continue;
+                    }
+                    return Err(wait.gave_up());
+                }
+                if spins > 0 {
+                    spins -= 1;
+                    spin_hint();
+                    continue;
+                }
+                // Announce the sleep before re-checking `held` in the futex
+                // call (SeqCst RMW; pairs with `read_exit`).
+                self.state().fetch_or(DRAIN_SLEEP, Ordering::SeqCst);
+                dekker();
+                notify.fire();
+                let nap = slice(wait).map(|d| d.min(DRAIN_SLICE));
+                if futex::wait(&slot.held, h, nap) == Woke::TimedOut {
+                    slept += 1;
+                    // Check liveness about once per CHECK, not per nap.
+                    if slept % (CHECK.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32 == 0 {
+                        self.check_slot(i as u32);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acquires the exclusive lock through slot `s`. `drain` is false for a
+    /// mutex (which has no readers). `Ok(poisoned)`.
+    #[inline]
+    pub fn write(
+        &self,
+        s: u32,
+        drain: bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        // (The uncontended case is `try_write_fast`, inlined into the
+        // caller; here the token is taken by looking first.)
+        self.write_slow(s, false, drain, wait, notify)
+    }
+
+    /// The whole uncontended write acquisition, or nothing: takes a clean,
+    /// free token and finds no reader; otherwise undoes and returns false
+    /// (the caller then takes the slow path).
+    #[inline]
+    pub fn try_write_fast(&self, s: u32, drain: bool) -> bool {
+        if self
+            .state()
+            .compare_exchange(
+                0,
+                Self::token_of(s) | WRITER,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        dekker();
+        if !drain || self.no_readers() {
+            return true;
+        }
+        self.token_exit(s, WRITER, false);
+        false
+    }
+
+    /// Whether every slot in use is at zero right now (SeqCst loads: the
+    /// writer's half of Dekker's pattern).
+    #[inline]
+    fn no_readers(&self) -> bool {
+        let high = self.words.high.load(Ordering::SeqCst) as usize;
+        self.slots[..high.min(self.slots.len())]
+            .iter()
+            .all(|x| x.held.load(Ordering::SeqCst) == 0)
+    }
+
+    #[cold]
+    fn write_slow(
+        &self,
+        s: u32,
+        took: bool,
+        drain: bool,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        // The fast path may already have taken the (clean) token and found
+        // readers; otherwise take it now.
+        let poisoned = if took {
+            false
+        } else {
+            self.token(s, WRITER, wait, notify)?
+        };
+        if drain {
+            if let Err(e) = self.drain(wait, notify) {
+                self.token_exit(s, WRITER, poisoned);
+                return Err(e);
+            }
+        }
+        Ok(poisoned)
+    }
+
+    /// Takes the upgradable token through slot `s`. `Ok(poisoned)`.
+    pub fn upgradable(
+        &self,
+        s: u32,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<bool, TryLockError> {
+        self.token(s, UPGRADABLE, wait, notify)
+    }
+
+    /// Releases the token held by slot `s` in mode `bit` (WRITER or
+    /// UPGRADABLE), leaving `POISON` set iff `poison`. Returns false,
+    /// changing nothing, if the token was not ours (it was reclaimed: we had
+    /// been taken for dead).
+    #[inline]
+    pub fn token_exit(&self, s: u32, bit: u32, poison: bool) -> bool {
+        let keep = if poison { POISON } else { 0 };
+        // Release: our critical section happens-before the next acquirer's
+        // Acquire (SeqCst) of this word. Fast path: nobody waits.
+        let guess = Self::token_of(s) | bit | keep;
+        match self
+            .state()
+            .compare_exchange(guess, keep, Ordering::Release, Ordering::Relaxed)
+        {
+            Ok(_) => true,
+            Err(ws) => self.token_exit_slow(s, keep, ws),
+        }
+    }
+
+    #[cold]
+    fn token_exit_slow(&self, s: u32, keep: u32, mut ws: u32) -> bool {
+        let st = self.state();
+        loop {
+            if ws & INDEX_MASK != Self::token_of(s) {
+                return false;
+            }
+            match st.compare_exchange(ws, keep, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => {
+                    if ws & WAITERS != 0 {
+                        futex::wake_all(st);
+                    }
+                    return true;
+                }
+                Err(actual) => ws = actual,
+            }
+        }
+    }
+
+    /// Upgradable → writer for slot `s`: sets WRITER, drains the readers.
+    /// On failure the upgradable token is kept.
+    pub fn upgrade(
+        &self,
+        s: u32,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+    ) -> Result<(), TryLockError> {
+        self.swap_mode(s, UPGRADABLE, WRITER);
+        if let Err(e) = self.drain(wait, notify) {
+            self.swap_mode(s, WRITER, UPGRADABLE);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writer → upgradable for slot `s` (readers may enter again).
+    pub fn downgrade_to_upgradable(&self, s: u32) {
+        self.swap_mode(s, WRITER, UPGRADABLE);
+    }
+
+    /// Token holder (writer or upgradable) → plain reader through slot `s`:
+    /// the read hold is taken before the token is released, so no writer
+    /// can slip in between.
+    pub fn downgrade_to_read(&self, s: u32, poison: bool) {
+        self.slots[s as usize].held.fetch_add(1, Ordering::SeqCst);
+        let ws = self.state().load(Ordering::Relaxed);
+        self.token_exit(s, ws & (WRITER | UPGRADABLE), poison);
+    }
+
+    /// Replaces mode bit `from` by `to` in our token, waking sleepers (a
+    /// change may unblock readers, or a failed upgrade releases them).
+    fn swap_mode(&self, s: u32, from: u32, to: u32) {
+        let st = self.state();
+        let mut ws = st.load(Ordering::SeqCst);
+        loop {
+            debug_assert_eq!(ws & INDEX_MASK, Self::token_of(s));
+            let new = (ws & !(from | WAITERS | DRAIN_SLEEP)) | to;
+            match st.compare_exchange(ws, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    if ws & WAITERS != 0 {
+                        futex::wake_all(st);
+                    }
+                    return;
+                }
+                Err(actual) => ws = actual,
+            }
+        }
+    }
+
+    /// Clears POISON (the caller holds the token as writer).
+    pub fn clear_poison(&self) {
+        self.state().fetch_and(!POISON, Ordering::SeqCst);
+    }
+
+    /// Whether POISON is set.
+    pub fn is_poisoned(&self) -> bool {
+        self.state().load(Ordering::SeqCst) & POISON != 0
+    }
+
+    /// The packed identity of the token holder, if any.
+    pub fn token_owner(&self) -> Option<u64> {
+        let idx = self.state().load(Ordering::SeqCst) & INDEX_MASK;
+        if idx == 0 {
+            return None;
+        }
+        match self
+            .slots
+            .get(idx as usize - 1)?
+            .owner
+            .load(Ordering::Acquire)
+        {
+            0 => None,
+            o => Some(o & !RECLAIMING),
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Model checks of the shared-memory lock protocol (reader slots, the token
+//! word, poison, recovery of dead holders) under loom.
+//!
+//! Run with:
+//!
+//! ```text
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+//!     cargo test -p interlock --release --test loom_shm
+//! ```
+//!
+//! Each loom thread plays a process. A shared `Probe` (loom's `UnsafeCell`) stands for the
+//! protected data: loom fails the run if two accesses to it are not ordered
+//! by happens-before, so a lost exclusion *or* a missing memory ordering is
+//! caught. Death: a thread given a death budget of `k` atomic operations
+//! unwinds at the `k+1`-th and is then reported dead to the others; each
+//! death test runs the model for every `k` up to past the victim's last
+//! operation, i.e. kills it between every pair of its shared-memory stores.
+#![cfg(loom)]
+
+use interlock::shm::layout::{self, pack, unpack, Slot, Words, INDEX_MASK};
+use interlock::shm::protocol::{Core, Env, Notify};
+use interlock::sync::{die_after, Died, Probe};
+use interlock::Wait;
+use loom::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use loom::sync::Arc;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+const PROCS: usize = 4;
+
+/// The lock memory and the world's process table.
+struct World {
+    words: Words,
+    slots: Vec<Slot>,
+    dead: Vec<AtomicBool>,
+    data: Probe,
+    /// The victim's progress: 1 = inside its critical section, 2 = released.
+    phase: AtomicU32,
+    /// The victim's progress when it died (0 if it did not).
+    died_in: AtomicU32,
+}
+
+impl World {
+    fn new(slots: usize) -> Arc<World> {
+        Arc::new(World {
+            words: Words::new(),
+            slots: (0..slots).map(|_| Slot::new()).collect(),
+            dead: (0..PROCS).map(|_| AtomicBool::new(false)).collect(),
+            data: Probe::new(),
+            phase: AtomicU32::new(0),
+            died_in: AtomicU32::new(0),
+        })
+    }
+}
+
+/// Process `pid`'s view: who it is, and who is dead.
+struct Proc {
+    world: Arc<World>,
+    pid: u32,
+}
+
+impl Env for Proc {
+    fn me(&self) -> u64 {
+        pack(self.pid, 0)
+    }
+    fn is_dead(&self, owner: u64) -> bool {
+        let (pid, _) = unpack(owner);
+        self.world.dead[pid as usize - 1].load(Ordering::SeqCst)
+    }
+}
+
+impl Proc {
+    fn new(world: &Arc<World>, pid: u32) -> Proc {
+        Proc {
+            world: world.clone(),
+            pid,
+        }
+    }
+
+    fn core(&self) -> Core<'_, Proc> {
+        Core {
+            words: &self.world.words,
+            slots: &self.world.slots,
+            env: self,
+        }
+    }
+
+    fn claim(&self) -> u32 {
+        self.core().claim_slot().expect("a free slot")
+    }
+
+    fn write_cs(&self) {
+        self.world.data.bump();
+    }
+
+    fn read_cs(&self) -> u32 {
+        self.world.data.get()
+    }
+
+    /// Runs `f` as a process that may die; marks it dead if it does.
+    fn run_mortal(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
+        die_after(budget);
+        let r = catch_unwind(AssertUnwindSafe(|| f(&self)));
+        die_after(None);
+        if let Err(e) = r {
+            if e.downcast_ref::<Died>().is_none() {
+                resume_unwind(e);
+            }
+            // Death is final: after this nothing more is stored. Waiters
+            // notice at their next time-out, modelled as a wake-up.
+            let phase = self.world.phase.load(Ordering::SeqCst);
+            self.world.died_in.store(10 + phase, Ordering::SeqCst);
+            self.world.dead[self.pid as usize - 1].store(true, Ordering::SeqCst);
+            interlock::sync::futex::wake_all_dead();
+        }
+    }
+}
+
+fn model(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(bound);
+    b.check(f);
+}
+
+fn quiet_deaths() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<Died>().is_none() {
+                prev(info);
+            }
+        }));
+    });
+}
+
+const FOREVER: Wait = Wait::Forever;
+
+#[test]
+fn readers_and_a_writer_exclude() {
+    model(3, || {
+        let w = World::new(3);
+        let r1 = {
+            let p = Proc::new(&w, 1);
+            loom::thread::spawn(move || {
+                let s = p.claim();
+                let c = p.core();
+                c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                p.read_cs();
+                assert!(c.read_exit(s, true));
+            })
+        };
+        let r2 = {
+            let p = Proc::new(&w, 2);
+            loom::thread::spawn(move || {
+                let s = p.claim();
+                let c = p.core();
+                // A shared slot (atomic release) this time.
+                c.read(s, false, &FOREVER, &mut Notify::none()).unwrap();
+                p.read_cs();
+                assert!(c.read_exit(s, false));
+            })
+        };
+        let p = Proc::new(&w, 3);
+        let s = p.claim();
+        let c = p.core();
+        assert!(!c.write(s, true, &FOREVER, &mut Notify::none()).unwrap());
+        p.write_cs();
+        assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+        r1.join().unwrap();
+        r2.join().unwrap();
+        assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
+    });
+}
+
+#[test]
+fn writers_exclude_as_a_mutex() {
+    model(3, || {
+        let w = World::new(2);
+        let hs: Vec<_> = (1..=2)
+            .map(|pid| {
+                let p = Proc::new(&w, pid);
+                loom::thread::spawn(move || {
+                    let s = p.claim();
+                    let c = p.core();
+                    c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
+                    p.write_cs();
+                    assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(w.data.get(), 2);
+    });
+}
+
+#[test]
+fn upgrade_is_atomic_and_excludes_readers() {
+    model(2, || {
+        let w = World::new(2);
+        let r = {
+            let p = Proc::new(&w, 1);
+            loom::thread::spawn(move || {
+                let s = p.claim();
+                let c = p.core();
+                c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                p.read_cs();
+                assert!(c.read_exit(s, true));
+            })
+        };
+        let p = Proc::new(&w, 2);
+        let s = p.claim();
+        let c = p.core();
+        c.upgradable(s, &FOREVER, &mut Notify::none()).unwrap();
+        p.read_cs();
+        c.upgrade(s, &FOREVER, &mut Notify::none()).unwrap();
+        p.write_cs();
+        c.downgrade_to_read(s, false);
+        p.read_cs();
+        assert!(c.read_exit(s, false));
+        r.join().unwrap();
+    });
+}
+
+/// The most atomic operations any victim below performs (claim + acquire +
+/// release); budgets run from 0 to past it, so the last run is a victim
+/// that completes.
+const MAX_STEPS: u32 = 18;
+
+#[test]
+fn a_writer_killed_at_any_step_is_recovered_and_poison_tells() {
+    quiet_deaths();
+    for k in 0..=MAX_STEPS {
+        model(2, move || {
+            let w = World::new(2);
+            let v = {
+                let p = Proc::new(&w, 1);
+                loom::thread::spawn(move || {
+                    p.run_mortal(Some(k), |p| {
+                        let s = p.claim();
+                        let c = p.core();
+                        c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                        p.world.phase.store(1, Ordering::SeqCst);
+                        p.write_cs();
+                        c.token_exit(s, interlock::shm::layout::WRITER, false);
+                        p.world.phase.store(2, Ordering::SeqCst);
+                    })
+                })
+            };
+            let p = Proc::new(&w, 2);
+            let s = p.claim();
+            let c = p.core();
+            let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            // The victim died holding the lock iff it died inside (phase 1:
+            // its release never completed); then we must learn it. If it
+            // released (phase 2) and died later or not at all, we must not.
+            match w.died_in.load(Ordering::SeqCst) {
+                11 => assert!(poisoned, "k={k}: died inside, not poisoned"),
+                12 => assert!(!poisoned, "k={k}: released cleanly, yet poisoned"),
+                0 => assert!(
+                    !poisoned || w.dead[0].load(Ordering::SeqCst),
+                    "k={k}: poisoned by a live process"
+                ),
+                _ => {}
+            }
+            p.write_cs();
+            assert!(c.token_exit(s, interlock::shm::layout::WRITER, poisoned));
+            v.join().unwrap();
+        });
+    }
+}
+
+#[test]
+fn a_reader_killed_at_any_step_is_reclaimed_silently() {
+    quiet_deaths();
+    for k in 0..=MAX_STEPS {
+        for own in [true, false] {
+            model(2, move || {
+                let w = World::new(2);
+                let v = {
+                    let p = Proc::new(&w, 1);
+                    loom::thread::spawn(move || {
+                        p.run_mortal(Some(k), |p| {
+                            let s = p.claim();
+                            let c = p.core();
+                            c.read(s, own, &FOREVER, &mut Notify::none()).unwrap();
+                            p.read_cs();
+                            c.read_exit(s, own);
+                        })
+                    })
+                };
+                let p = Proc::new(&w, 2);
+                let s = p.claim();
+                let c = p.core();
+                let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                assert!(!poisoned, "k={k}: a dead reader poisoned the lock");
+                p.write_cs();
+                assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+                v.join().unwrap();
+            });
+        }
+    }
+}
+
+#[test]
+fn a_reclaimer_killed_at_any_step_is_finished_by_another() {
+    quiet_deaths();
+    // Process 1 dies holding the write lock. Process 2 may die at any step
+    // of its acquisition (which includes reclaiming 1's slot); process 3
+    // must still get the lock, poisoned, and exactly one token holder is
+    // ever recorded at a time (loom's data check on the probe).
+    for k in 0..=24 {
+        model(2, move || {
+            let w = World::new(3);
+            {
+                let p = Proc::new(&w, 1);
+                let s = p.claim();
+                p.core()
+                    .write(s, true, &FOREVER, &mut Notify::none())
+                    .unwrap();
+                p.write_cs();
+                w.dead[0].store(true, Ordering::SeqCst);
+                interlock::sync::futex::wake_all_dead();
+            }
+            let r = {
+                let p = Proc::new(&w, 2);
+                loom::thread::spawn(move || {
+                    p.run_mortal(Some(k), |p| {
+                        let s = p.claim();
+                        let c = p.core();
+                        let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                        assert!(poisoned);
+                        p.write_cs();
+                        c.token_exit(s, interlock::shm::layout::WRITER, true);
+                    })
+                })
+            };
+            let p = Proc::new(&w, 3);
+            let s = p.claim();
+            let c = p.core();
+            let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            assert!(poisoned, "k={k}: the dead writer's poison was lost");
+            p.write_cs();
+            assert!(c.token_exit(s, interlock::shm::layout::WRITER, true));
+            r.join().unwrap();
+            // In the end the token is free, or names process 2's slot if it
+            // died holding the lock (recovered by whoever needs it next).
+            let ws = w.words.state.load(Ordering::SeqCst);
+            if ws & INDEX_MASK != 0 {
+                let owner = w.slots[(ws & INDEX_MASK) as usize - 1]
+                    .owner
+                    .load(Ordering::SeqCst);
+                assert_eq!(
+                    unpack(owner).0,
+                    2,
+                    "k={k}: state names a live or freed slot"
+                );
+                assert!(w.dead[1].load(Ordering::SeqCst));
+            }
+        });
+    }
+}
+
+#[test]
+fn two_waiters_see_one_death_and_exactly_one_repairs() {
+    quiet_deaths();
+    model(2, || {
+        let w = World::new(3);
+        // Process 1 takes the write lock and dies holding it.
+        {
+            let p = Proc::new(&w, 1);
+            let s = p.claim();
+            p.core()
+                .write(s, true, &FOREVER, &mut Notify::none())
+                .unwrap();
+            p.write_cs();
+        }
+        let hs: Vec<_> = (2..=3)
+            .map(|pid| {
+                let p = Proc::new(&w, pid);
+                loom::thread::spawn(move || {
+                    let s = p.claim();
+                    let c = p.core();
+                    // Both learn the poison (it stays until cleared), and
+                    // they exclude each other (the probe).
+                    assert!(c.write(s, true, &FOREVER, &mut Notify::none()).unwrap());
+                    p.write_cs();
+                    assert!(c.token_exit(s, interlock::shm::layout::WRITER, true));
+                })
+            })
+            .collect();
+        w.dead[0].store(true, Ordering::SeqCst);
+        interlock::sync::futex::wake_all_dead();
+        for h in hs {
+            h.join().unwrap();
+        }
+        // The dead holder's slot was reclaimed (it is free, or reused by a
+        // survivor), and the state is just the poison.
+        assert_eq!(w.words.state.load(Ordering::SeqCst), layout::POISON);
+        assert_ne!(w.slots[0].owner.load(Ordering::SeqCst), pack(1, 0));
+        assert_eq!(w.data.get(), 3);
+    });
+}
