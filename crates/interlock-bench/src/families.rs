@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use interlock::{ErrorKind, FileLock, Flavor, LeaseLock, Lock, LockSet, Mode, TryLockError, Wait};
+use interlock::{
+    ErrorKind, FileLock, Flavor, LeaseLock, Lock, LockSet, Mode, ShmMutex, ShmRwLock, TryLockError,
+    Wait,
+};
 
 use crate::targets::{setup_file, setup_none, Ctx, Floor, Group, Handle, Impl, Target};
 
@@ -41,6 +44,10 @@ fn file_lock(c: &Ctx, flavor: Flavor) -> Result<FileLock> {
     Ok(o.open(c.lock_path())?)
 }
 
+fn shm_path(c: &Ctx, what: &str) -> std::path::PathBuf {
+    c.shm_dir.join(what)
+}
+
 /// The families present in this build.
 pub fn targets() -> Vec<Target> {
     vec![
@@ -69,6 +76,30 @@ pub fn targets() -> Vec<Target> {
             |c| Ok(Box::new(SetIndex(LockSet::open(c.lock_path())?))),
         ),
         family(
+            "shm-rwlock",
+            "interlock ShmRwLock",
+            Floor::Futex,
+            true,
+            |c| {
+                ShmRwLock::open(shm_path(c, "rw"))
+                    .map(drop)
+                    .map_err(Into::into)
+            },
+            |c| Ok(Box::new(ShmRw(ShmRwLock::open(shm_path(c, "rw"))?))),
+        ),
+        family(
+            "shm-mutex",
+            "interlock ShmMutex",
+            Floor::Futex,
+            false,
+            |c| {
+                ShmMutex::open(shm_path(c, "mutex"))
+                    .map(drop)
+                    .map_err(Into::into)
+            },
+            |c| Ok(Box::new(ShmMx(ShmMutex::open(shm_path(c, "mutex"))?))),
+        ),
+        family(
             "lease",
             "interlock LeaseLock (TTL 30 s)",
             Floor::Mkdir,
@@ -89,6 +120,65 @@ impl Handle for SetIndex {
         body();
         self.0.unlock(0u64)?;
         Ok(false)
+    }
+}
+
+/// [`ShmRwLock`] through its own methods, so that a writer's death (the
+/// lock is then poisoned) is counted and recovered from as a user would:
+/// a writer takes the guard and clears the poison, a reader proceeds.
+struct ShmRw(ShmRwLock);
+impl Handle for ShmRw {
+    fn run(&mut self, mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        Ok(match mode {
+            Mode::Exclusive => match self.0.write() {
+                Ok(g) => {
+                    body();
+                    drop(g);
+                    false
+                }
+                Err(p) => {
+                    let mut g = p.into_inner();
+                    g.clear_poison();
+                    body();
+                    drop(g);
+                    true
+                }
+            },
+            Mode::Shared => match self.0.read() {
+                Ok(g) => {
+                    body();
+                    drop(g);
+                    false
+                }
+                Err(p) => {
+                    let g = p.into_inner();
+                    body();
+                    drop(g);
+                    true
+                }
+            },
+        })
+    }
+}
+
+/// [`ShmMutex`] likewise (the next holder after a death clears the poison).
+struct ShmMx(ShmMutex);
+impl Handle for ShmMx {
+    fn run(&mut self, _mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        Ok(match self.0.lock() {
+            Ok(g) => {
+                body();
+                drop(g);
+                false
+            }
+            Err(p) => {
+                let mut g = p.into_inner();
+                g.clear_poison();
+                body();
+                drop(g);
+                true
+            }
+        })
     }
 }
 
