@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use interlock::{
-    Blocked, Error, ErrorKind, FileLock, Flavor, LeaseLock, LeaseOptions, LockSet, Mode,
-    TryLockError, Wait,
+    Blocked, Error, ErrorKind, FileLock, Flavor, LeaseLock, LeaseOptions, LockResult, LockSet,
+    Mode, ShmOptions, ShmReadGuard, ShmRwLock, ShmWriteGuard, TryLockError, Wait,
 };
 
 use crate::args::{Kind, RunArgs, StatusArgs};
@@ -146,13 +146,7 @@ pub fn run(args: RunArgs) -> u8 {
         Kind::File | Kind::Flock => run_file(&plan),
         Kind::Set => run_set(&plan),
         Kind::Lease => run_lease(&plan),
-        Kind::Shm => {
-            eprintln!(
-                "interlock: --kind {:?} is not available in this build",
-                args.kind
-            );
-            EX_UNAVAILABLE
-        }
+        Kind::Shm => run_shm(&plan),
     }
 }
 
@@ -201,6 +195,97 @@ fn run_set(plan: &Plan<'_>) -> u8 {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
     }
+}
+
+/// A held shared-memory lock, either mode.
+enum ShmHeld<'a> {
+    Read(ShmReadGuard<'a>),
+    Write(ShmWriteGuard<'a>),
+}
+
+/// Takes `lock` in `mode`, waiting as `wait` allows. The flag says the lock
+/// was poisoned: a holder died holding it exclusively.
+fn shm_acquire(
+    lock: &ShmRwLock,
+    mode: Mode,
+    wait: Wait,
+) -> Result<(ShmHeld<'_>, bool), TryLockError> {
+    fn held<'a, G>(r: LockResult<G>, f: fn(G) -> ShmHeld<'a>) -> (ShmHeld<'a>, bool) {
+        match r {
+            Ok(g) => (f(g), false),
+            Err(p) => (f(p.into_inner()), true),
+        }
+    }
+    Ok(match (mode, wait) {
+        (Mode::Shared, Wait::Forever) => held(lock.read(), ShmHeld::Read),
+        (Mode::Shared, Wait::NonBlocking) => held(lock.try_read()?, ShmHeld::Read),
+        (Mode::Shared, Wait::Until(t)) => held(lock.try_read_until(t)?, ShmHeld::Read),
+        (Mode::Exclusive, Wait::Forever) => held(lock.write(), ShmHeld::Write),
+        (Mode::Exclusive, Wait::NonBlocking) => held(lock.try_write()?, ShmHeld::Write),
+        (Mode::Exclusive, Wait::Until(t)) => held(lock.try_write_until(t)?, ShmHeld::Write),
+    })
+}
+
+fn run_shm(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let mut opts = ShmOptions::new();
+    if !a.quiet {
+        opts = opts.on_block(|b: &Blocked<'_>| {
+            let holder = ShmRwLock::open(b.resource).ok().and_then(|l| l.holder());
+            let by = match holder {
+                Some(p) => match interlock_command(p.pid) {
+                    Some(c) => format!(" held by pid {} ({c}) exclusive", p.pid),
+                    None => format!(" held by pid {} exclusive", p.pid),
+                },
+                None => String::new(),
+            };
+            eprintln!(
+                "interlock: waiting for {} lock on {}{by}",
+                b.mode,
+                b.resource.display()
+            );
+        });
+    }
+    let lock = match opts.open_rwlock(&a.path) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let (held, owner_died) = match shm_acquire(&lock, plan.mode, plan.wait) {
+        Ok(h) => h,
+        Err(e) => return plan.not_taken(e),
+    };
+    let mut env = Vec::new();
+    if owner_died {
+        eprintln!(
+            "interlock: the previous holder of {} died holding it exclusively; \
+             running the command anyway with INTERLOCK_OWNER_DIED=1",
+            lock.path().display()
+        );
+        env.push(("INTERLOCK_OWNER_DIED", "1".to_string()));
+    }
+    let code = execute(&a.command, &env, None);
+    let released = match held {
+        ShmHeld::Read(g) => g.unlock(),
+        ShmHeld::Write(mut g) => {
+            // An exclusive command that succeeded after its predecessor
+            // died has had its chance to repair: the poison is cleared.
+            if owner_died && code == 0 {
+                g.clear_poison();
+            }
+            g.unlock()
+        }
+    };
+    match released {
+        Ok(()) => code,
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+/// The short command name of `pid`, if /proc shows it.
+fn interlock_command(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
 }
 
 /// The command's pid while it runs (0 otherwise), and whether it must stop.

@@ -456,3 +456,55 @@ fn lost_lease_stops_the_command() {
     };
     assert_eq!(status.code(), Some(128 + 15), "the command was terminated");
 }
+
+#[test]
+fn shm_kind_excludes_and_reports_a_dead_exclusive_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shm-lock");
+    let p = path.to_str().unwrap();
+    let run = |extra: &[&str], cmd: &str| {
+        let mut args = vec!["run", "--kind", "shm"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[p, "--", "sh", "-c", cmd]);
+        interlock(&args)
+    };
+    assert_eq!(run(&[], "true").status.code(), Some(0));
+
+    let holder = Holder::interlock(&["--kind", "shm", "-s"], &path);
+    assert_eq!(
+        run(&["-n", "-s"], "true").status.code(),
+        Some(0),
+        "readers share"
+    );
+    assert_eq!(run(&["-n"], "true").status.code(), Some(1));
+    assert_eq!(holder.release(), 0);
+
+    let mut holder = Holder::interlock(&["--kind", "shm"], &path);
+    let o = run(&["-w", "0.1"], "true");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr_of(&o).contains(&format!("pid {}", holder.child.id())),
+        "{}",
+        stderr_of(&o)
+    );
+    // The exclusive holder dies holding the lock.
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let o = run(&["-w", "10"], "echo died=$INTERLOCK_OWNER_DIED");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("died holding it"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "died=1\n");
+    // That run succeeded exclusively, so the poison is cleared.
+    let o = run(&["-n"], "echo died=$INTERLOCK_OWNER_DIED");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "died=\n",
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(stderr_of(&o), "");
+}

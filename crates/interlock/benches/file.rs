@@ -46,114 +46,132 @@ fn bench(c: &mut Criterion) {
     // ----- the floor: one raw lock and one raw unlock ---------------------
     let p = dir.path().join("floor.lock");
     let f = open_raw(&p);
-    g.bench_function("floor/ofd_byte0/write", |b| {
+    g.bench_function("fcntl/floor/raw OFD lock of byte 0/write", |b| {
         b.iter(|| {
             assert!(ofd_try(f.as_fd(), RangeLock::Write, BYTE0).unwrap());
             ofd_try(f.as_fd(), RangeLock::Unlock, BYTE0).unwrap();
         })
     });
-    g.bench_function("floor/ofd_byte0/read", |b| {
+    g.bench_function("fcntl/floor/raw OFD lock of byte 0/read", |b| {
         b.iter(|| {
             assert!(ofd_try(f.as_fd(), RangeLock::Read, BYTE0).unwrap());
             ofd_try(f.as_fd(), RangeLock::Unlock, BYTE0).unwrap();
         })
     });
-    g.bench_function("floor/flock/write", |b| {
+    g.bench_function("flock/floor/raw flock/write", |b| {
         b.iter(|| {
             assert!(flock(f.as_fd(), FlockOp::Exclusive, false).unwrap());
             flock(f.as_fd(), FlockOp::Unlock, false).unwrap();
         })
     });
-    g.bench_function("floor/flock/read", |b| {
+    g.bench_function("flock/floor/raw flock/read", |b| {
         b.iter(|| {
             assert!(flock(f.as_fd(), FlockOp::Shared, false).unwrap());
             flock(f.as_fd(), FlockOp::Unlock, false).unwrap();
         })
     });
-    g.bench_function("floor/lstat_path", |b| {
+    g.bench_function("path/part/lstat of the lock path/check", |b| {
         b.iter(|| std::fs::symlink_metadata(&p).unwrap())
     });
     drop(f);
 
     // ----- interlock ---------------------------------------------------------
+    // (primitive, label, flavor, fairness, verify_path)
     let configs = [
-        ("fcntl", Flavor::Fcntl, Fairness::PreferWriters, true),
         (
-            "fcntl_noverify",
+            "fcntl",
+            "FileLock",
+            Flavor::Fcntl,
+            Fairness::PreferWriters,
+            true,
+        ),
+        (
+            "fcntl",
+            "FileLock verify_path(false)",
             Flavor::Fcntl,
             Fairness::PreferWriters,
             false,
         ),
         (
-            "fcntl_kernel_noverify",
+            "fcntl",
+            "FileLock Kernel fairness, verify_path(false)",
             Flavor::Fcntl,
             Fairness::Kernel,
             false,
         ),
-        ("flock", Flavor::Flock, Fairness::PreferWriters, true),
         (
-            "flock_noverify",
+            "flock",
+            "FileLock flock",
+            Flavor::Flock,
+            Fairness::PreferWriters,
+            true,
+        ),
+        (
+            "flock",
+            "FileLock flock, verify_path(false)",
             Flavor::Flock,
             Fairness::PreferWriters,
             false,
         ),
         (
-            "flock_kernel_noverify",
+            "flock",
+            "FileLock flock, Kernel fairness, verify_path(false)",
             Flavor::Flock,
             Fairness::Kernel,
             false,
         ),
     ];
-    for (name, flavor, fairness, verify) in configs {
-        let p = dir.path().join(format!("{name}.lock"));
+    for (i, (primitive, name, flavor, fairness, verify)) in configs.into_iter().enumerate() {
+        let p = dir.path().join(format!("{i}.lock"));
         let lock = interlock_lock(&p, flavor, fairness, verify);
         g.bench_function(
-            BenchmarkId::new(format!("interlock/{name}"), "write"),
+            BenchmarkId::new(format!("{primitive}/interlock/{name}"), "write"),
             |b| b.iter(|| drop(lock.try_write().unwrap())),
         );
-        g.bench_function(BenchmarkId::new(format!("interlock/{name}"), "read"), |b| {
-            b.iter(|| drop(lock.try_read().unwrap()))
-        });
+        g.bench_function(
+            BenchmarkId::new(format!("{primitive}/interlock/{name}"), "read"),
+            |b| b.iter(|| drop(lock.try_read().unwrap())),
+        );
     }
 
     // ----- peers ---------------------------------------------------------------
     let p = dir.path().join("peers.lock");
     let f = open_raw(&p);
-    g.bench_function("peer/fs4_flock/write", |b| {
+    g.bench_function("flock/peer/fs4/write", |b| {
         b.iter(|| {
             fs4::fs_std::FileExt::lock_exclusive(&f).unwrap();
             fs4::fs_std::FileExt::unlock(&f).unwrap();
         })
     });
-    g.bench_function("peer/fs4_flock/read", |b| {
+    g.bench_function("flock/peer/fs4/read", |b| {
         b.iter(|| {
             fs4::fs_std::FileExt::lock_shared(&f).unwrap();
             fs4::fs_std::FileExt::unlock(&f).unwrap();
         })
     });
-    g.bench_function("peer/std_flock/write", |b| {
+    g.bench_function("flock/peer/std File::lock/write", |b| {
         b.iter(|| {
             f.lock().unwrap();
             f.unlock().unwrap();
         })
     });
-    g.bench_function("peer/std_flock/read", |b| {
+    g.bench_function("flock/peer/std File::lock/read", |b| {
         b.iter(|| {
             f.lock_shared().unwrap();
             f.unlock().unwrap();
         })
     });
     let mut fd = fd_lock::RwLock::new(open_raw(&p));
-    g.bench_function("peer/fd_lock_flock/read", |b| {
+    g.bench_function("flock/peer/fd-lock/read", |b| {
         b.iter(|| drop(fd.read().unwrap()))
     });
-    g.bench_function("peer/fd_lock_flock/write", |b| {
+    g.bench_function("flock/peer/fd-lock/write", |b| {
         b.iter(|| drop(fd.write().unwrap()))
     });
-    g.bench_function("peer/file_guard_classic_fcntl/write", |b| {
+    g.bench_function("fcntl/peer/file-guard (classic fcntl)/write", |b| {
         b.iter(|| drop(file_guard::lock(&f, file_guard::Lock::Exclusive, 0, 1).unwrap()))
     });
-    g.bench_function("peer/file_guard_classic_fcntl/read", |b| {
+    g.bench_function("fcntl/peer/file-guard (classic fcntl)/read", |b| {
         b.iter(|| drop(file_guard::lock(&f, file_guard::Lock::Shared, 0, 1).unwrap()))
     });
     g.finish();

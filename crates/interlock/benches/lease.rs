@@ -24,7 +24,7 @@ fn group(c: &mut Criterion, fs_name: &str, dir: &Path) {
 
     // ----- the floor: what a lock directory costs at the least -----------
     let p = dir.join("floor");
-    g.bench_function("floor/mkdir+rmdir", |b| {
+    g.bench_function("dir/floor/mkdir + rmdir/acquire+release", |b| {
         b.iter(|| {
             fs::create_dir(&p).unwrap();
             fs::remove_dir(&p).unwrap();
@@ -33,18 +33,21 @@ fn group(c: &mut Criterion, fs_name: &str, dir: &Path) {
 
     // ----- the peer: an O_EXCL lock file ---------------------------------
     let p = dir.join("peer.lock");
-    g.bench_function("peer/o_excl_create+unlink", |b| {
-        b.iter(|| {
-            drop(
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)
-                    .unwrap(),
-            );
-            fs::remove_file(&p).unwrap();
-        })
-    });
+    g.bench_function(
+        "dir/peer/O_EXCL lock file (create + unlink)/acquire+release",
+        |b| {
+            b.iter(|| {
+                drop(
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&p)
+                        .unwrap(),
+                );
+                fs::remove_file(&p).unwrap();
+            })
+        },
+    );
 
     // ----- interlock ------------------------------------------------------
     for (name, durable) in [("nondurable", false), ("durable", true)] {
@@ -53,16 +56,17 @@ fn group(c: &mut Criterion, fs_name: &str, dir: &Path) {
             LeaseOptions::new(TTL).durable(durable),
         )
         .unwrap();
-        g.bench_function(format!("interlock/lease_{name}/try_lock+release"), |b| {
-            b.iter(|| l.try_lock().unwrap().release().unwrap())
-        });
+        g.bench_function(
+            format!("dir/interlock/LeaseLock {name}/acquire+release"),
+            |b| b.iter(|| l.try_lock().unwrap().release().unwrap()),
+        );
     }
     let l = LeaseLock::with_options(dir.join("lease-renew"), LeaseOptions::new(TTL)).unwrap();
     let guard = l.try_lock().unwrap();
-    g.bench_function("interlock/lease/renew", |b| {
+    g.bench_function("dir/part/LeaseLock renew/renew", |b| {
         b.iter(|| guard.renew().unwrap())
     });
-    g.bench_function("interlock/lease/check", |b| {
+    g.bench_function("dir/part/LeaseLock check/check", |b| {
         b.iter(|| guard.check().unwrap())
     });
     drop(guard);

@@ -42,25 +42,32 @@ fn bench(c: &mut Criterion) {
             (Mode::Shared, RangeLock::Read, file_guard::Lock::Shared),
         ] {
             let id = format!("{name} {mode}");
-            g.bench_function(BenchmarkId::new("floor_ofd_fcntl", &id), |b| {
-                let br = ByteRange { start, len };
-                b.iter(|| {
-                    assert!(ofd_try(raw.as_fd(), kind, br).unwrap());
-                    assert!(ofd_try(raw.as_fd(), RangeLock::Unlock, br).unwrap());
-                })
-            });
-            g.bench_function(BenchmarkId::new("interlock_LockSet", &id), |b| {
+            g.bench_function(
+                BenchmarkId::new("fcntl/floor/raw OFD lock of the range", &id),
+                |b| {
+                    let br = ByteRange { start, len };
+                    b.iter(|| {
+                        assert!(ofd_try(raw.as_fd(), kind, br).unwrap());
+                        assert!(ofd_try(raw.as_fd(), RangeLock::Unlock, br).unwrap());
+                    })
+                },
+            );
+            g.bench_function(BenchmarkId::new("fcntl/interlock/LockSet", &id), |b| {
                 b.iter(|| {
                     set.lock(range.clone(), mode).unwrap();
                     set.unlock(range.clone()).unwrap();
                 })
             });
-            g.bench_function(BenchmarkId::new("file_guard", &id), |b| {
-                b.iter(|| {
-                    let guard = file_guard::lock(&peer, fg, start as usize, len as usize).unwrap();
-                    drop(guard);
-                })
-            });
+            g.bench_function(
+                BenchmarkId::new("fcntl/peer/file-guard (classic fcntl)", &id),
+                |b| {
+                    b.iter(|| {
+                        let guard =
+                            file_guard::lock(&peer, fg, start as usize, len as usize).unwrap();
+                        drop(guard);
+                    })
+                },
+            );
         }
     }
     g.finish();

@@ -146,47 +146,53 @@ fn uncontended(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("read_pair");
     configure(&mut g);
-    g.bench_function("interlock ShmRwLock", |b| {
+    g.bench_function("shm/interlock/ShmRwLock/read", |b| {
         b.iter(|| drop(black_box(shm.read().unwrap())))
     });
-    g.bench_function("pthread_rwlock pshared", |b| b.iter(|| prw.read_pair()));
-    g.bench_function("raw_sync RwLock", |b| {
+    g.bench_function("shm/peer/pthread_rwlock pshared/read", |b| {
+        b.iter(|| prw.read_pair())
+    });
+    g.bench_function("shm/peer/raw_sync RwLock/read", |b| {
         b.iter(|| drop(black_box(rs.rlock().unwrap())))
     });
-    g.bench_function("parking_lot RwLock (threads)", |b| {
+    g.bench_function("shm/reference/parking_lot RwLock (threads)/read", |b| {
         b.iter(|| drop(black_box(pl.read())))
     });
-    g.bench_function("floor: CAS + store", |b| b.iter(|| floor(&atom)));
+    g.bench_function("shm/floor/CAS + store/read", |b| b.iter(|| floor(&atom)));
     g.finish();
 
     let mut g = c.benchmark_group("write_pair");
     configure(&mut g);
-    g.bench_function("interlock ShmRwLock", |b| {
+    g.bench_function("shm/interlock/ShmRwLock/write", |b| {
         b.iter(|| drop(black_box(shm.write().unwrap())))
     });
-    g.bench_function("pthread_rwlock pshared", |b| b.iter(|| prw.write_pair()));
-    g.bench_function("raw_sync RwLock", |b| {
+    g.bench_function("shm/peer/pthread_rwlock pshared/write", |b| {
+        b.iter(|| prw.write_pair())
+    });
+    g.bench_function("shm/peer/raw_sync RwLock/write", |b| {
         b.iter(|| drop(black_box(rs.lock().unwrap())))
     });
-    g.bench_function("parking_lot RwLock (threads)", |b| {
+    g.bench_function("shm/reference/parking_lot RwLock (threads)/write", |b| {
         b.iter(|| drop(black_box(pl.write())))
     });
-    g.bench_function("floor: CAS + store", |b| b.iter(|| floor(&atom)));
+    g.bench_function("shm/floor/CAS + store/write", |b| b.iter(|| floor(&atom)));
     g.finish();
 
     let mut g = c.benchmark_group("mutex_pair");
     configure(&mut g);
-    g.bench_function("interlock ShmMutex", |b| {
+    g.bench_function("shm/interlock/ShmMutex/lock", |b| {
         b.iter(|| drop(black_box(shm_mutex.lock().unwrap())))
     });
-    g.bench_function("pthread_mutex pshared", |b| b.iter(|| pmx.pair()));
-    g.bench_function("pthread_mutex pshared robust", |b| {
+    g.bench_function("shm/peer/pthread_mutex pshared/lock", |b| {
+        b.iter(|| pmx.pair())
+    });
+    g.bench_function("shm/peer/pthread_mutex pshared robust/lock", |b| {
         b.iter(|| probust.pair())
     });
-    g.bench_function("parking_lot Mutex (threads)", |b| {
+    g.bench_function("shm/reference/parking_lot Mutex (threads)/lock", |b| {
         b.iter(|| drop(black_box(plm.lock())))
     });
-    g.bench_function("floor: CAS + store", |b| b.iter(|| floor(&atom)));
+    g.bench_function("shm/floor/CAS + store/lock", |b| b.iter(|| floor(&atom)));
     g.finish();
 }
 
@@ -222,15 +228,17 @@ fn parallel_readers(c: &mut Criterion) {
     let pl = parking_lot::RwLock::new(());
     let mut g = c.benchmark_group("read_pair_2_threads");
     configure(&mut g);
-    g.bench_function("interlock ShmRwLock", |b| {
+    g.bench_function("shm/interlock/ShmRwLock/read, two threads at once", |b| {
         b.iter_custom(|n| two_threads(n, &|| drop(black_box(shm.read().unwrap()))))
     });
-    g.bench_function("pthread_rwlock pshared", |b| {
-        b.iter_custom(|n| two_threads(n, &|| prw.read_pair()))
-    });
-    g.bench_function("parking_lot RwLock (threads)", |b| {
-        b.iter_custom(|n| two_threads(n, &|| drop(black_box(pl.read()))))
-    });
+    g.bench_function(
+        "shm/peer/pthread_rwlock pshared/read, two threads at once",
+        |b| b.iter_custom(|n| two_threads(n, &|| prw.read_pair())),
+    );
+    g.bench_function(
+        "shm/reference/parking_lot RwLock (threads)/read, two threads at once",
+        |b| b.iter_custom(|n| two_threads(n, &|| drop(black_box(pl.read())))),
+    );
     g.finish();
 }
 

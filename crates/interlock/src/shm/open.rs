@@ -112,8 +112,8 @@ impl ShmOptions {
     }
 
     /// A callback told once per acquisition, just before it blocks.
-    pub fn on_block(mut self, f: OnBlock) -> ShmOptions {
-        self.on_block = Some(f);
+    pub fn on_block(mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> ShmOptions {
+        self.on_block = Some(std::sync::Arc::new(f));
         self
     }
 

@@ -247,10 +247,10 @@ fn on_block_is_called_once_before_blocking() {
     let c2 = calls.clone();
     let m = Arc::new(
         ShmOptions::new()
-            .on_block(Arc::new(move |b: &crate::Blocked<'_>| {
+            .on_block(move |b: &crate::Blocked<'_>| {
                 assert_eq!(b.mode, crate::Mode::Exclusive);
                 c2.fetch_add(1, Ordering::SeqCst);
-            }))
+            })
             .anonymous_mutex()
             .unwrap(),
     );
