@@ -32,6 +32,8 @@ pub struct ReportCtx {
     pub py_libs: Vec<(String, String)>,
     /// matplotlib version, if plots were made.
     pub matplotlib: Option<String>,
+    /// The CSV and plot directory, relative to the report.
+    pub bench_rel: String,
     /// 1-minute load average before and after the measurements.
     pub load: (String, String),
     /// Plot paths relative to the workspace root.
@@ -367,7 +369,8 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
         if let Some(v) = &c.matplotlib {
             let _ = writeln!(
                 s,
-                "Drawn with matplotlib {v} from docs/bench/results.csv and latency.csv.\n"
+                "Drawn with matplotlib {v} from {}/results.csv and latency.csv.\n",
+                c.bench_rel
             );
         }
         for p in &c.plots {
@@ -566,8 +569,9 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
     }
     let _ = writeln!(
         s,
-        "Raw figures: [docs/bench/results.csv](docs/bench/results.csv) (per-process counts included), \
-         latency buckets: [docs/bench/latency.csv](docs/bench/latency.csv)."
+        "Raw figures: [{b}/results.csv]({b}/results.csv) (per-process counts included), \
+         latency buckets: [{b}/latency.csv]({b}/latency.csv).",
+        b = c.bench_rel
     );
     std::fs::write(path, s).with_context(|| format!("write {}", path.display()))
 }

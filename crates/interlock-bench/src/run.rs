@@ -53,7 +53,9 @@ pub struct RunArgs {
     /// the enclosing cargo workspace.
     #[arg(long)]
     pub root: Option<PathBuf>,
-    /// Write the report here instead of <root>/BENCHMARKS.md.
+    /// Write the report here instead of <root>/BENCHMARKS.md; the CSV
+    /// files and plots then go to `bench/` beside it, so a trial run does
+    /// not overwrite the committed ones.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }
@@ -236,7 +238,20 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let elapsed = started.elapsed();
     let load_after = report::loadavg();
-    let bench_dir = root.join("docs").join("bench");
+    let report_path = a
+        .report
+        .clone()
+        .unwrap_or_else(|| root.join("BENCHMARKS.md"));
+    // Links in the report are relative to the report's directory.
+    let report_dir = report_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root.clone());
+    let bench_dir = if a.report.is_some() {
+        report_dir.join("bench")
+    } else {
+        root.join("docs").join("bench")
+    };
     std::fs::create_dir_all(&bench_dir)?;
     let all_targets = targets::all();
     report::write_csv(&bench_dir, &rows, &all_targets)?;
@@ -252,10 +267,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             }
         }
     };
-    let report_path = a
-        .report
-        .clone()
-        .unwrap_or_else(|| root.join("BENCHMARKS.md"));
     let ctx = report::ReportCtx {
         command: report::command_line(),
         secs_per_phase: secs,
@@ -264,10 +275,15 @@ pub fn run(a: RunArgs) -> Result<()> {
         py_libs: py.libs.clone(),
         matplotlib: py.matplotlib.clone(),
         load: (load_before, load_after),
+        bench_rel: bench_dir
+            .strip_prefix(&report_dir)
+            .unwrap_or(&bench_dir)
+            .to_string_lossy()
+            .into_owned(),
         plots: plots
             .iter()
             .map(|p| {
-                p.strip_prefix(&root)
+                p.strip_prefix(&report_dir)
                     .unwrap_or(p.as_path())
                     .to_string_lossy()
                     .into_owned()
