@@ -267,6 +267,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             }
         }
     };
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
     let ctx = report::ReportCtx {
         command: report::command_line(),
         secs_per_phase: secs,
