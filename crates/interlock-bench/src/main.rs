@@ -8,6 +8,7 @@
 //! docs/bench.md for what each figure means.
 
 mod contention;
+mod criterion;
 mod families;
 mod hist;
 mod page;

@@ -40,8 +40,12 @@ pub struct ReportCtx {
     pub plots: Vec<String>,
 }
 
-/// The command line as a user would type it.
+/// The command line as a user would type it (scripts/benchmarks.sh names
+/// itself through INTERLOCK_BENCH_COMMAND).
 pub fn command_line() -> String {
+    if let Ok(c) = std::env::var("INTERLOCK_BENCH_COMMAND") {
+        return c.trim_end().to_string();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     format!(
         "cargo run --release -p interlock-bench -- {}",
@@ -306,6 +310,39 @@ const BEHIND_PEER: f64 = 0.9;
 /// ... or below this share of its floor's.
 const FAR_FROM_FLOOR: f64 = 0.5;
 
+/// Where criterion left its results: `$CARGO_TARGET_DIR/criterion`, or the
+/// workspace's `target/criterion`.
+fn criterion_dir() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("criterion")
+}
+
+/// The criterion benches' uncontended pairs, if they have been run.
+fn uncontended_section(s: &mut String) {
+    let _ = writeln!(s, "## Uncontended: one lock+unlock pair, one thread\n");
+    let benches = crate::criterion::load(&criterion_dir()).unwrap_or_default();
+    match crate::criterion::section(&benches) {
+        Some(tables) => {
+            let _ = writeln!(
+                s,
+                "From the criterion benches (`cargo bench -p interlock`), read from \
+                 target/criterion: the median time of one lock+unlock pair, its ratio to the \
+                 bare primitive it is built on (floor) and to the fastest peer on the same \
+                 primitive, all measured in one run.\n{tables}"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "Not measured in this run: run `cargo bench -p interlock` first \
+                 (scripts/benchmarks.sh does both).\n"
+            );
+        }
+    }
+}
+
 /// Writes BENCHMARKS.md.
 pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -> Result<()> {
     let mut s = String::new();
@@ -379,6 +416,7 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
     }
 
     // At a glance: throughput by process count, no hold, per mix.
+    uncontended_section(&mut s);
     let _ = writeln!(s, "## At a glance: acquisitions per second, no hold\n");
     let _ = writeln!(
         s,
