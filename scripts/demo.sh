@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --quiet -p interlock-cli
-bin=$PWD/target/release/interlock
+target=${CARGO_TARGET_DIR:-$PWD/target}
+case $target in /*) ;; *) target=$PWD/$target ;; esac
+bin=$target/release/interlock
+[ -x "$bin" ] || { echo "demo: $bin was not built" >&2; exit 1; }
 dir=${INTERLOCK_DEMO_DIR:-$(mktemp -d)}
 lock=$dir/counter.lock
 counter=$dir/counter
