@@ -233,7 +233,7 @@ fn run_shm(plan: &Plan<'_>) -> u8 {
         opts = opts.on_block(|b: &Blocked<'_>| {
             let holder = ShmRwLock::open(b.resource).ok().and_then(|l| l.holder());
             let by = match holder {
-                Some(p) => match interlock_command(p.pid) {
+                Some(p) => match p.command() {
                     Some(c) => format!(" held by pid {} ({c}) exclusive", p.pid),
                     None => format!(" held by pid {} exclusive", p.pid),
                 },
@@ -279,13 +279,6 @@ fn run_shm(plan: &Plan<'_>) -> u8 {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
     }
-}
-
-/// The short command name of `pid`, if /proc shows it.
-fn interlock_command(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
 }
 
 /// The command's pid while it runs (0 otherwise), and whether it must stop.

@@ -83,9 +83,7 @@ impl ShmMutex {
 
     /// The process holding the mutex, if any.
     pub fn holder(&self) -> Option<crate::ProcessId> {
-        let o = self.inner.core().token_owner()?;
-        let (pid, start_time) = super::layout::unpack(o);
-        Some(crate::ProcessId { pid, start_time })
+        self.inner.holder()
     }
 
     #[cold]

@@ -182,6 +182,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The process holding (or first waiting for) the exclusive or
+    /// upgradable token, if any.
+    pub(crate) fn holder(&self) -> Option<crate::ProcessId> {
+        let o = self.core().token_owner()?;
+        let (pid, start_time) = super::layout::unpack(o);
+        Some(crate::ProcessId { pid, start_time })
+    }
+
     #[inline]
     pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
         Core {

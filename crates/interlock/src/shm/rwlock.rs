@@ -109,9 +109,7 @@ impl ShmRwLock {
     /// exclusive or upgradable token, if any: for messages such as "waiting
     /// for the lock held by pid 4242". Readers are not reported.
     pub fn holder(&self) -> Option<crate::ProcessId> {
-        let o = self.inner.core().token_owner()?;
-        let (pid, start_time) = super::layout::unpack(o);
-        Some(crate::ProcessId { pid, start_time })
+        self.inner.holder()
     }
 
     fn with_notify<T>(&self, mode: Mode, f: impl FnOnce(&mut Notify<'_>) -> T) -> T {

@@ -20,6 +20,17 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
+impl ProcessId {
+    /// The process's short command name (/proc/PID/comm), if it still runs
+    /// and /proc shows it.
+    pub fn command(&self) -> Option<String> {
+        match liveness(*self) {
+            Liveness::Alive => command(self.pid),
+            Liveness::Dead => None,
+        }
+    }
+}
+
 /// Liveness of a process named by [`ProcessId`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Liveness {
