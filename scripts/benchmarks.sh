@@ -6,5 +6,5 @@
 # Arguments go to the harness, e.g. `scripts/benchmarks.sh --quick`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo bench -p interlock --bench file --bench set --bench shm --bench lease
+cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench lease
 INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "$@"
