@@ -330,7 +330,9 @@ fn uncontended_section(s: &mut String) {
                 "From the criterion benches (`cargo bench -p interlock`), read from \
                  target/criterion: the median time of one lock+unlock pair, its ratio to the \
                  bare primitive it is built on (floor) and to the fastest peer on the same \
-                 primitive, all measured in one run. `handoff_2_processes` (from the \
+                 primitive, all measured in one run. These are ratios of times: below 1× \
+                 is faster (the throughput tables below are the other way round). \
+                 `handoff_2_processes` (from the \
                  `shm_handoff` bench) is the time per handoff of two processes alternating \
                  strictly through the lock.\n{tables}"
             );
