@@ -303,7 +303,7 @@ impl RangeMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -321,18 +321,24 @@ mod tests {
         }
         /// Maximal runs of equal, held mode.
         fn runs(&self) -> Vec<(Range<u64>, Mode)> {
-            let mut out: Vec<(Range<u64>, Mode)> = Vec::new();
-            for (i, m) in self.0.iter().enumerate() {
-                let i = i as u64;
-                if let Some(m) = *m {
-                    match out.last_mut() {
-                        Some((r, lm)) if r.end == i && *lm == m => r.end = i + 1,
-                        _ => out.push((i..i + 1, m)),
-                    }
+            model_runs(&self.0)
+        }
+    }
+
+    /// The maximal runs of equal, held mode in a model where index `i`
+    /// holds `model[i]`: what a [`RangeMap`] (and a `LockSet`) must report.
+    pub(crate) fn model_runs(model: &[Option<Mode>]) -> Vec<(Range<u64>, Mode)> {
+        let mut out: Vec<(Range<u64>, Mode)> = Vec::new();
+        for (i, m) in model.iter().enumerate() {
+            let i = i as u64;
+            if let Some(m) = *m {
+                match out.last_mut() {
+                    Some((r, lm)) if r.end == i && *lm == m => r.end = i + 1,
+                    _ => out.push((i..i + 1, m)),
                 }
             }
-            out
         }
+        out
     }
 
     fn invariant(m: &RangeMap) {

@@ -605,6 +605,7 @@ impl Lock for LockSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::file::ranges::tests::model_runs;
     use proptest::prelude::*;
 
     fn set_in(dir: &tempfile::TempDir) -> LockSet {
@@ -777,20 +778,6 @@ mod tests {
             1 => (arb_range(), arb_mode(), proptest::collection::vec((arb_range(), arb_mode()), 0..3))
                 .prop_map(|((s, e), m, inner)| Op::Scope(s, e, m, inner.into_iter().map(|((a, b), m)| (a, b, m)).collect())),
         ]
-    }
-
-    fn model_runs(model: &[Option<Mode>]) -> Vec<(Range<u64>, Mode)> {
-        let mut out: Vec<(Range<u64>, Mode)> = Vec::new();
-        for (i, m) in model.iter().enumerate() {
-            let i = i as u64;
-            if let Some(m) = *m {
-                match out.last_mut() {
-                    Some((r, lm)) if r.end == i && *lm == m => r.end = i + 1,
-                    _ => out.push((i..i + 1, m)),
-                }
-            }
-        }
-        out
     }
 
     proptest! {
