@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use interlock::{
     ErrorKind, Fairness, FileLock, FileReadGuard, FileUpgradableGuard, FileWriteGuard, Flavor,
-    TryLockError,
+    LockSet, TryLockError,
 };
 use support::Child;
 
@@ -1420,4 +1420,83 @@ fn a_panicking_on_block_callback_leaks_no_lock() {
         drop(lock.try_write().unwrap());
         drop(lock.try_upgradable_read().unwrap());
     }
+}
+
+/// A setuid, setgid or sticky bit asked for is not given to a lock file.
+#[test]
+fn mode_is_masked_to_permission_bits() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.lock");
+    drop(FileLock::options().mode(0o7777).open(&p).unwrap());
+    let mode = fs::metadata(&p).unwrap().mode();
+    assert_eq!(mode & 0o7000, 0, "{mode:o}");
+    let q = dir.path().join("s.lock");
+    drop(LockSet::options().mode(0o7644).open(&q).unwrap());
+    assert_eq!(fs::metadata(&q).unwrap().mode() & 0o7000, 0);
+}
+
+/// Types are checked before any open that could act: a socket is named,
+/// files of /proc and /sys are refused, a trailing slash is called that.
+#[test]
+fn the_path_is_checked_before_it_is_opened() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let e = FileLock::open(&sock).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("socket"), "{e}");
+    for p in [
+        "/proc/self/status",
+        "/proc/sys/kernel/hostname",
+        "/sys/kernel/uevent_seqnum",
+    ] {
+        if !Path::new(p).exists() {
+            continue;
+        }
+        let e = FileLock::open(p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{p}: {e}");
+        let e = LockSet::open(p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{p}: {e}");
+    }
+    let slash = format!("{}/", dir.path().join("missing").display());
+    let e = FileLock::open(&slash).unwrap_err();
+    assert!(e.to_string().contains("slash"), "{e}");
+    assert!(!dir.path().join("missing").exists());
+}
+
+/// A symbolic link another user planted in a sticky directory is named as
+/// a symbolic link (the kernel's protected_symlinks would say only
+/// "Permission denied").
+#[test]
+fn a_symlink_planted_by_another_user_is_named() {
+    if child() {
+        return;
+    }
+    if euid() != 0 {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let link = dir.path().join("planted");
+    let st = Command::new("ln")
+        .arg("-s")
+        .arg(dir.path().join("elsewhere"))
+        .arg(&link)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = FileLock::open(&link).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(!dir.path().join("elsewhere").exists());
 }

@@ -84,6 +84,10 @@ fn worker() {
                 support::say("ok");
             }
             "held" => support::say(show_held(&set)),
+            "holders" => match holders(support::arg()) {
+                Ok(h) => support::say(format!("holders {}", h.len())),
+                Err(e) => support::say(format!("err {e}")),
+            },
             "detects" => support::say(format!("detects {}", set.detects_deadlocks())),
             // Request `next` exclusively; report; then release everything.
             "cycle" => {
@@ -376,6 +380,9 @@ fn registry_location_follows_the_environment() {
         .starts_with("interlock-wait-"));
     assert_eq!(ask(&mut b, "unlock_all"), "ok");
     assert_eq!(a.recv(), "ok");
+    // The last waiter to leave removed the registry directory.
+    let left: Vec<_> = std::fs::read_dir(&reg).unwrap().flatten().collect();
+    assert!(left.is_empty(), "registry left behind: {left:?}");
     // Disabled: locks work, waits are not checked.
     let mut c = Child::spawn_with(test, "worker", &p, &[(interlock::REGISTRY_DIR_ENV, "")]);
     c.expect("ready");
@@ -637,6 +644,108 @@ fn holders_names_processes_modes_and_waiters() {
             drop(py);
         }
     }
+    for c in [&mut a, &mut b] {
+        c.send("quit");
+        c.join();
+    }
+}
+
+/// The start time of process `pid` (field 22 of /proc/PID/stat).
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_ascii_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid() == 0
+}
+
+/// Another user (uid 65534) plants, in the registry of our lock file, a
+/// FIFO, a symbolic link to /dev/zero and a forged record that would close
+/// a cycle. `holders` still answers, and the LockSet wait is not taken for
+/// a deadlock. Control: the same forged record written by this user is
+/// believed, and does give `Deadlock`, so the scenario can fail.
+#[test]
+fn a_hostile_registry_cannot_hang_grow_or_fake_a_deadlock() {
+    if support::role().is_some() {
+        return worker();
+    }
+    if !is_root() {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let test = "a_hostile_registry_cannot_hang_grow_or_fake_a_deadlock";
+    let (d, p) = tmp();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = d.path().join("registry");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(&p, b"").unwrap();
+    let m = std::fs::metadata(&p).unwrap();
+    let reg = base.join(format!("interlock-wait-{}-{}", m.dev(), m.ino()));
+    let env = [(interlock::REGISTRY_DIR_ENV, base.to_str().unwrap())];
+    let mut a = Child::spawn_with(test, "worker", &p, &env);
+    let mut b = Child::spawn_with(test, "worker", &p, &env);
+    a.expect("ready");
+    b.expect("ready");
+    // Records that name b's process (alive, so not collected as dead).
+    let (pid, st) = (b.pid(), start_time(b.pid()));
+    let forged = |serial: u32| {
+        format!(
+            "interlock-wait 1\nfile {} {}\nowner {pid} {st} {serial}\nwant 1 2 X\nheld 0 1 X\nend\n",
+            m.dev(),
+            m.ino()
+        )
+    };
+    let r = reg.display();
+    let plant = format!(
+        "mkdir -m 1777 {r} && mkfifo {r}/w-{pid}-{st}-900 && ln -s /dev/zero {r}/w-{pid}-{st}-901 \
+         && printf '{}' > {r}/w-{pid}-{st}-902",
+        forged(902).replace('\n', "\\n")
+    );
+    let out = Command::new("sh")
+        .args(["-c", &plant])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(reg.join(format!("w-{pid}-{st}-902")))
+            .unwrap()
+            .uid(),
+        65534
+    );
+
+    // Nothing hangs or grows: holders() answers (within support::WAIT).
+    assert_eq!(ask(&mut a, "lock 0 1 X"), "ok");
+    assert!(ask(&mut b, "holders").starts_with("holders "));
+    // b holds 1 and waits for 0 (held by a): with the forged record ("holds
+    // 0, wants 1") believed, that would close a cycle.
+    assert_eq!(ask(&mut b, "lock 1 2 X"), "ok");
+    assert_eq!(ask(&mut b, "lock 0 1 X"), "blocked");
+    assert!(ask(&mut a, "holders").starts_with("holders "));
+    assert_eq!(ask(&mut a, "unlock_all"), "ok");
+    assert_eq!(b.recv(), "ok");
+
+    // Control: the same claim written by this user is believed.
+    std::fs::write(reg.join(format!("w-{pid}-{st}-903")), forged(903)).unwrap();
+    assert_eq!(ask(&mut b, "unlock 0 1"), "ok");
+    assert_eq!(ask(&mut a, "lock 0 1 X"), "ok");
+    assert!(ask(&mut b, "lock 0 1 X").starts_with("deadlock "));
+    std::fs::remove_file(reg.join(format!("w-{pid}-{st}-903"))).unwrap();
     for c in [&mut a, &mut b] {
         c.send("quit");
         c.join();

@@ -27,19 +27,25 @@
 //! The registry is a directory per lock file in /dev/shm (tmpfs: no disk
 //! I/O), named by the file's device and inode, holding one small text record
 //! per waiting owner (written to a temporary name, then renamed, so a reader
-//! never sees half a record) and a `lock` file whose `flock` serialises
-//! check-and-publish. Records of dead processes are ignored and removed.
+//! never sees half a record); an `flock` of the directory itself serialises
+//! check-and-publish. Records of dead processes are ignored and removed,
+//! and the last waiter to leave removes the directory.
+//!
+//! The base directory is shared by every user, so the registry is read as
+//! hostile input: see [`read_waiters`] for what is believed, and
+//! docs/threat-model.md for what another user can and cannot do with it.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write as _};
+use std::fs::{self, DirBuilder, File};
+use std::io;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::ranges::Seg;
+use crate::sys::dir::Dir;
 use crate::sys::fcntl::{flock, FlockOp};
 use crate::sys::proc::{self, Liveness, ProcessId};
 use crate::sys::timer;
@@ -255,156 +261,244 @@ fn registry_dir(base: &Path, key: FileKey) -> PathBuf {
     base.join(format!("interlock-wait-{}-{}", key.dev, key.ino))
 }
 
+/// Who may use a lock file: its owner, group and permission bits, against
+/// which each record's claims are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Access {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Access {
+    pub fn of(m: &fs::Metadata) -> Access {
+        Access {
+            uid: m.uid(),
+            gid: m.gid(),
+            mode: m.mode(),
+        }
+    }
+}
+
+/// At most this many entries of a registry directory are looked at.
+const MAX_ENTRIES: usize = 4096;
+/// A record longer than this is neither written nor read.
+const MAX_RECORD: u64 = 256 * 1024;
+/// At most this many bytes of records are read per look.
+const MAX_READ: u64 = 8 * 1024 * 1024;
+
 /// The wait registry of one lock file.
 #[derive(Debug)]
 pub(crate) struct Registry {
     dir: PathBuf,
-    lock: File,
     key: FileKey,
+    access: Access,
 }
 
 /// What [`Registry::publish`] found.
-pub(crate) enum Published<'a> {
+pub(crate) enum Published {
     /// Waiting would close a cycle; nothing was published.
     Deadlock,
     /// The record is published; dropping this removes it.
-    Waiting(Waiter<'a>),
+    Waiting(Waiter),
 }
 
-/// A published record; removed on drop.
-pub(crate) struct Waiter<'a> {
-    registry: &'a Registry,
+/// A published record; removed on drop, and the registry directory with it
+/// if nothing else is left in it.
+pub(crate) struct Waiter {
+    path: PathBuf,
+    dir: Dir,
     name: String,
 }
 
-impl Drop for Waiter<'_> {
+impl Drop for Waiter {
     fn drop(&mut self) {
         // Removal needs no registry lock: a record that lingers a moment
         // after its wait ended can never form an edge with a live waiter
         // (see the module docs), and removing it is atomic.
-        let _ = fs::remove_file(self.registry.dir.join(&self.name));
+        let _ = self.dir.unlink(&self.name);
+        // Removing the directory does: whoever holds the lock may be about
+        // to publish into it. If it is busy, its holder cleans up after.
+        if let Ok(Some(held)) = RegistryLock::try_take(&self.dir, &self.path) {
+            held.remove_if_empty();
+        }
     }
 }
 
 impl Registry {
-    /// Opens (creating if needed) the registry for `key`. `Ok(None)` when
-    /// detection is disabled.
-    pub fn open(key: FileKey) -> io::Result<Option<Registry>> {
-        let Some(base) = base_dir() else {
-            return Ok(None);
-        };
-        let dir = registry_dir(&base, key);
-        match DirBuilder::new().mode(0o1777).create(&dir) {
-            Ok(()) => {
-                // The umask narrowed the mode; every user who may open the
-                // lock file must be able to publish.
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let m = fs::symlink_metadata(&dir)?;
-        if !m.is_dir() {
-            // A symlink or a file planted at the name: refuse to follow it.
-            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
-        }
-        let lock_path = dir.join("lock");
-        let lock = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o666)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&lock_path)
-        {
-            Ok(f) => {
-                f.set_permissions(fs::Permissions::from_mode(0o666))?;
-                f
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(&lock_path)?,
-            Err(e) => return Err(e),
-        };
-        Ok(Some(Registry { dir, lock, key }))
+    /// The registry for the lock file `key` (with `access`). `None` when
+    /// detection is disabled. Nothing is created until a wait is published.
+    pub fn open(key: FileKey, access: Access) -> Option<Registry> {
+        Some(Registry {
+            dir: registry_dir(&base_dir()?, key),
+            key,
+            access,
+        })
     }
 
     /// Under the registry lock: reads the other waiters, checks whether
     /// `me` would close a cycle, and if not publishes `me`.
     ///
     /// The registry lock is held for a few hundred microseconds at most, but
-    /// a process stopped (SIGSTOP, a debugger) while holding it would hold
-    /// it indefinitely; so this gives up after [`REGISTRY_PATIENCE`] (or at
-    /// the caller's `deadline`, if sooner) with `TimedOut`, and the caller
-    /// waits without detection.
-    pub fn publish(&self, me: &Record, deadline: Option<Instant>) -> io::Result<Published<'_>> {
+    /// a process stopped (SIGSTOP, a debugger) or hostile while holding it
+    /// would hold it indefinitely; so this gives up after
+    /// [`REGISTRY_PATIENCE`] (or at the caller's `deadline`, if sooner) with
+    /// `TimedOut`, and the caller waits without detection.
+    pub fn publish(&self, me: &Record, deadline: Option<Instant>) -> io::Result<Published> {
         let patience = Instant::now() + REGISTRY_PATIENCE;
         let give_up = deadline.map_or(patience, |d| d.min(patience));
-        let _serial = RegistryLock::take(&self.lock, give_up)?;
-        let others = self.read_waiters(Some(me.owner), true);
+        let text = me.encode();
+        if text.len() as u64 > MAX_RECORD {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let held = RegistryLock::take(&self.dir, give_up)?;
+        let others = read_waiters(&held.dir, self.key, self.access, Some(me.owner), true);
         if closes_cycle(me, &others) {
+            held.remove_if_empty();
             return Ok(Published::Deadlock);
         }
         let name = me.owner.file_name();
-        let tmp = self.dir.join(format!("t{}", &name[1..]));
+        let tmp = format!("t{}", &name[1..]);
         let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            f.write_all(me.encode().as_bytes())?;
-            drop(f);
-            fs::rename(&tmp, self.dir.join(&name))
+            let _ = held.dir.unlink(&tmp);
+            held.dir.create_file(&tmp, text.as_bytes(), 0o644, false)?;
+            held.dir.rename(&tmp, &name)
         })();
         if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
+            let _ = held.dir.unlink(&tmp);
+            held.remove_if_empty();
             return Err(e);
         }
+        let dir = held.dir.open_at(".")?;
         Ok(Published::Waiting(Waiter {
-            registry: self,
+            path: self.dir.clone(),
+            dir,
             name,
         }))
     }
+}
 
-    /// The live waiters' records, except `skip`'s. With `collect`, removes
-    /// the records of dead processes (best effort).
-    fn read_waiters(&self, skip: Option<Owner>, collect: bool) -> Vec<Record> {
-        read_dir_waiters(&self.dir, self.key, skip, collect)
+/// The registry-wide lock: `flock` of the registry directory itself,
+/// released on drop. Holding it, the directory at the registry's path is
+/// the one locked (checked after locking, since it may have been removed
+/// and made anew meanwhile).
+struct RegistryLock {
+    path: PathBuf,
+    dir: Dir,
+}
+
+impl RegistryLock {
+    /// Makes the directory if needed, opens and locks it, waiting until
+    /// `give_up` at most.
+    fn take(path: &Path, give_up: Instant) -> io::Result<RegistryLock> {
+        loop {
+            match DirBuilder::new().mode(0o1777).create(path) {
+                Ok(()) => {
+                    // The umask narrowed the mode; every user who may open
+                    // the lock file must be able to publish.
+                    fs::set_permissions(path, fs::Permissions::from_mode(0o1777))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            // Not following a symlink planted at the name.
+            let dir = Dir::open(path)?;
+            let got = flock(dir.as_fd(), FlockOp::Exclusive, false)?
+                || timer::block_until(Some(give_up), || {
+                    flock(dir.as_fd(), FlockOp::Exclusive, true)
+                })?
+                .is_some();
+            if !got {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            if still_at(&dir, path) {
+                return Ok(RegistryLock {
+                    path: path.to_path_buf(),
+                    dir,
+                });
+            }
+            // Removed (and perhaps made anew) while we waited: again.
+            if Instant::now() >= give_up {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+        }
+    }
+
+    /// Locks the directory `dir` (at `path`) if that is possible at once
+    /// and it is still at `path`.
+    fn try_take(dir: &Dir, path: &Path) -> io::Result<Option<RegistryLock>> {
+        let dir = dir.open_at(".")?;
+        if !flock(dir.as_fd(), FlockOp::Exclusive, false)? || !still_at(&dir, path) {
+            return Ok(None);
+        }
+        Ok(Some(RegistryLock {
+            path: path.to_path_buf(),
+            dir,
+        }))
+    }
+
+    /// Removes the directory if nothing is left in it but records of dead
+    /// processes (collected first) and the `lock` file of earlier releases.
+    /// Only its owner can remove it (the base directory is sticky).
+    fn remove_if_empty(self) {
+        let Ok(names) = self.dir.names_limited(64) else {
+            return;
+        };
+        for n in &names {
+            let Some(s) = n.to_str() else { return };
+            let gone = match s.strip_prefix("w-").or_else(|| s.strip_prefix("t-")) {
+                Some(rest) => owner_from_name(rest)
+                    .is_some_and(|o| proc::liveness(o.process) == Liveness::Dead),
+                None => s == "lock",
+            };
+            if !gone || self.dir.unlink(n).is_err() {
+                return;
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
     }
 }
 
-/// The registry-wide lock, released on drop.
-struct RegistryLock<'a>(&'a File);
-
-impl<'a> RegistryLock<'a> {
-    fn take(f: &'a File, give_up: Instant) -> io::Result<RegistryLock<'a>> {
-        if flock(f.as_fd(), FlockOp::Exclusive, false)? {
-            return Ok(RegistryLock(f));
-        }
-        match timer::block_until(Some(give_up), || flock(f.as_fd(), FlockOp::Exclusive, true))? {
-            Some(_) => Ok(RegistryLock(f)),
-            None => Err(io::Error::from(io::ErrorKind::TimedOut)),
-        }
-    }
-}
-
-impl Drop for RegistryLock<'_> {
+impl Drop for RegistryLock {
     fn drop(&mut self) {
-        let _ = flock(self.0.as_fd(), FlockOp::Unlock, false);
+        let _ = flock(self.dir.as_fd(), FlockOp::Unlock, false);
     }
 }
 
-fn read_dir_waiters(dir: &Path, key: FileKey, skip: Option<Owner>, collect: bool) -> Vec<Record> {
-    let Ok(entries) = fs::read_dir(dir) else {
+/// Whether the directory open as `dir` is (still) the one at `path`.
+fn still_at(dir: &Dir, path: &Path) -> bool {
+    match (dir.identity(), fs::symlink_metadata(path)) {
+        (Ok((dev, ino)), Ok(m)) => m.is_dir() && m.dev() == dev && m.ino() == ino,
+        _ => false,
+    }
+}
+
+/// The live, believable waiters' records in `dir`, except `skip`'s. With
+/// `collect`, removes the records of dead processes (best effort).
+///
+/// Anyone may write in a registry, so nothing read from it is taken on
+/// trust: entries are opened without following links or blocking, must be
+/// regular files of bounded size, and a record is believed only if its
+/// file's owner is the user the process it names runs as, and that user
+/// may open the lock file for what the record claims to hold (writing for
+/// an exclusive holding). Records written by root or by this user are
+/// believed. A record that fails any check is ignored: that can only hide
+/// a real cycle from detection (the wait then goes on as without
+/// detection), never make one up.
+fn read_waiters(
+    dir: &Dir,
+    key: FileKey,
+    access: Access,
+    skip: Option<Owner>,
+    collect: bool,
+) -> Vec<Record> {
+    let Ok(names) = dir.names_limited(MAX_ENTRIES) else {
         return Vec::new();
     };
+    let my_uid = proc::credentials(std::process::id()).map(|c| c.uid);
+    let mut budget = MAX_READ;
     let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    for name in names {
         let Some(name) = name.to_str() else { continue };
         if !name.starts_with("w-") && !name.starts_with("t-") {
             continue;
@@ -416,22 +510,52 @@ fn read_dir_waiters(dir: &Path, key: FileKey, skip: Option<Owner>, collect: bool
         };
         if proc::liveness(who.process) == Liveness::Dead {
             if collect {
-                let _ = fs::remove_file(entry.path());
+                let _ = dir.unlink(name);
             }
             continue;
         }
         if name.starts_with("t-") || Some(who) == skip {
             continue;
         }
-        let Ok(text) = fs::read_to_string(entry.path()) else {
+        if budget == 0 {
+            break;
+        }
+        let Ok((bytes, file_uid)) = dir.read_regular(name, MAX_RECORD.min(budget)) else {
             continue;
         };
-        match Record::decode(&text) {
-            Some(r) if r.file == key && r.owner == who => out.push(r),
+        budget = budget.saturating_sub(bytes.len() as u64);
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        match Record::decode(text) {
+            Some(r)
+                if r.file == key && r.owner == who && believable(&r, file_uid, my_uid, access) =>
+            {
+                out.push(r)
+            }
             _ => {}
         }
     }
     out
+}
+
+/// Whether the record `r`, in a file owned by `file_uid`, is a claim its
+/// writer could make (see [`read_waiters`]).
+fn believable(r: &Record, file_uid: u32, my_uid: Option<u32>, access: Access) -> bool {
+    if file_uid == 0 || Some(file_uid) == my_uid {
+        return true;
+    }
+    let Some(c) = proc::credentials(r.owner.process.pid) else {
+        return false;
+    };
+    // Re-check the process after reading its credentials: the pid may have
+    // been reused in between.
+    if c.uid != file_uid || proc::liveness(r.owner.process) == Liveness::Dead {
+        return false;
+    }
+    let exclusive =
+        r.held.iter().any(|h| h.mode == Mode::Exclusive) || r.want_mode == Mode::Exclusive;
+    c.may_open(access.uid, access.gid, access.mode, exclusive)
 }
 
 fn owner_from_name(s: &str) -> Option<Owner> {
@@ -448,12 +572,16 @@ fn owner_from_name(s: &str) -> Option<Owner> {
     })
 }
 
-/// The owners waiting on the file `key`, as far as the registry shows
-/// (for [`super::inspect::holders`]); empty if detection is disabled.
-pub(crate) fn waiters(key: FileKey) -> Vec<Record> {
-    match base_dir() {
-        Some(base) => read_dir_waiters(&registry_dir(&base, key), key, None, false),
-        None => Vec::new(),
+/// The owners waiting on the file `key` (with `access`), as far as the
+/// registry shows (for [`super::inspect::holders`]); empty if detection is
+/// disabled.
+pub(crate) fn waiters(key: FileKey, access: Access) -> Vec<Record> {
+    let Some(base) = base_dir() else {
+        return Vec::new();
+    };
+    match Dir::open(&registry_dir(&base, key)) {
+        Ok(dir) => read_waiters(&dir, key, access, None, false),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -23,7 +23,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::deadlock::{self, FileKey};
+use super::deadlock::{self, Access, FileKey};
 use crate::sys::proc;
 use crate::{Error, Mode, Result};
 
@@ -275,18 +275,18 @@ pub fn holders(path: impl AsRef<Path>) -> Result<Vec<Holder>> {
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    holders_of(key, path)
+    holders_of(key, Access::of(&meta), path)
 }
 
 /// [`holders`] for a file already open (named by its device and inode;
 /// `path` only labels errors).
-pub(crate) fn holders_of(key: FileKey, path: &Path) -> Result<Vec<Holder>> {
+pub(crate) fn holders_of(key: FileKey, access: Access, path: &Path) -> Result<Vec<Holder>> {
     let text =
         read_proc("/proc/locks").map_err(|e| Error::io("read /proc/locks", e).with_path(path))?;
     Ok(assemble(
         lines_for(&text, key),
         || ofd_holders(key),
-        deadlock::waiters(key)
+        deadlock::waiters(key, access)
             .into_iter()
             .map(|w| Waiter {
                 pid: w.owner.process.pid,

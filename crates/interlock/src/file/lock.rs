@@ -159,8 +159,9 @@ impl fmt::Debug for FileLockOptions {
 
 impl FileLockOptions {
     /// The permission bits of a lock file this open creates (default
-    /// [`DEFAULT_MODE`], 0o644; the umask applies). An existing file is
-    /// never changed.
+    /// [`DEFAULT_MODE`], 0o644; the umask applies). Only the permission
+    /// bits (0o777) are used: a lock file is never setuid, setgid or
+    /// sticky. An existing file is never changed.
     pub fn mode(&mut self, mode: u32) -> &mut Self {
         self.mode = mode;
         self

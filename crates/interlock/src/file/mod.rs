@@ -16,5 +16,6 @@ mod set;
 pub use deadlock::REGISTRY_DIR_ENV;
 pub use inspect::{holders, Holder, LockKind};
 pub use lock::*;
+pub(crate) use open::PERMISSION_BITS;
 pub use ranges::{IndexRange, INDEX_END};
 pub use set::{LockSet, LockSetOptions, Scope};

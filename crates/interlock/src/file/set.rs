@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::deadlock::{FileKey, Owner, Published, Record, Registry};
+use super::deadlock::{Access, FileKey, Owner, Published, Record, Registry};
 use super::ranges::{self, BadRange, IndexRange, RangeMap, INDEX_END};
 use crate::sys::fcntl::{ofd_try, ofd_wait, ByteRange, RangeLock};
 use crate::sys::{proc, timer};
@@ -65,7 +65,8 @@ impl Default for LockSetOptions {
 
 impl LockSetOptions {
     /// The permission bits for a newly created lock file (default `0o644`,
-    /// narrowed by the umask). An existing file keeps its mode.
+    /// narrowed by the umask; bits outside 0o777 are ignored). An existing
+    /// file keeps its mode.
     pub fn mode(&mut self, mode: u32) -> &mut Self {
         self.mode = mode;
         self
@@ -364,7 +365,7 @@ impl LockSet {
     /// as far as the kernel shows it; see [`crate::holders`]. Does not take
     /// the set's mutex, so an on-block callback may call it.
     pub fn holders(&self) -> Result<Vec<super::inspect::Holder>> {
-        super::inspect::holders_of(self.key, &self.path)
+        super::inspect::holders_of(self.key, self.access(), &self.path)
     }
 
     /// Whether blocking waits of this set are checked for deadlocks: true
@@ -400,11 +401,25 @@ impl LockSet {
         Error::io(op, e).with_path(&self.path)
     }
 
+    /// Who may use the lock file (its owner, group and mode), against which
+    /// the registry's records are checked.
+    fn access(&self) -> Access {
+        match self.file.metadata() {
+            Ok(m) => Access::of(&m),
+            // Unknown: only records of root and this user are believed.
+            Err(_) => Access {
+                uid: 0,
+                gid: 0,
+                mode: 0,
+            },
+        }
+    }
+
     fn registry<'a>(&self, detection: &'a mut Detection) -> Option<&'a Registry> {
         if let Detection::Unopened = detection {
-            *detection = match Registry::open(self.key) {
-                Ok(Some(r)) => Detection::Open(r),
-                Ok(None) | Err(_) => Detection::Disabled,
+            *detection = match Registry::open(self.key, self.access()) {
+                Some(r) => Detection::Open(r),
+                None => Detection::Disabled,
             };
         }
         match detection {
@@ -740,7 +755,7 @@ mod tests {
             let h = sc.spawn(|| a.lock(0, Mode::Exclusive));
             // Wait until `a` has published its wait (it is blocked).
             let deadline = Instant::now() + Duration::from_secs(10);
-            while super::super::deadlock::waiters(a.key).is_empty() {
+            while super::super::deadlock::waiters(a.key, a.access()).is_empty() {
                 assert!(Instant::now() < deadline, "a never waited");
                 std::thread::yield_now();
             }

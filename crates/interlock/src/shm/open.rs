@@ -104,8 +104,9 @@ impl ShmOptions {
         self
     }
 
-    /// The permission bits of a file this call creates (minus the umask).
-    /// Every process that uses the lock needs read and write access.
+    /// The permission bits of a file this call creates (minus the umask;
+    /// bits outside 0o777 are ignored). Every process that uses the lock
+    /// needs read and write access.
     pub fn mode(mut self, mode: u32) -> ShmOptions {
         self.mode = mode;
         self
@@ -384,19 +385,18 @@ fn create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<Option<(File, He
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let base = path.file_name().ok_or_else(|| {
+    path.file_name().ok_or_else(|| {
         Error::new(ErrorKind::InvalidInput, "create shared-memory lock")
             .with_path(path)
             .with_detail("the path has no file name")
     })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(base);
-    tmp_name.push(format!(
-        ".{}.{}.tmp",
+    // A short temporary name of its own, so that any lock name whose file
+    // name fits also has a temporary name that fits.
+    let tmp = dir.join(format!(
+        ".interlock-tmp.{}.{}.tmp",
         std::process::id(),
         TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let tmp = dir.join(tmp_name);
     let h = Header {
         kind,
         slots: opts.slots,
@@ -406,7 +406,7 @@ fn create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<Option<(File, He
         .read(true)
         .write(true)
         .create_new(true)
-        .mode(opts.mode)
+        .mode(opts.mode & crate::file::PERMISSION_BITS)
         .custom_flags(OPEN_FLAGS)
         .open(&tmp)
         .map_err(|e| Error::io("create shared-memory lock", e).with_path(path))?;

@@ -67,6 +67,16 @@ fn bare_names_live_in_dev_shm_and_paths_are_kept() {
     assert_eq!(l.path(), resolve(&name).unwrap());
     assert!(l.path().exists());
     std::fs::remove_file(l.path()).unwrap();
+    // Every name whose file name fits (NAME_PREFIX + 245 bytes = 255) can
+    // be created, including its temporary name.
+    for len in [235, 240, 245] {
+        let mut name = format!("long-{}-", std::process::id());
+        name.push_str(&"n".repeat(len - name.len()));
+        let l = ShmMutex::open(&name).unwrap_or_else(|e| panic!("{len}: {e}"));
+        std::fs::remove_file(l.path()).unwrap();
+    }
+    let too_long = "n".repeat(246);
+    assert!(ShmMutex::open(&too_long).is_err());
 }
 
 #[test]

@@ -38,6 +38,15 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// `fstat(fd)`.
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of a plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor of the caller's; `st` is writable.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
 const DIR_FLAGS: libc::c_int =
     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
 
@@ -54,7 +63,6 @@ pub enum NoReplace {
 
 impl Dir {
     /// Opens the directory at `path` (not following a final symlink).
-    #[cfg(test)]
     pub fn open(path: &Path) -> io::Result<Dir> {
         Dir::open_flags(path, DIR_FLAGS)
     }
@@ -194,6 +202,12 @@ impl Dir {
     /// buffer is listed under the directory's lock, so the listing is a
     /// snapshot with respect to renames in it.
     pub fn names(&self) -> io::Result<Vec<OsString>> {
+        self.names_limited(usize::MAX)
+    }
+
+    /// As [`Dir::names`], but stops after `limit` names (a directory that
+    /// others can write may hold any number).
+    pub fn names_limited(&self, limit: usize) -> io::Result<Vec<OsString>> {
         let dot = c".";
         // SAFETY: valid fd and NUL-terminated name; a new fd or -1.
         let fd = cvt(unsafe { libc::openat(self.fd.as_raw_fd(), dot.as_ptr(), DIR_FLAGS) })?;
@@ -208,6 +222,9 @@ impl Dir {
         }
         let mut out = Vec::new();
         let result = loop {
+            if out.len() >= limit {
+                break Ok(());
+            }
             // SAFETY: errno is thread-local; resetting it distinguishes the
             // end of the directory from an error, as readdir(3) requires.
             unsafe { *libc::__errno_location() = 0 };
@@ -241,14 +258,36 @@ impl Dir {
         Ok(())
     }
 
-    #[cfg(test)]
     /// Device and inode number of this directory.
     pub fn identity(&self) -> io::Result<(u64, u64)> {
-        // SAFETY: an all-zero `stat` is a valid value of a plain C struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd, `st` writable.
-        cvt(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        let st = fstat(self.fd.as_raw_fd())?;
         Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Reads the regular file `name` if it is at most `limit` bytes long,
+    /// with its owner's uid. Opened without following a symbolic link and
+    /// without blocking (a FIFO or device planted at the name can neither
+    /// hang nor feed the read); anything but a regular file is refused
+    /// (`EINVAL`), and so is a file larger than `limit` (`EFBIG`).
+    pub fn read_regular(&self, name: impl AsRef<OsStr>, limit: u64) -> io::Result<(Vec<u8>, u32)> {
+        let n = cstr(name.as_ref().as_bytes())?;
+        let flags =
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
+        // SAFETY: valid fd and NUL-terminated name.
+        let fd = cvt(unsafe { libc::openat(self.fd.as_raw_fd(), n.as_ptr(), flags) })?;
+        // SAFETY: `fd` is new and ours.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let st = fstat(f.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if st.st_size as u64 > limit {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let mut buf = Vec::new();
+        // It may grow after the fstat: still read no more than `limit`.
+        f.take(limit).read_to_end(&mut buf)?;
+        Ok((buf, st.st_uid))
     }
 
     /// The file system's magic number (`fstatfs` `f_type`).

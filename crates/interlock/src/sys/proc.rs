@@ -133,9 +133,79 @@ pub fn command(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_string())
 }
 
+/// The credentials a process accesses files with (from /proc/PID/status:
+/// the file-system uid and gid and the supplementary groups).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    /// The file-system uid (the effective uid unless changed by setfsuid).
+    pub uid: u32,
+    /// The file-system gid.
+    pub gid: u32,
+    /// The supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// Whether these credentials may open a file of owner `uid`, group
+    /// `gid` and permission bits `mode` for reading (and, with `write`, for
+    /// writing), by its permission bits alone (access control lists are
+    /// not read: a process they admit counts as refused).
+    pub fn may_open(&self, uid: u32, gid: u32, mode: u32, write: bool) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let bits = if self.uid == uid {
+            mode >> 6
+        } else if self.gid == gid || self.groups.contains(&gid) {
+            mode >> 3
+        } else {
+            mode
+        } & 0o7;
+        bits & 0o4 != 0 && (!write || bits & 0o2 != 0)
+    }
+}
+
+/// The credentials of `pid`, if /proc shows them.
+pub fn credentials(pid: u32) -> Option<Credentials> {
+    parse_status(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn parse_status(text: &str) -> Option<Credentials> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_ascii_whitespace().collect::<Vec<_>>())
+    };
+    // "Uid: real effective saved fs", likewise "Gid:".
+    let uid = field("Uid:")?.get(3)?.parse().ok()?;
+    let gid = field("Gid:")?.get(3)?.parse().ok()?;
+    let groups = field("Groups:")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| g.parse().ok())
+        .collect();
+    Some(Credentials { uid, gid, groups })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_parse_and_decide() {
+        let c =
+            parse_status("Name:\tx\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t9 10 \n").unwrap();
+        assert_eq!((c.uid, c.gid, c.groups.clone()), (4, 8, vec![9, 10]));
+        assert!(c.may_open(4, 0, 0o600, true));
+        assert!(!c.may_open(5, 0, 0o600, false));
+        assert!(c.may_open(5, 10, 0o640, false));
+        assert!(!c.may_open(5, 10, 0o640, true));
+        assert!(c.may_open(5, 11, 0o604, false));
+        assert!(!c.may_open(5, 11, 0o640, false));
+        assert_eq!(parse_status("Uid:\t1\n"), None);
+        let me = credentials(std::process::id()).unwrap();
+        assert!(me.may_open(me.uid, me.gid, 0o600, true));
+    }
 
     #[test]
     fn parses_stat_with_awkward_command() {
