@@ -112,18 +112,25 @@ pub fn parse_range(s: &str) -> Result<Range<u64>, String> {
     let num = |t: &str| {
         t.trim()
             .parse::<u64>()
-            .map_err(|_| format!("`{t}` in range `{s}` is not an index (0 to 2^63-1)"))
+            .ok()
+            .filter(|&i| i < interlock::INDEX_END)
+            .ok_or_else(|| format!("`{t}` in range `{s}` is not an index (0 to 2^63-2)"))
     };
     let r = if let Some((a, b)) = s.split_once("..=") {
         let (a, b) = (num(a)?, num(b)?);
-        a..b.checked_add(1)
-            .ok_or_else(|| format!("range `{s}` is too large"))?
+        a..b + 1
     } else if let Some((a, b)) = s.split_once("..") {
-        num(a)?..num(b)?
+        // The end is excluded, so it may be the end of the index space.
+        let end = b
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&e| e <= interlock::INDEX_END)
+            .ok_or_else(|| format!("`{b}` in range `{s}` is not an end (0 to 2^63-1)"))?;
+        num(a)?..end
     } else {
         let i = num(s)?;
-        i..i.checked_add(1)
-            .ok_or_else(|| format!("index `{s}` is too large"))?
+        i..i + 1
     };
     if r.start >= r.end {
         return Err(format!("range `{s}` is empty"));
@@ -174,6 +181,11 @@ mod tests {
         assert_eq!(parse_range("3..7"), Ok(3..7));
         assert_eq!(parse_range("3..=6"), Ok(3..7));
         assert_eq!(parse_range("5"), Ok(5..6));
+        let last = interlock::INDEX_END - 1;
+        assert_eq!(parse_range(&last.to_string()), Ok(last..last + 1));
+        assert_eq!(parse_range(&format!("0..{}", last + 1)), Ok(0..last + 1));
+        assert!(parse_range(&(last + 1).to_string()).is_err());
+        assert!(parse_range("5..=3").unwrap_err().contains("`5..=3`"));
         for bad in [
             "7..3",
             "3..3",

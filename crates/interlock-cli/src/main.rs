@@ -7,7 +7,8 @@
 //! - 64 bad usage, 65 unusable content at the path (a directory, a symbolic
 //!   link, a foreign or damaged lock), 66 no such file or directory, 69 not
 //!   supported here, 71 other system error, 75 a lease was lost while the
-//!   command ran (and it succeeded), 77 permission denied;
+//!   command ran (and it succeeded), 77 permission denied, 70 an internal
+//!   error (a bug: the command ended in a way the system does not report);
 //! - 126 the command cannot be executed, 127 the command was not found.
 
 mod args;
@@ -35,6 +36,12 @@ fn main() -> ExitCode {
     })
 }
 
+/// One line on stderr, if stderr can be written.
+fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Help and version go to stdout with status 0; anything else is one line
 /// on stderr naming the problem, and EX_USAGE.
 fn usage_error(e: clap::Error) -> u8 {
@@ -42,6 +49,10 @@ fn usage_error(e: clap::Error) -> u8 {
         ClapKind::DisplayHelp | ClapKind::DisplayVersion => {
             let _ = e.print();
             0
+        }
+        ClapKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            note("interlock: a subcommand is needed: `run` or `status` (see `interlock --help`)");
+            EX_USAGE
         }
         _ => {
             let text = e.render().to_string();
@@ -55,7 +66,7 @@ fn usage_error(e: clap::Error) -> u8 {
                     msg = format!("{msg} {next}");
                 }
             }
-            eprintln!("interlock: {msg} (see `interlock --help`)");
+            note(&format!("interlock: {msg} (see `interlock --help`)"));
             EX_USAGE
         }
     }

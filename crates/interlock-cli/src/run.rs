@@ -24,6 +24,23 @@ use interlock::{
 use crate::args::{Kind, RunArgs, StatusArgs};
 use crate::sys;
 
+/// Writes one line to stderr; a stderr that cannot be written (closed, a
+/// full disk) loses the message but changes nothing else.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// Writes one line to stdout; `false` if it could not be written.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*).is_ok()
+    }};
+}
+
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 const EX_NOINPUT: u8 = 66;
@@ -46,7 +63,7 @@ fn exit_code(e: &Error) -> u8 {
 }
 
 fn fail(e: &Error) -> u8 {
-    eprintln!("interlock: {e}");
+    note!("interlock: {e}");
     exit_code(e)
 }
 
@@ -68,7 +85,7 @@ impl Plan<'_> {
             TryLockError::Error(e) => return fail(e),
         };
         if !self.args.quiet {
-            eprintln!("interlock: {why}");
+            note!("interlock: {why}");
         }
         self.args.conflict_exit_code
     }
@@ -88,7 +105,7 @@ fn announce_wait(kind: Kind) -> impl Fn(&Blocked<'_>) + Send + Sync + 'static {
         } else {
             format!(" held by {}", who.join(", "))
         };
-        eprintln!(
+        note!(
             "interlock: waiting for {} lock on{range} {}{by}",
             b.mode,
             b.resource.display()
@@ -126,7 +143,7 @@ fn holders_of(path: &Path, kind: Kind, range: Option<(u64, u64)>) -> Vec<String>
 
 pub fn run(args: RunArgs) -> u8 {
     if let Err(msg) = args.validate() {
-        eprintln!("interlock: {msg} (see `interlock --help`)");
+        note!("interlock: {msg} (see `interlock --help`)");
         return EX_USAGE;
     }
     let plan = Plan {
@@ -169,7 +186,11 @@ fn run_file(plan: &Plan<'_>) -> u8 {
         Ok(g) => g,
         Err(e) => return plan.not_taken(e),
     };
-    let code = execute(&a.command, &[], None);
+    let fd = match guard.try_clone_file() {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    let code = execute(&a.command, &[], None, Tie::Descriptor(fd));
     match guard.unlock() {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
@@ -190,7 +211,11 @@ fn run_set(plan: &Plan<'_>) -> u8 {
     if let Err(e) = set.lock_with(range, plan.mode, plan.wait) {
         return plan.not_taken(e);
     }
-    let code = execute(&a.command, &[], None);
+    let fd = match set.try_clone_file() {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    let code = execute(&a.command, &[], None, Tie::Descriptor(fd));
     match set.unlock_all() {
         Ok(()) => code,
         Err(e) => release_failed(code, &e),
@@ -239,7 +264,7 @@ fn run_shm(plan: &Plan<'_>) -> u8 {
                 },
                 None => String::new(),
             };
-            eprintln!(
+            note!(
                 "interlock: waiting for {} lock on {}{by}",
                 b.mode,
                 b.resource.display()
@@ -256,14 +281,14 @@ fn run_shm(plan: &Plan<'_>) -> u8 {
     };
     let mut env = Vec::new();
     if owner_died {
-        eprintln!(
+        note!(
             "interlock: the previous holder of {} died holding it exclusively; \
              running the command anyway with INTERLOCK_OWNER_DIED=1",
             lock.path().display()
         );
         env.push(("INTERLOCK_OWNER_DIED", "1".to_string()));
     }
-    let code = execute(&a.command, &env, None);
+    let code = execute(&a.command, &env, None, Tie::DieWithUs);
     let released = match held {
         ShmHeld::Read(g) => g.unlock(),
         ShmHeld::Write(mut g) => {
@@ -302,7 +327,7 @@ fn run_lease(plan: &Plan<'_>) -> u8 {
         let (child, lost) = (Arc::clone(&child), Arc::clone(&lost));
         move |e| {
             lost.store(true, Ordering::SeqCst);
-            eprintln!("interlock: {e}; stopping the command");
+            note!("interlock: {e}; stopping the command");
             let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
             c.stop = true;
             sys::terminate(c.pid);
@@ -315,7 +340,7 @@ fn run_lease(plan: &Plan<'_>) -> u8 {
                 Some(h) => format!(" held by {h}"),
                 None => String::new(),
             };
-            eprintln!("interlock: waiting for lease {}{by}", b.resource.display());
+            note!("interlock: waiting for lease {}{by}", b.resource.display());
         });
     }
     let lock = match LeaseLock::with_options(&a.path, opts) {
@@ -327,12 +352,17 @@ fn run_lease(plan: &Plan<'_>) -> u8 {
         Err(e) => return plan.not_taken(e),
     };
     let token = guard.token().to_string();
-    let code = execute(&a.command, &[("INTERLOCK_TOKEN", token)], Some(&child));
+    let code = execute(
+        &a.command,
+        &[("INTERLOCK_TOKEN", token)],
+        Some(&child),
+        Tie::DieWithUs,
+    );
     match guard.release() {
         Ok(()) if !lost.load(Ordering::SeqCst) => code,
         Ok(()) => lease_lost_code(code),
         Err(e) if e.kind() == ErrorKind::LeaseLost => {
-            eprintln!("interlock: {e}");
+            note!("interlock: {e}");
             lease_lost_code(code)
         }
         Err(e) => release_failed(code, &e),
@@ -353,7 +383,7 @@ fn lease_lost_code(code: u8) -> u8 {
 /// interlock exits): say so, and keep the command's status unless it
 /// succeeded.
 fn release_failed(code: u8, e: &Error) -> u8 {
-    eprintln!("interlock: {e}");
+    note!("interlock: {e}");
     if code == 0 {
         EX_OSERR
     } else {
@@ -361,7 +391,20 @@ fn release_failed(code: u8, e: &Error) -> u8 {
     }
 }
 
-/// Runs `argv` with extra environment `env`, passing on SIGTERM/SIGHUP;
+/// How the command is tied to the lock, so that it never runs without it,
+/// however interlock ends (SIGKILL included).
+enum Tie {
+    /// A kernel lock: the command inherits a descriptor of the locked open
+    /// file description, and so holds the lock itself until it exits (as
+    /// with flock(1)), even if interlock dies first.
+    Descriptor(std::fs::File),
+    /// A lock held by interlock's process (shared memory, lease): the
+    /// command is killed if interlock dies.
+    DieWithUs,
+}
+
+/// Runs `argv` with extra environment `env`, tied to the lock by `tie`,
+/// passing on SIGTERM/SIGHUP;
 /// returns its exit status, 128+N if killed by signal N, 127 if not found,
 /// 126 if not executable.
 ///
@@ -369,16 +412,35 @@ fn release_failed(code: u8, e: &Error) -> u8 {
 /// under the mutex before the child is reaped, so whoever signals the pid
 /// while holding the mutex never signals a reused pid. If `stop` was set
 /// before the child started, it is terminated at once.
-fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<Running>>) -> u8 {
+fn execute(
+    argv: &[OsString],
+    env: &[(&str, String)],
+    running: Option<&Mutex<Running>>,
+    tie: Tie,
+) -> u8 {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = match cmd.spawn() {
+    // Kept open until the command has started (it then has its own copy).
+    let mut _inherited = None;
+    match tie {
+        Tie::Descriptor(f) => match sys::inheritable(&f) {
+            Ok(()) => _inherited = Some(f),
+            Err(e) => {
+                note!("interlock: cannot pass the lock to the command: {e}");
+                return EX_OSERR;
+            }
+        },
+        Tie::DieWithUs => sys::die_with_parent(&mut cmd),
+    }
+    let spawned = cmd.spawn();
+    drop(_inherited);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("interlock: cannot run {}: {e}", argv[0].to_string_lossy());
+            note!("interlock: cannot run {}: {e}", argv[0].to_string_lossy());
             return if e.kind() == std::io::ErrorKind::NotFound {
                 127
             } else {
@@ -400,7 +462,7 @@ fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<Run
         r.lock().unwrap_or_else(|p| p.into_inner()).pid = 0;
     }
     if let Err(e) = waited {
-        eprintln!("interlock: waiting for the command: {e}");
+        note!("interlock: waiting for the command: {e}");
     }
     match child.wait() {
         Ok(st) => match (st.code(), st.signal()) {
@@ -409,24 +471,38 @@ fn execute(argv: &[OsString], env: &[(&str, String)], running: Option<&Mutex<Run
             (None, None) => EX_SOFTWARE,
         },
         Err(e) => {
-            eprintln!("interlock: waiting for the command: {e}");
+            note!("interlock: waiting for the command: {e}");
             EX_OSERR
         }
     }
 }
 
+/// Status output that could not be written: EX_OSERR, said on stderr.
+fn unwritten() -> u8 {
+    note!("interlock: cannot write to standard output");
+    EX_OSERR
+}
+
 pub fn status(args: StatusArgs) -> u8 {
-    if is_lease(&args.path) {
-        return lease_status(&args.path);
+    let path = &args.path;
+    if let Some(shm) = shm_target(path) {
+        return shm_status(path, &shm);
     }
-    match interlock::holders(&args.path) {
+    if is_lease(path) {
+        return lease_status(path);
+    }
+    match interlock::holders(path) {
         Ok(list) if list.is_empty() => {
-            println!("{}: no locks", args.path.display());
+            if !out!("{}: no locks", path.display()) {
+                return unwritten();
+            }
             0
         }
         Ok(list) => {
             for h in list {
-                println!("{h}");
+                if !out!("{h}") {
+                    return unwritten();
+                }
             }
             0
         }
@@ -434,29 +510,115 @@ pub fn status(args: StatusArgs) -> u8 {
     }
 }
 
-/// A lease lock at `path` keeps its side directory `NAME.lease` beside it.
+/// The shared-memory lock file `path` names, if it names one: a file that
+/// starts with the shm magic, or a bare name with no file of that name here
+/// whose `/dev/shm/interlock-NAME` exists.
+fn shm_target(path: &Path) -> Option<std::path::PathBuf> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let has_magic = |p: &Path| {
+        let regular = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+        let mut magic = [0u8; 8];
+        regular
+            && std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(p)
+                .and_then(|mut f| f.read_exact(&mut magic))
+                .is_ok()
+            && &magic == b"ILCKSHM\0"
+    };
+    if has_magic(path) {
+        return Some(path.to_path_buf());
+    }
+    let bare = !path.as_os_str().as_encoded_bytes().contains(&b'/');
+    if bare && std::fs::symlink_metadata(path).is_err() {
+        let resolved = interlock::shm::resolve(path).ok()?;
+        if has_magic(&resolved) {
+            return Some(resolved);
+        }
+    }
+    None
+}
+
+/// One line per holder of a shared-memory lock: pid, command, mode, and
+/// whether it is poisoned. Nothing is created or changed.
+fn shm_status(given: &Path, path: &Path) -> u8 {
+    let opts = ShmOptions::new().create(false).allow_foreign_owner(true);
+    let who = |p: interlock::ProcessId| match p.command() {
+        Some(c) => format!("pid {} ({c})", p.pid),
+        None if !p.is_alive() => format!("pid {} (dead)", p.pid),
+        None => format!("pid {}", p.pid),
+    };
+    let mut lines = Vec::new();
+    let poisoned = match opts.open_rwlock(path) {
+        Ok(l) => {
+            let h = l.holders();
+            let mut dead_writer = false;
+            if let Some((p, mode)) = h.token {
+                dead_writer = mode == "exclusive" && !p.is_alive();
+                lines.push(format!("{} {mode} shm held", who(p)));
+            }
+            for (p, n) in h.readers {
+                let holds = if n == 1 { "hold" } else { "holds" };
+                lines.push(format!("{} shared shm held ({n} {holds})", who(p)));
+            }
+            // A dead exclusive holder poisons the lock for the next taker.
+            h.poisoned || dead_writer
+        }
+        Err(e) if e.kind() == ErrorKind::Corrupt => match opts.open_mutex(path) {
+            Ok(m) => {
+                let mut dead = false;
+                if let Some(p) = m.holder() {
+                    dead = !p.is_alive();
+                    lines.push(format!("{} exclusive shm mutex held", who(p)));
+                }
+                m.is_poisoned() || dead
+            }
+            Err(_) => return fail(&e),
+        },
+        Err(e) => return fail(&e),
+    };
+    if poisoned {
+        lines.push(format!(
+            "{}: poisoned (a holder died holding it exclusively)",
+            given.display()
+        ));
+    }
+    if lines.is_empty() {
+        lines.push(format!("{}: no locks", given.display()));
+    }
+    for l in lines {
+        if !out!("{l}") {
+            return unwritten();
+        }
+    }
+    0
+}
+
+/// A lease lock at `path` keeps its side directory `NAME.lease` beside it
+/// (a real directory: a symbolic link is not followed).
 fn is_lease(path: &Path) -> bool {
     match path.file_name() {
         Some(name) => {
             let mut side = name.to_os_string();
             side.push(".lease");
-            path.with_file_name(side).is_dir()
+            std::fs::symlink_metadata(path.with_file_name(side)).is_ok_and(|m| m.is_dir())
         }
         None => false,
     }
 }
 
+/// The lease's holder, read without creating or changing anything.
 fn lease_status(path: &Path) -> u8 {
-    let holder = LeaseLock::new(path, DEFAULT_TTL).and_then(|l| l.holder());
-    match holder {
-        Ok(Some(h)) => {
-            println!("{h} exclusive lease");
-            0
-        }
-        Ok(None) => {
-            println!("{}: no lease held", path.display());
-            0
-        }
-        Err(e) => fail(&e),
+    let written = match LeaseLock::peek(path) {
+        Ok(Some(h)) => out!("{h} exclusive lease"),
+        Ok(None) => out!("{}: no lease held", path.display()),
+        Err(e) => return fail(&e),
+    };
+    if written {
+        0
+    } else {
+        unwritten()
     }
 }

@@ -1,4 +1,5 @@
-//! The CLI's only `unsafe`: signal dispositions while the command runs.
+//! The CLI's only `unsafe`: signal dispositions while the command runs, and
+//! how the command is tied to the lock.
 //!
 //! Why it is built this way: `interlock run` must hold the lock exactly as
 //! long as the command runs. If a `kill` or a closing terminal ended
@@ -10,6 +11,9 @@
 //! the command directly, being in the same process group.
 #![allow(unsafe_code)]
 
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -87,4 +91,45 @@ pub fn terminate(pid: u32) {
         // SAFETY: kill(2) has no memory effects; `pid` is our unreaped child.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     }
+}
+
+/// Clears close-on-exec on `f`, so that a command spawned next inherits it.
+pub fn inheritable(f: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) on a descriptor `f` owns has no memory effects.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the command `cmd` spawns receive SIGKILL when interlock dies
+/// (PR_SET_PDEATHSIG), checking afterwards that interlock has not died
+/// already (then the command is not started).
+///
+/// Limits (see docs/threat-model.md): the signal is cleared when the command
+/// executes a set-user-ID program, and it reaches only the command itself,
+/// not processes the command started.
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, and
+    // calls only prctl(2) and getppid(2), which are async-signal-safe and
+    // touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
 }

@@ -508,3 +508,331 @@ fn shm_kind_excludes_and_reports_a_dead_exclusive_holder() {
     );
     assert_eq!(stderr_of(&o), "");
 }
+
+/// Whether process `pid` is gone (no such process, or a zombie).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => matches!(
+            s[s.rfind(')').unwrap() + 1..]
+                .split_ascii_whitespace()
+                .next(),
+            Some("Z") | Some("X")
+        ),
+    }
+}
+
+/// For every kind and every default-fatal signal interlock does not handle
+/// (SIGKILL included), interlock's death never leaves COMMAND running
+/// without the lock: a kernel lock stays held by COMMAND until it exits
+/// (as with flock(1)); a shared-memory lock or lease ends COMMAND with it.
+#[test]
+fn the_lock_is_held_exactly_as_long_as_the_command_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let kinds: [(&str, &[&str]); 5] = [
+        ("file", &[]),
+        ("flock", &["--kind", "flock"]),
+        ("set", &["--kind", "set", "--range", "0..4"]),
+        ("shm", &["--kind", "shm"]),
+        ("lease", &["--kind", "lease", "--ttl", "30"]),
+    ];
+    let signals = [
+        "KILL", "USR1", "USR2", "ALRM", "VTALRM", "PROF", "IO", "PWR", "STKFLT", "SYS", "XCPU",
+    ];
+    for (kind, flags) in kinds {
+        let path = dir.path().join(kind);
+        let p = path.to_str().unwrap();
+        let try_now = || {
+            let mut args = vec!["run", "-n", "-q"];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(&[p, "--", "true"]);
+            interlock(&args).status.code()
+        };
+        for sig in signals {
+            let mut args = vec!["run", "-q"];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(&[p, "--", "sh", "-c", "echo held $$; read x"]);
+            let mut child = Command::new(BIN)
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let cmd_pid: u32 = line.trim().strip_prefix("held ").unwrap().parse().unwrap();
+            let st = Command::new("kill")
+                .args([&format!("-{sig}"), &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let st = child.wait().unwrap();
+            assert!(
+                st.code().is_none(),
+                "{kind}/{sig}: interlock survived: {st:?}"
+            );
+            let end = Instant::now() + WAIT;
+            if matches!(kind, "shm" | "lease") {
+                // COMMAND dies with interlock...
+                while !gone(cmd_pid) {
+                    assert!(
+                        Instant::now() < end,
+                        "{kind}/{sig}: command outlived the lock"
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            } else {
+                // ... or holds the lock itself while it runs.
+                assert!(!gone(cmd_pid), "{kind}/{sig}");
+                assert_eq!(
+                    try_now(),
+                    Some(1),
+                    "{kind}/{sig}: lock released under COMMAND"
+                );
+                drop(stdin.take());
+                while !gone(cmd_pid) {
+                    assert!(Instant::now() < end, "{kind}/{sig}: command kept running");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            assert_eq!(try_now(), Some(0), "{kind}/{sig}: lock not free afterwards");
+        }
+    }
+}
+
+/// Unwritable stdout or stderr is no panic (101): the documented codes stay.
+#[test]
+fn unwritable_output_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&[], &path);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let o = Command::new(BIN)
+        .args(["run", "-n", p, "--", "true"])
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let o = Command::new(BIN)
+        .args(["status", p])
+        .stdout(full())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(71), "{}", stderr_of(&o));
+    assert!(!stderr_of(&o).contains("panicked"), "{}", stderr_of(&o));
+    // A closed pipe (`| head -c0`).
+    let mut c = Command::new(BIN)
+        .args(["status", p])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    let o = c.wait_with_output().unwrap();
+    assert_ne!(o.status.code(), Some(101), "{}", stderr_of(&o));
+    assert!(!stderr_of(&o).contains("panicked"), "{}", stderr_of(&o));
+    let o = Command::new(BIN)
+        .args(["frobnicate"])
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    holder.release();
+}
+
+/// `status` shows shared-memory holders (pid, command, mode, poisoned),
+/// by path and by bare name, and creates nothing.
+#[test]
+fn status_shows_shm_holders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shm-lock");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&["--kind", "shm", "-s"], &path);
+    let o = interlock(&["status", p]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(
+        out.contains(&format!("pid {} (interlock) shared", holder.child.id())),
+        "{out}"
+    );
+    holder.release();
+    let mut holder = Holder::interlock(&["--kind", "shm"], &path);
+    let out = String::from_utf8_lossy(&interlock(&["status", p]).stdout).into_owned();
+    assert!(
+        out.contains(&format!("pid {} (interlock) exclusive", holder.child.id())),
+        "{out}"
+    );
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    let out = String::from_utf8_lossy(&interlock(&["status", p]).stdout).into_owned();
+    assert!(out.contains("poisoned"), "{out}");
+
+    let name = format!("cli-status-{}", std::process::id());
+    let shm_file = std::path::PathBuf::from(format!("/dev/shm/interlock-{name}"));
+    let o = interlock(&["status", &name]);
+    assert_ne!(o.status.code(), Some(0), "a missing bare name is no lock");
+    assert!(!shm_file.exists(), "status created the lock");
+    let holder = Holder::interlock(&["--kind", "shm"], Path::new(&name));
+    let o = Command::new(BIN)
+        .args(["status", &name])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains(&format!("pid {} (interlock) exclusive", holder.child.id())),
+        "{out}"
+    );
+    holder.release();
+    let _ = std::fs::remove_file(&shm_file);
+}
+
+/// `status` on a lease writes nothing; `run --kind lease` never takes over
+/// (or deletes) a directory it did not make, and leaves nothing beside a
+/// file; run and status agree on a symbolic link.
+#[test]
+fn lease_inspection_writes_nothing_and_foreign_directories_are_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job");
+    let p = path.to_str().unwrap();
+    let holder = Holder::interlock(&["--kind", "lease", "--ttl", "30"], &path);
+    std::fs::remove_dir(path.with_file_name("job.lease/stage")).unwrap();
+    let o = interlock(&["status", p]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("exclusive lease"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(
+        !path.with_file_name("job.lease/stage").exists(),
+        "status wrote"
+    );
+    holder.release();
+
+    let mine = dir.path().join("d");
+    std::fs::create_dir(&mine).unwrap();
+    let o = interlock(&[
+        "run",
+        "--kind",
+        "lease",
+        mine.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_fails(&o, 65, "did not make");
+    assert!(mine.is_dir(), "the user's directory was removed");
+    assert!(!dir.path().join("d.lease").exists());
+
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"data").unwrap();
+    let o = interlock(&[
+        "run",
+        "--kind",
+        "lease",
+        file.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr_of(&o));
+    assert!(!dir.path().join("f.lease").exists());
+
+    let link = dir.path().join("lnk");
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    std::fs::create_dir(dir.path().join("lnk.lease")).unwrap();
+    let l = link.to_str().unwrap();
+    let o = interlock(&["run", "--kind", "lease", l, "--", "true"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr_of(&o));
+    assert_eq!(interlock(&["status", l]).status.code(), Some(65));
+}
+
+/// Text from other processes (a command name, a lease record's host) is
+/// printed escaped, never as terminal control sequences.
+#[test]
+fn untrusted_text_is_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l");
+    let p = path.to_str().unwrap();
+    let script = format!(
+        "import fcntl,sys\nopen('/proc/self/comm','w').write('\\x1b[2Jevil')\nf=open({p:?},'a')\nfcntl.lockf(f,fcntl.LOCK_EX)\nprint('held',flush=True)\nsys.stdin.read()"
+    );
+    let h = Holder::start("python3", &["-c", &script]);
+    let o = interlock(&["status", p]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("evil") && !out.contains('\x1b'), "{out:?}");
+    let o = interlock(&["run", "-w", "0.05", "--kind", "file", p, "--", "true"]);
+    let err = stderr_of(&o);
+    assert!(!err.contains('\x1b'), "{err:?}");
+    h.release();
+
+    let job = dir.path().join("job");
+    let j = job.to_str().unwrap();
+    let holder = Holder::interlock(&["--kind", "lease", "--ttl", "30"], &job);
+    let lease = std::fs::read_dir(&job)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&lease).unwrap();
+    let forged: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("host ") {
+                "host \x1b]0;owned\x07h".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&lease, forged).unwrap();
+    let out = String::from_utf8_lossy(&interlock(&["status", j]).stdout).into_owned();
+    assert!(
+        out.contains("on host ") && !out.contains('\x1b') && !out.contains('\x07'),
+        "{out:?}"
+    );
+    let o = interlock(&["run", "-w", "0.05", "--kind", "lease", j, "--", "true"]);
+    let err = stderr_of(&o);
+    assert!(err.contains("on host ") && !err.contains('\x1b'), "{err:?}");
+    holder.release();
+}
+
+/// The messages of issue 10, item 12, and of sockets and /proc (item 11).
+#[test]
+fn messages_name_the_real_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = interlock(&[]);
+    assert_fails(&o, 64, "subcommand");
+    let missing = format!("{}/", dir.path().join("missing").display());
+    assert_fails(&interlock(&["run", &missing, "--", "true"]), 64, "slash");
+    let sock = dir.path().join("sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert_fails(
+        &interlock(&["run", sock.to_str().unwrap(), "--", "true"]),
+        65,
+        "socket",
+    );
+    if Path::new("/proc/self/status").exists() {
+        assert_fails(
+            &interlock(&["run", "/proc/self/status", "--", "true"]),
+            69,
+            "proc",
+        );
+    }
+    let set = dir.path().join("set");
+    let s = set.to_str().unwrap();
+    let run = |r: &str| interlock(&["run", "--kind", "set", "--range", r, s, "--", "true"]);
+    assert_eq!(run("9223372036854775806").status.code(), Some(0));
+    assert_fails(&run("9223372036854775807"), 64, "2^63-2");
+    assert_fails(&run("5..=3"), 64, "`5..=3`");
+}

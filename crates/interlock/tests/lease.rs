@@ -261,19 +261,34 @@ fn bad_input_is_a_typed_error_or_a_safe_takeover() {
         ErrorKind::InvalidInput
     );
     // A regular file, a symlink, a foreign directory at the lock path.
+    // Refused at once, and nothing is made beside them.
     let file = t.path().join("file");
     fs::write(&file, b"not a lock").unwrap();
-    let l = LeaseLock::new(&file, TTL).unwrap();
-    assert_eq!(kind(l.try_lock()), ErrorKind::Corrupt);
+    let e = LeaseLock::new(&file, TTL).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(!t.path().join("file.lease").exists());
     let link = t.path().join("link");
     fs::create_dir(t.path().join("target")).unwrap();
     std::os::unix::fs::symlink(t.path().join("target"), &link).unwrap();
-    let l = LeaseLock::new(&link, TTL).unwrap();
+    let e = LeaseLock::new(&link, TTL).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(!t.path().join("link.lease").exists());
+    // A directory interlock did not make (no NAME.lease/ beside it), empty
+    // or not, is refused and left alone.
+    let mine = t.path().join("mine");
+    fs::create_dir(&mine).unwrap();
+    let e = LeaseLock::new(&mine, TTL).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(mine.is_dir() && !t.path().join("mine.lease").exists());
+    // With the state directory there, a symlink appearing later is refused
+    // when the lock is taken.
+    let l = LeaseLock::new(t.path().join("link2"), TTL).unwrap();
+    std::os::unix::fs::symlink(t.path().join("target"), t.path().join("link2")).unwrap();
     assert_eq!(kind(l.try_lock()), ErrorKind::Corrupt);
     let foreign = t.path().join("foreign");
+    let l = LeaseLock::new(&foreign, TTL).unwrap();
     fs::create_dir(&foreign).unwrap();
     fs::write(foreign.join("pid"), b"4242").unwrap();
-    let l = LeaseLock::new(&foreign, TTL).unwrap();
     let err = l.try_lock().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     assert!(err.to_string().contains("foreign"), "{err}");
@@ -286,10 +301,11 @@ fn bad_input_is_a_typed_error_or_a_safe_takeover() {
     let e = LeaseLock::new(t.path().join("side"), TTL).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);
 
-    // An empty directory (a lockbydir-style lock, or a crashed cleanup): dead.
+    // An empty directory beside its state directory (a crashed cleanup):
+    // dead.
     let empty = t.path().join("empty");
-    fs::create_dir(&empty).unwrap();
     let l = LeaseLock::new(&empty, TTL).unwrap();
+    fs::create_dir(&empty).unwrap();
     drop(l.try_lock().expect("an empty lock directory is taken over"));
     // A leftover tombstone: finished and taken over.
     fs::create_dir(&empty).unwrap();
@@ -947,4 +963,63 @@ fn lock_directory_removed_by_hand() {
         g2.is_held(),
         "the old guard's release did not touch the new lock"
     );
+}
+
+fn am_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").unwrap().uid() == 0
+}
+
+/// Runs `script` with sh as the unprivileged user 65534.
+fn as_nobody(script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `NAME.lease/` made by another user, who could reset or exhaust the
+/// fencing tokens, is refused unless opted in; opted in, a handle's tokens
+/// still never go backwards when that user removes the claims.
+#[test]
+fn a_state_directory_of_another_user_is_refused() {
+    if !am_root() {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let d = dir.path().display();
+    as_nobody(&format!(
+        "mkdir -m 777 {d}/job.lease {d}/job.lease/tokens {d}/job.lease/stage"
+    ));
+    let path = dir.path().join("job");
+    let e = LeaseLock::new(&path, TTL).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("allow_foreign_state"), "{e}");
+
+    let lock =
+        LeaseLock::with_options(&path, LeaseOptions::new(TTL).allow_foreign_state(true)).unwrap();
+    let t1 = lock.lock().unwrap().token();
+    let t2 = lock.lock().unwrap().token();
+    assert!(t2 > t1);
+    // The owner of the state resets the tokens: this handle goes on upwards.
+    as_nobody(&format!("rm -f {d}/job.lease/tokens/*"));
+    let t3 = lock.lock().unwrap().token();
+    assert!(t3 > t2, "{t2} then {t3}");
+    // Control: a fresh handle does not know, and is issued a smaller token,
+    // which is what refusing a foreign state directory prevents.
+    as_nobody(&format!("rm -f {d}/job.lease/tokens/*"));
+    let fresh =
+        LeaseLock::with_options(&path, LeaseOptions::new(TTL).allow_foreign_state(true)).unwrap();
+    assert!(fresh.lock().unwrap().token() < t3);
 }

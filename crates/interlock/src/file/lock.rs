@@ -1168,6 +1168,21 @@ impl FileLockGuard<'_> {
             FileLockGuard::Exclusive(g) => g.unlock(),
         }
     }
+
+    /// See [`FileWriteGuard::try_clone_file`].
+    pub fn try_clone_file(&self) -> Result<File> {
+        match self {
+            FileLockGuard::Shared(g) => g.try_clone_file(),
+            FileLockGuard::Exclusive(g) => g.try_clone_file(),
+        }
+    }
+}
+
+/// A new descriptor of `st`'s open file description (close-on-exec).
+fn clone_file(lock: &FileLock, st: &State) -> Result<File> {
+    st.file
+        .try_clone()
+        .map_err(|e| lock.io_err("duplicate lock file descriptor", e))
 }
 
 /// A shared lock on a [`FileLock`]; released on drop.
@@ -1181,6 +1196,13 @@ impl FileReadGuard<'_> {
     /// Releases the lock, reporting errors that drop would swallow.
     pub fn unlock(mut self) -> Result<()> {
         self.release()
+    }
+
+    /// See [`FileWriteGuard::try_clone_file`].
+    pub fn try_clone_file(&self) -> Result<File> {
+        let rw = self.rw.as_ref().expect("a read guard holds its lock");
+        let st = rw.lock();
+        clone_file(self.lock, &st)
     }
 
     fn release(&mut self) -> Result<()> {
@@ -1220,6 +1242,53 @@ impl<'a> FileWriteGuard<'a> {
     /// Releases the lock, reporting errors that drop would swallow.
     pub fn unlock(mut self) -> Result<()> {
         self.release()
+    }
+
+    /// A new descriptor (`dup`, close-on-exec) of the open file description
+    /// through which the lock is held. The kernel's locks belong to that
+    /// description, so a process that inherits the descriptor (with
+    /// close-on-exec cleared) holds the lock as long as it keeps it open,
+    /// even if this process dies; this guard's unlock still releases it for
+    /// everyone. This is how `interlock run` lets its command hold the lock
+    /// itself, as flock(1) does.
+    pub fn try_clone_file(&self) -> Result<File> {
+        let rw = self.rw.as_ref().expect("a write guard holds its lock");
+        clone_file(self.lock, &rw.lock())
+    }
+
+    /// Removes the lock file, then releases the lock: the one safe way for
+    /// a holder to delete the lock file.
+    ///
+    /// The guard is consumed, so nothing can run under the lock after the
+    /// removal. That matters: from the moment the file is gone, a newcomer
+    /// creates a fresh file at the path and takes its lock at once, while
+    /// this holder still has the old one. Removing the file *in the middle*
+    /// of a critical section (and going on with it) therefore lets a second
+    /// holder in; removing it as the last act, here, does not, because
+    /// processes that had opened the old file find, once they get its lock,
+    /// that it is no longer at the path and open the new one (with
+    /// [`FileLockOptions::verify_path`] on, the default).
+    ///
+    /// The file is removed only if the path still names the locked file;
+    /// otherwise nothing is removed and the lock is released all the same,
+    /// and the error says so ([`ErrorKind::Corrupt`]).
+    pub fn remove_and_unlock(mut self) -> Result<()> {
+        let lock = self.lock;
+        let removed = {
+            let rw = self.rw.as_ref().expect("a write guard holds its lock");
+            let st = rw.lock();
+            match std::fs::symlink_metadata(&lock.path) {
+                Ok(m) if (m.dev(), m.ino()) == st.id => {
+                    std::fs::remove_file(&lock.path).map_err(|e| lock.io_err("remove lock file", e))
+                }
+                Ok(_) => Err(Error::new(ErrorKind::Corrupt, "remove lock file")
+                    .with_path(&lock.path)
+                    .with_detail("another file is at the path now; nothing was removed")),
+                Err(e) => Err(lock.io_err("remove lock file", e)),
+            }
+        };
+        let released = self.release();
+        removed.and(released)
     }
 
     fn release(&mut self) -> Result<()> {

@@ -401,6 +401,17 @@ impl LockSet {
         Error::io(op, e).with_path(&self.path)
     }
 
+    /// A new descriptor (`dup`, close-on-exec) of the open file description
+    /// this set locks through. OFD locks belong to that description: a
+    /// process that inherits the descriptor (close-on-exec cleared) keeps
+    /// the set's locks held while it keeps it open, even if this process
+    /// dies; unlocking here still releases them for everyone.
+    pub fn try_clone_file(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .map_err(|e| self.io_error("duplicate lock file descriptor", e))
+    }
+
     /// Who may use the lock file (its owner, group and mode), against which
     /// the registry's records are checked.
     fn access(&self) -> Access {

@@ -35,12 +35,16 @@ impl Fence {
         Fence { dir, durable }
     }
 
-    /// Claims the number one above every existing claim. Returns it and the
-    /// older claims seen, for [`Fence::trim`] once it is issued.
-    pub fn claim(&self) -> io::Result<(u64, Vec<u64>)> {
+    /// Claims the number one above every existing claim and above `floor`
+    /// (the last token the caller was issued, so that its tokens never go
+    /// backwards even if the claims were removed). Returns it and the older
+    /// claims seen, for [`Fence::trim`] once it is issued.
+    pub fn claim(&self, floor: u64) -> io::Result<(u64, Vec<u64>)> {
         loop {
-            let seen = self.scan()?;
+            let mut seen = self.scan()?;
+            seen.push(floor);
             let next = next_after(&seen)?;
+            seen.pop();
             if self.try_claim(next)? {
                 return Ok((next, seen));
             }
@@ -111,18 +115,23 @@ mod tests {
     fn claims_increase_and_trim_keeps_the_latest() {
         let t = tempfile::tempdir().unwrap();
         let f = Fence::new(Dir::open(t.path()).unwrap(), true);
-        let (a, seen) = f.claim().unwrap();
+        let (a, seen) = f.claim(0).unwrap();
         assert_eq!((a, seen.len()), (1, 0));
         // A stale claimant's leftover claim above: the next claim skips it.
         std::fs::write(t.path().join("5"), b"").unwrap();
-        let (b, seen) = f.claim().unwrap();
+        let (b, seen) = f.claim(0).unwrap();
         assert_eq!(b, 6);
         f.trim(b, &seen);
         assert_eq!(f.latest().unwrap(), Some(6));
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         // Junk names are ignored.
         std::fs::write(t.path().join("x"), b"").unwrap();
-        assert_eq!(f.claim().unwrap().0, 7);
+        assert_eq!(f.claim(0).unwrap().0, 7);
+        // Claims removed behind our back: a caller's floor still holds.
+        for n in ["5", "6", "7", "x"] {
+            let _ = std::fs::remove_file(t.path().join(n));
+        }
+        assert_eq!(f.claim(7).unwrap().0, 8);
     }
 
     /// The fencing argument, checked against real directories under every

@@ -111,6 +111,7 @@ pub struct LeaseOptions {
     notify: bool,
     max_poll: Duration,
     dir_mode: u32,
+    foreign_state: bool,
 }
 
 impl LeaseOptions {
@@ -129,7 +130,24 @@ impl LeaseOptions {
             notify: true,
             max_poll: Duration::from_millis(100),
             dir_mode: 0o755,
+            foreign_state: false,
         }
+    }
+
+    /// Whether a state directory `NAME.lease/` (or its `tokens/` and
+    /// `stage/`) owned by another user may be used (default `false`:
+    /// refused with [`ErrorKind::PermissionDenied`]).
+    ///
+    /// Whoever owns the state directory decides the fencing tokens: they can
+    /// remove the claims (so that tokens start over) or plant the largest
+    /// number (so that no token can ever be issued again). A holder never
+    /// sees its own tokens go backwards (each handle remembers the last it
+    /// was issued), but other processes would. Opt in only when the owner
+    /// is trusted, e.g. a lock shared by the users of one group.
+    #[must_use]
+    pub fn allow_foreign_state(mut self, on: bool) -> Self {
+        self.foreign_state = on;
+        self
     }
 
     /// The clock expiry is measured on (a [`ManualClock`] in tests).
@@ -224,6 +242,7 @@ impl std::fmt::Debug for LeaseOptions {
             .field("notify", &self.notify)
             .field("max_poll", &self.max_poll)
             .field("dir_mode", &format_args!("{:o}", self.dir_mode))
+            .field("foreign_state", &self.foreign_state)
             .finish_non_exhaustive()
     }
 }
@@ -248,7 +267,8 @@ pub struct LeaseHolder {
 impl std::fmt::Display for LeaseHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.process, &self.host) {
-            (Some(p), Some(h)) => write!(f, "pid {} on host {h}", p.pid)?,
+            // The host is whatever the record says: print it escaped.
+            (Some(p), Some(h)) => write!(f, "pid {} on host {}", p.pid, proc::printable(h))?,
             _ => f.write_str("an unknown owner (unreadable record)")?,
         }
         if self.token == 0 {
@@ -311,6 +331,9 @@ pub struct LeaseLock {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// The last token this handle was issued: the next is larger whatever
+    /// the claims directory says (it may have been reset).
+    last_token: AtomicU64,
     path: PathBuf,
     name: OsString,
     parent_path: PathBuf,
@@ -344,6 +367,39 @@ fn mkdir_ok_if_exists(dir: &Dir, name: &str, mode: u32) -> io::Result<()> {
         Err(e) if errno(&e) == libc::EEXIST => Ok(()),
         r => r,
     }
+}
+
+/// The live lease in the lock directory `name` of `parent`, if any.
+fn holder_in(
+    parent: &Dir,
+    name: &std::ffi::OsStr,
+    here: &Locality,
+) -> io::Result<Option<LeaseHolder>> {
+    let inst = match parent.open_at(name) {
+        Ok(d) => d,
+        Err(e) if errno(&e) == libc::ENOENT => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for n in inst.names()? {
+        let Some(l) = n.to_str().and_then(LeaseName::parse) else {
+            continue;
+        };
+        if l.dead {
+            continue;
+        }
+        let owner = inst
+            .read_file(l.render(), MAX_RECORD)
+            .ok()
+            .and_then(|b| Owner::parse(&b));
+        return Ok(Some(LeaseHolder {
+            host: owner.as_ref().map(|o| o.host.clone()),
+            process: owner.as_ref().map(|o| o.process),
+            local: owner.as_ref().is_some_and(|o| o.is_local_to(here)),
+            token: l.token,
+            expires: from_unix_nanos(l.expiry_ns),
+        }));
+    }
+    Ok(None)
 }
 
 fn nonce() -> u64 {
@@ -408,6 +464,26 @@ impl LeaseLock {
                 err
             }
         };
+        // Never take over what interlock did not make: a directory at the
+        // lock path with no state directory beside it is someone else's
+        // (and an empty one would be removed as a dead lease), and nothing
+        // is created beside a file or link.
+        match (parent.kind_of(&name), parent.kind_of(&side)) {
+            (Ok(Some(k)), _) if k != libc::S_IFDIR => {
+                return Err(Error::new(ErrorKind::Corrupt, "open lease lock")
+                    .with_path(&path)
+                    .with_detail("something other than a directory is at the lock path"))
+            }
+            (Ok(Some(_)), Ok(None)) => {
+                return Err(Error::new(ErrorKind::Corrupt, "open lease lock")
+                    .with_path(&path)
+                    .with_detail(format!(
+                        "a directory that interlock did not make is at the lock path \
+                         (there is no {side} beside it); choose another path"
+                    )))
+            }
+            _ => {}
+        }
         mkdir_ok_if_exists(&parent, &side, opts.dir_mode)
             .map_err(|e| io_err("create lease side directory", &side_path, e))?;
         let side_dir = parent
@@ -417,6 +493,37 @@ impl LeaseLock {
             mkdir_ok_if_exists(&side_dir, sub, opts.dir_mode)
                 .map_err(|e| io_err("create lease side directory", &side_path.join(sub), e))?;
         }
+        if !opts.foreign_state {
+            let me = proc::credentials(std::process::id()).map(|c| c.uid);
+            for (d, p) in [
+                (Some(&side_dir), side_path.clone()),
+                (None, side_path.join("tokens")),
+                (None, side_path.join("stage")),
+            ] {
+                let sub;
+                let d = match d {
+                    Some(d) => d,
+                    None => {
+                        sub = side_dir
+                            .open_at(p.file_name().expect("a named subdirectory"))
+                            .map_err(|e| io_err("open lease side directory", &p, e))?;
+                        &sub
+                    }
+                };
+                let owner = d
+                    .owner()
+                    .map_err(|e| io_err("inspect lease side directory", &p, e))?;
+                if me.is_some_and(|uid| uid != owner) {
+                    return Err(Error::new(ErrorKind::PermissionDenied, "open lease lock")
+                        .with_path(&p)
+                        .with_detail(format!(
+                            "the lease's state is owned by uid {owner}, another user, who could \
+                             reset or exhaust its fencing tokens; see \
+                             LeaseOptions::allow_foreign_state"
+                        )));
+                }
+            }
+        }
         let tokens = side_dir
             .open_at("tokens")
             .map_err(|e| io_err("open lease token directory", &side_path.join("tokens"), e))?;
@@ -425,6 +532,7 @@ impl LeaseLock {
             .map_err(|e| io_err("open lease staging directory", &side_path.join("stage"), e))?;
         let local_fs = parent.fs_type().map(notify::fs_is_local).unwrap_or(false);
         let inner = Inner {
+            last_token: AtomicU64::new(0),
             fence: Fence::new(tokens, opts.durable),
             name,
             path,
@@ -478,32 +586,39 @@ impl LeaseLock {
     /// "waiting for the lock held by pid 4242 on host h").
     pub fn holder(&self) -> Result<Option<LeaseHolder>> {
         let inner = &self.inner;
-        let inst = match inner.parent.open_at(&inner.name) {
-            Ok(d) => d,
-            Err(e) if errno(&e) == libc::ENOENT => return Ok(None),
-            Err(e) => return Err(inner.err("inspect lease lock", e)),
-        };
-        let names = inst.names().map_err(|e| inner.err("list lease lock", e))?;
-        for n in names {
-            let Some(l) = n.to_str().and_then(LeaseName::parse) else {
-                continue;
-            };
-            if l.dead {
-                continue;
+        holder_in(&inner.parent, &inner.name, &inner.here)
+            .map_err(|e| inner.err("inspect lease lock", e))
+    }
+
+    /// Who holds the lease at `path` now, if anyone, without creating or
+    /// changing anything (for inspection: [`LeaseLock::new`] creates the
+    /// state directory). Errors: the parent directory is missing
+    /// ([`ErrorKind::NotFound`]); a file or symbolic link is at `path`
+    /// ([`ErrorKind::Corrupt`]).
+    pub fn peek(path: impl AsRef<Path>) -> Result<Option<LeaseHolder>> {
+        let path = path.as_ref();
+        let err = |op: &'static str, e: io::Error| {
+            let err = Error::io(op, e).with_path(path);
+            if matches!(err.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
+                err.with_kind(ErrorKind::Corrupt).with_detail(
+                    "a file or symbolic link, not a lock directory, is at the lock path",
+                )
+            } else {
+                err
             }
-            let owner = inst
-                .read_file(l.render(), MAX_RECORD)
-                .ok()
-                .and_then(|b| Owner::parse(&b));
-            return Ok(Some(LeaseHolder {
-                host: owner.as_ref().map(|o| o.host.clone()),
-                process: owner.as_ref().map(|o| o.process),
-                local: owner.as_ref().is_some_and(|o| o.is_local_to(&inner.here)),
-                token: l.token,
-                expires: from_unix_nanos(l.expiry_ns),
-            }));
-        }
-        Ok(None)
+        };
+        let name = path.file_name().ok_or_else(|| {
+            Error::new(ErrorKind::InvalidInput, "inspect lease lock")
+                .with_path(path)
+                .with_detail("the path has no final name")
+        })?;
+        let parent_path = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = Dir::open_following(parent_path)
+            .map_err(|e| Error::io("open parent directory of lease lock", e).with_path(path))?;
+        holder_in(&parent, name, &Locality::current()).map_err(|e| err("inspect lease lock", e))
     }
 
     /// The largest fencing token claimed so far for this lock (the last one
@@ -736,7 +851,8 @@ impl Inner {
     /// Issues a token to the lease just installed (see the module docs for
     /// why this order makes tokens increase).
     fn publish<'a>(&'a self, dir: Dir, lease: LeaseName) -> Result<Step<'a>> {
-        let (token, older) = match self.fence.claim() {
+        let floor = self.last_token.load(Ordering::Relaxed);
+        let (token, older) = match self.fence.claim(floor) {
             Ok(c) => c,
             Err(e) => {
                 self.kill_own(&dir, &lease);
@@ -754,6 +870,7 @@ impl Inner {
         };
         match dir.rename(lease.render(), published.render()) {
             Ok(()) => {
+                self.last_token.fetch_max(token, Ordering::Relaxed);
                 self.fence.trim(token, &older);
                 Ok(Step::Acquired(Held {
                     dir,
@@ -832,7 +949,7 @@ impl Inner {
                 let shown: Vec<_> = foreign
                     .iter()
                     .take(3)
-                    .map(|n| n.to_string_lossy())
+                    .map(|n| proc::printable(&n.to_string_lossy()))
                     .collect();
                 return Err(Error::new(ErrorKind::Corrupt, "inspect lease lock")
                     .with_path(&self.path)

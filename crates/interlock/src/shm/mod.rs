@@ -110,7 +110,9 @@ pub(crate) use poison::lost;
 #[cfg(not(loom))]
 pub use poison::{LockResult, Poisoned};
 #[cfg(not(loom))]
-pub use rwlock::{ShmGuard, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard};
+pub use rwlock::{
+    ShmGuard, ShmHolders, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard,
+};
 
 #[cfg(all(test, not(loom)))]
 mod tests;

@@ -68,6 +68,8 @@ pub struct ShmOptions {
     slots: u32,
     mode: u32,
     on_block: Option<OnBlock>,
+    create: bool,
+    foreign_owner: bool,
 }
 
 impl Default for ShmOptions {
@@ -82,6 +84,8 @@ impl fmt::Debug for ShmOptions {
             .field("slots", &self.slots)
             .field("mode", &format_args!("{:o}", self.mode))
             .field("on_block", &self.on_block.is_some())
+            .field("create", &self.create)
+            .field("foreign_owner", &self.foreign_owner)
             .finish()
     }
 }
@@ -93,7 +97,29 @@ impl ShmOptions {
             slots: DEFAULT_SLOTS,
             mode: 0o600,
             on_block: None,
+            create: true,
+            foreign_owner: false,
         }
+    }
+
+    /// Whether a missing lock is created (default `true`); with `false`, a
+    /// missing lock is [`ErrorKind::NotFound`] and nothing is written (for
+    /// inspection).
+    pub fn create(mut self, on: bool) -> ShmOptions {
+        self.create = on;
+        self
+    }
+
+    /// Whether a lock file owned by another user (root included) may be
+    /// used (default `false`: refused with [`ErrorKind::PermissionDenied`]).
+    ///
+    /// The owner of the file can always break the lock: change its words
+    /// (wedging every user), or truncate the file, after which every process
+    /// that touches the mapping is killed by SIGBUS. Opt in only if you
+    /// trust that user as you trust your own processes.
+    pub fn allow_foreign_owner(mut self, on: bool) -> ShmOptions {
+        self.foreign_owner = on;
+        self
     }
 
     /// The number of slots of a lock this call creates (1..=4094; an
@@ -189,6 +215,34 @@ impl Inner {
         let o = self.core().token_owner()?;
         let (pid, start_time) = super::layout::unpack(o);
         Some(crate::ProcessId { pid, start_time })
+    }
+
+    /// The processes with read holds, each with the number of holds taken
+    /// through its slots (a snapshot, for diagnostics).
+    pub(crate) fn readers(&self) -> Vec<(crate::ProcessId, u32)> {
+        let words = self.view.words();
+        let slots = self.view.slots();
+        let high = (words.high.load(Ordering::Relaxed) as usize).min(slots.len());
+        let mut out: Vec<(crate::ProcessId, u32)> = Vec::new();
+        for s in &slots[..high] {
+            let held = s.held.load(Ordering::Relaxed);
+            let o = s.owner.load(Ordering::Relaxed) & !layout::RECLAIMING;
+            if held == 0 || o == 0 {
+                continue;
+            }
+            let (pid, start_time) = layout::unpack(o);
+            let id = crate::ProcessId { pid, start_time };
+            match out.iter_mut().find(|(p, _)| *p == id) {
+                Some((_, n)) => *n += held,
+                None => out.push((id, held)),
+            }
+        }
+        out
+    }
+
+    /// Whether the exclusive (rather than the upgradable) token is taken.
+    pub(crate) fn token_is_exclusive(&self) -> bool {
+        self.view.words().state.load(Ordering::Relaxed) & layout::WRITER != 0
     }
 
     #[inline]
@@ -305,7 +359,10 @@ fn open_or_create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<(File, H
             .custom_flags(OPEN_FLAGS)
             .open(path)
         {
-            Ok(f) => return validate(f, path, kind),
+            Ok(f) => return validate(f, path, kind, opts),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !opts.create => {
+                return Err(Error::io("open shared-memory lock", e).with_path(path));
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => match create(path, kind, opts) {
                 Ok(Some(done)) => return Ok(done),
                 Ok(None) => last = Some(e),
@@ -326,7 +383,7 @@ fn open_or_create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<(File, H
 
 /// Checks an opened file: a regular file, on a local file system, of this
 /// kind, with a sound header matching its size.
-fn validate(f: File, path: &Path, kind: Kind) -> Result<(File, Header)> {
+fn validate(f: File, path: &Path, kind: Kind, opts: &ShmOptions) -> Result<(File, Header)> {
     let corrupt = |detail: String| {
         Error::new(ErrorKind::Corrupt, "open shared-memory lock")
             .with_path(path)
@@ -337,6 +394,22 @@ fn validate(f: File, path: &Path, kind: Kind) -> Result<(File, Header)> {
         .map_err(|e| Error::io("stat shared-memory lock", e).with_path(path))?;
     if !meta.is_file() {
         return Err(corrupt("not a regular file".into()));
+    }
+    if !opts.foreign_owner {
+        use std::os::unix::fs::MetadataExt;
+        let me = crate::sys::proc::credentials(std::process::id()).map(|c| c.uid);
+        if me.is_some_and(|uid| uid != meta.uid()) {
+            return Err(
+                Error::new(ErrorKind::PermissionDenied, "open shared-memory lock")
+                    .with_path(path)
+                    .with_detail(format!(
+                        "the file is owned by uid {}, another user, who could wedge the lock or \
+                         truncate it (killing its users with SIGBUS); \
+                         see ShmOptions::allow_foreign_owner",
+                        meta.uid()
+                    )),
+            );
+        }
     }
     if let Ok(magic) = crate::sys::mmap::fs_type(&f) {
         if let Some(fs) = network_fs(magic) {
@@ -422,7 +495,7 @@ fn create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<Option<(File, He
     match linked {
         Ok(()) => {
             // Re-check as any opener would (and catch a network file system).
-            validate(f, path, kind).map(Some)
+            validate(f, path, kind, opts).map(Some)
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
         Err(e) => Err(Error::io("create shared-memory lock", e)

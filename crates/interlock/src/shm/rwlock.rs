@@ -62,6 +62,18 @@ impl fmt::Debug for ShmRwLock {
     }
 }
 
+/// A snapshot of who holds a [`ShmRwLock`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShmHolders {
+    /// The process with the exclusive or upgradable token (holding it, or
+    /// first in line for it while readers drain), and which token.
+    pub token: Option<(crate::ProcessId, &'static str)>,
+    /// Processes with read holds, and how many holds each.
+    pub readers: Vec<(crate::ProcessId, u32)>,
+    /// Whether a writer died holding the lock and nobody cleared it since.
+    pub poisoned: bool,
+}
+
 impl ShmRwLock {
     pub(crate) fn from_parts(inner: Inner, on_block: Option<OnBlock>) -> ShmRwLock {
         ShmRwLock {
@@ -110,6 +122,24 @@ impl ShmRwLock {
     /// for the lock held by pid 4242". Readers are not reported.
     pub fn holder(&self) -> Option<crate::ProcessId> {
         self.inner.holder()
+    }
+
+    /// Who holds the lock now, as far as its memory shows (a snapshot, for
+    /// diagnostics such as `interlock status`).
+    pub fn holders(&self) -> ShmHolders {
+        let token = self.inner.holder().map(|p| {
+            let mode = if self.inner.token_is_exclusive() {
+                "exclusive"
+            } else {
+                "upgradable"
+            };
+            (p, mode)
+        });
+        ShmHolders {
+            token,
+            readers: self.inner.readers(),
+            poisoned: self.is_poisoned(),
+        }
     }
 
     fn with_notify<T>(&self, mode: Mode, f: impl FnOnce(&mut Notify<'_>) -> T) -> T {

@@ -264,6 +264,37 @@ impl Dir {
         Ok((st.st_dev, st.st_ino))
     }
 
+    /// The owner's uid of this directory.
+    pub fn owner(&self) -> io::Result<u32> {
+        Ok(fstat(self.fd.as_raw_fd())?.st_uid)
+    }
+
+    /// The file type (`S_IFDIR`, `S_IFREG`, ...) of `name` in this
+    /// directory, not following a symbolic link; `None` if there is none.
+    pub fn kind_of(&self, name: impl AsRef<OsStr>) -> io::Result<Option<libc::mode_t>> {
+        let n = cstr(name.as_ref().as_bytes())?;
+        // SAFETY: an all-zero `stat` is a valid value of a plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, NUL-terminated name, `st` is writable.
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                n.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r == 0 {
+            return Ok(Some(st.st_mode & libc::S_IFMT));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
     /// Reads the regular file `name` if it is at most `limit` bytes long,
     /// with its owner's uid. Opened without following a symbolic link and
     /// without blocking (a FIFO or device planted at the name can neither

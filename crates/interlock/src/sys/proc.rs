@@ -21,6 +21,12 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
+    /// Whether the process still runs (a zombie or a reused pid does not;
+    /// if it cannot be told, it counts as running).
+    pub fn is_alive(&self) -> bool {
+        liveness(*self) == Liveness::Alive
+    }
+
     /// The process's short command name (/proc/PID/comm), if it still runs
     /// and /proc shows it.
     pub fn command(&self) -> Option<String> {
@@ -126,11 +132,30 @@ pub fn boot_id() -> &'static str {
     })
 }
 
-/// The short command name of `pid` (/proc/PID/comm), if it can be read.
+/// The short command name of `pid` (/proc/PID/comm), if it can be read,
+/// made printable: any process can name itself anything, escape sequences
+/// included, so control characters and invalid UTF-8 come back escaped
+/// (see [`printable`]).
 pub fn command(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
+    let bytes = fs::read(format!("/proc/{pid}/comm")).ok()?;
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    Some(printable(&String::from_utf8_lossy(bytes)))
+}
+
+/// `s` with every control character (C0, DEL, C1: terminal escape
+/// sequences among them) and backslash written as a Rust-style escape
+/// (`\u{1b}`, `\\`), so that text from another user can be printed to a
+/// terminal as it is.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The credentials a process accesses files with (from /proc/PID/status:
@@ -190,6 +215,14 @@ fn parse_status(text: &str) -> Option<Credentials> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untrusted_text_is_made_printable() {
+        assert_eq!(printable("make"), "make");
+        assert_eq!(printable("\u{1b}[2Jx"), "\\u{1b}[2Jx");
+        assert_eq!(printable("a\\b\u{9b}c\n"), "a\\\\b\\u{9b}c\\n");
+        assert_eq!(printable("h\u{e9}te"), "h\u{e9}te");
+    }
 
     #[test]
     fn credentials_parse_and_decide() {
