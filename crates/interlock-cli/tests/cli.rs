@@ -37,11 +37,14 @@ fn assert_fails(o: &Output, code: i32, needle: &str) {
     );
 }
 
-/// A process that holds a lock until dropped (its stdin is closed).
+/// A process that holds a lock until dropped (its stdin is closed). Its
+/// stderr is kept, and shown only if the test fails, so that messages a
+/// test expects (a lost lease) do not read like failures in the output.
 struct Holder {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Holder {
@@ -52,11 +55,20 @@ impl Holder {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn holder");
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (err_pipe, kept) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut k = kept.lock().unwrap();
+                k.push_str(&line);
+                k.push('\n');
+            }
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -67,6 +79,7 @@ impl Holder {
             child,
             stdin,
             lines: rx,
+            stderr,
         };
         h.expect_line("held");
         h
@@ -103,6 +116,10 @@ impl Drop for Holder {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+            eprintln!("holder's stderr:\n{err}");
+        }
     }
 }
 

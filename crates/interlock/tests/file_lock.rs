@@ -1076,63 +1076,119 @@ fn flock_flavor_excludes_python_flock() {
 
 /// In a child: 150 times, write-lock, claim an O_EXCL marker, remove it,
 /// delete the lock file, unlock. Says "ok" or "double".
+/// In a child: `ROUNDS` write sections on the lock file, each checked with
+/// an `O_EXCL` marker, each deleting the lock file: as the last act through
+/// [`FileWriteGuard::remove_and_unlock`] (`last`), or in the middle of the
+/// section, going on with it afterwards (`mid`). Says how many sections
+/// found another holder inside.
 fn remover() {
     let arg = support::arg();
-    let (flavor, path) = arg.split_once(' ').unwrap();
-    let flavor = if flavor == "flock" {
-        Flavor::Flock
-    } else {
-        Flavor::Fcntl
+    let mut words = arg.splitn(4, ' ');
+    let flavor = match words.next().unwrap() {
+        "flock" => Flavor::Flock,
+        _ => Flavor::Fcntl,
     };
-    let path = Path::new(path);
+    let how = words.next().unwrap().to_string();
+    let rounds: usize = words.next().unwrap().parse().unwrap();
+    let path = Path::new(words.next().unwrap());
     let marker = path.with_extension("held");
     let lock = open(flavor, path);
-    for _ in 0..150 {
+    let mut doubles = 0;
+    for _ in 0..rounds {
         let g = lock.write().unwrap();
-        if fs::OpenOptions::new()
+        let mine = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&marker)
-            .is_err()
-        {
-            support::say("double");
-            return;
+            .is_ok();
+        if !mine {
+            doubles += 1;
         }
-        thread::yield_now();
-        fs::remove_file(&marker).unwrap();
-        // The lock file may already be gone if we hold a stale handle's lock
-        // on a removed inode, which must not happen: removal must succeed.
-        if let Err(e) = fs::remove_file(path) {
+        if how == "mid" {
+            // Delete, then go on inside: a newcomer can enter meanwhile.
+            let _ = fs::remove_file(path);
+            thread::sleep(Duration::from_micros(500));
+        } else {
+            thread::yield_now();
+        }
+        if mine {
+            fs::remove_file(&marker).unwrap();
+        }
+        if how == "mid" {
+            drop(g);
+        } else if let Err(e) = g.remove_and_unlock() {
+            // The file must be ours and removable: a holder of a stale
+            // inode would be a second holder.
             support::say(format!("remove failed: {e}"));
             return;
         }
-        drop(g);
     }
-    support::say("ok");
+    support::say(format!("doubles {doubles}"));
 }
 
+/// Total sections that found another holder, over 4 removers.
+fn removers(test: &str, flavor: Flavor, how: &str, rounds: usize, dir: &Path) -> usize {
+    let p = dir.join(format!("r-{}-{how}.lock", flavor_name(flavor)));
+    let arg = format!("{} {how} {rounds} {}", flavor_name(flavor), p.display());
+    let mut kids: Vec<Child> = (0..4)
+        .map(|_| Child::spawn(test, "remover", &arg))
+        .collect();
+    let mut total = 0;
+    for k in &mut kids {
+        let said = k.recv_within(Duration::from_secs(60));
+        let n = said
+            .strip_prefix("doubles ")
+            .unwrap_or_else(|| panic!("{said}"));
+        total += n.parse::<usize>().unwrap();
+        k.join();
+    }
+    total
+}
+
+/// Deleting the lock file as the holder's last act (`remove_and_unlock`)
+/// never lets two holders in. Control: deleting it in the middle of the
+/// section and going on does, so the marker check can fail.
 #[test]
 fn removing_the_lock_file_never_lets_two_holders_in() {
     if child() {
         return;
     }
+    let test = "removing_the_lock_file_never_lets_two_holders_in";
     let dir = tempfile::tempdir().unwrap();
     for flavor in FLAVORS {
-        let p = dir.path().join(format!("r-{}.lock", flavor_name(flavor)));
-        let arg = format!("{} {}", flavor_name(flavor), p.display());
-        let mut kids: Vec<Child> = (0..4)
-            .map(|_| {
-                Child::spawn(
-                    "removing_the_lock_file_never_lets_two_holders_in",
-                    "remover",
-                    &arg,
-                )
-            })
-            .collect();
-        for k in &mut kids {
-            assert_eq!(k.recv_within(Duration::from_secs(60)), "ok");
-            k.join();
-        }
+        assert_eq!(
+            removers(test, flavor, "last", 150, dir.path()),
+            0,
+            "{flavor:?}"
+        );
+    }
+    for flavor in FLAVORS {
+        let clashes = removers(test, flavor, "mid", 100, dir.path());
+        assert!(clashes > 0, "{flavor:?}: mid-section removal never clashed");
+    }
+}
+
+/// A file removed from outside (`rm`, a cleanup job) while a holder is
+/// inside lets a newcomer in at once: documented as unsafe, shown here.
+#[test]
+fn an_outside_removal_while_held_lets_a_newcomer_in() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("o-{}.lock", flavor_name(flavor)));
+        let a = open(flavor, &p);
+        let held = a.write().unwrap();
+        fs::remove_file(&p).unwrap();
+        let b = open(flavor, &p);
+        let second = b.try_write();
+        assert!(second.is_ok(), "{flavor:?}: the newcomer was kept out");
+        drop(second);
+        drop(held);
+        // The old handle follows the path to the new file, and removes it.
+        a.write().unwrap().remove_and_unlock().unwrap();
+        assert!(!p.exists());
     }
 }
 

@@ -624,3 +624,51 @@ fn slots_of_dead_processes_are_reused_before_the_table_grows() {
     assert_eq!(core.slots[0].owner.load(Ordering::SeqCst), me);
     assert_eq!(core.slots[1].owner.load(Ordering::SeqCst), me);
 }
+
+/// A lock file another user made (here: copied into place by uid 65534)
+/// is refused unless the caller opts in; opted in, it works.
+#[test]
+fn a_lock_file_of_another_user_is_refused_unless_allowed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    let d = tmp();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let ours = d.path().join("ours");
+    drop(ShmRwLock::open(&ours).unwrap());
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let theirs = d.path().join("theirs");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp {} {} && chmod 666 {}",
+            ours.display(),
+            theirs.display(),
+            theirs.display()
+        ))
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::metadata(&theirs).unwrap().uid(), 65534);
+    let e = ShmRwLock::open(&theirs).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("allow_foreign_owner"), "{e}");
+    let l = ShmOptions::new()
+        .allow_foreign_owner(true)
+        .open_rwlock(&theirs)
+        .unwrap();
+    drop(l.write());
+    // Inspection creates nothing.
+    let missing = d.path().join("missing");
+    let e = ShmOptions::new()
+        .create(false)
+        .open_rwlock(&missing)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(!missing.exists());
+}
