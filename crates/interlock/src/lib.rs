@@ -7,6 +7,7 @@
 
 mod error;
 mod file;
+mod handle;
 mod lease;
 pub mod shm;
 #[cfg(not(loom))]
@@ -29,11 +30,18 @@ pub use lease::{
 };
 #[cfg(not(loom))]
 pub use shm::{
-    LockResult, Poisoned, ShmMutex, ShmMutexGuard, ShmOptions, ShmReadGuard, ShmRwLock,
-    ShmUpgradableGuard, ShmWriteGuard,
+    LockResult, Poisoned, ShmArcGuard, ShmHold, ShmMutex, ShmMutexArcGuard, ShmMutexGuard,
+    ShmOptions, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard,
 };
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};
+
+/// The fork generation, for bindings that must tell a forked child from
+/// its parent without a system call (see `sys/fork.rs`). Not a stable API.
+#[doc(hidden)]
+pub mod __fork {
+    pub use crate::sys::fork::{generation, watch};
+}
 
 /// The raw kernel lock calls, so that benchmarks can measure the floor a
 /// lock family builds on. Not a stable API.

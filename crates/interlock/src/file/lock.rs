@@ -66,7 +66,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{
-    Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockUpgradableReadGuard, RwLockWriteGuard,
+    ArcRwLockReadGuard, ArcRwLockUpgradableReadGuard, ArcRwLockWriteGuard, Mutex, MutexGuard,
+    RawRwLock, RwLock,
 };
 
 use crate::sys::fcntl::{self, ByteRange, FlockOp, RangeLock};
@@ -237,12 +238,12 @@ impl FileLockOptions {
             fairness: self.fairness,
             verify_path: self.verify_path,
             on_block: self.on_block.clone(),
-            rw: RwLock::new(Mutex::new(State {
+            rw: Arc::new(RwLock::new(Mutex::new(State {
                 file: Arc::new(file),
                 id,
                 readers: 0,
                 writer_ofd: false,
-            })),
+            }))),
             kernel_blocked: AtomicBool::new(false),
         })
     }
@@ -329,7 +330,10 @@ pub struct FileLock {
     /// mutex; readers and the upgradable reader take the mutex. The mutex is
     /// held across a blocking kernel call only when no in-process holder
     /// needs it to leave (`readers == 0`).
-    rw: RwLock<Mutex<State>>,
+    ///
+    /// It sits in an `Arc` so that guards hold it without a borrow (the
+    /// owned guards of [`FileLock::write_arc`] and friends).
+    rw: Arc<RwLock<Mutex<State>>>,
     /// Set while a thread holding the state mutex is blocked in the kernel, so that a
     /// `try_*` in another thread answers WouldBlock instead of waiting.
     kernel_blocked: AtomicBool,
@@ -345,6 +349,13 @@ impl fmt::Debug for FileLock {
             .finish()
     }
 }
+
+type ReadRw = ArcRwLockReadGuard<RawRwLock, Mutex<State>>;
+type WriteRw = ArcRwLockWriteGuard<RawRwLock, Mutex<State>>;
+type UpgRw = ArcRwLockUpgradableReadGuard<RawRwLock, Mutex<State>>;
+
+/// How a guard reaches its lock (see `crate::handle`).
+type Handle<'a> = crate::handle::Handle<'a, FileLock>;
 
 /// A request to the kernel.
 #[derive(Clone, Copy, Debug)]
@@ -673,62 +684,121 @@ impl FileLock {
 
     /// A shared lock, waiting as `wait` allows.
     pub fn read_with(&self, wait: Wait) -> Result<FileReadGuard<'_>, TryLockError> {
-        let mut a = Attempt::new(self, wait, Mode::Shared);
-        let got = self.read_attempt(&mut a);
-        a.finish(got)
-    }
-
-    fn read_attempt(&self, a: &mut Attempt<'_>) -> Result<FileReadGuard<'_>, TryLockError> {
-        let rw = a.park(
-            || self.rw.try_read(),
-            || self.rw.read(),
-            |t| self.rw.try_read_until(t),
-        )?;
-        self.join_shared(&rw, a)?;
+        let rw = self.read_rw(wait)?;
         Ok(FileReadGuard {
-            lock: self,
+            lock: Handle::Borrowed(self),
             rw: Some(rw),
         })
     }
 
     /// The exclusive lock, waiting as `wait` allows.
     pub fn write_with(&self, wait: Wait) -> Result<FileWriteGuard<'_>, TryLockError> {
-        let mut a = Attempt::new(self, wait, Mode::Exclusive);
-        let got = self.write_attempt(&mut a);
-        a.finish(got)
-    }
-
-    fn write_attempt(&self, a: &mut Attempt<'_>) -> Result<FileWriteGuard<'_>, TryLockError> {
-        let rw = a.park(
-            || self.rw.try_write(),
-            || self.rw.write(),
-            |t| self.rw.try_write_until(t),
-        )?;
-        // With `rw` held exclusively no other thread of ours touches the
-        // kernel side: no mutex needed.
-        let mut rw = rw;
-        self.take_exclusive(rw.get_mut(), a)?;
+        let rw = self.write_rw(wait)?;
         Ok(FileWriteGuard {
-            lock: self,
+            lock: Handle::Borrowed(self),
             rw: Some(rw),
         })
     }
 
     /// An upgradable shared lock, waiting as `wait` allows.
     pub fn upgradable_with(&self, wait: Wait) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+        let rw = self.upgradable_rw(wait)?;
+        Ok(FileUpgradableGuard {
+            lock: Handle::Borrowed(self),
+            rw: Some(rw),
+        })
+    }
+
+    // ----- owned guards ------------------------------------------------------
+    //
+    // The same acquisitions, for a lock shared through an `Arc`: the guard
+    // holds a clone of the `Arc` instead of a borrow, so it may outlive the
+    // caller's reference and be released from any thread (what a binding to
+    // a garbage-collected language needs, in the manner of parking_lot's
+    // `arc_lock`).
+
+    /// As [`FileLock::read_with`], returning a guard that owns a reference
+    /// to the lock.
+    pub fn read_arc(self: &Arc<Self>, wait: Wait) -> Result<FileReadGuard<'static>, TryLockError> {
+        let rw = self.read_rw(wait)?;
+        Ok(FileReadGuard {
+            lock: Handle::Owned(Arc::clone(self)),
+            rw: Some(rw),
+        })
+    }
+
+    /// As [`FileLock::write_with`], returning a guard that owns a reference
+    /// to the lock.
+    pub fn write_arc(
+        self: &Arc<Self>,
+        wait: Wait,
+    ) -> Result<FileWriteGuard<'static>, TryLockError> {
+        let rw = self.write_rw(wait)?;
+        Ok(FileWriteGuard {
+            lock: Handle::Owned(Arc::clone(self)),
+            rw: Some(rw),
+        })
+    }
+
+    /// As [`FileLock::upgradable_with`], returning a guard that owns a
+    /// reference to the lock.
+    pub fn upgradable_arc(
+        self: &Arc<Self>,
+        wait: Wait,
+    ) -> Result<FileUpgradableGuard<'static>, TryLockError> {
+        let rw = self.upgradable_rw(wait)?;
+        Ok(FileUpgradableGuard {
+            lock: Handle::Owned(Arc::clone(self)),
+            rw: Some(rw),
+        })
+    }
+
+    fn read_rw(&self, wait: Wait) -> Result<ReadRw, TryLockError> {
+        let mut a = Attempt::new(self, wait, Mode::Shared);
+        let got = self.read_attempt(&mut a);
+        a.finish(got)
+    }
+
+    fn read_attempt(&self, a: &mut Attempt<'_>) -> Result<ReadRw, TryLockError> {
+        let rw = a.park(
+            || self.rw.try_read_arc(),
+            || self.rw.read_arc(),
+            |t| self.rw.try_read_arc_until(t),
+        )?;
+        self.join_shared(&rw, a)?;
+        Ok(rw)
+    }
+
+    fn write_rw(&self, wait: Wait) -> Result<WriteRw, TryLockError> {
+        let mut a = Attempt::new(self, wait, Mode::Exclusive);
+        let got = self.write_attempt(&mut a);
+        a.finish(got)
+    }
+
+    fn write_attempt(&self, a: &mut Attempt<'_>) -> Result<WriteRw, TryLockError> {
+        let rw = a.park(
+            || self.rw.try_write_arc(),
+            || self.rw.write_arc(),
+            |t| self.rw.try_write_arc_until(t),
+        )?;
+        // With `rw` held exclusively no other thread of ours touches the
+        // kernel side: no mutex needed.
+        let mut rw = rw;
+        self.take_exclusive(rw.get_mut(), a)?;
+        Ok(rw)
+    }
+
+    fn upgradable_rw(&self, wait: Wait) -> Result<UpgRw, TryLockError> {
         let mut a = Attempt::new(self, wait, Mode::Shared);
         let got = self.upgradable_attempt(&mut a);
         a.finish(got)
     }
 
-    fn upgradable_attempt(
-        &self,
-        a: &mut Attempt<'_>,
-    ) -> Result<FileUpgradableGuard<'_>, TryLockError> {
+    fn upgradable_attempt(&self, a: &mut Attempt<'_>) -> Result<UpgRw, TryLockError> {
         let rw = a.park(
-            || self.rw.try_upgradable_read(),
-            || self.rw.upgradable_read(),
-            |t| self.rw.try_upgradable_read_until(t),
+            || self.rw.try_upgradable_read_arc(),
+            || self.rw.upgradable_read_arc(),
+            |t| self.rw.try_upgradable_read_arc_until(t),
         )?;
         loop {
             let file = self.lock_state(&rw, a)?.file.clone();
@@ -767,10 +837,7 @@ impl FileLock {
                 st.readers = 1;
             }
             drop(st);
-            return Ok(FileUpgradableGuard {
-                lock: self,
-                rw: Some(rw),
-            });
+            return Ok(rw);
         }
     }
 
@@ -1188,8 +1255,8 @@ fn clone_file(lock: &FileLock, st: &State) -> Result<File> {
 /// A shared lock on a [`FileLock`]; released on drop.
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileReadGuard<'a> {
-    lock: &'a FileLock,
-    rw: Option<RwLockReadGuard<'a, Mutex<State>>>,
+    lock: Handle<'a>,
+    rw: Option<ReadRw>,
 }
 
 impl FileReadGuard<'_> {
@@ -1234,8 +1301,8 @@ impl fmt::Debug for FileReadGuard<'_> {
 /// The exclusive lock on a [`FileLock`]; released on drop.
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileWriteGuard<'a> {
-    lock: &'a FileLock,
-    rw: Option<RwLockWriteGuard<'a, Mutex<State>>>,
+    lock: Handle<'a>,
+    rw: Option<WriteRw>,
 }
 
 impl<'a> FileWriteGuard<'a> {
@@ -1304,7 +1371,7 @@ impl<'a> FileWriteGuard<'a> {
     /// in between. It never waits. On the (unlikely) error the lock is
     /// released.
     pub fn downgrade(mut self) -> Result<FileReadGuard<'a>> {
-        let lock = self.lock;
+        let lock = self.lock.clone();
         let mut rw = self.rw.take().expect("write guard holds its lock");
         let st = rw.get_mut();
         if let Err(e) = lock.kernel_downgrade(st) {
@@ -1314,7 +1381,7 @@ impl<'a> FileWriteGuard<'a> {
         st.readers = 1;
         Ok(FileReadGuard {
             lock,
-            rw: Some(RwLockWriteGuard::downgrade(rw)),
+            rw: Some(ArcRwLockWriteGuard::downgrade(rw)),
         })
     }
 }
@@ -1340,8 +1407,8 @@ impl fmt::Debug for FileWriteGuard<'_> {
 /// cannot let a writer in between.
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileUpgradableGuard<'a> {
-    lock: &'a FileLock,
-    rw: Option<RwLockUpgradableReadGuard<'a, Mutex<State>>>,
+    lock: Handle<'a>,
+    rw: Option<UpgRw>,
 }
 
 impl<'a> FileUpgradableGuard<'a> {
@@ -1395,7 +1462,8 @@ impl<'a> FileUpgradableGuard<'a> {
 
     /// Upgrades, waiting as `wait` allows.
     pub fn upgrade_with(self, wait: Wait) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
-        let mut a = Attempt::new(self.lock, wait, Mode::Exclusive);
+        let lock = self.lock.clone();
+        let mut a = Attempt::new(&lock, wait, Mode::Exclusive);
         // On a panic of the callback, the guard comes back in the error and
         // is dropped (released) before the panic goes on.
         let got = self.upgrade_attempt(&mut a, wait);
@@ -1407,15 +1475,15 @@ impl<'a> FileUpgradableGuard<'a> {
         a: &mut Attempt<'_>,
         wait: Wait,
     ) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
-        let lock = self.lock;
+        let lock = self.lock.clone();
         let u = self.rw.take().expect("upgradable guard holds its lock");
-        let w = match RwLockUpgradableReadGuard::try_upgrade(u) {
+        let w = match ArcRwLockUpgradableReadGuard::try_upgrade(u) {
             Ok(w) => Ok(w),
             Err(u) if wait == Wait::NonBlocking => Err(u),
             Err(u) => match (a.about_to_block(), wait) {
                 (Err(_), _) => Err(u),
-                (Ok(()), Wait::Until(t)) => RwLockUpgradableReadGuard::try_upgrade_until(u, t),
-                (Ok(()), _) => Ok(RwLockUpgradableReadGuard::upgrade(u)),
+                (Ok(()), Wait::Until(t)) => ArcRwLockUpgradableReadGuard::try_upgrade_until(u, t),
+                (Ok(()), _) => Ok(ArcRwLockUpgradableReadGuard::upgrade(u)),
             },
         };
         let mut w = match w {
@@ -1435,7 +1503,7 @@ impl<'a> FileUpgradableGuard<'a> {
                 Ok(FileWriteGuard { lock, rw: Some(w) })
             }
             Err(UpgradeErr::Restored(error)) => {
-                self.rw = Some(RwLockWriteGuard::downgrade_to_upgradable(w));
+                self.rw = Some(ArcRwLockWriteGuard::downgrade_to_upgradable(w));
                 Err(UpgradeFailed {
                     guard: Some(self),
                     error,
@@ -1451,20 +1519,18 @@ impl<'a> FileUpgradableGuard<'a> {
 
     /// Gives up the right to upgrade, keeping a plain shared lock.
     pub fn downgrade(mut self) -> Result<FileReadGuard<'a>> {
-        let lock = self.lock;
+        let lock = self.lock.clone();
         let u = self.rw.take().expect("upgradable guard holds its lock");
         // The slot first, while no other thread of ours can take it.
         let st = u.lock();
         let r = unlock_ofd(&st.file, lock.slot());
         drop(st);
+        let err = r.map_err(|e| lock.io_err("downgrade", e));
         let g = FileReadGuard {
             lock,
-            rw: Some(RwLockUpgradableReadGuard::downgrade(u)),
+            rw: Some(ArcRwLockUpgradableReadGuard::downgrade(u)),
         };
-        match r {
-            Ok(()) => Ok(g),
-            Err(e) => Err(lock.io_err("downgrade", e)),
-        }
+        err.map(|()| g)
     }
 }
 

@@ -34,6 +34,9 @@ use crate::sys::fcntl::{ofd_try, ofd_wait, ByteRange, RangeLock};
 use crate::sys::{proc, timer};
 use crate::{Blocked, Error, ErrorKind, Lock, Mode, OnBlock, Result, TryLockError, Wait};
 
+/// What a [`Scope`] restores: each part of its range and the mode it had.
+type Before = Vec<(Range<u64>, Option<Mode>)>;
+
 /// Serial numbers that tell apart the lock sets of one process.
 static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
@@ -350,15 +353,41 @@ impl LockSet {
         mode: Mode,
         wait: Wait,
     ) -> Result<Scope<'_>, TryLockError> {
-        let r = self.check(&range)?;
-        let mut st = self.state.lock();
-        let before = st.held.segments(&r);
-        self.acquire_locked(&mut st, r, mode, wait)?;
+        let before = self.scope_begin(&range, mode, wait)?;
         Ok(Scope {
-            set: self,
+            set: crate::handle::Handle::Borrowed(self),
             before,
             restored: false,
         })
+    }
+
+    /// As [`LockSet::scope_with`], returning a scope that owns a reference
+    /// to the set (`'static`: it may be kept and ended anywhere).
+    pub fn scope_arc(
+        self: &std::sync::Arc<Self>,
+        range: impl IndexRange,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Scope<'static>, TryLockError> {
+        let before = self.scope_begin(&range, mode, wait)?;
+        Ok(Scope {
+            set: crate::handle::Handle::Owned(std::sync::Arc::clone(self)),
+            before,
+            restored: false,
+        })
+    }
+
+    fn scope_begin(
+        &self,
+        range: &impl IndexRange,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<Before, TryLockError> {
+        let r = self.check(range)?;
+        let mut st = self.state.lock();
+        let before = st.held.segments(&r);
+        self.acquire_locked(&mut st, r, mode, wait)?;
+        Ok(before)
     }
 
     /// Who holds or waits for locks on this set's file (this set included),
@@ -557,8 +586,8 @@ impl Drop for LockSet {
 /// the set during the scope are overwritten by the restore.
 #[must_use = "the previous state is restored when the scope is dropped"]
 pub struct Scope<'a> {
-    set: &'a LockSet,
-    before: Vec<(Range<u64>, Option<Mode>)>,
+    set: crate::handle::Handle<'a, LockSet>,
+    before: Before,
     restored: bool,
 }
 
@@ -582,7 +611,7 @@ impl Scope<'_> {
         if std::mem::replace(&mut self.restored, true) {
             return Ok(());
         }
-        let set = self.set;
+        let set = &*self.set;
         let mut st = set.state.lock();
         let mut first_error = None;
         // Releases and downgrades first: they never wait, and they may be

@@ -224,7 +224,7 @@ pub struct LeaseGuard<'a> {
 }
 
 impl<'a> LeaseGuard<'a> {
-    pub(crate) fn new(lock: &'a LeaseLock, held: Held) -> LeaseGuard<'a> {
+    pub(crate) fn new(lock: &LeaseLock, held: Held) -> LeaseGuard<'a> {
         let shared = Arc::new(Shared {
             inner: Arc::clone(&lock.inner),
             token: held.name.token,

@@ -630,7 +630,16 @@ impl LeaseLock {
             .map_err(|e| self.inner.err("read fencing tokens", e))
     }
 
-    fn acquire_with(&self, wait: Wait) -> Result<LeaseGuard<'_>, TryLockError> {
+    /// Acquires the lease, waiting as `wait` allows, with a guard that
+    /// does not borrow the lock (`'static`: the guard keeps what it needs
+    /// alive), for callers that cannot express the borrow, such as a binding
+    /// to a garbage-collected language. The guard may be released from any
+    /// thread.
+    pub fn lock_arc(&self, wait: Wait) -> Result<LeaseGuard<'static>, TryLockError> {
+        self.acquire_with(wait)
+    }
+
+    fn acquire_with(&self, wait: Wait) -> Result<LeaseGuard<'static>, TryLockError> {
         let inner = &*self.inner;
         let mut stage: Option<Stage<'_>> = None;
         let mut waiter: Option<Waiter<'_>> = None;

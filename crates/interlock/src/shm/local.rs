@@ -158,6 +158,37 @@ fn slot_slow(
     }
 }
 
+/// The process's shared slot for `inner` (claiming it if needed), which
+/// any thread may use: its counter moves only by atomic read-modify-writes.
+/// Owned guards, which any thread may release, go through it. Waits (as
+/// `wait` allows) only if the process has no slot and none is free.
+pub(crate) fn shared_slot(
+    inner: &Arc<Inner>,
+    wait: &Wait,
+    notify: &mut Notify<'_>,
+) -> Result<u32, TryLockError> {
+    let gen = generation();
+    loop {
+        {
+            let mut pool = inner.pool.lock();
+            pool.refresh(gen);
+            if let Some(s) = pool.shared {
+                return Ok(s);
+            }
+            if let Some(s) = inner.core().claim_slot() {
+                pool.claimed.push(s);
+                pool.shared = Some(s);
+                return Ok(s);
+            }
+        }
+        if !wait.may_block() || wait.expired() {
+            return Err(wait.gave_up());
+        }
+        notify.fire();
+        std::thread::sleep(wait.remaining().map_or(CHECK, |r| r.min(CHECK)));
+    }
+}
+
 /// A slot for a thread of this process: a pooled own slot, a newly
 /// claimed own slot, or (when the table is full) the process's shared slot.
 /// `None` if the process has no slot at all and none is free.

@@ -81,6 +81,8 @@ mod mutex;
 #[cfg(not(loom))]
 mod open;
 #[cfg(not(loom))]
+mod owned;
+#[cfg(not(loom))]
 mod poison;
 #[cfg(not(loom))]
 mod rwlock;
@@ -105,6 +107,8 @@ pub use mutex::{ShmMutex, ShmMutexGuard};
 pub(crate) use open::Inner;
 #[cfg(not(loom))]
 pub use open::{resolve, ShmOptions, DEFAULT_SLOTS, NAME_PREFIX, SHM_DIR};
+#[cfg(not(loom))]
+pub use owned::{ShmArcGuard, ShmHold, ShmMutexArcGuard};
 #[cfg(not(loom))]
 pub(crate) use poison::lost;
 #[cfg(not(loom))]

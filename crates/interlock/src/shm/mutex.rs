@@ -87,6 +87,17 @@ impl ShmMutex {
     }
 
     #[cold]
+    pub(super) fn with_notify<T>(&self, f: impl FnOnce(&mut Notify<'_>) -> T) -> T {
+        match &self.on_block {
+            None => f(&mut Notify::none()),
+            Some(cb) => {
+                let inner = &self.inner;
+                let mut call = || cb(&inner.blocked(Mode::Exclusive));
+                f(&mut Notify::new(&mut call))
+            }
+        }
+    }
+
     fn acquire(&self, wait: Wait) -> Result<LockResult<ShmMutexGuard<'_>>, TryLockError> {
         let go = |n: &mut Notify<'_>| {
             let (slot, _) = local::slot(&self.inner, &wait, n)?;
@@ -225,7 +236,6 @@ impl Lock for ShmMutex {
     }
 }
 
-#[cfg(test)]
 impl ShmMutex {
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner

@@ -142,7 +142,7 @@ impl ShmRwLock {
         }
     }
 
-    fn with_notify<T>(&self, mode: Mode, f: impl FnOnce(&mut Notify<'_>) -> T) -> T {
+    pub(super) fn with_notify<T>(&self, mode: Mode, f: impl FnOnce(&mut Notify<'_>) -> T) -> T {
         match &self.on_block {
             None => f(&mut Notify::none()),
             Some(cb) => {
@@ -311,7 +311,6 @@ impl ShmRwLock {
         self.acquire_upgradable(Wait::Until(deadline))
     }
 
-    #[cfg(test)]
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }

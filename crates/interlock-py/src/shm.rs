@@ -1,0 +1,331 @@
+//! `ShmRwLock` and `ShmMutex`: named (pickled by name) or anonymous
+//! (inherited by fork, refused by pickle).
+
+use crate::errors;
+use crate::file::path_arg;
+use crate::hold::{self, Guard, Held, Holds, Key, Request};
+use crate::wait::{wait_of, wait_of_threading, Fast};
+use interlock::{Mode, ShmHold, ShmMutex, ShmRwLock, Wait};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Opens a named lock, or makes an anonymous one.
+fn open_named(py: Python<'_>, name: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PathBuf>> {
+    let _ = py;
+    name.map(path_arg).transpose()
+}
+
+/// A reader-writer lock in shared memory.
+#[pyclass(module = "interlock._native", name = "ShmRwLock", subclass, frozen)]
+pub(crate) struct PyShmRwLock {
+    /// The name as given (None: anonymous).
+    name: Option<PathBuf>,
+    path: PathBuf,
+    lock: Arc<ShmRwLock>,
+    key: Key,
+    reentrant: bool,
+    holds: Holds,
+}
+
+impl PyShmRwLock {
+    fn take(&self, py: Python<'_>, hold: ShmHold, wait: Wait) -> PyResult<Py<Guard>> {
+        let (mode, what) = match hold {
+            ShmHold::Read => (Mode::Shared, "the shared lock"),
+            ShmHold::Upgradable => (Mode::Shared, "the upgradable lock"),
+            ShmHold::Write => (Mode::Exclusive, "the exclusive lock"),
+        };
+        let req = Request {
+            key: Some(self.key.clone()),
+            reentrant: self.reentrant,
+            owner: self as *const Self as usize,
+            mode,
+            path: &self.path,
+            what,
+            fast: Fast::TryFirst,
+        };
+        let lock = &self.lock;
+        hold::acquire(py, &self.holds, req, wait, |w| {
+            Ok(match lock.acquire_arc(hold, w)? {
+                Ok(g) => (Held::Shm(g), false),
+                Err(p) => (Held::Shm(p.into_inner()), true),
+            })
+        })
+    }
+}
+
+#[pymethods]
+impl PyShmRwLock {
+    #[new]
+    #[pyo3(signature = (name_or_path = None, *, reentrant = false))]
+    fn py_new(
+        py: Python<'_>,
+        name_or_path: Option<&Bound<'_, PyAny>>,
+        reentrant: bool,
+    ) -> PyResult<Self> {
+        let name = open_named(py, name_or_path)?;
+        let lock = match &name {
+            Some(n) => py.detach(|| ShmRwLock::open(n)),
+            None => ShmRwLock::anonymous(),
+        }
+        .map_err(|e| errors::from_error(py, &e))?;
+        let lock = Arc::new(lock);
+        let path = lock.path().to_path_buf();
+        let key = match &name {
+            Some(_) => Key::Shm(path.clone()),
+            None => Key::Anon(Arc::as_ptr(&lock) as usize),
+        };
+        Ok(PyShmRwLock {
+            name,
+            path,
+            lock,
+            key,
+            reentrant,
+            holds: Holds::default(),
+        })
+    }
+
+    #[pyo3(signature = (blocking = true, timeout = None))]
+    fn read(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<Py<Guard>> {
+        self.take(py, ShmHold::Read, wait_of(blocking, timeout)?)
+    }
+
+    #[pyo3(signature = (blocking = true, timeout = None))]
+    fn write(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<Py<Guard>> {
+        self.take(py, ShmHold::Write, wait_of(blocking, timeout)?)
+    }
+
+    #[pyo3(signature = (blocking = true, timeout = None))]
+    fn upgradable_read(
+        &self,
+        py: Python<'_>,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        self.take(py, ShmHold::Upgradable, wait_of(blocking, timeout)?)
+    }
+
+    #[pyo3(signature = (blocking = true, timeout = -1.0, *, shared = false))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        blocking: bool,
+        timeout: f64,
+        shared: bool,
+    ) -> PyResult<bool> {
+        let wait = wait_of_threading(blocking, timeout)?;
+        let hold = if shared {
+            ShmHold::Read
+        } else {
+            ShmHold::Write
+        };
+        let r = self.take(py, hold, wait);
+        hold::acquire_bool(py, &self.holds, r)
+    }
+
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        hold::release_latest(py, &self.holds, &self.path)
+    }
+
+    fn locked(&self) -> bool {
+        self.holds.any()
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let g = slf.get().take(slf.py(), ShmHold::Write, Wait::Forever)?;
+        slf.get().holds.push(g);
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        hold::release_latest(py, &self.holds, &self.path)?;
+        Ok(false)
+    }
+
+    /// Releases everything held through this object.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.holds.release_all(py)
+    }
+
+    /// Whether a writer died holding the lock and nobody cleared it since.
+    #[getter]
+    fn poisoned(&self) -> bool {
+        self.lock.is_poisoned()
+    }
+
+    /// The pid holding (or first waiting for) the exclusive or upgradable
+    /// hold, if any.
+    fn holder(&self) -> Option<u32> {
+        self.lock.holder().map(|p| p.pid)
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The name or path given, or None for an anonymous lock.
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.name.as_ref().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let me = slf.get();
+        match &me.name {
+            Some(n) => Ok((
+                slf.get_type().into_any(),
+                (n.to_string_lossy().into_owned(),),
+            )),
+            None => Err(PyTypeError::new_err(
+                "an anonymous ShmRwLock cannot be pickled: it is shared only with \
+                 children made by fork (give it a name to share it by pickling)",
+            )),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<interlock.ShmRwLock {}>", self.path.display())
+    }
+}
+
+/// A mutex in shared memory.
+#[pyclass(module = "interlock._native", name = "ShmMutex", subclass, frozen)]
+pub(crate) struct PyShmMutex {
+    name: Option<PathBuf>,
+    path: PathBuf,
+    lock: Arc<ShmMutex>,
+    key: Key,
+    reentrant: bool,
+    holds: Holds,
+}
+
+impl PyShmMutex {
+    fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<Py<Guard>> {
+        let req = Request {
+            key: Some(self.key.clone()),
+            reentrant: self.reentrant,
+            owner: self as *const Self as usize,
+            mode: Mode::Exclusive,
+            path: &self.path,
+            what: "the mutex",
+            fast: Fast::TryFirst,
+        };
+        let lock = &self.lock;
+        hold::acquire(py, &self.holds, req, wait, |w| {
+            Ok(match lock.lock_arc(w)? {
+                Ok(g) => (Held::Mutex(g), false),
+                Err(p) => (Held::Mutex(p.into_inner()), true),
+            })
+        })
+    }
+}
+
+#[pymethods]
+impl PyShmMutex {
+    #[new]
+    #[pyo3(signature = (name_or_path = None, *, reentrant = false))]
+    fn py_new(
+        py: Python<'_>,
+        name_or_path: Option<&Bound<'_, PyAny>>,
+        reentrant: bool,
+    ) -> PyResult<Self> {
+        let name = open_named(py, name_or_path)?;
+        let lock = match &name {
+            Some(n) => py.detach(|| ShmMutex::open(n)),
+            None => ShmMutex::anonymous(),
+        }
+        .map_err(|e| errors::from_error(py, &e))?;
+        let lock = Arc::new(lock);
+        let path = lock.path().to_path_buf();
+        let key = match &name {
+            Some(_) => Key::Shm(path.clone()),
+            None => Key::Anon(Arc::as_ptr(&lock) as usize),
+        };
+        Ok(PyShmMutex {
+            name,
+            path,
+            lock,
+            key,
+            reentrant,
+            holds: Holds::default(),
+        })
+    }
+
+    /// Locks: a held Guard, or WouldBlock / Timeout / OwnerDied.
+    #[pyo3(signature = (blocking = true, timeout = None))]
+    fn lock(&self, py: Python<'_>, blocking: bool, timeout: Option<f64>) -> PyResult<Py<Guard>> {
+        self.take(py, wait_of(blocking, timeout)?)
+    }
+
+    #[pyo3(signature = (blocking = true, timeout = -1.0))]
+    fn acquire(&self, py: Python<'_>, blocking: bool, timeout: f64) -> PyResult<bool> {
+        let wait = wait_of_threading(blocking, timeout)?;
+        let r = self.take(py, wait);
+        hold::acquire_bool(py, &self.holds, r)
+    }
+
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        hold::release_latest(py, &self.holds, &self.path)
+    }
+
+    fn locked(&self) -> bool {
+        self.holds.any()
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let g = slf.get().take(slf.py(), Wait::Forever)?;
+        slf.get().holds.push(g);
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        hold::release_latest(py, &self.holds, &self.path)?;
+        Ok(false)
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.holds.release_all(py)
+    }
+
+    #[getter]
+    fn poisoned(&self) -> bool {
+        self.lock.is_poisoned()
+    }
+
+    fn holder(&self) -> Option<u32> {
+        self.lock.holder().map(|p| p.pid)
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.name.as_ref().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let me = slf.get();
+        match &me.name {
+            Some(n) => Ok((
+                slf.get_type().into_any(),
+                (n.to_string_lossy().into_owned(),),
+            )),
+            None => Err(PyTypeError::new_err(
+                "an anonymous ShmMutex cannot be pickled: it is shared only with \
+                 children made by fork (give it a name to share it by pickling)",
+            )),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<interlock.ShmMutex {}>", self.path.display())
+    }
+}

@@ -1,0 +1,162 @@
+//! Python's `blocking=`/`timeout=` as a [`Wait`], and the one way every
+//! binding call waits: without the GIL, hearing Ctrl-C in the main thread.
+
+use interlock::{TryLockError, Wait};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::time::{Duration, Instant};
+
+/// How long a main-thread wait runs before it looks for signals (Ctrl-C).
+pub(crate) const SLICE: Duration = Duration::from_millis(50);
+
+/// `blocking: bool = True, timeout: float | None = None`: `None` waits
+/// forever, `0` tries once, `> 0` waits so many seconds. A timeout with
+/// `blocking=False`, a negative or NaN timeout are `ValueError`s.
+pub(crate) fn wait_of(blocking: bool, timeout: Option<f64>) -> PyResult<Wait> {
+    if !blocking {
+        if timeout.is_some() {
+            return Err(PyValueError::new_err(
+                "a timeout cannot be given with blocking=False",
+            ));
+        }
+        return Ok(Wait::NonBlocking);
+    }
+    match timeout {
+        None => Ok(Wait::Forever),
+        Some(t) => seconds(t),
+    }
+}
+
+/// `threading.Lock.acquire(blocking=True, timeout=-1)`: `-1` waits forever.
+pub(crate) fn wait_of_threading(blocking: bool, timeout: f64) -> PyResult<Wait> {
+    if !blocking {
+        if timeout != -1.0 {
+            return Err(PyValueError::new_err(
+                "can't specify a timeout for a non-blocking call",
+            ));
+        }
+        return Ok(Wait::NonBlocking);
+    }
+    if timeout == -1.0 {
+        return Ok(Wait::Forever);
+    }
+    seconds(timeout)
+}
+
+fn seconds(t: f64) -> PyResult<Wait> {
+    if t.is_nan() || t < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, not {t}"
+        )));
+    }
+    if t == 0.0 {
+        return Ok(Wait::NonBlocking);
+    }
+    Ok(match Duration::try_from_secs_f64(t) {
+        Ok(d) => Wait::timeout(d),
+        Err(_) => Wait::Forever,
+    })
+}
+
+/// Whether the calling thread is Python's main thread (where Python runs
+/// signal handlers), computed once per thread.
+fn in_main_thread(py: Python<'_>) -> bool {
+    thread_local! {
+        static MAIN: std::cell::Cell<Option<(u64, bool)>> = const { std::cell::Cell::new(None) };
+    }
+    let gen = interlock::__fork::generation();
+    if let Some((g, m)) = MAIN.with(|c| c.get()) {
+        if g == gen {
+            return m;
+        }
+    }
+    let m = py
+        .import("threading")
+        .and_then(|t| {
+            let cur = t.call_method0("current_thread")?;
+            let main = t.call_method0("main_thread")?;
+            Ok(cur.is(&main))
+        })
+        .unwrap_or(false);
+    MAIN.with(|c| c.set(Some((gen, m))));
+    m
+}
+
+thread_local! {
+    /// Who holds what this thread acquires: the thread itself, or (while
+    /// set by `_hold_as`) an asyncio task on whose behalf it acquires.
+    static AS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static ME: u64 = {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    };
+}
+
+/// The holder that acquisitions of this thread are recorded under: a
+/// number never reused by another thread (unlike a pthread id), or the
+/// token set by [`hold_as`].
+pub(crate) fn thread_ident() -> u64 {
+    match AS.with(|a| a.get()) {
+        0 => ME.with(|m| *m),
+        t => t,
+    }
+}
+
+/// `_native._hold_as(token)`: until reset (`_hold_as(0)`), this thread
+/// acquires on behalf of `token` (an asyncio task's number, above 2**62),
+/// so that a task, not the thread running it, is the holder. Returns the
+/// previous token.
+#[pyfunction]
+pub(crate) fn _hold_as(token: u64) -> u64 {
+    AS.with(|a| a.replace(token))
+}
+
+/// How an acquisition may proceed with the GIL held.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fast {
+    /// Try once with the GIL held first: the try never waits for anything
+    /// (a kernel try, atomics), so the uncontended path skips the GIL
+    /// round trip.
+    TryFirst,
+    /// Always let go of the GIL: even the try may wait for a mutex that a
+    /// waiting thread holds.
+    Detach,
+}
+
+/// Runs `f` as `wait` allows: first (if `fast`) a try with the GIL, then
+/// without the GIL; in the main thread in slices of [`SLICE`] with a look
+/// for signals between them. A signal handler's exception (Ctrl-C:
+/// `KeyboardInterrupt`) ends the wait with nothing held.
+pub(crate) fn run<T: Send>(
+    py: Python<'_>,
+    wait: Wait,
+    fast: Fast,
+    f: impl Fn(Wait) -> Result<T, TryLockError> + Send + Sync,
+) -> PyResult<Result<T, TryLockError>> {
+    match (fast, wait) {
+        (Fast::TryFirst, _) => match f(Wait::NonBlocking) {
+            Err(TryLockError::WouldBlock) if wait.may_block() => {}
+            r => return Ok(r),
+        },
+        (Fast::Detach, Wait::NonBlocking) => return Ok(py.detach(|| f(Wait::NonBlocking))),
+        _ => {}
+    }
+    if !in_main_thread(py) {
+        return Ok(py.detach(|| f(wait)));
+    }
+    let deadline = match wait {
+        Wait::Until(t) => Some(t),
+        _ => None,
+    };
+    loop {
+        let slice_end = Instant::now() + SLICE;
+        let (slice, last) = match deadline {
+            Some(t) if t <= slice_end => (Wait::Until(t), true),
+            _ => (Wait::Until(slice_end), false),
+        };
+        match py.detach(|| f(slice)) {
+            Err(TryLockError::TimedOut) if !last => py.check_signals()?,
+            r => return Ok(r),
+        }
+    }
+}
