@@ -77,7 +77,9 @@ def install(*names):
     ``ImportError`` if the replacement cannot be imported.
     """
     if not names:
-        raise ValueError(f"install() needs the name of at least one original: {', '.join(MODULES)}")
+        raise ValueError(
+            f"install() needs the name of at least one original: {', '.join(MODULES)}"
+        )
     done = []
     for name in names:
         try:
