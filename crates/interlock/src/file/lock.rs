@@ -1269,7 +1269,7 @@ impl FileReadGuard<'_> {
     pub fn try_clone_file(&self) -> Result<File> {
         let rw = self.rw.as_ref().expect("a read guard holds its lock");
         let st = rw.lock();
-        clone_file(self.lock, &st)
+        clone_file(&self.lock, &st)
     }
 
     fn release(&mut self) -> Result<()> {
@@ -1320,7 +1320,7 @@ impl<'a> FileWriteGuard<'a> {
     /// itself, as flock(1) does.
     pub fn try_clone_file(&self) -> Result<File> {
         let rw = self.rw.as_ref().expect("a write guard holds its lock");
-        clone_file(self.lock, &rw.lock())
+        clone_file(&self.lock, &rw.lock())
     }
 
     /// Removes the lock file, then releases the lock: the one safe way for
@@ -1340,7 +1340,7 @@ impl<'a> FileWriteGuard<'a> {
     /// otherwise nothing is removed and the lock is released all the same,
     /// and the error says so ([`ErrorKind::Corrupt`]).
     pub fn remove_and_unlock(mut self) -> Result<()> {
-        let lock = self.lock;
+        let lock = self.lock.clone();
         let removed = {
             let rw = self.rw.as_ref().expect("a write guard holds its lock");
             let st = rw.lock();
