@@ -27,11 +27,18 @@ fn open_raw(p: &Path) -> File {
 
 const BYTE0: ByteRange = ByteRange { start: 0, len: 1 };
 
-fn interlock_lock(p: &Path, flavor: Flavor, fairness: Fairness, verify: bool) -> FileLock {
+fn interlock_lock(
+    p: &Path,
+    flavor: Flavor,
+    fairness: Fairness,
+    verify: bool,
+    hints: bool,
+) -> FileLock {
     FileLock::options()
         .flavor(flavor)
         .fairness(fairness)
         .verify_path(verify)
+        .hints(hints)
         .open(p)
         .unwrap()
 }
@@ -73,16 +80,21 @@ fn bench(c: &mut Criterion) {
     g.bench_function("path/part/lstat of the lock path/check", |b| {
         b.iter(|| std::fs::symlink_metadata(&p).unwrap())
     });
+    g.bench_function("path/part/fstat of the descriptor/check", |b| {
+        b.iter(|| f.metadata().unwrap())
+    });
     drop(f);
 
     // ----- interlock ---------------------------------------------------------
-    // (primitive, label, flavor, fairness, verify_path)
+    // (primitive, label, flavor, fairness, verify_path, hints); the
+    // `hints(false)` rows are the defaults as they were before the hints.
     let configs = [
         (
             "fcntl",
             "FileLock",
             Flavor::Fcntl,
             Fairness::PreferWriters,
+            true,
             true,
         ),
         (
@@ -91,6 +103,7 @@ fn bench(c: &mut Criterion) {
             Flavor::Fcntl,
             Fairness::PreferWriters,
             false,
+            true,
         ),
         (
             "fcntl",
@@ -98,12 +111,14 @@ fn bench(c: &mut Criterion) {
             Flavor::Fcntl,
             Fairness::Kernel,
             false,
+            true,
         ),
         (
             "flock",
             "FileLock flock",
             Flavor::Flock,
             Fairness::PreferWriters,
+            true,
             true,
         ),
         (
@@ -112,6 +127,7 @@ fn bench(c: &mut Criterion) {
             Flavor::Flock,
             Fairness::PreferWriters,
             false,
+            true,
         ),
         (
             "flock",
@@ -119,11 +135,28 @@ fn bench(c: &mut Criterion) {
             Flavor::Flock,
             Fairness::Kernel,
             false,
+            true,
+        ),
+        (
+            "fcntl",
+            "FileLock hints(false)",
+            Flavor::Fcntl,
+            Fairness::PreferWriters,
+            true,
+            false,
+        ),
+        (
+            "flock",
+            "FileLock flock, hints(false)",
+            Flavor::Flock,
+            Fairness::PreferWriters,
+            true,
+            false,
         ),
     ];
-    for (i, (primitive, name, flavor, fairness, verify)) in configs.into_iter().enumerate() {
+    for (i, (primitive, name, flavor, fairness, verify, hints)) in configs.into_iter().enumerate() {
         let p = dir.path().join(format!("{i}.lock"));
-        let lock = interlock_lock(&p, flavor, fairness, verify);
+        let lock = interlock_lock(&p, flavor, fairness, verify, hints);
         g.bench_function(
             BenchmarkId::new(format!("{primitive}/interlock/{name}"), "write"),
             |b| b.iter(|| drop(lock.try_write().unwrap())),

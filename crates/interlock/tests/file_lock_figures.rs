@@ -241,14 +241,19 @@ fn uncontended_ratios(dir: &Path) {
         .truncate(false)
         .open(dir.join("raw.lock"))
         .unwrap();
-    let open = |name: &str, flavor, fairness, verify| {
+    let open_hinted = |name: &str, flavor, fairness, verify, hints| {
         FileLock::options()
             .flavor(flavor)
             .fairness(fairness)
             .verify_path(verify)
+            .hints(hints)
             .open(dir.join(name))
             .unwrap()
     };
+    let open =
+        |name: &str, flavor, fairness, verify| open_hinted(name, flavor, fairness, verify, true);
+    let fc_nh = open_hinted("g", Flavor::Fcntl, Fairness::PreferWriters, true, false);
+    let fl_nh = open_hinted("h", Flavor::Flock, Fairness::PreferWriters, true, false);
     let fc = open("a", Flavor::Fcntl, Fairness::PreferWriters, true);
     let fc_nv = open("b", Flavor::Fcntl, Fairness::PreferWriters, false);
     let fc_k = open("c", Flavor::Fcntl, Fairness::Kernel, false);
@@ -296,6 +301,26 @@ fn uncontended_ratios(dir: &Path) {
                 flock(fd, FlockOp::Shared, false).unwrap();
                 flock(fd, FlockOp::Unlock, false).unwrap();
             }),
+        ),
+        (
+            "fcntl hints(false) write",
+            Box::new(|| drop(fc_nh.try_write().unwrap())),
+        ),
+        (
+            "fcntl hints(false) read",
+            Box::new(|| drop(fc_nh.try_read().unwrap())),
+        ),
+        (
+            "flock hints(false) write",
+            Box::new(|| drop(fl_nh.try_write().unwrap())),
+        ),
+        (
+            "flock hints(false) read",
+            Box::new(|| drop(fl_nh.try_read().unwrap())),
+        ),
+        (
+            "lstat of the path (the path check alone) write",
+            Box::new(|| drop(std::fs::symlink_metadata(dir.join("a")).unwrap())),
         ),
         ("fcntl write", Box::new(|| drop(fc.try_write().unwrap()))),
         ("fcntl read", Box::new(|| drop(fc.try_read().unwrap()))),
@@ -418,6 +443,15 @@ fn uncontended_ratios(dir: &Path) {
             med[i] / med[f]
         );
     }
+}
+
+/// Only the uncontended pairs:
+/// `cargo test --release -p interlock --test file_lock_figures -- --ignored --nocapture uncontended`
+#[test]
+#[ignore = "measurement; run with --ignored --nocapture"]
+fn uncontended_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    uncontended_ratios(dir.path());
 }
 
 #[test]

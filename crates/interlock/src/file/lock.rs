@@ -54,6 +54,7 @@
 //! slot: the two kernel families ignore each other, so they can share one
 //! file, and the offsets keep clear of the fcntl flavor's bytes.
 
+use super::hint::{self, Hint};
 use super::open::open_lock_file;
 use std::fmt;
 use std::fs::File;
@@ -83,6 +84,10 @@ const ALL: ByteRange = ByteRange { start: 0, len: 3 };
 /// that a file used by both flavors (or by byte-range users of its first
 /// bytes) sees no interference between them.
 const FLOCK_BASE: u64 = 1 << 62;
+
+/// With hints, a handle checks the path at least once every this many
+/// acquisitions even when no removal was announced.
+const RECHECK_EVERY: u32 = 64;
 
 /// The creation mode of a new lock file unless [`FileLockOptions::mode`]
 /// says otherwise (the process umask applies, as with open(2)).
@@ -131,6 +136,7 @@ pub struct FileLockOptions {
     flavor: Flavor,
     fairness: Fairness,
     verify_path: bool,
+    hints: bool,
     on_block: Option<OnBlock>,
 }
 
@@ -141,6 +147,7 @@ impl Default for FileLockOptions {
             flavor: Flavor::default(),
             fairness: Fairness::default(),
             verify_path: true,
+            hints: true,
             on_block: None,
         }
     }
@@ -153,6 +160,7 @@ impl fmt::Debug for FileLockOptions {
             .field("flavor", &self.flavor)
             .field("fairness", &self.fairness)
             .field("verify_path", &self.verify_path)
+            .field("hints", &self.hints)
             .field("on_block", &self.on_block.is_some())
             .finish()
     }
@@ -190,6 +198,20 @@ impl FileLockOptions {
         self
     }
 
+    /// Whether to use the host-local hints in shared memory (default
+    /// `true`): `/dev/shm/interlock-hints-UID`, which let an uncontended
+    /// acquisition skip the gate check and the path check (see the design
+    /// notes, docs/design-file.md). They are used only for lock files that
+    /// only their owner may write. With hints, a removal of the lock file is
+    /// noticed when a *write holder* removed it (it checks the path at its
+    /// release); turn them off if other programs (`rm`, a cleanup job) may
+    /// remove lock files that interlock processes have open, so that every
+    /// acquisition checks the path as it did before.
+    pub fn hints(&mut self, hints: bool) -> &mut Self {
+        self.hints = hints;
+        self
+    }
+
     /// A callback told once per acquisition, just before it blocks.
     ///
     /// It runs in the acquiring thread, possibly while internal locks of this
@@ -220,7 +242,7 @@ impl FileLockOptions {
                 .with_path(given)
                 .with_kind(ErrorKind::InvalidInput)
         })?;
-        let (file, id) = open_file(&path, self.mode)?;
+        let (file, id, hint) = open_file(&path, self.mode, self.hints)?;
         if self.flavor == Flavor::Flock
             && fcntl::on_nfs(file.as_fd())
                 .map_err(|e| Error::io("stat file system", e).with_path(&path))?
@@ -237,12 +259,18 @@ impl FileLockOptions {
             flavor: self.flavor,
             fairness: self.fairness,
             verify_path: self.verify_path,
+            hints: self.hints,
             on_block: self.on_block.clone(),
             rw: Arc::new(RwLock::new(Mutex::new(State {
                 file: Arc::new(file),
                 id,
                 readers: 0,
                 writer_ofd: false,
+                hint,
+                verified: None,
+                unchecked: 0,
+                gate_held: None,
+                slot_held: None,
             }))),
             kernel_blocked: AtomicBool::new(false),
         })
@@ -252,14 +280,25 @@ impl FileLockOptions {
 /// Opens or creates the lock file and returns it with its (device, inode).
 /// FileLock needs a writable descriptor: fcntl write locks (its data lock,
 /// and the gate and slot of both flavors) fail on a read-only one.
-fn open_file(path: &Path, mode: u32) -> Result<(File, (u64, u64))> {
+fn open_file(path: &Path, mode: u32, hints: bool) -> Result<(File, (u64, u64), Option<Hint>)> {
     let opened = open_lock_file(path, mode, "open lock file")?;
     if !opened.writable {
         return Err(Error::new(ErrorKind::PermissionDenied, "open lock file")
             .with_path(path)
             .with_detail("a file lock needs write permission on the lock file"));
     }
-    Ok((opened.file, opened.id))
+    if !hints {
+        return Ok((opened.file, opened.id, None));
+    }
+    let hint = hint::for_file(opened.id, opened.owner, opened.mode).map_err(|e| {
+        Error::io("open the shared-memory hints", e)
+            .with_path(path)
+            .with_detail(format!(
+                "the lock's hints (/dev/shm/interlock-hints-{}) could not be opened",
+                opened.owner
+            ))
+    })?;
+    Ok((opened.file, opened.id, hint))
 }
 
 /// What the in-process layer knows about this handle's kernel locks.
@@ -279,6 +318,53 @@ struct State {
     /// flock flavor: the writer also holds the OFD gate and slot (it came
     /// through the slow path or an upgrade).
     writer_ofd: bool,
+    /// This file's bucket in the shared-memory hints (see `hint.rs`), if
+    /// hints can be used for it.
+    hint: Option<Hint>,
+    /// The hint's removal counter at the last acquisition that checked the
+    /// path; `None`: the next acquisition checks it.
+    verified: Option<u64>,
+    /// Acquisitions since the last path check.
+    unchecked: u32,
+    /// The bucket whose gate count this handle raised (it holds the gate).
+    gate_held: Option<Hint>,
+    /// The bucket whose slot count this handle raised (flock flavor: it
+    /// holds the slot).
+    slot_held: Option<Hint>,
+}
+
+impl State {
+    /// Announces that this handle holds the gate.
+    fn enter_gate(&mut self) {
+        if self.gate_held.is_none() {
+            if let Some(h) = &self.hint {
+                h.enter_gate();
+                self.gate_held = Some(h.clone());
+            }
+        }
+    }
+
+    /// Takes the gate announcement back (before the gate is unlocked).
+    fn leave_gate(&mut self) {
+        if let Some(h) = self.gate_held.take() {
+            h.leave_gate();
+        }
+    }
+
+    fn enter_slot(&mut self) {
+        if self.slot_held.is_none() {
+            if let Some(h) = &self.hint {
+                h.enter_slot();
+                self.slot_held = Some(h.clone());
+            }
+        }
+    }
+
+    fn leave_slot(&mut self) {
+        if let Some(h) = self.slot_held.take() {
+            h.leave_slot();
+        }
+    }
 }
 
 /// A reader-writer lock on a path, shared by threads and processes.
@@ -323,6 +409,7 @@ pub struct FileLock {
     flavor: Flavor,
     fairness: Fairness,
     verify_path: bool,
+    hints: bool,
     on_block: Option<OnBlock>,
     /// The in-process reader-writer lock, which threads of this process queue
     /// on, around the kernel side (descriptor and reader count). A writer
@@ -820,14 +907,20 @@ impl FileLock {
                 unlock_ofd(&file, self.slot()).map_err(|e| self.io_err("unlock", e))?;
                 continue;
             }
+            if self.flavor == Flavor::Flock {
+                // flock writers' fast path looks for us in the hints.
+                st.enter_slot();
+            }
             if st.readers > 0 {
                 // Holding the slot, no writer of ours can be at the gate.
                 st.readers += 1;
             } else if let Err(e) = self.take_first_shared(&mut st, a) {
+                st.leave_slot();
                 let _ = unlock_ofd(&file, self.slot());
                 return Err(e);
             } else if !Arc::ptr_eq(&st.file, &file) {
                 // The path check replaced the descriptor: start again there.
+                st.leave_slot();
                 self.release_shared_kernel(&st)
                     .map_err(|e| self.io_err("unlock", e))?;
                 drop(st);
@@ -870,6 +963,7 @@ impl FileLock {
                 return Ok(());
             }
             if self.fairness == Fairness::Kernel
+                || st.hint.as_ref().is_some_and(Hint::gate_clear)
                 || gate_open(&st.file, self.gate()).map_err(|e| self.io_err("test lock", e))?
             {
                 st.readers += 1;
@@ -889,7 +983,7 @@ impl FileLock {
     /// the file that is at the path (reopening it if it was replaced).
     fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
-            self.kernel_shared(&st.file, a)?;
+            self.kernel_shared(&st.file, st.hint.as_ref(), a)?;
             let held = self.path_holds(st);
             if let Ok(true) = held {
                 return Ok(());
@@ -903,11 +997,31 @@ impl FileLock {
         }
     }
 
-    fn kernel_shared(&self, f: &File, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+    fn kernel_shared(
+        &self,
+        f: &File,
+        hint: Option<&Hint>,
+        a: &mut Attempt<'_>,
+    ) -> Result<(), TryLockError> {
         use RangeLock::Read;
         match (self.flavor, self.fairness) {
             (Flavor::Fcntl, Fairness::Kernel) => a.kernel(f, Req::Ofd(Read, DATA), true),
             (Flavor::Fcntl, Fairness::PreferWriters) => {
+                // Fast path: the data alone, then the hints: no writer
+                // announced at the gate means any writer that shuts it later
+                // finds us holding the data and waits for us.
+                if let Some(h) = hint {
+                    if Req::Ofd(Read, DATA)
+                        .try_on(f)
+                        .map_err(|e| self.io_err("lock", e))?
+                    {
+                        hint::after_grant();
+                        if h.gate_clear() {
+                            return Ok(());
+                        }
+                        unlock_ofd(f, DATA).map_err(|e| self.io_err("unlock", e))?;
+                    }
+                }
                 // Data and gate in one request: while a writer holds the
                 // gate, this waits; then let the gate go at once.
                 a.kernel(f, Req::Ofd(Read, DATA_GATE), true)?;
@@ -926,6 +1040,12 @@ impl FileLock {
                     .try_on(f)
                     .map_err(|e| self.io_err("lock", e))?
                 {
+                    if let Some(h) = hint {
+                        hint::after_grant();
+                        if h.gate_clear() {
+                            return Ok(());
+                        }
+                    }
                     match gate_open(f, self.gate()) {
                         Ok(true) => return Ok(()),
                         Ok(false) => {}
@@ -965,7 +1085,7 @@ impl FileLock {
     /// holds `rw` exclusively.
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         loop {
-            st.writer_ofd = self.kernel_exclusive(&st.file, a)?;
+            st.writer_ofd = self.kernel_exclusive(st, a)?;
             let held = self.path_holds(st);
             if let Ok(true) = held {
                 return Ok(());
@@ -980,13 +1100,13 @@ impl FileLock {
 
     /// The writer's kernel locks; `Ok(true)` if it holds the OFD gate and
     /// slot besides the flock (flock flavor, slow path).
-    fn kernel_exclusive(&self, f: &File, a: &mut Attempt<'_>) -> Result<bool, TryLockError> {
+    fn kernel_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<bool, TryLockError> {
         use RangeLock::Write;
         match self.flavor {
             Flavor::Fcntl => {
                 // Fast path: slot, gate and data in one request.
                 if Req::Ofd(Write, ALL)
-                    .try_on(f)
+                    .try_on(&st.file)
                     .map_err(|e| self.io_err("lock", e))?
                 {
                     return Ok(false);
@@ -994,23 +1114,38 @@ impl FileLock {
                 if a.wait == Wait::NonBlocking {
                     return Err(TryLockError::WouldBlock);
                 }
+                let f = st.file.clone();
                 let got = a
-                    .block(f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
-                    .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
+                    .block(&f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| a.block(&f, Req::Ofd(Write, self.gate()), true))
+                    .and_then(|()| {
+                        // Past the gate: readers that look at the hints
+                        // must now queue at the gate too.
+                        st.enter_gate();
+                        a.block(&f, Req::Ofd(Write, DATA), true)
+                    });
                 if got.is_err() {
-                    let _ = unlock_ofd(f, ALL);
+                    st.leave_gate();
+                    let _ = unlock_ofd(&f, ALL);
                 }
                 got.map(|()| false)
             }
             Flavor::Flock => {
                 // Fast path: the data, then make sure no upgrader is in the
                 // middle of its (non-atomic) flock conversion and no writer
-                // is queued at the gate; if one is, make way.
+                // is queued at the gate; if one is, make way. The hints say
+                // so without a system call when no one holds either byte.
+                let f = &*st.file;
                 if Req::Flock(FlockOp::Exclusive)
                     .try_on(f)
                     .map_err(|e| self.io_err("lock", e))?
                 {
+                    if let Some(h) = &st.hint {
+                        hint::after_grant();
+                        if h.gate_and_slot_clear() {
+                            return Ok(false);
+                        }
+                    }
                     match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
                         Ok(None) => return Ok(false),
                         Ok(Some(_)) => {}
@@ -1024,14 +1159,23 @@ impl FileLock {
                 if a.wait == Wait::NonBlocking {
                     return Err(TryLockError::WouldBlock);
                 }
+                let f = st.file.clone();
                 let got = a
-                    .block(f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| a.block(f, Req::Ofd(Write, self.gate()), true))
-                    .and_then(|()| a.block(f, Req::Flock(FlockOp::Exclusive), true));
+                    .block(&f, Req::Ofd(Write, self.slot()), true)
+                    .and_then(|()| {
+                        st.enter_slot();
+                        a.block(&f, Req::Ofd(Write, self.gate()), true)
+                    })
+                    .and_then(|()| {
+                        st.enter_gate();
+                        a.block(&f, Req::Flock(FlockOp::Exclusive), true)
+                    });
                 match got {
                     Ok(()) => Ok(true),
                     Err(e) => {
-                        let _ = unlock_ofd(f, self.gate_slot());
+                        st.leave_gate();
+                        st.leave_slot();
+                        let _ = unlock_ofd(&f, self.gate_slot());
                         Err(e)
                     }
                 }
@@ -1041,6 +1185,8 @@ impl FileLock {
 
     /// Releases the writer's kernel locks.
     fn release_exclusive_kernel(&self, st: &mut State) -> io::Result<()> {
+        st.leave_gate();
+        st.leave_slot();
         match self.flavor {
             Flavor::Fcntl => unlock_ofd(&st.file, ALL),
             Flavor::Flock => {
@@ -1053,11 +1199,33 @@ impl FileLock {
         }
     }
 
-    /// Whether the locked descriptor is still the file at the path.
-    fn path_holds(&self, st: &State) -> Result<bool> {
+    /// Whether the locked descriptor is still the file at the path, after
+    /// an acquisition. With hints, an unchanged removal counter since the
+    /// last check means no holder removed the file with
+    /// [`FileWriteGuard::remove_and_unlock`] since (it bumps the counter
+    /// before it releases), so the `lstat` is skipped, except once every
+    /// [`RECHECK_EVERY`] acquisitions, which bounds how long a handle can go
+    /// on locking a file removed some other way (not safe, but then not for
+    /// ever).
+    fn path_holds(&self, st: &mut State) -> Result<bool> {
         if !self.verify_path {
             return Ok(true);
         }
+        let seen = st.hint.as_ref().map(Hint::removed);
+        if seen.is_some() && seen == st.verified && st.unchecked < RECHECK_EVERY {
+            st.unchecked += 1;
+            return Ok(true);
+        }
+        let held = self.path_matches(st)?;
+        if held {
+            st.verified = seen;
+            st.unchecked = 0;
+        }
+        Ok(held)
+    }
+
+    /// One `lstat` of the path, compared with the descriptor's identity.
+    fn path_matches(&self, st: &State) -> Result<bool> {
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) => Ok((m.dev(), m.ino()) == st.id),
             Err(e)
@@ -1073,9 +1241,11 @@ impl FileLock {
     /// Replaces the descriptor with a fresh open of the path (creating the
     /// file). Only when no kernel lock is held through the old one.
     fn reopen(&self, st: &mut State) -> Result<()> {
-        let (file, id) = open_file(&self.path, self.mode)?;
+        let (file, id, hint) = open_file(&self.path, self.mode, self.hints)?;
         st.file = Arc::new(file);
         st.id = id;
+        st.hint = hint;
+        st.verified = None;
         Ok(())
     }
 
@@ -1094,6 +1264,7 @@ impl FileLock {
     fn leave_upgradable(&self, m: &Mutex<State>) -> Result<()> {
         let mut st = m.lock();
         st.readers -= 1;
+        st.leave_slot();
         let r = if st.readers > 0 {
             unlock_ofd(&st.file, self.slot())
         } else {
@@ -1120,6 +1291,7 @@ impl FileLock {
                 if !fcntl::ofd_try(st.file.as_fd(), RangeLock::Read, DATA)? {
                     return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                 }
+                st.leave_gate();
                 unlock_ofd(&st.file, self.gate_slot())
             }
             Flavor::Flock => {
@@ -1127,6 +1299,8 @@ impl FileLock {
                 if !fcntl::flock(st.file.as_fd(), FlockOp::Shared, false)? {
                     return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                 }
+                st.leave_gate();
+                st.leave_slot();
                 if std::mem::take(&mut st.writer_ofd) {
                     unlock_ofd(&st.file, self.gate_slot())?;
                 }
@@ -1154,8 +1328,12 @@ impl FileLock {
                 }
                 let got = a
                     .block(f, Req::Ofd(Write, self.gate()), true)
-                    .and_then(|()| a.block(f, Req::Ofd(Write, DATA), true));
+                    .and_then(|()| {
+                        st.enter_gate();
+                        a.block(f, Req::Ofd(Write, DATA), true)
+                    });
                 got.map_err(|e| {
+                    st.leave_gate();
                     let _ = unlock_ofd(f, self.gate());
                     UpgradeErr::Restored(e)
                 })
@@ -1166,7 +1344,9 @@ impl FileLock {
                 // our shared lock to convert it.
                 a.kernel(f, Req::Ofd(Write, self.gate()), true)
                     .map_err(UpgradeErr::Restored)?;
+                st.enter_gate();
                 let got = if Req::Flock(FlockOp::Exclusive).try_on(f).map_err(|e| {
+                    st.leave_gate();
                     let _ = unlock_ofd(f, self.gate());
                     io(e)
                 })? {
@@ -1187,10 +1367,12 @@ impl FileLock {
                         // (interlock writers make way for our slot).
                         let back =
                             timer::block_until(None, || Req::Flock(FlockOp::Shared).wait_on(f));
+                        st.leave_gate();
                         let ungated = unlock_ofd(f, self.gate());
                         match back.and(ungated) {
                             Ok(_) => Err(UpgradeErr::Restored(e)),
                             Err(lost) => {
+                                st.leave_slot();
                                 let _ = unlock_flock(f);
                                 let _ = unlock_ofd(f, self.gate_slot());
                                 Err(UpgradeErr::Lost(
@@ -1343,10 +1525,18 @@ impl<'a> FileWriteGuard<'a> {
         let lock = self.lock.clone();
         let removed = {
             let rw = self.rw.as_ref().expect("a write guard holds its lock");
-            let st = rw.lock();
+            let mut st = rw.lock();
             match std::fs::symlink_metadata(&lock.path) {
                 Ok(m) if (m.dev(), m.ino()) == st.id => {
-                    std::fs::remove_file(&lock.path).map_err(|e| lock.io_err("remove lock file", e))
+                    let r = std::fs::remove_file(&lock.path)
+                        .map_err(|e| lock.io_err("remove lock file", e));
+                    // Before the release: whoever gets the old file next
+                    // sees the bump and checks the path.
+                    if let Some(h) = &st.hint {
+                        h.bump_removed();
+                    }
+                    st.verified = None;
+                    r
                 }
                 Ok(_) => Err(Error::new(ErrorKind::Corrupt, "remove lock file")
                     .with_path(&lock.path)
@@ -1522,7 +1712,8 @@ impl<'a> FileUpgradableGuard<'a> {
         let lock = self.lock.clone();
         let u = self.rw.take().expect("upgradable guard holds its lock");
         // The slot first, while no other thread of ours can take it.
-        let st = u.lock();
+        let mut st = u.lock();
+        st.leave_slot();
         let r = unlock_ofd(&st.file, lock.slot());
         drop(st);
         let err = r.map_err(|e| lock.io_err("downgrade", e));

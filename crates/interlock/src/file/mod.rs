@@ -7,6 +7,7 @@
 //! only names them.
 
 mod deadlock;
+mod hint;
 mod inspect;
 mod lock;
 mod open;

@@ -115,6 +115,10 @@ pub(crate) struct Opened {
     pub writable: bool,
     /// (st_dev, st_ino) of the opened file.
     pub id: (u64, u64),
+    /// The file's owner (st_uid).
+    pub owner: u32,
+    /// The file's mode bits (st_mode).
+    pub mode: u32,
 }
 
 /// Opens, creating with `mode` if missing, the lock file at `path`. `op`
@@ -172,5 +176,7 @@ pub(crate) fn open_lock_file(path: &Path, mode: u32, op: &'static str) -> Result
         file,
         writable,
         id: (meta.dev(), meta.ino()),
+        owner: meta.uid(),
+        mode: meta.mode(),
     })
 }

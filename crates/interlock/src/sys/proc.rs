@@ -37,6 +37,13 @@ impl ProcessId {
     }
 }
 
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no
+    // memory of ours.
+    unsafe { libc::geteuid() }
+}
+
 /// Liveness of a process named by [`ProcessId`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Liveness {

@@ -1,0 +1,285 @@
+//! Host-local hints for [`FileLock`](super::FileLock): a small table in
+//! shared memory that lets the uncontended path skip the system calls that
+//! only matter under contention or after a removal.
+//!
+//! Why it is built this way: a reader that prefers writers must know whether
+//! a writer waits, and every acquisition must know whether the lock file is
+//! still the one at the path. Asking the kernel costs a system call each (a
+//! gate request or `F_OFD_GETLK`, and an `lstat`), as much as the lock call
+//! itself. Most of the time the answer is "nothing changed", and memory
+//! that every user of the file maps can say so for the price of a load:
+//!
+//! - `gate`: how many holders of the gate byte (writers past the gate, an
+//!   upgrade in progress) announced themselves. A reader that finds it zero
+//!   *after* its data lock was granted (with a full fence in between) knows
+//!   that any writer that shuts the gate later will find it holding the data
+//!   and wait for it, which is what the `F_OFD_GETLK` look told it before.
+//! - `slot`: the same for the slot byte (flock flavor: an upgradable reader
+//!   or a slow-path writer). A flock-flavor writer that got `LOCK_EX` and
+//!   finds both counts zero knows no upgrader is inside its non-atomic
+//!   conversion.
+//! - `removed`: bumped by a write holder that, at its release, finds the
+//!   path no longer names its file (it, or its critical section, removed or
+//!   replaced the file). An acquirer that sees the value it saw at its last
+//!   verified acquisition knows no write holder removed the file since, and
+//!   skips the `lstat`.
+//!
+//! Hints can only be pessimistic in effect: a count that is too high (a
+//! holder SIGKILLed before it took its announcement back, or two files that
+//! hash to one bucket) sends acquirers down the old path, which asks the
+//! kernel; a bumped `removed` costs one `lstat`. The kernel locks stay the
+//! only thing that excludes.
+//!
+//! Trust: the table of files owned by uid U is `/dev/shm/interlock-hints-U`,
+//! owned by U, mode 0600, exactly [`LEN`] bytes. Hints are used only for a
+//! lock file that no one but its owner (and root) can write, opened by its
+//! owner or by root, so every process that can write the lock file (and so
+//! take its write lock, gate or slot) uses the same table. A table with
+//! another owner, type, mode or size is not used (every lock on U's files
+//! then asks the kernel, as before).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::sys::mmap::Mapping;
+use crate::sys::proc::euid;
+
+/// Buckets in a table.
+const BUCKETS: usize = 4096;
+/// Bytes per bucket: gate (u32), slot (u32), removed (u64).
+const BUCKET_LEN: usize = 16;
+/// The table's exact size.
+pub const LEN: usize = BUCKETS * BUCKET_LEN;
+/// Where tables live.
+const DIR: &str = "/dev/shm";
+
+/// One user's table, mapped.
+pub(crate) struct Table {
+    map: Mapping,
+}
+
+/// A lock file's bucket in its owner's table.
+#[derive(Clone)]
+pub(crate) struct Hint {
+    table: Arc<Table>,
+    at: usize,
+}
+
+impl std::fmt::Debug for Hint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hint(bucket {})", self.at / BUCKET_LEN)
+    }
+}
+
+impl Hint {
+    fn gate_word(&self) -> &AtomicU32 {
+        self.table.map.get(self.at)
+    }
+
+    fn slot_word(&self) -> &AtomicU32 {
+        self.table.map.get(self.at + 4)
+    }
+
+    fn removed_word(&self) -> &AtomicU64 {
+        self.table.map.get(self.at + 8)
+    }
+
+    /// Whether no gate holder announced itself. The caller has just been
+    /// granted its data lock and issues the fence that orders that grant
+    /// before this load (see [`after_grant`]).
+    #[inline]
+    pub fn gate_clear(&self) -> bool {
+        self.gate_word().load(Ordering::SeqCst) == 0
+    }
+
+    /// Whether neither a gate nor a slot holder announced itself.
+    #[inline]
+    pub fn gate_and_slot_clear(&self) -> bool {
+        self.gate_clear() && self.slot_word().load(Ordering::SeqCst) == 0
+    }
+
+    /// Announces a gate holder (the caller holds the gate, or is about to
+    /// convert under it). Undo with [`Hint::leave_gate`].
+    pub fn enter_gate(&self) {
+        self.gate_word().fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes an announcement back (never below zero: a count that a
+    /// hostile or buggy writer lowered must not wrap to "always busy").
+    pub fn leave_gate(&self) {
+        dec(self.gate_word());
+    }
+
+    /// Announces a slot holder.
+    pub fn enter_slot(&self) {
+        self.slot_word().fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes a slot announcement back.
+    pub fn leave_slot(&self) {
+        dec(self.slot_word());
+    }
+
+    /// The removal counter, read after an acquisition.
+    #[inline]
+    pub fn removed(&self) -> u64 {
+        self.removed_word().load(Ordering::SeqCst)
+    }
+
+    /// Tells every user of the bucket that a file it may hold was removed.
+    pub fn bump_removed(&self) {
+        self.removed_word().fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn dec(w: &AtomicU32) {
+    let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+}
+
+/// The fence between a kernel grant and the hint load that follows it: the
+/// kernel's record of our lock (a store) must be visible before we read the
+/// announcements that writers make before their own kernel requests (the
+/// store-load pattern of Dekker's algorithm; a system call's return is not
+/// a full barrier).
+#[inline]
+pub fn after_grant() {
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// The hint for a lock file with this (dev, ino), owner and mode, or `None`
+/// when hints cannot be used for it. An unexpected I/O error (other than
+/// "no such directory" or a table that is not ours) is returned: the other
+/// users of the file may be using the table, and a writer that silently
+/// did not would make their hints lie.
+pub(crate) fn for_file(id: (u64, u64), owner: u32, mode: u32) -> io::Result<Option<Hint>> {
+    if mode & 0o022 != 0 {
+        return Ok(None);
+    }
+    let me = euid();
+    if me != owner && me != 0 {
+        return Ok(None);
+    }
+    let Some(table) = table(owner)? else {
+        return Ok(None);
+    };
+    let h = id.1 ^ id.0.rotate_left(32);
+    let b = (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize % BUCKETS;
+    Ok(Some(Hint {
+        table,
+        at: b * BUCKET_LEN,
+    }))
+}
+
+/// The tables this process has mapped, by owner.
+type Tables = Mutex<Vec<(u32, Arc<Table>)>>;
+
+fn table(owner: u32) -> io::Result<Option<Arc<Table>>> {
+    static TABLES: OnceLock<Tables> = OnceLock::new();
+    let tables = TABLES.get_or_init(|| Mutex::new(Vec::new()));
+    let mut tables = tables.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, t)) = tables.iter().find(|(u, _)| *u == owner) {
+        return Ok(Some(t.clone()));
+    }
+    let Some(t) = open_table(owner)? else {
+        return Ok(None);
+    };
+    let t = Arc::new(t);
+    tables.push((owner, t.clone()));
+    Ok(Some(t))
+}
+
+fn table_path(owner: u32) -> PathBuf {
+    PathBuf::from(format!("{DIR}/interlock-hints-{owner}"))
+}
+
+fn open_existing(path: &PathBuf) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+fn open_table(owner: u32) -> io::Result<Option<Table>> {
+    let path = table_path(owner);
+    let file = match open_existing(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match create_table(owner, &path)? {
+            Some(f) => f,
+            None => return Ok(None),
+        },
+        // A symbolic link, a FIFO without a reader... planted by someone:
+        // not our table.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO)) => {
+            return Ok(None)
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let m = file.metadata()?;
+    if !m.file_type().is_file() || m.uid() != owner || m.mode() & 0o077 != 0 {
+        return Ok(None);
+    }
+    if m.len() != LEN as u64 {
+        return Ok(None);
+    }
+    Ok(Some(Table {
+        map: Mapping::shared_file(&file, LEN)?,
+    }))
+}
+
+/// Makes the table complete under a private name and links it into place,
+/// so nobody sees it half made. `Ok(None)` if /dev/shm is not there or not
+/// writable.
+fn create_table(owner: u32, path: &PathBuf) -> io::Result<Option<File>> {
+    static SERIAL: AtomicU32 = AtomicU32::new(0);
+    let tmp = PathBuf::from(format!(
+        "{DIR}/.interlock-hints-{owner}.{}.{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+    {
+        Ok(f) => f,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+            ) || e.raw_os_error() == Some(libc::EROFS) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let made = (|| {
+        f.set_len(LEN as u64)?;
+        if euid() != owner {
+            std::os::unix::fs::fchown(&f, Some(owner), None)?;
+        }
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match made? {
+        true => Ok(Some(f)),
+        // Another process linked its table first: use that one.
+        false => match open_existing(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        },
+    }
+}
