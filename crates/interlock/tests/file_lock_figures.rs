@@ -255,6 +255,7 @@ fn uncontended_ratios(dir: &Path) {
     let fc_nh = open_hinted("g", Flavor::Fcntl, Fairness::PreferWriters, true, false);
     let fl_nh = open_hinted("h", Flavor::Flock, Fairness::PreferWriters, true, false);
     let fc = open("a", Flavor::Fcntl, Fairness::PreferWriters, true);
+    let a_path = dir.join("a");
     let fc_nv = open("b", Flavor::Fcntl, Fairness::PreferWriters, false);
     let fc_k = open("c", Flavor::Fcntl, Fairness::Kernel, false);
     let fl = open("d", Flavor::Flock, Fairness::PreferWriters, true);
@@ -320,7 +321,9 @@ fn uncontended_ratios(dir: &Path) {
         ),
         (
             "lstat of the path (the path check alone) write",
-            Box::new(|| drop(std::fs::symlink_metadata(dir.join("a")).unwrap())),
+            Box::new(|| {
+                std::fs::symlink_metadata(&a_path).unwrap();
+            }),
         ),
         ("fcntl write", Box::new(|| drop(fc.try_write().unwrap()))),
         ("fcntl read", Box::new(|| drop(fc.try_read().unwrap()))),

@@ -119,7 +119,8 @@ pub enum Flavor {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Fairness {
     /// A reader does not overtake a writer that is waiting (the default). An
-    /// uncontended read costs one more system call than the kernel's floor.
+    /// uncontended read costs the kernel floor's calls when hints are in use
+    /// ([`FileLockOptions::hints`]), one more without them.
     #[default]
     PreferWriters,
     /// Readers take the kernel lock directly, at the kernel's floor cost;
