@@ -18,11 +18,12 @@
 //!   or a slow-path writer). A flock-flavor writer that got `LOCK_EX` and
 //!   finds both counts zero knows no upgrader is inside its non-atomic
 //!   conversion.
-//! - `removed`: bumped by a write holder that, at its release, finds the
-//!   path no longer names its file (it, or its critical section, removed or
-//!   replaced the file). An acquirer that sees the value it saw at its last
-//!   verified acquisition knows no write holder removed the file since, and
-//!   skips the `lstat`.
+//! - `removed`: bumped by `remove_and_unlock` after the unlink, before the
+//!   release; and one table-wide count of lock-file opens (a newcomer that
+//!   opens the path after some other removal makes a new file there). An
+//!   acquirer that sees both as they were at its last path check knows no
+//!   removal was announced and no file was opened since, and skips the
+//!   `lstat`.
 //!
 //! Hints can only be pessimistic in effect: a count that is too high (a
 //! holder SIGKILLed before it took its announcement back, or two files that
@@ -48,12 +49,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::sys::mmap::Mapping;
 use crate::sys::proc::euid;
 
-/// Buckets in a table.
+/// Buckets in a table; the last one is not a file's: its third word counts
+/// the opens of lock files.
 const BUCKETS: usize = 4096;
 /// Bytes per bucket: gate (u32), slot (u32), removed (u64).
 const BUCKET_LEN: usize = 16;
 /// The table's exact size.
 pub const LEN: usize = BUCKETS * BUCKET_LEN;
+/// The table's count of opens.
+const OPENS_AT: usize = (BUCKETS - 1) * BUCKET_LEN + 8;
 /// Where tables live.
 const DIR: &str = "/dev/shm";
 
@@ -124,10 +128,26 @@ impl Hint {
         dec(self.slot_word());
     }
 
-    /// The removal counter, read after an acquisition.
+    fn opens_word(&self) -> &AtomicU64 {
+        self.table.map.get(OPENS_AT)
+    }
+
+    /// The removal counter of the bucket and the table's count of opens,
+    /// read after an acquisition: if neither moved since the last path
+    /// check, no removal was announced and no lock file was opened (or
+    /// made anew) since.
     #[inline]
-    pub fn removed(&self) -> u64 {
-        self.removed_word().load(Ordering::SeqCst)
+    pub fn epoch(&self) -> (u64, u64) {
+        (
+            self.removed_word().load(Ordering::SeqCst),
+            self.opens_word().load(Ordering::SeqCst),
+        )
+    }
+
+    /// Tells every handle that a lock file was opened: perhaps a new file
+    /// at a path whose old file others still have open.
+    pub fn note_open(&self) {
+        self.opens_word().fetch_add(1, Ordering::SeqCst);
     }
 
     /// Tells every user of the bucket that a file it may hold was removed.
@@ -167,7 +187,7 @@ pub(crate) fn for_file(id: (u64, u64), owner: u32, mode: u32) -> io::Result<Opti
         return Ok(None);
     };
     let h = id.1 ^ id.0.rotate_left(32);
-    let b = (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize % BUCKETS;
+    let b = (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize % (BUCKETS - 1);
     Ok(Some(Hint {
         table,
         at: b * BUCKET_LEN,

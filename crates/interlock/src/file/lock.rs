@@ -203,11 +203,12 @@ impl FileLockOptions {
     /// `true`): `/dev/shm/interlock-hints-UID`, which let an uncontended
     /// acquisition skip the gate check and the path check (see the design
     /// notes, docs/design-file.md). They are used only for lock files that
-    /// only their owner may write. With hints, a removal of the lock file is
-    /// noticed when a *write holder* removed it (it checks the path at its
-    /// release); turn them off if other programs (`rm`, a cleanup job) may
-    /// remove lock files that interlock processes have open, so that every
-    /// acquisition checks the path as it did before.
+    /// only their owner may write. With hints, the path is checked when
+    /// [`FileWriteGuard::remove_and_unlock`] announced a removal, and
+    /// otherwise once every 64 acquisitions of a handle; turn them off if
+    /// other programs (`rm`, a cleanup job) may remove lock files that
+    /// interlock processes have open, so that every acquisition checks the
+    /// path.
     pub fn hints(&mut self, hints: bool) -> &mut Self {
         self.hints = hints;
         self
@@ -299,6 +300,9 @@ fn open_file(path: &Path, mode: u32, hints: bool) -> Result<(File, (u64, u64), O
                 opened.owner
             ))
     })?;
+    if let Some(h) = &hint {
+        h.note_open();
+    }
     Ok((opened.file, opened.id, hint))
 }
 
@@ -322,9 +326,10 @@ struct State {
     /// This file's bucket in the shared-memory hints (see `hint.rs`), if
     /// hints can be used for it.
     hint: Option<Hint>,
-    /// The hint's removal counter at the last acquisition that checked the
-    /// path; `None`: the next acquisition checks it.
-    verified: Option<u64>,
+    /// The hint's epoch (removals announced in the bucket, opens in the
+    /// table) at the last acquisition that checked the path; `None`: the
+    /// next acquisition checks it.
+    verified: Option<(u64, u64)>,
     /// Acquisitions since the last path check.
     unchecked: u32,
     /// The bucket whose gate count this handle raised (it holds the gate).
@@ -1201,10 +1206,11 @@ impl FileLock {
     }
 
     /// Whether the locked descriptor is still the file at the path, after
-    /// an acquisition. With hints, an unchanged removal counter since the
-    /// last check means no holder removed the file with
-    /// [`FileWriteGuard::remove_and_unlock`] since (it bumps the counter
-    /// before it releases), so the `lstat` is skipped, except once every
+    /// an acquisition. With hints, an unchanged epoch since the last check
+    /// means no holder removed the file with
+    /// [`FileWriteGuard::remove_and_unlock`] (it bumps the bucket's counter
+    /// before it releases) and no lock file was opened, perhaps made anew
+    /// at this path, since; so the `lstat` is skipped, except once every
     /// [`RECHECK_EVERY`] acquisitions, which bounds how long a handle can go
     /// on locking a file removed some other way (not safe, but then not for
     /// ever).
@@ -1212,7 +1218,7 @@ impl FileLock {
         if !self.verify_path {
             return Ok(true);
         }
-        let seen = st.hint.as_ref().map(Hint::removed);
+        let seen = st.hint.as_ref().map(Hint::epoch);
         if seen.is_some() && seen == st.verified && st.unchecked < RECHECK_EVERY {
             st.unchecked += 1;
             return Ok(true);
