@@ -4,7 +4,9 @@
 # Makes (or reuses) a virtual environment at .venv with python3, installs
 # maturin, pytest, ruff and python/requirements-test.txt into it, builds the
 # package into it (a debug `maturin develop`, sharing target/ with cargo),
-# then runs `cargo test --workspace`, ruff and pytest. Exits non-zero on any
+# makes sure a PostgreSQL server is installed (scripts/ensure-postgres.sh:
+# the distribution's package, as root), then runs `cargo test --workspace`,
+# ruff and pytest. Exits non-zero on any
 # failure; pytest collecting no tests counts as a failure.
 #
 # INTERLOCK_TEST_SKIP_CARGO=1 skips `cargo test --workspace` (for a quick
@@ -36,6 +38,15 @@ VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" "$venv/bin/maturin" develop -q \
   --manifest-path crates/interlock-py/Cargo.toml
 
 if [ "${INTERLOCK_TEST_SKIP_CARGO:-0}" != 1 ]; then
+  step "postgres: a server for the PgLock tests (installed when missing)"
+  # The tests start a throwaway cluster of their own. In CI a missing server
+  # is a failure; elsewhere the PgLock tests skip, saying so loudly.
+  if ! ./scripts/ensure-postgres.sh; then
+    if [ "${CI:-}" = true ]; then
+      exit 1
+    fi
+    echo "*** WARNING: no PostgreSQL server: the PgLock tests will be SKIPPED ***" >&2
+  fi
   step "rust: cargo test --workspace"
   cargo test --workspace
 fi

@@ -9,6 +9,8 @@ mod error;
 mod file;
 mod handle;
 mod lease;
+#[cfg(feature = "postgres")]
+mod pg;
 pub mod shm;
 #[cfg(not(loom))]
 mod sync;
@@ -28,6 +30,8 @@ pub use file::{
 pub use lease::{
     Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,
 };
+#[cfg(feature = "postgres")]
+pub use pg::{PgGuard, PgHolder, PgKey, PgLock, PgMutex, PgOptions, PgSession};
 #[cfg(not(loom))]
 pub use shm::{
     LockResult, Poisoned, ShmArcGuard, ShmHold, ShmMutex, ShmMutexArcGuard, ShmMutexGuard,

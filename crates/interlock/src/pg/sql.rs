@@ -1,0 +1,154 @@
+//! The SQL the library installs and sends, in one place.
+//!
+//! Why it is built this way: a grant and its fencing token must come back in
+//! one round trip, and a grant must never outlive a failed statement. So the
+//! acquisition is one server-side function, `interlock_acquire`, that takes
+//! the advisory lock and then bumps the lock's token row in the same
+//! (autocommit) transaction; the client receives the token only after that
+//! transaction committed (the postgres crate's row stream ends at
+//! ReadyForQuery, which the server sends after the commit). Session-level
+//! advisory locks ignore ROLLBACK, so a statement that fails *after* the
+//! grant would leave the session holding the lock: the client therefore
+//! closes any session whose acquisition failed for a reason other than the
+//! two that can only come from the wait itself (55P03 `lock_timeout`,
+//! 40P01 deadlock; `lock_timeout` is reset to 0 before the token update).
+
+/// The advisory key (bigint space) serialising schema installation.
+/// FNV-1a-64 of `interlock:schema`.
+pub(crate) const SCHEMA_KEY_NAME: &str = "interlock:schema";
+
+/// Whether this database already has the current schema, and who we are.
+pub(crate) const PROBE: &str = "SELECT pg_backend_pid(), \
+     to_regprocedure('interlock_acquire_v1(smallint,bigint,integer,integer,boolean,integer,integer)') IS NOT NULL \
+     AND to_regprocedure('interlock_release_v1(smallint,bigint,integer,integer,boolean,boolean)') IS NOT NULL \
+     AND to_regprocedure('interlock_fence_check(bigint,bigint)') IS NOT NULL";
+
+/// Creates the token table and the functions (idempotent; run under a
+/// transaction-level advisory lock so that concurrent first users do not
+/// race on the catalog). `$KEY` is replaced by [`SCHEMA_KEY_NAME`]'s key.
+pub(crate) const INSTALL: &str = r#"
+BEGIN;
+SELECT pg_advisory_xact_lock($KEY);
+CREATE TABLE IF NOT EXISTS interlock_fence (
+    space      smallint    NOT NULL,  -- 1: one bigint key; 2: a pair of int4 keys
+    key        bigint      NOT NULL,  -- the bigint key, or key1 << 32 | key2 (as uint32)
+    token      bigint      NOT NULL,  -- the last fencing token issued for this lock
+    granted_at timestamptz NOT NULL,  -- when it was issued
+    holder_pid integer     NOT NULL,  -- to which server backend
+    PRIMARY KEY (space, key)
+);
+COMMENT ON TABLE interlock_fence IS
+  'interlock PgLock fencing tokens: never lower or delete a row while the lock is in use';
+
+CREATE OR REPLACE FUNCTION interlock_acquire_v1(
+    sp smallint, k bigint, k1 integer, k2 integer, shared boolean,
+    wait_ms integer,   -- < 0: try only; 0: wait forever; > 0: lock_timeout in ms
+    lease_ms integer,  -- idle_session_timeout while held (0: none)
+    OUT token bigint, OUT backend integer)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    got boolean := true;
+BEGIN
+    backend := pg_backend_pid();
+    IF wait_ms < 0 THEN
+        IF sp = 1 THEN
+            IF shared THEN got := pg_try_advisory_lock_shared(k);
+            ELSE got := pg_try_advisory_lock(k); END IF;
+        ELSE
+            IF shared THEN got := pg_try_advisory_lock_shared(k1, k2);
+            ELSE got := pg_try_advisory_lock(k1, k2); END IF;
+        END IF;
+        IF NOT got THEN
+            RETURN;  -- token NULL: not granted
+        END IF;
+    ELSE
+        PERFORM set_config('lock_timeout', wait_ms::text, true);
+        IF sp = 1 THEN
+            IF shared THEN PERFORM pg_advisory_lock_shared(k);
+            ELSE PERFORM pg_advisory_lock(k); END IF;
+        ELSE
+            IF shared THEN PERFORM pg_advisory_lock_shared(k1, k2);
+            ELSE PERFORM pg_advisory_lock(k1, k2); END IF;
+        END IF;
+        PERFORM set_config('lock_timeout', '0', true);
+    END IF;
+    -- Held: a silent session is ended by the server after the lease.
+    PERFORM set_config('idle_session_timeout', lease_ms::text, false);
+    INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid)
+        VALUES (sp, k, 1, clock_timestamp(), backend)
+        ON CONFLICT (space, key) DO UPDATE
+        SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = backend
+        RETURNING f.token INTO token;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION interlock_release_v1(
+    sp smallint, k bigint, k1 integer, k2 integer, shared boolean,
+    last boolean)  -- the session holds no other interlock lock
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    ok boolean;
+BEGIN
+    IF sp = 1 THEN
+        IF shared THEN ok := pg_advisory_unlock_shared(k);
+        ELSE ok := pg_advisory_unlock(k); END IF;
+    ELSE
+        IF shared THEN ok := pg_advisory_unlock_shared(k1, k2);
+        ELSE ok := pg_advisory_unlock(k1, k2); END IF;
+    END IF;
+    IF last THEN
+        PERFORM set_config('idle_session_timeout', '0', false);
+    END IF;
+    RETURN ok;
+END
+$fn$;
+
+-- For a resource kept in this database: refuse a write made under a stale
+-- token. Raises SQLSTATE IL001 unless `tok` is the lock's newest token; on
+-- success the token row stays share-locked until the caller's transaction
+-- ends, so a new holder's grant (which updates that row) is ordered after
+-- the caller's write. Use it inside the transaction that writes.
+CREATE OR REPLACE FUNCTION interlock_fence_check(sp smallint, k bigint, tok bigint)
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    cur bigint;
+BEGIN
+    SELECT f.token INTO cur FROM interlock_fence f
+        WHERE f.space = sp AND f.key = k FOR SHARE;
+    IF cur IS NULL OR tok < cur THEN
+        RAISE EXCEPTION 'stale fencing token % for lock (%, %): the newest is %', tok, sp, k, cur
+            USING ERRCODE = 'IL001';
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION interlock_fence_check(k bigint, tok bigint)
+RETURNS void LANGUAGE sql AS $fn$ SELECT interlock_fence_check(1::smallint, k, tok) $fn$;
+COMMIT;
+"#;
+
+/// The acquisition: one round trip, grant and token.
+pub(crate) const ACQUIRE: &str =
+    "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)";
+
+/// The release.
+pub(crate) const RELEASE: &str = "SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)";
+
+/// Who holds or awaits a key, from `pg_locks` and `pg_stat_activity`, in
+/// this database. `$1` space, `$2` fence key, `$3` classid, `$4` objid,
+/// `$5` objsubid.
+pub(crate) const HOLDERS: &str = "SELECT l.pid, host(a.client_addr), a.application_name, \
+       l.mode, l.granted, \
+       CASE WHEN l.granted THEN f.granted_at ELSE l.waitstart END \
+     FROM pg_locks l \
+     LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     LEFT JOIN interlock_fence f ON f.space = $1 AND f.key = $2 AND f.holder_pid = l.pid \
+     WHERE l.locktype = 'advisory' \
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND l.classid = $3 AND l.objid = $4 AND l.objsubid = $5 \
+     ORDER BY l.granted DESC, l.waitstart NULLS FIRST, l.pid";
+
+/// The newest token of a key.
+pub(crate) const LAST_TOKEN: &str =
+    "SELECT token FROM interlock_fence WHERE space = $1 AND key = $2";

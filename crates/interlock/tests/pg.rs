@@ -1,0 +1,421 @@
+//! PgLock against a real PostgreSQL server (a throwaway cluster, shared by
+//! this binary's tests): exclusion and shared locks across processes,
+//! time-outs, deadlock, owners never sharing a session, keys shared with
+//! other applications, a SIGKILLed holder, holders().
+mod support;
+
+use std::fs;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use interlock::{ErrorKind, Mode, PgKey, PgLock, PgMutex, PgOptions, PgSession, TryLockError};
+use support::Child;
+
+fn cluster() -> Option<&'static support::pg::Cluster> {
+    support::pg::shared()
+}
+
+fn opts(url: &str) -> PgOptions {
+    PgOptions::new().url(url)
+}
+
+/// A lock name of this test run (names are per database and the cluster is
+/// shared by every test of the binary).
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", std::process::id())
+}
+
+const ITERS: usize = 25;
+const CHILDREN: usize = 3;
+
+/// Child: `ITERS` times, under the write lock (or none, for the control),
+/// read the counter file, sleep a little, write counter + 1; and check that
+/// each token is above the one the previous holder wrote.
+fn counter_child(locked: bool) {
+    let arg = support::arg();
+    let mut parts = arg.splitn(3, '|');
+    let (url, name, path) = (
+        parts.next().unwrap().to_string(),
+        parts.next().unwrap().to_string(),
+        parts.next().unwrap().to_string(),
+    );
+    let lock = PgLock::with_options(&name, opts(&url)).unwrap();
+    support::say("ready");
+    assert_eq!(support::hear().as_deref(), Some("go"));
+    let mut bad_tokens = 0;
+    for _ in 0..ITERS {
+        let g = if locked {
+            Some(lock.write().unwrap())
+        } else {
+            None
+        };
+        let text = fs::read_to_string(&path).unwrap();
+        let (n, last): (u64, u64) = {
+            // Without the lock (the control) a read may see a half-written file.
+            let mut it = text
+                .split_whitespace()
+                .map(|s| s.parse::<u64>().unwrap_or(0));
+            (it.next().unwrap_or(0), it.next().unwrap_or(0))
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        let token = g.as_ref().map_or(last + 1, |g| g.token());
+        if token <= last {
+            bad_tokens += 1;
+        }
+        fs::write(&path, format!("{} {}", n + 1, token)).unwrap();
+        if let Some(g) = g {
+            g.unlock().unwrap();
+        }
+    }
+    support::say(format!("done {bad_tokens}"));
+}
+
+fn run_counter(test: &str, role: &str, name: &str) -> (u64, usize) {
+    let pg = cluster().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("counter");
+    fs::write(&path, "0 0").unwrap();
+    let arg = format!("{}|{name}|{}", pg.url(), path.display());
+    let mut kids: Vec<Child> = (0..CHILDREN)
+        .map(|_| Child::spawn(test, role, &arg))
+        .collect();
+    for k in &mut kids {
+        k.expect("ready");
+    }
+    for k in &mut kids {
+        k.send("go");
+    }
+    let mut bad = 0;
+    for k in &mut kids {
+        let line = k.recv_within(Duration::from_secs(60));
+        bad += line
+            .strip_prefix("done ")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+        k.join();
+    }
+    let text = fs::read_to_string(&path).unwrap();
+    (
+        text.split_whitespace().next().unwrap().parse().unwrap(),
+        bad,
+    )
+}
+
+#[test]
+fn write_lock_excludes_processes_and_tokens_increase() {
+    if let Some(role) = support::role() {
+        counter_child(role == "locked");
+        return;
+    }
+    if cluster().is_none() {
+        return;
+    }
+    let name = unique("counter");
+    let (n, bad) = run_counter(
+        "write_lock_excludes_processes_and_tokens_increase",
+        "locked",
+        &name,
+    );
+    assert_eq!(n, (CHILDREN * ITERS) as u64, "lost updates under the lock");
+    assert_eq!(bad, 0, "a token did not increase");
+}
+
+#[test]
+fn control_without_the_lock_loses_updates() {
+    // Shows that the exclusion check above catches a broken lock.
+    if let Some(role) = support::role() {
+        counter_child(role == "locked");
+        return;
+    }
+    if cluster().is_none() {
+        return;
+    }
+    let name = unique("control");
+    let (n, _) = run_counter("control_without_the_lock_loses_updates", "unlocked", &name);
+    assert!(
+        n < (CHILDREN * ITERS) as u64,
+        "no update lost without the lock: the check cannot see a broken lock"
+    );
+}
+
+#[test]
+fn shared_locks_coexist_across_processes_and_exclude_writers() {
+    if let Some(role) = support::role() {
+        let (url, name) = support::arg()
+            .split_once('|')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        let lock = PgLock::with_options(&name, opts(&url)).unwrap();
+        let g = match role.as_str() {
+            "reader" => lock.read().unwrap(),
+            _ => lock.write().unwrap(),
+        };
+        support::say(format!("held {}", g.token()));
+        let _ = support::hear();
+        g.unlock().unwrap();
+        support::say("released");
+        return;
+    }
+    let Some(pg) = cluster() else { return };
+    let name = unique("shared");
+    let arg = format!("{}|{name}", pg.url());
+    let test = "shared_locks_coexist_across_processes_and_exclude_writers";
+    let mut r = Child::spawn(test, "reader", &arg);
+    assert!(r.recv().starts_with("held "));
+    let lock = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    {
+        let g = lock.try_read().expect("a second reader in another process");
+        assert_eq!(g.mode(), Mode::Shared);
+        assert!(matches!(lock.try_write(), Err(TryLockError::WouldBlock)));
+    }
+    r.send("release");
+    r.expect("released");
+    r.join();
+    let w = lock.try_write().expect("free once the reader left");
+    let mut w2 = Child::spawn(test, "writer", &arg);
+    // The child writer cannot get in while we hold it.
+    assert!(w2.try_recv_within(Duration::from_millis(300)).is_none());
+    w.unlock().unwrap();
+    assert!(w2.recv().starts_with("held "));
+    assert!(matches!(lock.try_read(), Err(TryLockError::WouldBlock)));
+    w2.send("release");
+    w2.expect("released");
+    w2.join();
+}
+
+#[test]
+fn threads_of_one_lock_never_share_a_session() {
+    let Some(pg) = cluster() else { return };
+    let lock = Arc::new(PgLock::with_options(&unique("threads"), opts(&pg.url())).unwrap());
+    let g = lock.write().unwrap();
+    let l2 = Arc::clone(&lock);
+    let other = std::thread::spawn(move || match l2.try_write() {
+        Err(TryLockError::WouldBlock) => "blocked",
+        Ok(_) => "both hold it",
+        Err(_) => "error",
+    })
+    .join()
+    .unwrap();
+    assert_eq!(other, "blocked");
+    // Same thread, second acquisition: a second session, so it waits too.
+    assert!(matches!(lock.try_read(), Err(TryLockError::WouldBlock)));
+    drop(g);
+    // Two readers of one lock in two threads: two sessions, both in.
+    let r1 = lock.read().unwrap();
+    let l3 = Arc::clone(&lock);
+    let ok = std::thread::spawn(move || l3.try_read().map(|g| g.token()).is_ok())
+        .join()
+        .unwrap();
+    assert!(ok);
+    assert_ne!(r1.backend_pid(), 0);
+}
+
+#[test]
+fn bounded_waits_time_out_and_report_blocking() {
+    let Some(pg) = cluster() else { return };
+    let name = unique("timeout");
+    let holder = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let blocked = Arc::new(AtomicUsize::new(0));
+    let b = Arc::clone(&blocked);
+    let waiter = PgLock::with_options(
+        &name,
+        opts(&pg.url()).on_block(move |_| {
+            b.fetch_add(1, Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
+    let _g = holder.write().unwrap();
+    assert!(matches!(waiter.try_write(), Err(TryLockError::WouldBlock)));
+    assert_eq!(blocked.load(Ordering::SeqCst), 0, "try_* never blocks");
+    let t = Instant::now();
+    match waiter.try_read_for(Duration::from_millis(200)) {
+        Err(TryLockError::TimedOut) => {}
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(200),
+        "gave up early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up late: {took:?}");
+    assert_eq!(blocked.load(Ordering::SeqCst), 1);
+    match waiter.try_write_until(Instant::now()) {
+        Err(TryLockError::TimedOut) => {}
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
+    // The session that timed out is healthy: it gets the lock once free.
+    drop(_g);
+    let g = waiter.try_write_for(Duration::from_secs(5)).unwrap();
+    assert!(g.token() > 0);
+}
+
+#[test]
+fn deadlock_between_two_sessions_is_reported() {
+    let Some(pg) = cluster() else { return };
+    let (a, b) = (unique("dl-a"), unique("dl-b"));
+    let s1 = PgSession::connect(opts(&pg.url())).unwrap();
+    let s2 = PgSession::connect(opts(&pg.url())).unwrap();
+    let (a1, b1) = (s1.lock(&a).unwrap(), s1.lock(&b).unwrap());
+    let (a2, b2) = (s2.lock(&a).unwrap(), s2.lock(&b).unwrap());
+    // One owner asking again for what it holds is refused, not granted twice.
+    {
+        let _g = a1.write().unwrap();
+        assert_eq!(a1.try_read().unwrap_err().kind(), ErrorKind::Deadlock);
+    }
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let tx1 = tx.clone();
+        let (a1, b1, a2, b2) = (&a1, &b1, &a2, &b2);
+        let (go1, wait1) = mpsc::channel::<()>();
+        let (go2, wait2) = mpsc::channel::<()>();
+        s.spawn(move || {
+            let _ga = a1.write().unwrap();
+            go2.send(()).unwrap();
+            wait1.recv().unwrap();
+            let r = b1.try_write_for(Duration::from_secs(20));
+            tx1.send(r.map(|_| ()).map_err(|e| e.kind())).unwrap();
+        });
+        s.spawn(move || {
+            let _gb = b2.write().unwrap();
+            go1.send(()).unwrap();
+            wait2.recv().unwrap();
+            let r = a2.try_write_for(Duration::from_secs(20));
+            tx.send(r.map(|_| ()).map_err(|e| e.kind())).unwrap();
+        });
+    });
+    let r: Vec<_> = rx.iter().take(2).collect();
+    assert!(
+        r.contains(&Err(ErrorKind::Deadlock)),
+        "one side must be told Deadlock: {r:?}"
+    );
+    assert!(r.contains(&Ok(())), "the other side gets the lock: {r:?}");
+}
+
+#[test]
+fn explicit_keys_share_locks_with_other_applications() {
+    let Some(pg) = cluster() else { return };
+    let k: i64 = 0x1234_5678_9abc_def0u64 as i64 ^ i64::from(std::process::id());
+    let lock = PgMutex::with_key(k, opts(&pg.url())).unwrap();
+    let g = lock.lock().unwrap();
+    // Another application's pg_try_advisory_lock on the same bigint key fails,
+    // and the pair space is separate.
+    assert_eq!(pg.psql(&format!("SELECT pg_try_advisory_lock({k})")), "f");
+    let (hi, lo) = ((k >> 32) as i32, k as i32);
+    assert_eq!(
+        pg.psql(&format!("SELECT pg_try_advisory_lock({hi}, {lo})")),
+        "t"
+    );
+    // pg_locks shows it with classid = high half, objid = low half, objsubid 1.
+    let shown = pg.psql(&format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND classid = {} AND objid = {} AND objsubid = 1 AND pid = {}",
+        (k >> 32) as u32,
+        k as u32,
+        g.backend_pid()
+    ));
+    assert_eq!(shown, "1");
+    drop(g);
+    assert_eq!(pg.psql(&format!("SELECT pg_try_advisory_lock({k})")), "t");
+    let pair = PgLock::with_key((7, -3), opts(&pg.url())).unwrap();
+    let pg_ = pair.write().unwrap();
+    assert_eq!(pg.psql("SELECT pg_try_advisory_lock(7, -3)"), "f");
+    assert_eq!(pair.key(), PgKey::Pair(7, -3));
+    drop(pg_);
+}
+
+#[test]
+fn holders_show_who_holds_and_who_waits() {
+    let Some(pg) = cluster() else { return };
+    let name = unique("holders");
+    let a = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let b = Arc::new(PgLock::with_options(&name, opts(&pg.url())).unwrap());
+    let g = a.read().unwrap();
+    let b2 = Arc::clone(&b);
+    let waiter = std::thread::spawn(move || b2.write().map(|g| g.token()));
+    // Wait (bounded) until the waiter is queued.
+    let end = Instant::now() + Duration::from_secs(10);
+    let hs = loop {
+        let hs = a.holders().unwrap();
+        if hs.len() == 2 || Instant::now() > end {
+            break hs;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(hs.len(), 2, "{hs:?}");
+    assert!(hs[0].granted && hs[0].mode == Mode::Shared && hs[0].pid == g.backend_pid());
+    assert_eq!(hs[0].application_name.as_deref(), Some("interlock"));
+    assert_eq!(hs[0].client_addr.as_deref(), Some("127.0.0.1"));
+    assert!(hs[0].since.is_some());
+    assert!(!hs[1].granted && hs[1].mode == Mode::Exclusive && hs[1].since.is_some());
+    let t = g.token();
+    drop(g);
+    assert!(waiter.join().unwrap().unwrap() > t);
+    assert_eq!(a.last_token().unwrap(), Some(t + 1));
+}
+
+#[test]
+fn sigkilled_holder_releases_at_once() {
+    if support::role().is_some() {
+        let (url, name) = support::arg()
+            .split_once('|')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        let lock = PgLock::with_options(&name, opts(&url)).unwrap();
+        let g = lock.write().unwrap();
+        support::say(format!("held {}", g.token()));
+        let _ = support::hear();
+        return;
+    }
+    let Some(pg) = cluster() else { return };
+    let name = unique("killed");
+    let mut c = Child::spawn(
+        "sigkilled_holder_releases_at_once",
+        "holder",
+        &format!("{}|{name}", pg.url()),
+    );
+    let t0: u64 = c.recv().strip_prefix("held ").unwrap().parse().unwrap();
+    let lock = Arc::new(PgLock::with_options(&name, opts(&pg.url())).unwrap());
+    let l = Arc::clone(&lock);
+    let (tx, rx) = mpsc::channel();
+    let w = std::thread::spawn(move || {
+        let g = l.write().unwrap();
+        tx.send(Instant::now()).unwrap();
+        g.token()
+    });
+    // Wait (bounded) until the waiter is queued behind the child.
+    let end = Instant::now() + Duration::from_secs(10);
+    while lock.holders().unwrap().iter().all(|h| h.granted) {
+        assert!(Instant::now() < end, "waiter never queued");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let killed = Instant::now();
+    c.kill();
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("waiter got in");
+    let lat = got.saturating_duration_since(killed);
+    eprintln!("[pg] SIGKILLed holder -> waiter in after {lat:?} (kill + reap included)");
+    // Released by the closed socket, not by any lease or keepalive (those
+    // are seconds): a generous bound for a loaded machine.
+    assert!(lat < Duration::from_secs(2), "{lat:?}");
+    assert!(w.join().unwrap() > t0);
+}
+
+#[test]
+fn bad_settings_are_typed_errors() {
+    let Some(pg) = cluster() else { return };
+    let e = PgLock::with_options("x", opts("postgres://u@h:notaport/db")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = PgLock::with_options("", opts(&pg.url())).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = PgLock::with_options("x", opts(&pg.url()).lease(Duration::from_millis(1))).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = PgLock::with_options("x", opts(&format!("{}x_no_such_db", pg.url()))).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    // Over the unix socket, in key=value form.
+    let l = PgLock::with_options(&unique("socket"), opts(&pg.socket_conninfo())).unwrap();
+    let g = l.try_write().unwrap();
+    assert!(g.is_held());
+}
