@@ -127,11 +127,122 @@ class Prwlock:
         self.l.release()
 
 
+class CompatPrwlock:
+    """interlock.compat.prwlock, used as prwlock is. Its RWLock() reaches
+    only processes forked from its creator, and the harness starts each
+    worker itself, so the workers wrap one named ShmRwLock instead."""
+
+    def __init__(self, d):
+        import interlock
+        from interlock.compat import prwlock
+
+        self.l = prwlock.prwlock._adopt(interlock.ShmRwLock(os.path.join(d, "compat-prwlock.shm")))
+
+    def acquire(self, ex):
+        if ex:
+            self.l.acquire_write()
+        else:
+            self.l.acquire_read()
+
+    def release(self, ex):
+        self.l.release()
+
+
+class Pylocksfile:
+    """pylocksfile, or (compat=True) interlock.compat.pylocksfile: lock 0."""
+
+    def __init__(self, d, compat=False):
+        if compat:
+            from interlock.compat.pylocksfile import pylocksfile
+        else:
+            from pylocksfile import pylocksfile
+
+        self.l = pylocksfile(os.path.join(d, "lock"))
+
+    def acquire(self, ex):
+        self.l.acquire(writeLock=ex, lock_n=0)
+
+    def release(self, ex):
+        self.l.release(lock_n=0)
+
+
+def _lease_dir(d):
+    # Lock directories live on tmpfs, as the Rust lease rows' do (ext4's
+    # journal makes directory operations noisy on the shared machine): the
+    # scenario's directory in /dev/shm, which the harness passes for
+    # LockSet's registry and removes afterwards.
+    return os.environ.get("INTERLOCK_WAIT_DIR", d)
+
+
+class CompatLockbydir:
+    """interlock.compat.lockbydir's DLock, used as lockbydir's README shows."""
+
+    def __init__(self, d):
+        from interlock.compat.lockbydir import DLock
+
+        self.l = DLock(os.path.join(_lease_dir(d), "bed"))
+        self.l.PATIENCE = 3600
+
+    def acquire(self, ex):
+        if not self.l.LoopWhileLocked_ThenLocking():
+            raise RuntimeError("DLock: no lock within PATIENCE")
+
+    def release(self, ex):
+        if not self.l.unlocking():
+            raise RuntimeError("DLock: lock lost")
+
+
+class LockbydirProtocol:
+    """lockbydir's mechanism, written here from its documentation because
+    the original is Python 2 only: the lock is the directory NAME.lockdir,
+    free when missing or older than TIMEOUT (10 s); a waiter checks, sleeps
+    CHECKEVERYXSECONDS (30 ms) and tries mkdir again; unlocking is rmdir."""
+
+    def __init__(self, d):
+        self.path = os.path.join(_lease_dir(d), "bed.lockdir")
+
+    def acquire(self, ex):
+        while True:
+            try:
+                age = time.time() - os.path.getmtime(self.path)
+            except OSError:
+                age = None
+            if age is not None and age > 10:
+                try:
+                    os.rmdir(self.path)
+                except OSError:
+                    pass
+                age = None
+            if age is None:
+                try:
+                    os.mkdir(self.path)
+                    return
+                except FileExistsError:
+                    pass
+            time.sleep(0.03)
+
+    def release(self, ex):
+        os.rmdir(self.path)
+
+
 LIBS = {
     "fasteners": Fasteners,
     "filelock": FileLock,
     "portalocker": Portalocker,
     "prwlock": Prwlock,
+    "pylocksfile": Pylocksfile,
+    "compat-prwlock": CompatPrwlock,
+    "compat-pylocksfile": lambda d: Pylocksfile(d, compat=True),
+    "compat-lockbydir": CompatLockbydir,
+    "lockbydir-protocol": LockbydirProtocol,
+}
+
+# What `probe` imports for each library (the compat rows need interlock).
+PROBE = {
+    "compat-prwlock": "interlock.compat.prwlock",
+    "compat-pylocksfile": "interlock.compat.pylocksfile",
+    "compat-lockbydir": "interlock.compat.lockbydir",
+    "lockbydir-protocol": "os",
 }
 
 
@@ -233,7 +344,9 @@ def probe():
 
     for name in LIBS:
         try:
-            m = importlib.import_module(name)
+            m = importlib.import_module(PROBE.get(name, name))
+            if name.startswith("compat-"):
+                m = importlib.import_module("interlock")
             print("%s ok %s" % (name, getattr(m, "__version__", "?")))
         except Exception as e:  # report, never fail the probe
             print("%s missing %s" % (name, str(e).replace("\n", " ")))

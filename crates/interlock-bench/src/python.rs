@@ -15,7 +15,13 @@ use std::time::{Duration, Instant};
 use crate::contention::PythonEnv;
 
 /// The libraries the Python peers use, and matplotlib for the plots.
-pub const PACKAGES: &[&str] = &["fasteners", "filelock", "portalocker", "prwlock"];
+pub const PACKAGES: &[&str] = &[
+    "fasteners",
+    "filelock",
+    "portalocker",
+    "prwlock",
+    "pylocksfile",
+];
 
 /// What is available after [`prepare`].
 #[derive(Debug, Default)]
@@ -138,6 +144,27 @@ pub fn prepare(root: &Path, want_peers: bool, want_plots: bool, offline: bool) -
         s.notes
             .push("could not write the Python driver; Python rows and plots skipped".into());
         return s;
+    }
+    if want_peers && !offline && root.join("pyproject.toml").exists() {
+        // The rows of interlock's own Python package (the compat modules):
+        // build this checkout into the venv, release profile, sharing
+        // target/ so that a rebuild is incremental. Done every run, so the
+        // rows never measure a stale build.
+        let (ok, text) = run_limited(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+                .args(["--timeout", "20", "--retries", "1"])
+                .args(["--no-deps", "--force-reinstall"])
+                .arg(root)
+                .env("CARGO_TARGET_DIR", root.join("target")),
+            Duration::from_secs(1200),
+        );
+        if !ok {
+            s.notes.push(format!(
+                "pip install of this checkout's Python package failed: {}",
+                text.lines().last().unwrap_or("no output")
+            ));
+        }
     }
     let (mut libs, mut missing) = probe(&python, &driver);
     let mut mpl = matplotlib_version(&python);

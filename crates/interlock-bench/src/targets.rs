@@ -389,6 +389,47 @@ fn python_peers() -> Vec<Target> {
             true,
             "prwlock",
         ),
+        py(
+            "py-pylocksfile",
+            "Python pylocksfile (classic fcntl byte locks)",
+            Floor::Ofd,
+            true,
+            "pylocksfile",
+        ),
+        // The compat modules, each beside the original it replaces. They are
+        // Python rows like the peers (the "behind" table is for the Rust
+        // families); prwlock's replacement recovers from a dead holder.
+        Target {
+            recovers: true,
+            ..py(
+                "py-compat-prwlock",
+                "Python interlock.compat.prwlock (ShmRwLock)",
+                Floor::Futex,
+                true,
+                "compat-prwlock",
+            )
+        },
+        py(
+            "py-compat-pylocksfile",
+            "Python interlock.compat.pylocksfile (LockSet)",
+            Floor::Ofd,
+            true,
+            "compat-pylocksfile",
+        ),
+        py(
+            "py-compat-lockbydir",
+            "Python interlock.compat.lockbydir (LeaseLock)",
+            Floor::Mkdir,
+            false,
+            "compat-lockbydir",
+        ),
+        py(
+            "py-lockbydir-protocol",
+            "Python lockbydir's protocol (mkdir + 30 ms poll; rewritten, the original is Python 2)",
+            Floor::Mkdir,
+            false,
+            "lockbydir-protocol",
+        ),
     ]
 }
 
