@@ -374,6 +374,7 @@ impl Owner {
     /// Never reuse this session (its state is unknown): an own session is
     /// closed when dropped; a bound one is the owner's to close.
     fn discard(&mut self) {
+        self.kill();
         if let Owner::Own(s) = self {
             s.reusable = false;
         }
@@ -623,7 +624,7 @@ impl PgLock {
 
     fn put_session(&self, s: Owner) {
         if let Owner::Own(s) = s {
-            if s.reusable {
+            if s.reusable && !s.is_dead() {
                 self.idle.lock().push(s);
             }
         }
@@ -644,6 +645,7 @@ impl PgLock {
             // An idle session may have died meanwhile (a server restart):
             // nothing was held on it, so a new one is safe.
             Err(e) if reused && session_gone(&e) => {
+                s.discard();
                 drop(s);
                 s = Owner::Own(Session::connect(&self.cfg, &self.opts, &self.what)?);
                 s.acquire(&self.key, mode, -1, lease_ms)
@@ -653,7 +655,10 @@ impl PgLock {
         match first {
             Ok(Grant::Granted { token, backend }) => return self.granted(s, mode, token, backend),
             Ok(Grant::NotGranted) => {}
-            Err(e) => return Err(pg_error("acquire PostgreSQL lock", &self.what, &e).into()),
+            Err(e) => {
+                s.discard();
+                return Err(pg_error("acquire PostgreSQL lock", &self.what, &e).into());
+            }
         }
         if !wait.may_block() {
             self.put_session(s);
@@ -680,10 +685,11 @@ impl PgLock {
                     return self.granted(s, mode, token, backend)
                 }
                 Ok(Grant::NotGranted) => {
+                    s.discard();
                     return Err(Error::new(ErrorKind::Io, "acquire PostgreSQL lock")
                         .with_path(&self.what)
                         .with_detail("a blocking acquisition came back without a grant")
-                        .into())
+                        .into());
                 }
                 Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
                     if wait.expired() {
@@ -698,7 +704,10 @@ impl PgLock {
                 // Anything else: the session's state is unknown (the grant
                 // may have happened before the failure), so it is closed,
                 // which releases whatever it held.
-                Err(e) => return Err(pg_error("acquire PostgreSQL lock", &self.what, &e).into()),
+                Err(e) => {
+                    s.discard();
+                    return Err(pg_error("acquire PostgreSQL lock", &self.what, &e).into());
+                }
             }
         }
     }

@@ -96,6 +96,9 @@ struct Beat {
 /// The part of a session the heartbeat thread also uses.
 struct Link {
     client: Mutex<Client>,
+    /// The session failed or its state is unknown: never reuse it, and
+    /// close it without waiting (see `Drop for Session`).
+    dead: AtomicBool,
     beat: Mutex<Beat>,
     cv: Condvar,
     every: Duration,
@@ -150,6 +153,7 @@ impl Session {
             .map_err(|e| pg_error("prepare unlock statement", what, &e))?;
         let link = Arc::new(Link {
             client: Mutex::new(client),
+            dead: AtomicBool::new(false),
             beat: Mutex::new(Beat {
                 held: Vec::new(),
                 stop: false,
@@ -265,12 +269,40 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Marks the session unusable: it is closed when its owner drops it.
+    pub(crate) fn kill(&self) {
+        self.link.dead.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the session failed or was marked unusable.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.link.dead.load(Ordering::SeqCst)
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         self.link.beat.lock().stop = true;
         self.link.cv.notify_all();
         if let Some(t) = self.thread.take() {
+            // Bounded: a heartbeat in flight gives up after lease / 4.
             let _ = t.join();
+        }
+        if self.link.dead.load(Ordering::SeqCst) {
+            // Closing the client waits for the answers still owed to it
+            // (the client sends Terminate only then), which a cut-off
+            // server never sends: close it on a thread of its own, which
+            // ends when the socket fails (tcp_user_timeout), so that a
+            // release never hangs on a dead network.
+            let link = Arc::clone(&self.link);
+            let spawned = std::thread::Builder::new()
+                .name("interlock-pg-close".into())
+                .spawn(move || drop(link));
+            if spawned.is_err() {
+                // No thread: leak the connection rather than hang.
+                std::mem::forget(Arc::clone(&self.link));
+            }
         }
     }
 }
@@ -318,6 +350,7 @@ fn heartbeat(link: Arc<Link>) {
                 }
             }
             Err(e) => {
+                link.dead.store(true, Ordering::SeqCst);
                 let lost: Vec<Arc<Held>> = b.held.drain(..).map(|(_, h)| h).collect();
                 drop(b);
                 for held in lost {
