@@ -45,6 +45,8 @@ MODULES = {
     "prwlock": "interlock.compat.prwlock",
     "pylocksfile": "interlock.compat.pylocksfile",
     "lockbydir": "interlock.compat.lockbydir",
+    # lockbydir's OS helpers are a module of their own in the original
+    "lockbydir_OS": "interlock.compat.lockbydir",
 }
 
 # name under the original's name -> the module object we put there

@@ -290,9 +290,9 @@ def original_rule_says_free(lock):
 
 
 def test_live_holder_is_never_broken(name, children):
-    holder = children(name, timeout=0.5)
+    holder = children(name, timeout=0.75)
     assert holder.ask("lock") == "True"
-    lock = quick(name, timeout=0.5, patience=3)  # six TIMEOUTs of waiting
+    lock = quick(name, timeout=0.75, patience=3)  # four TIMEOUTs of waiting
     t0 = time.monotonic()
     assert lock.LoopWhileLocked_ThenLocking() is False
     assert time.monotonic() - t0 >= 2.9

@@ -241,9 +241,11 @@ def test_with_that_would_deadlock_raises(path):
     t = threading.Thread(target=lambda: a.acquire(writeLock=True, lock_n=1))
     t.start()
     deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:  # until a is known to wait for b
-        if any(h.waiting for h in interlock.holders(path)):
-            break
+    while not any(h.waiting for h in interlock.holders(path)):  # until a waits for b
+        if time.monotonic() > deadline:
+            b.release()
+            t.join(WAIT)
+            pytest.fail("the waiting thread never showed as waiting")
         time.sleep(0.01)
     with pytest.raises(interlock.Deadlock):
         with b(writeLock=True, lock_n=0):
