@@ -44,6 +44,9 @@ pub enum Kind {
     Shm,
     /// A lease: a lock directory with a time to live and a fencing token.
     Lease,
+    /// A PostgreSQL advisory lock named NAME, with a fencing token (server
+    /// from --url, INTERLOCK_PG_URL, or the libpq environment).
+    Pg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,11 +81,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "A..B", value_parser = parse_range)]
     pub range: Option<Range<u64>>,
     /// For --kind lease: the lease's time to live in seconds (renewed in the
-    /// background while COMMAND runs).
+    /// background while COMMAND runs). For --kind pg: the loss bound (the
+    /// server frees a silent holder's lock after SECS; default 10).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub ttl: Option<Duration>,
+    /// For --kind pg: the server, as a postgres:// URL or libpq key=value
+    /// string (default: INTERLOCK_PG_URL, then PGHOST, PGPORT, PGUSER, ...).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
     /// The lock: a file path (file, flock, set), a name or path (shm), a
-    /// directory path (lease).
+    /// directory path (lease), a name (pg).
     pub path: PathBuf,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -91,7 +99,13 @@ pub struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The lock file.
+    /// `pg` for a PostgreSQL lock NAME; other kinds are recognized from PATH.
+    #[arg(long, value_enum)]
+    pub kind: Option<Kind>,
+    /// For --kind pg: the server (as for `run`).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// The lock file (or, with --kind pg, the lock's name).
     pub path: PathBuf,
 }
 
@@ -148,8 +162,19 @@ impl RunArgs {
             }
             _ => {}
         }
-        if self.ttl.is_some() && self.kind != Kind::Lease {
-            return Err("--ttl applies only to --kind lease".into());
+        if self.ttl.is_some() && !matches!(self.kind, Kind::Lease | Kind::Pg) {
+            return Err("--ttl applies only to --kind lease and --kind pg".into());
+        }
+        if self.url.is_some() && self.kind != Kind::Pg {
+            return Err("--url applies only to --kind pg".into());
+        }
+        if self.kind == Kind::Pg {
+            if self.path.to_str().is_none_or(str::is_empty) {
+                return Err("a pg lock name must be non-empty UTF-8".into());
+            }
+            if self.ttl.is_some_and(|t| t < Duration::from_millis(40)) {
+                return Err("--ttl for --kind pg must be at least 0.04 s".into());
+            }
         }
         if self.kind == Kind::Lease {
             if self.shared {

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use interlock::{
     Blocked, Error, ErrorKind, FileLock, Flavor, LeaseLock, LeaseOptions, LockResult, LockSet,
-    Mode, ShmOptions, ShmReadGuard, ShmRwLock, ShmWriteGuard, TryLockError, Wait,
+    Mode, PgLock, PgOptions, ShmOptions, ShmReadGuard, ShmRwLock, ShmWriteGuard, TryLockError,
+    Wait,
 };
 
 use crate::args::{Kind, RunArgs, StatusArgs};
@@ -164,7 +165,153 @@ pub fn run(args: RunArgs) -> u8 {
         Kind::Set => run_set(&plan),
         Kind::Lease => run_lease(&plan),
         Kind::Shm => run_shm(&plan),
+        Kind::Pg => run_pg(&plan),
     }
+}
+
+/// The PostgreSQL connection settings: --url, else INTERLOCK_PG_URL, else
+/// (none: the libpq environment).
+fn pg_options(url: Option<&str>) -> PgOptions {
+    let url = url.map(str::to_string).or_else(|| {
+        std::env::var("INTERLOCK_PG_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+    });
+    match url {
+        Some(u) => PgOptions::new().url(u),
+        None => PgOptions::new(),
+    }
+}
+
+/// One line per holder or waiter of a PostgreSQL lock.
+fn pg_holder_line(name: &str, h: &interlock::PgHolder) -> String {
+    let mut s = format!("backend pid {}", h.pid);
+    if let Some(app) = &h.application_name {
+        s.push_str(&format!(" ({})", app.escape_debug()));
+    }
+    match &h.client_addr {
+        Some(a) => s.push_str(&format!(" from {a}")),
+        None => s.push_str(" from local socket"),
+    }
+    let state = if h.granted { "held" } else { "waiting" };
+    s.push_str(&format!(
+        " {} pg {state} on {}",
+        h.mode,
+        name.escape_debug()
+    ));
+    if let Some(t) = h.since.and_then(|t| t.elapsed().ok()) {
+        s.push_str(&format!(" for {:.1}s", t.as_secs_f64()));
+    }
+    s
+}
+
+const DEFAULT_PG_LEASE: Duration = Duration::from_secs(10);
+
+fn run_pg(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let name = a.path.to_str().expect("validated: UTF-8").to_string();
+    let base = pg_options(a.url.as_deref()).lease(a.ttl.unwrap_or(DEFAULT_PG_LEASE));
+    let child = Arc::new(Mutex::new(Running::default()));
+    let lost = Arc::new(AtomicBool::new(false));
+    let mut opts = base.clone().on_lost({
+        let (child, lost) = (Arc::clone(&child), Arc::clone(&lost));
+        move |e| {
+            lost.store(true, Ordering::SeqCst);
+            note!("interlock: {e}; stopping the command");
+            let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
+            c.stop = true;
+            sys::terminate(c.pid);
+        }
+    });
+    if !a.quiet {
+        let (probe_opts, probe_name) = (base.clone(), name.clone());
+        opts = opts.on_block(move |b| {
+            let who: Vec<String> = PgLock::with_options(&probe_name, probe_opts.clone())
+                .and_then(|p| p.holders())
+                .map(|hs| {
+                    hs.iter()
+                        .filter(|h| h.granted)
+                        .map(|h| {
+                            let app = h.application_name.as_deref().unwrap_or("?");
+                            let from = h.client_addr.as_deref().unwrap_or("local socket");
+                            format!(
+                                "backend pid {} ({}) from {from} {}",
+                                h.pid,
+                                app.escape_debug(),
+                                h.mode
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let by = if who.is_empty() {
+                String::new()
+            } else {
+                format!(" held by {}", who.join(", "))
+            };
+            note!(
+                "interlock: waiting for {} lock on {}{by}",
+                b.mode,
+                b.resource.display()
+            );
+        });
+    }
+    let lock = match PgLock::with_options(&name, opts) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let guard = match interlock::Lock::acquire(&lock, plan.mode, plan.wait) {
+        Ok(g) => g,
+        Err(e) => return plan.not_taken(e),
+    };
+    let token = guard.token().to_string();
+    let code = execute(
+        &a.command,
+        &[("INTERLOCK_TOKEN", token)],
+        Some(&child),
+        Tie::DieWithUs,
+    );
+    match guard.unlock() {
+        Ok(()) if !lost.load(Ordering::SeqCst) => code,
+        Ok(()) => lease_lost_code(code),
+        Err(e) if e.kind() == ErrorKind::LeaseLost => {
+            if !lost.load(Ordering::SeqCst) {
+                note!("interlock: {e}");
+            }
+            lease_lost_code(code)
+        }
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+fn pg_status(args: &StatusArgs) -> u8 {
+    let Some(name) = args.path.to_str().filter(|n| !n.is_empty()) else {
+        note!("interlock: a pg lock name must be non-empty UTF-8");
+        return EX_USAGE;
+    };
+    let lock = match PgLock::with_options(name, pg_options(args.url.as_deref())) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let holders = match lock.holders() {
+        Ok(h) => h,
+        Err(e) => return fail(&e),
+    };
+    let mut lines: Vec<String> = holders.iter().map(|h| pg_holder_line(name, h)).collect();
+    if lines.is_empty() {
+        lines.push(format!("pg:{}: no locks", name.escape_debug()));
+    }
+    match lock.last_token() {
+        Ok(Some(t)) => lines.push(format!("pg:{}: last token {t}", name.escape_debug())),
+        Ok(None) => {}
+        Err(e) => return fail(&e),
+    }
+    for l in lines {
+        if !out!("{l}") {
+            return unwritten();
+        }
+    }
+    0
 }
 
 fn run_file(plan: &Plan<'_>) -> u8 {
@@ -484,6 +631,14 @@ fn unwritten() -> u8 {
 }
 
 pub fn status(args: StatusArgs) -> u8 {
+    match args.kind {
+        Some(Kind::Pg) => return pg_status(&args),
+        Some(_) | None if args.url.is_some() => {
+            note!("interlock: --url applies only to --kind pg (see `interlock --help`)");
+            return EX_USAGE;
+        }
+        _ => {}
+    }
     let path = &args.path;
     if let Some(shm) = shm_target(path) {
         return shm_status(path, &shm);
