@@ -1023,3 +1023,51 @@ fn a_state_directory_of_another_user_is_refused() {
         LeaseLock::with_options(&path, LeaseOptions::new(TTL).allow_foreign_state(true)).unwrap();
     assert!(fresh.lock().unwrap().token() < t3);
 }
+
+/// The mechanism that keeps timed waits on time (the timing itself is
+/// measured by `lease_lag.rs` `timed_wait_lateness`): giving up at the
+/// deadline makes no directory operations. The staging directory of a
+/// timed-out attempt is kept for the next attempt (the same one is reused,
+/// none pile up) and removed with the handle.
+#[test]
+fn a_timed_out_wait_keeps_its_staging_directory_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job");
+    let stage = dir.path().join("job.lease/stage");
+    let holder = LeaseLock::new(&path, TTL).unwrap();
+    let g = holder.lock().unwrap();
+    let waiter = LeaseLock::new(&path, TTL).unwrap();
+    let names = || -> Vec<String> {
+        fs::read_dir(&stage)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        kind(waiter.try_lock_for(Duration::from_millis(1))),
+        ErrorKind::TimedOut
+    );
+    let kept = names();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    for _ in 0..5 {
+        assert_eq!(kind(waiter.try_lock()), ErrorKind::WouldBlock);
+        assert_eq!(
+            kind(waiter.try_lock_for(Duration::from_millis(1))),
+            ErrorKind::TimedOut
+        );
+        assert_eq!(names(), kept, "the kept staging directory is reused");
+    }
+    drop(g);
+    // Acquiring installs it as the lock directory.
+    let t = waiter.try_lock().unwrap();
+    assert!(names().is_empty());
+    drop(t);
+    // Busy once more, then the handle goes: its kept directory with it.
+    let g = holder.lock().unwrap();
+    assert_eq!(kind(waiter.try_lock()), ErrorKind::WouldBlock);
+    assert_eq!(names().len(), 1);
+    drop(g);
+    drop(waiter);
+    drop(holder);
+    assert!(names().is_empty(), "removed with the handle: {:?}", names());
+}

@@ -169,3 +169,49 @@ fn measure_dead_holder_lag() {
     }
     summary("SIGKILL of holder -> waiter holds (pidfd)", lags);
 }
+
+/// How late `try_lock_for` returns after its deadline while another handle
+/// holds the lease (the bound: 5 ms). A measurement:
+/// `cargo test -p interlock --release --test lease_lag -- --ignored --nocapture timed_wait_lateness`
+#[test]
+#[ignore]
+fn timed_wait_lateness() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lk");
+    for notify in [true, false] {
+        let holder = LeaseLock::with_options(&path, LeaseOptions::new(TTL)).unwrap();
+        let _g = holder.lock().unwrap();
+        let waiter = LeaseLock::with_options(&path, LeaseOptions::new(TTL).notify(notify)).unwrap();
+        let mut late: Vec<Duration> = (0..80)
+            .map(|i| {
+                let d = Duration::from_millis(5 + (i % 7) * 3);
+                let t = std::time::Instant::now();
+                assert!(waiter.try_lock_for(d).is_err());
+                t.elapsed().saturating_sub(d)
+            })
+            .collect();
+        late.sort();
+        let over = late
+            .iter()
+            .filter(|l| **l > Duration::from_millis(5))
+            .count();
+        println!(
+            "lease try_lock_for (notify {notify}): lateness p50 {:?} p99 {:?} max {:?}; {over} of 80 over 5 ms",
+            late[40], late[79 * 99 / 100], late[79]
+        );
+    }
+    // The floor in the same run: a plain sleep of the same lengths.
+    let mut late: Vec<Duration> = (0..80)
+        .map(|i| {
+            let d = Duration::from_millis(5 + (i % 7) * 3);
+            let t = std::time::Instant::now();
+            std::thread::sleep(d);
+            t.elapsed().saturating_sub(d)
+        })
+        .collect();
+    late.sort();
+    println!(
+        "floor: thread::sleep lateness p50 {:?} p99 {:?} max {:?}",
+        late[40], late[78], late[79]
+    );
+}

@@ -349,6 +349,9 @@ pub(crate) struct Inner {
     /// Each is tagged with the pid that made it: after `fork` a child must
     /// not share an instance (and its events) with its parent.
     notifiers: parking_lot::Mutex<Vec<(u32, Inotify)>>,
+    /// Staging directories ready for the next attempt, tagged with the pid
+    /// that made them (see [`Stage::create`]).
+    spare_stages: parking_lot::Mutex<Vec<Spare>>,
 }
 
 /// How long a waiter with inotify on a local file system sleeps at most
@@ -543,6 +546,7 @@ impl LeaseLock {
             here: Locality::current(),
             local_fs,
             notifiers: parking_lot::Mutex::new(Vec::new()),
+            spare_stages: parking_lot::Mutex::new(Vec::new()),
         };
         inner.sweep_stages();
         Ok(LeaseLock {
@@ -690,8 +694,23 @@ impl LeaseLock {
                     // Watch first, then look again: a release between the
                     // last look and the watch would otherwise be missed.
                     waiter = Some(Waiter::new(inner));
+                    // Unless the deadline passed meanwhile: then nothing
+                    // can be missed any more, and a look would make the
+                    // answer late.
+                    if wait.expired() {
+                        return Err(wait.gave_up());
+                    }
                 }
-                Some(w) => w.wait(&observed, &wait),
+                Some(w) => {
+                    w.wait(&observed, &wait);
+                    // Slept to the deadline: give up now. Another look
+                    // (renames and a listing, a millisecond or more on a
+                    // loaded disk) would only make the answer late; a
+                    // release that came in time has woken us already.
+                    if wait.expired() {
+                        return Err(wait.gave_up());
+                    }
+                }
             }
         }
     }
@@ -740,9 +759,39 @@ struct Stage<'a> {
     lease: LeaseName,
 }
 
+/// A staging directory kept for reuse: name, directory, lease file.
+type Spare = (u32, String, Dir, LeaseName);
+
+/// Staging directories kept per handle at most.
+const SPARE_STAGES: usize = 4;
+
 impl<'a> Stage<'a> {
     fn create(inner: &'a Inner) -> Result<Stage<'a>> {
         let me = proc::current();
+        // A staging directory a timed-out or failed attempt of this process
+        // left ready: one rename instead of four directory operations.
+        loop {
+            let spare = {
+                let mut pool = inner.spare_stages.lock();
+                pool.retain(|(pid, ..)| *pid == me.pid);
+                pool.pop()
+            };
+            let Some((_, name, dir, lease)) = spare else {
+                break;
+            };
+            let mut st = Stage {
+                inner,
+                name,
+                dir: Some(dir),
+                lease,
+            };
+            if st.refresh().is_ok() {
+                return Ok(st);
+            }
+            // Gone or damaged: dropping it cleans up (it is not pooled
+            // again: the refresh failure marks it).
+            st.lease.dead = true;
+        }
         let name = format!(
             "{}.{}.{}.{:016x}",
             inner.here.tag(),
@@ -814,9 +863,32 @@ impl<'a> Stage<'a> {
 
 impl Drop for Stage<'_> {
     fn drop(&mut self) {
-        if let Some(d) = &self.dir {
-            let _ = d.unlink(self.lease.render());
-            let _ = self.inner.stage.rmdir(&self.name);
+        let Some(d) = self.dir.take() else { return };
+        // Kept for the next attempt (so that giving up at a deadline costs
+        // no directory operations), unless enough are kept already.
+        if !self.lease.dead {
+            let mut pool = self.inner.spare_stages.lock();
+            if pool.len() < SPARE_STAGES {
+                let name = std::mem::take(&mut self.name);
+                pool.push((std::process::id(), name, d, self.lease));
+                return;
+            }
+        }
+        let mut lease = self.lease;
+        lease.dead = false;
+        let _ = d.unlink(lease.render());
+        let _ = self.inner.stage.rmdir(&self.name);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let me = std::process::id();
+        for (pid, name, d, lease) in self.spare_stages.get_mut().drain(..) {
+            if pid == me {
+                let _ = d.unlink(lease.render());
+                let _ = self.stage.rmdir(&name);
+            }
         }
     }
 }

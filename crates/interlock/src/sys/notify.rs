@@ -147,6 +147,14 @@ impl AsFd for PidFd {
     }
 }
 
+/// `d` as a timespec (saturating at the largest number of seconds).
+fn timespec_of(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as _,
+    }
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`:
 /// forever). Returns whether any descriptor became readable. `EINTR` counts
 /// as an early return with nothing ready.
@@ -159,13 +167,23 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
             revents: 0,
         })
         .collect();
-    let ms = match timeout {
-        None => -1,
-        // Round up so that a wait never ends before its deadline.
-        Some(d) => d.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int,
+    // ppoll, not poll: its timeout is exact to the nanosecond, where poll's
+    // milliseconds would round every wait up by up to 1 ms.
+    let ts = timeout.map(timespec_of);
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `pfds` is a valid, writable array of `pfds.len()` entries;
+    // `tsp` is null or points to a timespec that outlives the call; a null
+    // signal mask leaves the mask unchanged.
+    let r = unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            tsp,
+            std::ptr::null(),
+        )
     };
-    // SAFETY: `pfds` is a valid, writable array of `pfds.len()` entries.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINTR) {
@@ -198,6 +216,15 @@ pub fn fs_is_local(f_type: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poll_timeouts_are_exact_not_rounded_to_milliseconds() {
+        let t = timespec_of(Duration::from_micros(2_500_123));
+        assert_eq!((t.tv_sec, t.tv_nsec), (2, 500_123_000));
+        let t = timespec_of(Duration::from_nanos(1));
+        assert_eq!((t.tv_sec, t.tv_nsec), (0, 1));
+        assert_eq!(timespec_of(Duration::MAX).tv_sec, libc::time_t::MAX);
+    }
 
     #[test]
     fn inotify_reports_removal_and_pidfd_reports_exit() {
