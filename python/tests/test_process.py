@@ -69,7 +69,10 @@ def procs():
 
 
 CTRL_C = """
-import os, sys, time, interlock
+import os, signal, sys, time, interlock
+# A shell runs background jobs with SIGINT ignored, and Python then installs
+# no KeyboardInterrupt handler: put back the one an interactive program has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 kind, path = sys.argv[1], sys.argv[2]
 lock = {
     "file": lambda: interlock.FileLock(path),
