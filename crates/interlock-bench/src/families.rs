@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use interlock::{
-    ErrorKind, FileLock, Flavor, LeaseLock, Lock, LockSet, Mode, ShmMutex, ShmRwLock, TryLockError,
-    Wait,
+    ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, Lock, LockSet, Mode, Semaphore,
+    ShmMutex, ShmRwLock, TryLockError, Wait,
 };
 
 use crate::targets::{setup_file, setup_none, Ctx, Floor, Group, Handle, Impl, Target};
@@ -34,7 +34,37 @@ fn family(
         floor,
         shared,
         recovers: true,
+        capacity: 1,
         imp: Impl::Rust { setup, open },
+    }
+}
+
+/// The permits of the semaphore targets (and the POSIX semaphore peer).
+pub const SEM_PERMITS: u32 = 2;
+
+/// A semaphore of `SEM_PERMITS + 1` permits that claims `SEM_PERMITS`:
+/// the torture must report violations for it (the control of its
+/// "never more than N inside" check).
+pub fn broken_semaphore() -> Target {
+    Target {
+        capacity: SEM_PERMITS as usize,
+        ..family(
+            "sem-broken",
+            "Semaphore with one permit too many (harness self-test)",
+            Floor::Futex,
+            false,
+            |c| {
+                Semaphore::open(shm_path(c, "sem-broken"), SEM_PERMITS + 1)
+                    .map(drop)
+                    .map_err(Into::into)
+            },
+            |c| {
+                Ok(Box::new(Il(Semaphore::open(
+                    shm_path(c, "sem-broken"),
+                    SEM_PERMITS + 1,
+                )?)))
+            },
+        )
     }
 }
 
@@ -99,6 +129,42 @@ pub fn targets() -> Vec<Target> {
             },
             |c| Ok(Box::new(ShmMx(ShmMutex::open(shm_path(c, "mutex"))?))),
         ),
+        Target {
+            capacity: SEM_PERMITS as usize,
+            ..family(
+                "shm-sem",
+                "interlock Semaphore (shm, N=2)",
+                Floor::Futex,
+                false,
+                |c| {
+                    Semaphore::open(shm_path(c, "sem"), SEM_PERMITS)
+                        .map(drop)
+                        .map_err(Into::into)
+                },
+                |c| {
+                    Ok(Box::new(Il(Semaphore::open(
+                        shm_path(c, "sem"),
+                        SEM_PERMITS,
+                    )?)))
+                },
+            )
+        },
+        Target {
+            capacity: SEM_PERMITS as usize,
+            ..family(
+                "file-sem",
+                "interlock FileSemaphore (OFD byte per permit, N=2)",
+                Floor::Ofd,
+                false,
+                setup_file,
+                |c| {
+                    Ok(Box::new(Il(FileSemaphore::open(
+                        c.lock_path(),
+                        SEM_PERMITS,
+                    )?)))
+                },
+            )
+        },
         family(
             "lease",
             "interlock LeaseLock (TTL 30 s)",

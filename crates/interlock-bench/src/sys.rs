@@ -487,3 +487,85 @@ pub fn try_reap(pid: u32) -> io::Result<bool> {
         _ => Ok(!(libc::WIFSTOPPED(status) || libc::WIFCONTINUED(status))),
     }
 }
+
+/// A named POSIX semaphore (`sem_open`), the peer of interlock's
+/// `Semaphore`. glibc implements it as a futex word in a file in /dev/shm
+/// (`sem.NAME`); a holder killed before `sem_post` leaks its permit.
+pub struct PosixSem {
+    sem: *mut libc::sem_t,
+}
+
+// SAFETY: a sem_t is designed for concurrent use from any thread and process.
+unsafe impl Send for PosixSem {}
+
+impl PosixSem {
+    fn name(name: &str) -> io::Result<std::ffi::CString> {
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// Creates (replacing any stale one) the semaphore `name` (`/NAME`)
+    /// with `value` permits. The name stays in /dev/shm after the run (as
+    /// `sem.NAME`), and is replaced by the next run's setup.
+    pub fn create(name: &str, value: u32) -> anyhow::Result<PosixSem> {
+        let c = Self::name(name)?;
+        // SAFETY: `c` is a valid NUL-terminated string.
+        unsafe { libc::sem_unlink(c.as_ptr()) };
+        // SAFETY: as above; the variadic arguments are the mode and the
+        // initial value, as sem_open(3) requires with O_CREAT.
+        let sem = unsafe {
+            libc::sem_open(
+                c.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL,
+                0o600 as libc::c_uint,
+                value as libc::c_uint,
+            )
+        };
+        if sem == libc::SEM_FAILED {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(PosixSem { sem })
+    }
+
+    /// Opens the existing semaphore `name`.
+    pub fn open(name: &str) -> anyhow::Result<PosixSem> {
+        let c = Self::name(name)?;
+        // SAFETY: `c` is a valid NUL-terminated string; no O_CREAT, so no
+        // variadic arguments are read.
+        let sem = unsafe { libc::sem_open(c.as_ptr(), 0) };
+        if sem == libc::SEM_FAILED {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(PosixSem { sem })
+    }
+
+    /// `sem_wait`, restarted after signals.
+    pub fn wait(&self) -> io::Result<()> {
+        loop {
+            // SAFETY: `self.sem` is a live semaphore from sem_open.
+            if unsafe { libc::sem_wait(self.sem) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// `sem_post`.
+    pub fn post(&self) -> io::Result<()> {
+        // SAFETY: `self.sem` is a live semaphore from sem_open.
+        if unsafe { libc::sem_post(self.sem) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl Drop for PosixSem {
+    fn drop(&mut self) {
+        // SAFETY: `self.sem` came from sem_open and is closed once, here.
+        unsafe { libc::sem_close(self.sem) };
+    }
+}

@@ -145,6 +145,9 @@ pub struct Target {
     /// expected to pass). Peers that wedge can still be tortured by name, to
     /// show it.
     pub recovers: bool,
+    /// How many may hold it exclusively at once: 1 for a lock, N for a
+    /// semaphore of N permits (the torture's occupancy bound).
+    pub capacity: usize,
     /// How to run it.
     pub imp: Impl,
 }
@@ -174,16 +177,39 @@ pub fn by_name(name: &str) -> Option<Target> {
 /// Targets that exist only to test the harness: `none` takes no lock at
 /// all, so the torture must report violations for it.
 pub fn hidden() -> Vec<Target> {
-    vec![rust(
-        "none",
-        "no lock (harness self-test)",
-        Group::Floor,
-        Floor::Ofd,
-        true,
-        true,
-        setup_none,
-        |_| Ok(Box::new(NoLock)),
-    )]
+    vec![
+        rust(
+            "none",
+            "no lock (harness self-test)",
+            Group::Floor,
+            Floor::Ofd,
+            true,
+            true,
+            setup_none,
+            |_| Ok(Box::new(NoLock)),
+        ),
+        crate::families::broken_semaphore(),
+    ]
+}
+
+/// The POSIX semaphore's name: one per scenario directory.
+fn posix_sem_name(c: &Ctx) -> String {
+    let tag = c
+        .shm_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("/interlock-bench-{tag}")
+}
+
+struct PosixSemHandle(crate::sys::PosixSem);
+impl Handle for PosixSemHandle {
+    fn run(&mut self, _mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        self.0.wait()?;
+        body();
+        self.0.post()?;
+        Ok(false)
+    }
 }
 
 struct NoLock;
@@ -212,6 +238,7 @@ fn rust(
         floor,
         shared,
         recovers,
+        capacity: 1,
         imp: Impl::Rust { setup, open },
     }
 }
@@ -247,6 +274,27 @@ fn peers() -> Vec<Target> {
     use Floor::*;
     use Group::Peer;
     vec![
+        Target {
+            capacity: crate::families::SEM_PERMITS as usize,
+            recovers: false,
+            ..rust(
+                "posix-sem",
+                "POSIX semaphore (sem_open, N=2; a killed holder leaks its permit)",
+                Peer,
+                Futex,
+                false,
+                false,
+                |c| {
+                    crate::sys::PosixSem::create(&posix_sem_name(c), crate::families::SEM_PERMITS)
+                        .map(drop)
+                },
+                |c| {
+                    Ok(Box::new(PosixSemHandle(crate::sys::PosixSem::open(
+                        &posix_sem_name(c),
+                    )?)))
+                },
+            )
+        },
         rust(
             "fs4",
             "fs4 0.13 (flock)",
@@ -358,6 +406,7 @@ fn python_peers() -> Vec<Target> {
         floor,
         shared,
         recovers: floor != Floor::Futex,
+        capacity: 1,
         imp: Impl::Python(lib),
     };
     vec![

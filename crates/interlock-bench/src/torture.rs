@@ -28,7 +28,10 @@
 //!   (frozen) holding at that moment, so the overlap was real.
 //! - The one blind spot: a lock that wrongly admits a new holder in the
 //!   microseconds between the SIGKILL and the victim's exit is not caught
-//!   (the victim is already condemned). Its states IDLE-before-release and
+//!   (the victim is already condemned). For a semaphore (capacity N > 1)
+//!   the victim is ignored from the moment it is frozen, because a checker
+//!   that entered beside it may legitimately be joined by a new holder
+//!   once the victim's death frees its permit. Its states IDLE-before-release and
 //!   acquired-before-HOLDING are also not visible; both windows are a few
 //!   instructions long.
 //! - Stalls: an acquirer computes how long the lock had been free while
@@ -134,19 +137,40 @@ fn held_mode(s: u64) -> Option<Mode> {
 }
 
 /// Scans the other slots from inside the critical section; returns whether
-/// another live holder was seen (any mode).
-fn check(p: &Page<'_>, me: usize, n: usize, mode: Mode, t_acq: u64) -> bool {
+/// another live holder was seen (any mode). `capacity` is how many may hold
+/// exclusively at once (N for a semaphore): a violation is a conflicting
+/// holder for a lock, more than N exclusive holders for a semaphore.
+fn check(p: &Page<'_>, me: usize, n: usize, mode: Mode, t_acq: u64, capacity: usize) -> bool {
     let mut others = false;
+    let mut exclusive = usize::from(mode == Mode::Exclusive);
     for j in (0..n).filter(|&j| j != me) {
         let k = p.slot(j, page::S_KILL_NS).load(Ordering::SeqCst);
         let s = p.slot(j, page::S_STATE).load(Ordering::SeqCst);
         let Some(m) = held_mode(s) else { continue };
+        // With capacity > 1 a victim's mark is ignored from the moment the
+        // killer froze it, even by a checker that acquired earlier: once
+        // its death released the permit, a new holder may legitimately
+        // join the checker, and the frozen mark can no longer tell whether
+        // that has happened yet. (For a lock the checker's own hold keeps
+        // anyone from joining, so there the rule below is exact.)
+        if capacity > 1 && k != 0 {
+            p.g(page::T_STALE_IGNORED).fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         if k != 0 && k <= t_acq {
             // A holder killed before we acquired: its mark is stale.
             p.g(page::T_STALE_IGNORED).fetch_add(1, Ordering::Relaxed);
             continue;
         }
         others = true;
+        if capacity > 1 {
+            if m == Mode::Exclusive {
+                exclusive += 1;
+            }
+            if exclusive <= capacity {
+                continue;
+            }
+        }
         if mode.conflicts_with(m) {
             p.g(page::T_VIOLATIONS).fetch_add(1, Ordering::SeqCst);
             let code = ((me as u64 + 1) << 16) | (j as u64 + 1);
@@ -266,11 +290,11 @@ pub fn worker(a: TortureWorkerArgs) -> Result<()> {
                 Ordering::SeqCst,
             );
             fence(Ordering::SeqCst);
-            let others = check(&p, me, a.procs, mode, t_acq);
+            let others = check(&p, me, a.procs, mode, t_acq, t.capacity);
             account(&p, me, a.procs, mode, t0, t_acq, others);
             slot(page::S_ACQ).fetch_add(1, Ordering::Relaxed);
             spin(hold);
-            check(&p, me, a.procs, mode, t_acq);
+            check(&p, me, a.procs, mode, t_acq, t.capacity);
             p.g(page::LAST_RELEASE)
                 .fetch_max(now_ns(), Ordering::SeqCst);
             slot(page::S_STATE).store(state::IDLE, Ordering::SeqCst);

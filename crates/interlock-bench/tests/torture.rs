@@ -38,6 +38,22 @@ fn no_lock_is_caught() {
 }
 
 #[test]
+fn a_semaphore_with_a_permit_too_many_is_caught() {
+    // The control of the "never more than N inside" check.
+    let (ok, text) = torture("sem-broken", "1");
+    assert!(!ok, "{text}");
+    assert!(!text.contains(" 0 violations"), "{text}");
+}
+
+#[test]
+fn the_semaphore_passes_with_kills() {
+    let (ok, text) = torture("shm-sem", "2");
+    assert!(ok, "{text}");
+    assert!(text.contains(" 0 violations"), "{text}");
+    assert!(!text.contains(" 0 kills"), "{text}");
+}
+
+#[test]
 fn kernel_lock_passes_with_kills() {
     let (ok, text) = torture("floor-flock", "2");
     assert!(ok, "{text}");

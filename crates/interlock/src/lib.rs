@@ -23,9 +23,9 @@ mod wait;
 
 pub use error::{Error, ErrorKind, Result, TryLockError};
 pub use file::{
-    holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard,
-    FileUpgradableGuard, FileWriteGuard, Flavor, Holder, IndexRange, LockKind, LockSet,
-    LockSetOptions, Scope, UpgradeFailed, INDEX_END, REGISTRY_DIR_ENV,
+    holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard, FileSemaphore,
+    FileSemaphoreGuard, FileUpgradableGuard, FileWriteGuard, Flavor, Holder, IndexRange, LockKind,
+    LockSet, LockSetOptions, Scope, UpgradeFailed, INDEX_END, REGISTRY_DIR_ENV,
 };
 pub use lease::{
     Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,
@@ -34,8 +34,9 @@ pub use lease::{
 pub use pg::{PgGuard, PgHolder, PgKey, PgLock, PgMutex, PgOptions, PgSession};
 #[cfg(not(loom))]
 pub use shm::{
-    LockResult, Poisoned, ShmArcGuard, ShmHold, ShmMutex, ShmMutexArcGuard, ShmMutexGuard,
-    ShmOptions, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard,
+    LockResult, Poisoned, Semaphore, SemaphoreGuard, ShmArcGuard, ShmHold, ShmMutex,
+    ShmMutexArcGuard, ShmMutexGuard, ShmOptions, ShmReadGuard, ShmRwLock, ShmUpgradableGuard,
+    ShmWriteGuard,
 };
 pub use sys::proc::ProcessId;
 pub use wait::{Blocked, Mode, OnBlock, Wait};

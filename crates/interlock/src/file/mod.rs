@@ -12,6 +12,7 @@ mod inspect;
 mod lock;
 mod open;
 mod ranges;
+mod sem;
 mod set;
 
 pub use deadlock::REGISTRY_DIR_ENV;
@@ -19,4 +20,5 @@ pub use inspect::{holders, Holder, LockKind};
 pub use lock::*;
 pub(crate) use open::PERMISSION_BITS;
 pub use ranges::{IndexRange, INDEX_END};
+pub use sem::{FileSemaphore, FileSemaphoreGuard};
 pub use set::{LockSet, LockSetOptions, Scope};

@@ -23,7 +23,7 @@
 //! |---|---|---|
 //! | 0 | [u8; 8] | magic `ILCKSHM\0` |
 //! | 8 | u32 | layout version ([`VERSION`]) |
-//! | 12 | u32 | kind: 1 = rwlock, 2 = mutex |
+//! | 12 | u32 | kind: 1 = rwlock, 2 = mutex, 3 = semaphore |
 //! | 16 | u32 | number of slots |
 //! | 20 | u32 | slot size (128) |
 //! | 24 | u32 | offset of the words (128) |
@@ -184,6 +184,8 @@ pub enum Kind {
     RwLock = 1,
     /// A [`crate::ShmMutex`].
     Mutex = 2,
+    /// A [`crate::Semaphore`] (its slots are the permits).
+    Semaphore = 3,
 }
 
 impl Kind {
@@ -191,6 +193,7 @@ impl Kind {
         match v {
             1 => Some(Kind::RwLock),
             2 => Some(Kind::Mutex),
+            3 => Some(Kind::Semaphore),
             _ => None,
         }
     }
@@ -200,6 +203,7 @@ impl Kind {
         match self {
             Kind::RwLock => "ShmRwLock",
             Kind::Mutex => "ShmMutex",
+            Kind::Semaphore => "Semaphore",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Shared-memory locks: [`ShmRwLock`] and [`ShmMutex`], built on atomics and
-//! futexes in a mapping several processes share.
+//! Shared-memory locks: [`ShmRwLock`], [`ShmMutex`] and the counting
+//! [`Semaphore`], built on atomics and futexes in a mapping several
+//! processes share.
 //!
 //! Why they are built this way: a kernel file lock costs a system call
 //! (1–2 µs) per acquisition; a process-shared pthread lock costs ~10 ns but
@@ -86,6 +87,8 @@ mod owned;
 mod poison;
 #[cfg(not(loom))]
 mod rwlock;
+#[cfg(not(loom))]
+mod semaphore;
 
 // The protocol and its layout are what the model checker runs; under
 // `--cfg loom` they are public (hidden) so that tests/loom_shm.rs can drive
@@ -95,6 +98,11 @@ pub(crate) mod layout;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod layout;
+#[cfg(not(loom))]
+pub(crate) mod permits;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod permits;
 #[cfg(not(loom))]
 pub(crate) mod protocol;
 #[cfg(loom)]
@@ -117,7 +125,11 @@ pub use poison::{LockResult, Poisoned};
 pub use rwlock::{
     ShmGuard, ShmHolders, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard,
 };
+#[cfg(not(loom))]
+pub use semaphore::{Semaphore, SemaphoreGuard};
 
+#[cfg(all(test, not(loom)))]
+mod sem_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 

@@ -12,7 +12,7 @@
 use super::layout::{self, Header, Kind, Slot, Words, HEADER_LEN, SLOTS_OFFSET, WORDS_OFFSET};
 use super::local;
 use super::protocol::{Core, Env};
-use super::{ShmMutex, ShmRwLock};
+use super::{Semaphore, ShmMutex, ShmRwLock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::mmap::{Mapping, View};
 use crate::wait::{Blocked, Mode, OnBlock};
@@ -168,6 +168,34 @@ impl ShmOptions {
         ))
     }
 
+    /// Opens or creates the semaphore `name` (see [`resolve`]) with
+    /// `permits` permits (1..=4094). An existing semaphore with another
+    /// number of permits is an `InvalidInput` error (the count is fixed at
+    /// creation). The slot count of these options is not used.
+    pub fn open_semaphore(&self, name: impl AsRef<Path>, permits: u32) -> Result<Semaphore> {
+        let opts = self.clone().slots(permits);
+        let inner = Inner::open(name.as_ref(), Kind::Semaphore, &opts)?;
+        let have = inner.permits().permits() as u32;
+        if have != permits {
+            return Err(Error::new(ErrorKind::InvalidInput, "open semaphore")
+                .with_path(&inner.path)
+                .with_detail(format!(
+                    "the semaphore exists with {have} permits, not {permits}"
+                )));
+        }
+        Ok(Semaphore::from_parts(inner, self.on_block.clone()))
+    }
+
+    /// A semaphore with `permits` permits in a fresh anonymous shared
+    /// mapping, shared with children forked afterwards.
+    pub fn anonymous_semaphore(&self, permits: u32) -> Result<Semaphore> {
+        let opts = self.clone().slots(permits);
+        Ok(Semaphore::from_parts(
+            Inner::anonymous(Kind::Semaphore, &opts)?,
+            self.on_block.clone(),
+        ))
+    }
+
     /// A mutex in a fresh anonymous shared mapping.
     pub fn anonymous_mutex(&self) -> Result<ShmMutex> {
         Ok(ShmMutex::from_parts(
@@ -245,6 +273,16 @@ impl Inner {
         self.view.words().state.load(Ordering::Relaxed) & layout::WRITER != 0
     }
 
+    /// The semaphore protocol over this mapping (its slots are the permits).
+    #[inline]
+    pub(crate) fn permits(&self) -> super::permits::Permits<'_, ProcEnv> {
+        super::permits::Permits {
+            words: self.view.words(),
+            cells: self.view.slots(),
+            env: &ProcEnv,
+        }
+    }
+
     #[inline]
     pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
         Core {
@@ -269,7 +307,7 @@ impl Inner {
             return Err(
                 Error::new(ErrorKind::InvalidInput, "create shared-memory lock").with_detail(
                     format!(
-                        "{} slots requested; a lock has {}..={}",
+                        "{} slots (or permits) requested; a lock has {}..={}",
                         opts.slots,
                         layout::MIN_SLOTS,
                         layout::MAX_SLOTS
@@ -280,7 +318,7 @@ impl Inner {
         Ok(())
     }
 
-    fn anonymous(kind: Kind, opts: &ShmOptions) -> Result<Inner> {
+    pub(crate) fn anonymous(kind: Kind, opts: &ShmOptions) -> Result<Inner> {
         Inner::check_slots(opts)?;
         let h = Header {
             kind,
@@ -296,7 +334,7 @@ impl Inner {
         ))
     }
 
-    fn open(name: &Path, kind: Kind, opts: &ShmOptions) -> Result<Inner> {
+    pub(crate) fn open(name: &Path, kind: Kind, opts: &ShmOptions) -> Result<Inner> {
         Inner::check_slots(opts)?;
         let path = resolve(name)?;
         let (file, header) = open_or_create(&path, kind, opts)?;
