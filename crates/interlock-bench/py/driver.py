@@ -60,8 +60,9 @@ class Hist:
 
 
 class Fasteners:
-    def __init__(self, d):
-        import fasteners
+    def __init__(self, d, fasteners=None):
+        if fasteners is None:
+            import fasteners
 
         self.l = fasteners.InterProcessReaderWriterLock(os.path.join(d, "lock"))
 
@@ -76,6 +77,38 @@ class Fasteners:
             self.l.release_write_lock()
         else:
             self.l.release_read_lock()
+
+
+class CompatFasteners(Fasteners):
+    """interlock's drop-in fasteners, used exactly as fasteners is above."""
+
+    def __init__(self, d):
+        from interlock.compat import fasteners
+
+        super().__init__(d, fasteners)
+
+
+class Locks:
+    def __init__(self, d, locks=None):
+        if locks is None:
+            import locks
+
+        self.m = locks.Mutex(os.path.join(d, "lock"))
+
+    def acquire(self, ex):
+        self.m.lock()
+
+    def release(self, ex):
+        self.m.release()
+
+
+class CompatLocks(Locks):
+    """interlock's drop-in locks, used exactly as locks is above."""
+
+    def __init__(self, d):
+        from interlock.compat import locks
+
+        super().__init__(d, locks)
 
 
 class FileLock:
@@ -227,6 +260,9 @@ class LockbydirProtocol:
 
 LIBS = {
     "fasteners": Fasteners,
+    "compat-fasteners": CompatFasteners,
+    "locks": Locks,
+    "compat-locks": CompatLocks,
     "filelock": FileLock,
     "portalocker": Portalocker,
     "prwlock": Prwlock,
@@ -243,6 +279,8 @@ PROBE = {
     "compat-pylocksfile": "interlock.compat.pylocksfile",
     "compat-lockbydir": "interlock.compat.lockbydir",
     "lockbydir-protocol": "os",
+    "compat-fasteners": "interlock.compat.fasteners",
+    "compat-locks": "interlock.compat.locks",
 }
 
 
@@ -324,7 +362,10 @@ def worker(a):
             prev = unpack("<Q", mm, LAST_OWNER)[0]
             if prev != me:
                 rel = unpack("<Q", mm, LAST_RELEASE)[0]
-                if prev != 0 and rel > t0:
+                # t1 < rel: we got the lock before the last holder let go
+                # (locks' release deletes the file, so two can hold it at
+                # once); no handoff to measure.
+                if prev != 0 and rel > t0 and t1 >= rel:
                     handoff.record(t1 - rel)
                 pack("<Q", mm, LAST_OWNER, me)
         spin()

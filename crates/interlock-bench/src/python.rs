@@ -18,6 +18,7 @@ use crate::contention::PythonEnv;
 pub const PACKAGES: &[&str] = &[
     "fasteners",
     "filelock",
+    "locks",
     "portalocker",
     "prwlock",
     "pylocksfile",

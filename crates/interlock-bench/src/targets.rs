@@ -418,6 +418,27 @@ fn python_peers() -> Vec<Target> {
             "fasteners",
         ),
         py(
+            "py-compat-fasteners",
+            "Python interlock.compat.fasteners (the same calls)",
+            Floor::Ofd,
+            true,
+            "compat-fasteners",
+        ),
+        py(
+            "py-locks",
+            "Python locks (flock; Mutex)",
+            Floor::Flock,
+            false,
+            "locks",
+        ),
+        py(
+            "py-compat-locks",
+            "Python interlock.compat.locks (the same calls)",
+            Floor::Flock,
+            false,
+            "compat-locks",
+        ),
+        py(
             "py-filelock",
             "Python filelock (flock + polling)",
             Floor::Flock,
