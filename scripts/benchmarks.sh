@@ -2,9 +2,26 @@
 # Regenerates BENCHMARKS.md and docs/bench/ in one go: first the criterion
 # benches (one lock+unlock pair, no contention, each lock beside its floor
 # and its peers), then the multi-process harness (contention, Python peers,
-# plots), whose report includes the criterion tables.
-# Arguments go to the harness, e.g. `scripts/benchmarks.sh --quick`.
+# plots), whose report starts with a "how fast is interlock" summary, records
+# the machine's load before and after, and includes the criterion tables.
+#
+#   scripts/benchmarks.sh                 # everything (~20 min on 2 CPUs)
+#   scripts/benchmarks.sh --no-criterion  # keep the criterion results in target/criterion
+#   scripts/benchmarks.sh --quick         # harness smoke run (~1 min); the report says so
+#   scripts/benchmarks.sh --procs 2,8 --holds 0 --no-python   # narrower harness scope
+#
+# Every argument except --no-criterion goes to `interlock-bench run` (see
+# `cargo run --release -p interlock-bench -- run --help`); the command line
+# is written into the report.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench lease
-INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "$@"
+criterion=1
+args=()
+for a in "$@"; do
+  if [[ "$a" == --no-criterion ]]; then criterion=0; else args+=("$a"); fi
+done
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [[ $criterion == 1 ]]; then
+  cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench lease
+fi
+INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "${args[@]}"

@@ -100,6 +100,50 @@ fn ratio(v: Option<f64>) -> String {
     v.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "".into())
 }
 
+/// The default form of each family, for the summary at the top of the
+/// report: (bench name, operation, or `None` for every operation).
+const SUMMARY: &[(&str, Option<&str>)] = &[
+    ("FileLock", None),
+    ("FileLock flock", None),
+    ("LockSet", Some("1 index exclusive")),
+    ("ShmRwLock", Some("write")),
+    ("ShmRwLock", Some("read")),
+    ("ShmMutex", Some("lock")),
+    ("LeaseLock durable", None),
+];
+
+/// The summary rows: the default form of each family, uncontended, as
+/// `| lock | operation | ns | × floor |` lines; empty without results.
+pub fn summary(benches: &[Bench]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, op) in SUMMARY {
+        let mut rows: Vec<&Bench> = benches
+            .iter()
+            .filter(|b| b.role == "interlock" && b.name == *name && op.is_none_or(|o| b.op == o))
+            .collect();
+        rows.sort_by(|a, b| b.op.cmp(&a.op));
+        for b in rows {
+            let floor = benches
+                .iter()
+                .find(|o| {
+                    o.group == b.group
+                        && o.role == "floor"
+                        && o.primitive == b.primitive
+                        && o.op == b.op
+                })
+                .map(|f| b.median_ns / f.median_ns);
+            out.push(format!(
+                "| {} | {} | {} | {} |",
+                b.name,
+                b.op,
+                ns(b.median_ns),
+                ratio(floor)
+            ));
+        }
+    }
+    out
+}
+
 /// The markdown section, one table per criterion group; `None` if there
 /// are no results.
 pub fn section(benches: &[Bench]) -> Option<String> {

@@ -347,6 +347,86 @@ fn uncontended_section(s: &mut String) {
     }
 }
 
+/// "How fast is interlock": the default form of each family, uncontended
+/// (criterion) and under contention (this run), in two short tables.
+fn summary_section(s: &mut String, rows: &[Row], ts: &[Target]) {
+    let _ = writeln!(s, "## How fast is interlock\n");
+    let benches = crate::criterion::load(&criterion_dir()).unwrap_or_default();
+    let lines = crate::criterion::summary(&benches);
+    if !lines.is_empty() {
+        let _ = writeln!(
+            s,
+            "One thread, no contention: one lock+unlock pair with the defaults, and its time over \
+             the bare primitive's (OFD fcntl, flock, a futex lock, mkdir+rmdir; 1× is the floor).\n"
+        );
+        let _ = writeln!(s, "| lock | operation | ns per pair | × floor |");
+        let _ = writeln!(s, "|---|---|---:|---:|");
+        for l in lines {
+            let _ = writeln!(s, "{l}");
+        }
+        let _ = writeln!(s);
+    }
+    let procs: Vec<usize> = {
+        let mut p: Vec<usize> = rows
+            .iter()
+            .filter(|r| r.scenario.mix == Mix::Writers && r.scenario.hold_ns == 0)
+            .map(|r| r.scenario.procs)
+            .filter(|&p| p > 1)
+            .collect();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    let fams: Vec<&Target> = ts.iter().filter(|t| t.group == Group::Interlock).collect();
+    if procs.is_empty() || fams.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "Contended, every acquisition exclusive, no hold: acquisitions per second of all \
+         processes together, over the floor's and the best peer's in the same scenario \
+         (above 1× is faster).\n"
+    );
+    let mut head = String::from("| lock |");
+    let mut rule = String::from("|---|");
+    for p in &procs {
+        let _ = write!(head, " {p} procs: acq/s (× floor, × best peer) |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for t in fams {
+        let mut line = format!("| {} |", t.label);
+        let mut any = false;
+        for p in &procs {
+            let r = rows.iter().find(|r| {
+                r.target == t.name
+                    && r.scenario.procs == *p
+                    && r.scenario.mix == Mix::Writers
+                    && r.scenario.hold_ns == 0
+                    && r.error.is_none()
+            });
+            match r {
+                Some(r) => {
+                    any = true;
+                    let x = ratios(r, rows, ts);
+                    let _ = write!(
+                        line,
+                        " {} ({}, {}) |",
+                        fmt_rate(r.acq_per_s),
+                        fmt_ratio(x.floor.map(|f| f.1)),
+                        fmt_ratio(x.best_peer.map(|b| b.1))
+                    );
+                }
+                None => line.push_str(" – |"),
+            }
+        }
+        if any {
+            let _ = writeln!(s, "{line}");
+        }
+    }
+    let _ = writeln!(s);
+}
+
 /// Writes BENCHMARKS.md.
 pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -> Result<()> {
     let mut s = String::new();
@@ -403,6 +483,8 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
          (file-system locks with file-system locks, shared memory with shared memory); `× floor` with the bare primitive \
          the row is built on (raw OFD fcntl, raw flock, a spin-then-futex lock in shared memory, raw mkdir/rmdir).\n"
     );
+
+    summary_section(&mut s, rows, ts);
 
     // Plots.
     if !c.plots.is_empty() {
