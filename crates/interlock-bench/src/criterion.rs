@@ -132,9 +132,13 @@ pub fn summary(benches: &[Bench]) -> Vec<String> {
                         && o.op == b.op
                 })
                 .map(|f| b.median_ns / f.median_ns);
+            let name = match b.group.strip_prefix("lease_uncontended_") {
+                Some(fs) => format!("{} on {fs}", b.name),
+                None => b.name.clone(),
+            };
             out.push(format!(
                 "| {} | {} | {} | {} |",
-                b.name,
+                name,
                 b.op,
                 ns(b.median_ns),
                 ratio(floor)
