@@ -9,11 +9,67 @@ use std::time::Duration;
 
 use anyhow::Result;
 use interlock::{
-    ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, Lock, LockSet, Mode, Semaphore,
-    ShmMutex, ShmRwLock, TryLockError, Wait,
+    ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, Lock, LockSet, Mode, PgLock, PgOptions,
+    Semaphore, ShmMutex, ShmRwLock, TryLockError, Wait,
 };
 
 use crate::targets::{setup_file, setup_none, Ctx, Floor, Group, Handle, Impl, Target};
+
+#[path = "../../interlock/tests/support/pg.rs"]
+#[allow(dead_code, clippy::all)]
+mod pgsupport;
+
+/// The server of the pg target: `INTERLOCK_PG_URL`, or a throwaway cluster
+/// started here (once per harness process; its URL is exported so that the
+/// workers, children of this process, use it too).
+fn pg_url() -> Result<String> {
+    if let Some(u) = std::env::var("INTERLOCK_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        return Ok(u);
+    }
+    let pg = pgsupport::shared().ok_or_else(|| {
+        anyhow::anyhow!("no PostgreSQL server: set INTERLOCK_PG_URL or install postgresql")
+    })?;
+    let url = pg.url();
+    std::env::set_var("INTERLOCK_PG_URL", &url);
+    Ok(url)
+}
+
+/// The scenario's lock name (unique per run: the scenario directory).
+fn pg_name(c: &Ctx) -> String {
+    format!("bench:{}", c.dir.display())
+}
+
+/// [`PgLock`] through the [`Lock`] trait, checking on every exclusive grant
+/// that its fencing token is above every token issued before it (kept in a
+/// file of the scenario directory, replaced atomically under the lock).
+struct PgTarget {
+    lock: PgLock,
+    last: std::path::PathBuf,
+}
+
+impl Handle for PgTarget {
+    fn run(&mut self, mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        let g = self.lock.acquire(mode, Wait::Forever)?;
+        if mode == Mode::Exclusive {
+            let prev: u64 = std::fs::read_to_string(&self.last)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            if g.token() <= prev {
+                anyhow::bail!("fencing token {} not above the previous {prev}", g.token());
+            }
+            let tmp = self.last.with_extension(std::process::id().to_string());
+            std::fs::write(&tmp, g.token().to_string())?;
+            std::fs::rename(&tmp, &self.last)?;
+        }
+        body();
+        g.unlock()?;
+        Ok(false)
+    }
+}
 
 /// A lease's time to live in the harness: long, so that only a dead local
 /// owner (detected at once) ever ends a lease early.
@@ -173,7 +229,81 @@ pub fn targets() -> Vec<Target> {
             setup_none,
             |c| Ok(Box::new(Il(LeaseLock::new(c.lease_path(), LEASE_TTL)?))),
         ),
+        family(
+            "pg",
+            "interlock PgLock (PostgreSQL, loopback TCP)",
+            Floor::Pg,
+            true,
+            |_| pg_url().map(drop),
+            |c| {
+                let lock = PgLock::with_options(&pg_name(c), PgOptions::new().url(pg_url()?))?;
+                Ok(Box::new(PgTarget {
+                    lock,
+                    last: c.dir.join("pg-token"),
+                }))
+            },
+        ),
+        Target {
+            name: "floor-pg",
+            label: "floor: interlock's two statements, raw, prepared (PostgreSQL)",
+            group: Group::Floor,
+            floor: Floor::Pg,
+            shared: true,
+            recovers: true,
+            imp: Impl::Rust {
+                setup: |c| {
+                    // The table and functions, made by a first PgLock.
+                    PgLock::with_options(&pg_name(c), PgOptions::new().url(pg_url()?))?;
+                    Ok(())
+                },
+                open: |c| Ok(Box::new(PgFloor::connect(&pg_url()?, &pg_name(c))?)),
+            },
+        },
     ]
+}
+
+/// The floor of the pg target: the acquisition (a blocking wait, one round
+/// trip) and the release statements interlock sends, raw, prepared once.
+struct PgFloor {
+    client: postgres::Client,
+    acquire: postgres::Statement,
+    release: postgres::Statement,
+    key: i64,
+}
+
+impl PgFloor {
+    fn connect(url: &str, name: &str) -> Result<PgFloor> {
+        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+        let acquire = client.prepare(
+            "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)",
+        )?;
+        let release = client.prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")?;
+        let key = match interlock::PgKey::name(name) {
+            interlock::PgKey::Int(k) => k,
+            interlock::PgKey::Pair(..) => unreachable!(),
+        };
+        Ok(PgFloor {
+            client,
+            acquire,
+            release,
+            key,
+        })
+    }
+}
+
+impl Handle for PgFloor {
+    fn run(&mut self, mode: Mode, body: &mut dyn FnMut()) -> Result<bool> {
+        let (k, k1, k2) = (self.key, (self.key >> 32) as i32, self.key as i32);
+        let shared = mode == Mode::Shared;
+        self.client.query_one(
+            &self.acquire,
+            &[&1i16, &k, &k1, &k2, &shared, &0i32, &10_000i32],
+        )?;
+        body();
+        self.client
+            .query_one(&self.release, &[&1i16, &k, &k1, &k2, &shared, &true])?;
+        Ok(false)
+    }
 }
 
 /// One index of a [`LockSet`] ("lock i is byte i"), the way a user who

@@ -89,6 +89,8 @@ pub enum Floor {
     Futex,
     /// mkdir/rmdir of a lock directory.
     Mkdir,
+    /// PostgreSQL advisory-lock statements over one prepared connection.
+    Pg,
 }
 
 impl Floor {
@@ -101,6 +103,7 @@ impl Floor {
             Floor::Futex if shared_mix => "floor-futex-rw",
             Floor::Futex => "floor-futex",
             Floor::Mkdir => "floor-mkdir",
+            Floor::Pg => "floor-pg",
         }
     }
 
@@ -109,6 +112,7 @@ impl Floor {
     pub fn class(self) -> &'static str {
         match self {
             Floor::Futex => "shm",
+            Floor::Pg => "pg",
             _ => "file",
         }
     }
