@@ -250,6 +250,7 @@ pub fn targets() -> Vec<Target> {
             floor: Floor::Pg,
             shared: true,
             recovers: true,
+            capacity: 1,
             imp: Impl::Rust {
                 setup: |c| {
                     // The table and functions, made by a first PgLock.
