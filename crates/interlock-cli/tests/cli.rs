@@ -853,3 +853,73 @@ fn messages_name_the_real_problem() {
     assert_fails(&run("9223372036854775807"), 64, "2^63-2");
     assert_fails(&run("5..=3"), 64, "`5..=3`");
 }
+
+/// A user who may only read the lock file takes it shared (both kinds), as
+/// flock(1) and fcntl read locks allow; the exclusive lock needs write
+/// permission (77).
+#[test]
+fn a_read_only_lock_file_can_be_locked_shared() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("interlock");
+    std::fs::copy(BIN, &bin).unwrap();
+    let lock = dir.path().join("ro.lock");
+    std::fs::write(&lock, b"").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(args).uid(65534).gid(65534).stdin(Stdio::null());
+        // ETXTBSY: another test's fork may briefly hold the copy open.
+        let mut tries = 0;
+        loop {
+            match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.unwrap(),
+            }
+        }
+    };
+    let l = lock.to_str().unwrap();
+    for kind in ["file", "flock"] {
+        let o = as_nobody(&["run", "-s", "--kind", kind, l, "--", "true"]);
+        assert_eq!(o.status.code(), Some(0), "{kind}: {}", stderr_of(&o));
+        let o = as_nobody(&["run", "--kind", kind, l, "--", "true"]);
+        assert_eq!(o.status.code(), Some(77), "{kind}: {}", stderr_of(&o));
+        assert!(stderr_of(&o).contains("read-only"), "{}", stderr_of(&o));
+    }
+    // The shared lock is real: it keeps a writer out.
+    let script = format!(
+        "exec {} run -s --kind flock {l} -- sh -c 'echo held; read x'",
+        bin.display()
+    );
+    let mut h = Command::new("sh")
+        .args(["-c", &script])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(h.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    assert_eq!(
+        interlock(&["run", "-n", "--kind", "flock", l, "--", "true"])
+            .status
+            .code(),
+        Some(1)
+    );
+    drop(h.stdin.take());
+    h.wait().unwrap();
+    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0);
+}

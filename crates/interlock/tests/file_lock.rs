@@ -272,7 +272,11 @@ fn euid() -> u32 {
 fn noperm_child() {
     let path = PathBuf::from(support::arg());
     let report = match FileLock::open(&path) {
-        Ok(_) => "opened".to_string(),
+        // A file it may read: shared locks only.
+        Ok(l) => match (l.read(), l.write()) {
+            (Ok(_), Err(e)) => format!("read-only {:?}", e.kind()),
+            (r, w) => format!("opened: read {:?}, write {:?}", r.is_ok(), w.is_ok()),
+        },
         Err(e) => format!(
             "{:?} {}",
             e.kind(),
@@ -298,11 +302,12 @@ fn no_permission_is_a_typed_error() {
     let cases = [ro_dir.join("x.lock"), ro_file];
 
     if euid() != 0 {
-        for p in &cases {
-            let e = FileLock::open(p).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
-            assert_eq!(e.path(), Some(p.as_path()));
-        }
+        let e = FileLock::open(&cases[0]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert_eq!(e.path(), Some(cases[0].as_path()));
+        let l = FileLock::open(&cases[1]).unwrap();
+        drop(l.read().unwrap());
+        assert_eq!(l.write().unwrap_err().kind(), ErrorKind::PermissionDenied);
         return;
     }
     // Root bypasses permission bits: run the check in a child that has
@@ -363,9 +368,14 @@ fn no_permission_is_a_typed_error() {
         let got = rx.recv_timeout(support::WAIT);
         let _ = c.kill();
         let _ = c.wait();
+        let want = if p == &cases[0] {
+            "PermissionDenied true"
+        } else {
+            "read-only PermissionDenied"
+        };
         assert_eq!(
             got.expect("unprivileged child answered"),
-            "PermissionDenied true",
+            want,
             "{}",
             p.display()
         );

@@ -230,7 +230,9 @@ impl FileLockOptions {
     ///
     /// The file is opened read-write (fcntl write locks need it) with
     /// `O_CLOEXEC` and `O_NOFOLLOW`, created if missing, and never truncated
-    /// or written. Errors name the path: [`ErrorKind::NotFound`] for a
+    /// or written. A file this user may only read is opened read-only: then
+    /// only shared locks can be taken, and the exclusive and upgradable
+    /// locks fail with [`ErrorKind::PermissionDenied`]. Errors name the path: [`ErrorKind::NotFound`] for a
     /// missing parent directory, [`ErrorKind::Corrupt`] for a directory, a
     /// symbolic link or another non-regular file at the path,
     /// [`ErrorKind::PermissionDenied`] without permission,
@@ -244,7 +246,7 @@ impl FileLockOptions {
                 .with_path(given)
                 .with_kind(ErrorKind::InvalidInput)
         })?;
-        let (file, id, hint) = open_file(&path, self.mode, self.hints)?;
+        let (file, id, hint, writable) = open_file(&path, self.mode, self.hints)?;
         if self.flavor == Flavor::Flock
             && fcntl::on_nfs(file.as_fd())
                 .map_err(|e| Error::io("stat file system", e).with_path(&path))?
@@ -274,23 +276,27 @@ impl FileLockOptions {
                 gate_held: None,
                 slot_held: None,
             }))),
+            read_only: AtomicBool::new(!writable),
             kernel_blocked: AtomicBool::new(false),
         })
     }
 }
 
+/// An opened lock file: descriptor, (device, inode), hint, whether it is
+/// writable.
+type Reopened = (File, (u64, u64), Option<Hint>, bool);
+
 /// Opens or creates the lock file and returns it with its (device, inode).
-/// FileLock needs a writable descriptor: fcntl write locks (its data lock,
-/// and the gate and slot of both flavors) fail on a read-only one.
-fn open_file(path: &Path, mode: u32, hints: bool) -> Result<(File, (u64, u64), Option<Hint>)> {
+/// A file this user may only read is opened read-only: shared locks need no
+/// more (fcntl read locks and flock both work on a read-only descriptor),
+/// and the exclusive and upgradable locks are then refused when asked for
+/// (their fcntl write locks on the data, gate and slot bytes need a
+/// writable one).
+fn open_file(path: &Path, mode: u32, hints: bool) -> Result<Reopened> {
     let opened = open_lock_file(path, mode, "open lock file")?;
-    if !opened.writable {
-        return Err(Error::new(ErrorKind::PermissionDenied, "open lock file")
-            .with_path(path)
-            .with_detail("a file lock needs write permission on the lock file"));
-    }
+    let writable = opened.writable;
     if !hints {
-        return Ok((opened.file, opened.id, None));
+        return Ok((opened.file, opened.id, None, writable));
     }
     let hint = hint::for_file(opened.id, opened.owner, opened.mode).map_err(|e| {
         Error::io("open the shared-memory hints", e)
@@ -303,7 +309,7 @@ fn open_file(path: &Path, mode: u32, hints: bool) -> Result<(File, (u64, u64), O
     if let Some(h) = &hint {
         h.note_open();
     }
-    Ok((opened.file, opened.id, hint))
+    Ok((opened.file, opened.id, hint, writable))
 }
 
 /// What the in-process layer knows about this handle's kernel locks.
@@ -430,6 +436,8 @@ pub struct FileLock {
     /// Set while a thread holding the state mutex is blocked in the kernel, so that a
     /// `try_*` in another thread answers WouldBlock instead of waiting.
     kernel_blocked: AtomicBool,
+    /// The descriptor is read-only: only shared locks can be taken.
+    read_only: AtomicBool,
 }
 
 impl fmt::Debug for FileLock {
@@ -862,7 +870,21 @@ impl FileLock {
         Ok(rw)
     }
 
+    /// Refuses the exclusive and upgradable locks on a read-only file.
+    fn needs_write(&self) -> Result<(), TryLockError> {
+        if self.read_only.load(Ordering::Relaxed) {
+            return Err(Error::new(ErrorKind::PermissionDenied, "lock")
+                .with_path(&self.path)
+                .with_detail(
+                    "the lock file is opened read-only (no write permission): only shared locks",
+                )
+                .into());
+        }
+        Ok(())
+    }
+
     fn write_rw(&self, wait: Wait) -> Result<WriteRw, TryLockError> {
+        self.needs_write()?;
         let mut a = Attempt::new(self, wait, Mode::Exclusive);
         let got = self.write_attempt(&mut a);
         a.finish(got)
@@ -882,6 +904,7 @@ impl FileLock {
     }
 
     fn upgradable_rw(&self, wait: Wait) -> Result<UpgRw, TryLockError> {
+        self.needs_write()?;
         let mut a = Attempt::new(self, wait, Mode::Shared);
         let got = self.upgradable_attempt(&mut a);
         a.finish(got)
@@ -1248,7 +1271,8 @@ impl FileLock {
     /// Replaces the descriptor with a fresh open of the path (creating the
     /// file). Only when no kernel lock is held through the old one.
     fn reopen(&self, st: &mut State) -> Result<()> {
-        let (file, id, hint) = open_file(&self.path, self.mode, self.hints)?;
+        let (file, id, hint, writable) = open_file(&self.path, self.mode, self.hints)?;
+        self.read_only.store(!writable, Ordering::Relaxed);
         st.file = Arc::new(file);
         st.id = id;
         st.hint = hint;
