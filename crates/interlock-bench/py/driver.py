@@ -258,7 +258,42 @@ class LockbydirProtocol:
         os.rmdir(self.path)
 
 
+class Interlock:
+    """interlock's own Python package, used as its README shows."""
+
+    def __init__(self, lock):
+        self.l = lock
+        self.g = None
+
+    def acquire(self, ex):
+        self.g = self.l.write() if ex else self.l.read()
+
+    def release(self, ex):
+        self.g.release()
+
+
+def interlock_file(d):
+    import interlock
+
+    return Interlock(interlock.FileLock(os.path.join(d, "interlock.lock")))
+
+
+def interlock_flock(d):
+    import interlock
+
+    return Interlock(interlock.FileLock(os.path.join(d, "interlock.lock"), flavor="flock"))
+
+
+def interlock_shm(d):
+    import interlock
+
+    return Interlock(interlock.ShmRwLock(os.path.join(d, "interlock.shm")))
+
+
 LIBS = {
+    "interlock-file": interlock_file,
+    "interlock-flock": interlock_flock,
+    "interlock-shm": interlock_shm,
     "fasteners": Fasteners,
     "compat-fasteners": CompatFasteners,
     "locks": Locks,
@@ -279,8 +314,14 @@ PROBE = {
     "compat-pylocksfile": "interlock.compat.pylocksfile",
     "compat-lockbydir": "interlock.compat.lockbydir",
     "lockbydir-protocol": "os",
+<<<<<<< HEAD
     "compat-fasteners": "interlock.compat.fasteners",
     "compat-locks": "interlock.compat.locks",
+=======
+    "interlock-file": "interlock",
+    "interlock-flock": "interlock",
+    "interlock-shm": "interlock",
+>>>>>>> 4c541dc (Python: leaner hold record (per-lock holder lists, interned), acquire()/release() keep holds without guard objects; harness rows for interlock's Python package (py-interlock-file, -flock, -shm; installed into .venv-bench from the checkout))
 }
 
 

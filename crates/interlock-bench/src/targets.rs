@@ -413,7 +413,37 @@ fn python_peers() -> Vec<Target> {
         capacity: 1,
         imp: Impl::Python(lib),
     };
+    // interlock's own Python package (python/interlock), installed into the
+    // harness's venv from this checkout: rows of interlock, compared with
+    // the Python peers of their class.
+    let ours = |name, label, floor, lib| Target {
+        name,
+        label,
+        group: Group::Interlock,
+        floor,
+        shared: true,
+        recovers: true,
+        imp: Impl::Python(lib),
+    };
     vec![
+        ours(
+            "py-interlock-file",
+            "Python interlock.FileLock (fcntl)",
+            Floor::Ofd,
+            "interlock-file",
+        ),
+        ours(
+            "py-interlock-flock",
+            "Python interlock.FileLock (flock)",
+            Floor::Flock,
+            "interlock-flock",
+        ),
+        ours(
+            "py-interlock-shm",
+            "Python interlock.ShmRwLock",
+            Floor::Futex,
+            "interlock-shm",
+        ),
         py(
             "py-fasteners",
             "Python fasteners (RW lock, lockf + polling)",

@@ -74,11 +74,11 @@ impl<T> PerProcess<T> {
 /// A reader-writer lock on a file, shared by threads and processes.
 #[pyclass(module = "interlock._native", name = "FileLock", subclass, frozen)]
 pub(crate) struct PyFileLock {
-    path: PathBuf,
+    path: Arc<std::path::Path>,
     flavor: Flavor,
     mode: u32,
     reentrant: bool,
-    key: Key,
+    key: Arc<hold::KeyState>,
     lock: PerProcess<FileLock>,
     holds: Holds,
 }
@@ -91,7 +91,7 @@ impl PyFileLock {
     fn core(&self, py: Python<'_>) -> PyResult<Arc<FileLock>> {
         self.lock
             .get(
-                || Self::open(&self.path, self.flavor, self.mode),
+                || Self::open(&self.path.to_path_buf(), self.flavor, self.mode),
                 || self.holds.forget(),
             )
             .map_err(|e| errors::from_error(py, &e))
@@ -99,7 +99,7 @@ impl PyFileLock {
 
     fn request(&self, mode: Mode, what: &'static str) -> Request<'_> {
         Request {
-            key: Some(self.key.clone()),
+            key: Some(&self.key),
             reentrant: self.reentrant,
             owner: self as *const Self as usize,
             mode,
@@ -110,13 +110,23 @@ impl PyFileLock {
     }
 
     fn take(&self, py: Python<'_>, kind: Kind, wait: Wait) -> PyResult<Py<Guard>> {
+        let r = self.take_shared(py, kind, wait)?;
+        hold::into_guard(py, &self.path, r)
+    }
+
+    fn take_shared(
+        &self,
+        py: Python<'_>,
+        kind: Kind,
+        wait: Wait,
+    ) -> PyResult<(Arc<hold::Shared>, bool)> {
         let core = self.core(py)?;
         let (mode, what) = match kind {
             Kind::Read => (Mode::Shared, "the shared lock"),
             Kind::Upgradable => (Mode::Shared, "the upgradable lock"),
             Kind::Write => (Mode::Exclusive, "the exclusive lock"),
         };
-        hold::acquire(py, &self.holds, self.request(mode, what), wait, move |w| {
+        hold::acquire_shared(py, &self.holds, self.request(mode, what), wait, move |w| {
             let h = match kind {
                 Kind::Read => Held::FileRead(core.read_arc(w)?),
                 Kind::Upgradable => Held::FileUpgradable(core.upgradable_arc(w)?),
@@ -177,9 +187,9 @@ impl PyFileLock {
                 &interlock::Error::io("open lock file", e).with_path(&path),
             )
         })?;
-        let key = Key::File(meta.dev(), meta.ino(), flavor as u8);
+        let key = hold::intern(Key::File(meta.dev(), meta.ino(), flavor as u8));
         Ok(PyFileLock {
-            path,
+            path: path.into(),
             flavor,
             mode,
             reentrant,
@@ -224,8 +234,8 @@ impl PyFileLock {
     ) -> PyResult<bool> {
         let wait = wait_of_threading(blocking, timeout)?;
         let kind = if shared { Kind::Read } else { Kind::Write };
-        let r = self.take(py, kind, wait);
-        hold::acquire_bool(py, &self.holds, r)
+        let r = self.take_shared(py, kind, wait);
+        hold::acquire_bool(py, &self.holds, &self.path, r)
     }
 
     /// Releases the latest hold taken by acquire() (any thread may call).
@@ -240,8 +250,9 @@ impl PyFileLock {
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
         let py = slf.py();
-        let g = slf.get().take(py, Kind::Write, Wait::Forever)?;
-        slf.get().holds.push(g);
+        let me = slf.get();
+        let r = me.take_shared(py, Kind::Write, Wait::Forever)?;
+        hold::enter(slf.py(), &me.holds, &me.path, r)?;
         Ok(slf.clone().unbind())
     }
 

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -89,27 +89,57 @@ pub(crate) enum Key {
     Lease(PathBuf),
 }
 
-struct Record {
-    gen: u64,
-    map: HashMap<(Key, u64), Arc<Shared>>,
+/// Who of this process holds one lock, by holder (thread or task): shared
+/// by every lock object of the same lock (interned by [`intern`]), so the
+/// check costs one uncontended mutex and a scan of a vector of (usually)
+/// at most one entry.
+pub(crate) struct KeyState {
+    /// (fork generation, [(holder, hold)]).
+    holders: Mutex<(u64, Holders)>,
 }
 
-static RECORD: Mutex<Option<Record>> = Mutex::new(None);
+/// Holds of one lock by holder (thread or task number).
+type Holders = Vec<(u64, Arc<Shared>)>;
 
-fn with_record<T>(f: impl FnOnce(&mut HashMap<(Key, u64), Arc<Shared>>) -> T) -> T {
-    let mut r = RECORD.lock();
-    let gen = generation();
-    let rec = r.get_or_insert_with(|| Record {
-        gen,
-        map: HashMap::new(),
-    });
-    if rec.gen != gen {
-        // A forked child: the holds are the parent's. Forget them (dropping
-        // them would release the parent's locks).
-        std::mem::forget(std::mem::take(&mut rec.map));
-        rec.gen = gen;
+impl KeyState {
+    fn with<T>(&self, f: impl FnOnce(&mut Holders) -> T) -> T {
+        let mut h = self.holders.lock();
+        let gen = generation();
+        if h.0 != gen {
+            // A forked child: the holds are the parent's. Forget them (dropping
+            // them would release the parent's locks).
+            std::mem::forget(std::mem::take(&mut h.1));
+            h.0 = gen;
+        }
+        f(&mut h.1)
     }
-    f(&mut rec.map)
+
+    fn remove(&self, thread: u64, s: &Arc<Shared>) {
+        self.with(|v| v.retain(|(t, x)| !(*t == thread && Arc::ptr_eq(x, s))));
+    }
+}
+
+static INTERNED: Mutex<Option<HashMap<Key, std::sync::Weak<KeyState>>>> = Mutex::new(None);
+
+/// The one [`KeyState`] of `key` in this process.
+pub(crate) fn intern(key: Key) -> Arc<KeyState> {
+    let mut m = INTERNED.lock();
+    let m = m.get_or_insert_with(HashMap::new);
+    if let Some(k) = m.get(&key).and_then(std::sync::Weak::upgrade) {
+        return k;
+    }
+    m.retain(|_, w| w.strong_count() > 0);
+    let k = Arc::new(KeyState {
+        holders: Mutex::new((generation(), Vec::new())),
+    });
+    m.insert(key, Arc::downgrade(&k));
+    k
+}
+
+fn unrecord(s: &Arc<Shared>) {
+    if let Some((k, t)) = &s.record {
+        k.remove(*t, s);
+    }
 }
 
 /// The hold behind one or more guards (more than one when reentrant).
@@ -117,7 +147,7 @@ pub(crate) struct Shared {
     held: Mutex<Option<Held>>,
     count: AtomicUsize,
     gen: u64,
-    record: Option<(Key, u64)>,
+    record: Option<(Arc<KeyState>, u64)>,
     pub(crate) owner: usize,
 }
 
@@ -157,10 +187,10 @@ pub(crate) enum Prior {
     },
 }
 
-/// Looks up what this thread holds of `key`.
-pub(crate) fn prior(key: &Key, thread: u64) -> Prior {
-    with_record(|m| match m.get(&(key.clone(), thread)) {
-        Some(s) => {
+/// Looks up what `thread` holds of `key`.
+pub(crate) fn prior(key: &KeyState, thread: u64) -> Prior {
+    key.with(|v| match v.iter().find(|(t, _)| *t == thread) {
+        Some((_, s)) => {
             let mode = s.held.lock().as_ref().map_or(Mode::Shared, Held::mode);
             Prior::Held {
                 shared: Arc::clone(s),
@@ -172,17 +202,21 @@ pub(crate) fn prior(key: &Key, thread: u64) -> Prior {
 }
 
 /// A new hold by `thread` (recorded under `key` if given).
-pub(crate) fn new_shared(held: Held, key: Option<Key>, thread: u64, owner: usize) -> Arc<Shared> {
-    let record = key.map(|k| (k, thread));
+pub(crate) fn new_shared(
+    held: Held,
+    key: Option<&Arc<KeyState>>,
+    thread: u64,
+    owner: usize,
+) -> Arc<Shared> {
     let s = Arc::new(Shared {
         held: Mutex::new(Some(held)),
         count: AtomicUsize::new(1),
         gen: generation(),
-        record: record.clone(),
+        record: key.map(|k| (Arc::clone(k), thread)),
         owner,
     });
-    if let Some(r) = record {
-        with_record(|m| m.insert(r, Arc::clone(&s)));
+    if let Some(k) = key {
+        k.with(|v| v.push((thread, Arc::clone(&s))));
     }
     s
 }
@@ -193,18 +227,38 @@ pub(crate) fn count_again(s: &Arc<Shared>) -> Arc<Shared> {
     Arc::clone(s)
 }
 
+/// Gives up one share of a hold; the last one releases the lock. In a
+/// forked child an inherited hold is forgotten instead (nothing released).
+pub(crate) fn release_shared(py: Python<'_>, s: Arc<Shared>) -> PyResult<()> {
+    if s.gen != generation() {
+        std::mem::forget(s);
+        return Ok(());
+    }
+    if s.count.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return Ok(());
+    }
+    unrecord(&s);
+    let held = s.held.lock().take();
+    let r = match held {
+        Some(h @ (Held::Lease(_) | Held::Scope(_))) => py.detach(|| h.release()),
+        Some(h) => h.release(),
+        None => Ok(()),
+    };
+    r.map_err(|e| errors::from_error(py, &e))
+}
+
 /// A held lock, as Python sees it: a context manager (also `async with`),
 /// releasable once, from any thread.
 #[pyclass(module = "interlock._native", name = "Guard", frozen)]
 pub(crate) struct Guard {
     shared: Mutex<Option<Arc<Shared>>>,
     gen: u64,
-    path: PathBuf,
+    path: Arc<Path>,
     token: Option<u64>,
 }
 
 impl Guard {
-    pub(crate) fn new(shared: Arc<Shared>, path: PathBuf) -> Guard {
+    pub(crate) fn new(shared: Arc<Shared>, path: Arc<Path>) -> Guard {
         let token = match &*shared.held.lock() {
             Some(Held::Lease(g)) => Some(g.token()),
             _ => None,
@@ -234,7 +288,7 @@ impl Guard {
         (s.gen == generation()).then_some(s)
     }
 
-    pub(crate) fn lock_path(&self) -> &PathBuf {
+    pub(crate) fn lock_path(&self) -> &Path {
         &self.path
     }
 
@@ -244,28 +298,7 @@ impl Guard {
         let Some(s) = self.shared.lock().take() else {
             return Ok(false);
         };
-        if s.gen != generation() {
-            // Inherited across fork: forget, release nothing.
-            std::mem::forget(s);
-            return Ok(true);
-        }
-        if s.count.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return Ok(true);
-        }
-        if let Some(r) = &s.record {
-            with_record(|m| {
-                if m.get(r).is_some_and(|x| Arc::ptr_eq(x, &s)) {
-                    m.remove(r);
-                }
-            });
-        }
-        let held = s.held.lock().take();
-        let r = match held {
-            Some(h @ (Held::Lease(_) | Held::Scope(_))) => py.detach(|| h.release()),
-            Some(h) => h.release(),
-            None => Ok(()),
-        };
-        r.map_err(|e| errors::from_error(py, &e))?;
+        release_shared(py, s)?;
         Ok(true)
     }
 
@@ -284,13 +317,7 @@ impl Drop for Guard {
                 return;
             }
             if s.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-                if let Some(r) = &s.record {
-                    with_record(|m| {
-                        if m.get(r).is_some_and(|x| Arc::ptr_eq(x, &s)) {
-                            m.remove(r);
-                        }
-                    });
-                }
+                unrecord(&s);
                 let held = s.held.lock().take();
                 drop(held);
             }
@@ -455,13 +482,15 @@ impl Ready {
 #[derive(Default)]
 pub(crate) struct Holds {
     all: Mutex<Vec<std::sync::Weak<Shared>>>,
-    stack: Mutex<Vec<Py<Guard>>>,
+    stack: Mutex<Vec<Arc<Shared>>>,
 }
 
 impl Holds {
     fn add(&self, s: &Arc<Shared>) {
         let mut all = self.all.lock();
-        all.retain(|w| w.strong_count() > 0);
+        if all.len() >= 32 {
+            all.retain(|w| w.strong_count() > 0);
+        }
         all.push(Arc::downgrade(s));
     }
 
@@ -487,13 +516,7 @@ impl Holds {
             if s.gen != gen {
                 continue;
             }
-            if let Some(r) = &s.record {
-                with_record(|m| {
-                    if m.get(r).is_some_and(|x| Arc::ptr_eq(x, &s)) {
-                        m.remove(r);
-                    }
-                });
-            }
+            unrecord(&s);
             let held = s.held.lock().take();
             if let Some(h) = held {
                 if let Err(e) = py.detach(|| h.release()) {
@@ -508,12 +531,12 @@ impl Holds {
     }
 
     /// Keeps a guard of `acquire()` / `with lock:` for `release()`.
-    pub(crate) fn push(&self, g: Py<Guard>) {
-        self.stack.lock().push(g);
+    pub(crate) fn push(&self, s: Arc<Shared>) {
+        self.stack.lock().push(s);
     }
 
     /// The latest hold of `acquire()` / `with lock:`.
-    pub(crate) fn pop(&self) -> Option<Py<Guard>> {
+    pub(crate) fn pop(&self) -> Option<Arc<Shared>> {
         self.stack.lock().pop()
     }
 
@@ -526,12 +549,12 @@ impl Holds {
 
 /// An acquisition, common to every family.
 pub(crate) struct Request<'a> {
-    pub key: Option<Key>,
+    pub key: Option<&'a Arc<KeyState>>,
     pub reentrant: bool,
     /// The lock object's address (reentrancy counts only through one object).
     pub owner: usize,
     pub mode: Mode,
-    pub path: &'a std::path::Path,
+    pub path: &'a Arc<Path>,
     /// For messages: "lock", "shared lock", "lease", ...
     pub what: &'a str,
     pub fast: crate::wait::Fast,
@@ -547,13 +570,69 @@ pub(crate) fn acquire(
     wait: interlock::Wait,
     f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
 ) -> PyResult<Py<Guard>> {
+    let path = Arc::clone(req.path);
+    into_guard(py, &path, acquire_shared(py, holds, req, wait, f)?)
+}
+
+/// The guard object of a hold (`OwnerDied` carrying it if poisoned).
+pub(crate) fn into_guard(
+    py: Python<'_>,
+    path: &Arc<Path>,
+    (s, poisoned): (Arc<Shared>, bool),
+) -> PyResult<Py<Guard>> {
+    let g = Py::new(py, Guard::new(s, Arc::clone(path)))?;
+    if poisoned {
+        return Err(owner_died(py, path, g));
+    }
+    Ok(g)
+}
+
+/// `with lock:`: keeps the hold for `__exit__` (or raises `OwnerDied`).
+pub(crate) fn enter(
+    py: Python<'_>,
+    holds: &Holds,
+    path: &Arc<Path>,
+    r: (Arc<Shared>, bool),
+) -> PyResult<()> {
+    if r.1 {
+        return into_guard(py, path, r).map(drop);
+    }
+    holds.push(r.0);
+    Ok(())
+}
+
+fn owner_died(py: Python<'_>, path: &Path, g: Py<Guard>) -> PyErr {
+    let e = errors::lock_error(
+        py,
+        errors::Class::OwnerDied,
+        format!(
+            "the previous holder of {} died holding it exclusively; the lock is held now \
+             (the exception's .guard), and the data it protects may be inconsistent",
+            path.display()
+        ),
+        Some(path),
+    );
+    if let Err(x) = e.value(py).setattr("guard", g) {
+        return x;
+    }
+    e
+}
+
+/// [`acquire`] without the guard object: the hold and whether it came
+/// poisoned.
+pub(crate) fn acquire_shared(
+    py: Python<'_>,
+    holds: &Holds,
+    req: Request<'_>,
+    wait: interlock::Wait,
+    f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
+) -> PyResult<(Arc<Shared>, bool)> {
     let thread = crate::wait::thread_ident();
-    if let Some(key) = &req.key {
+    if let Some(key) = req.key {
         if let Prior::Held { shared, mode } = prior(key, thread) {
             let covered = mode == Mode::Exclusive || req.mode == Mode::Shared;
             if req.reentrant && shared.owner == req.owner && covered {
-                let s = count_again(&shared);
-                return Py::new(py, Guard::new(s, req.path.to_path_buf()));
+                return Ok((count_again(&shared), false));
             }
             let detail = if req.reentrant && shared.owner == req.owner {
                 format!("{mode}; a reentrant lock counts only requests its hold covers")
@@ -569,22 +648,7 @@ pub(crate) fn acquire(
     let (held, poisoned) = got.map_err(|e| errors::from_try(py, &e, req.path, req.what))?;
     let s = new_shared(held, req.key, thread, req.owner);
     holds.add(&s);
-    let g = Py::new(py, Guard::new(s, req.path.to_path_buf()))?;
-    if poisoned {
-        let e = errors::lock_error(
-            py,
-            errors::Class::OwnerDied,
-            format!(
-                "the previous holder of {} died holding it exclusively; the lock is held now \
-                 (the exception's .guard), and the data it protects may be inconsistent",
-                req.path.display()
-            ),
-            Some(req.path),
-        );
-        e.value(py).setattr("guard", g.clone_ref(py))?;
-        return Err(e);
-    }
-    Ok(g)
+    Ok((s, poisoned))
 }
 
 /// `threading.Lock.acquire` on top of [`acquire`]: True when taken, False
@@ -592,21 +656,20 @@ pub(crate) fn acquire(
 pub(crate) fn acquire_bool(
     py: Python<'_>,
     holds: &Holds,
-    r: PyResult<Py<Guard>>,
+    path: &Arc<Path>,
+    r: PyResult<(Arc<Shared>, bool)>,
 ) -> PyResult<bool> {
     match r {
-        Ok(g) => {
-            holds.push(g);
+        Ok((s, false)) => {
+            holds.push(s);
             Ok(true)
         }
-        Err(e) => {
-            let would_block = errors::is_not_taken(py, &e);
-            if would_block {
-                Ok(false)
-            } else {
-                Err(e)
-            }
+        Ok((s, true)) => {
+            let g = Py::new(py, Guard::new(s, Arc::clone(path)))?;
+            Err(owner_died(py, path, g))
         }
+        Err(e) if errors::is_not_taken(py, &e) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -617,7 +680,7 @@ pub(crate) fn release_latest(
     path: &std::path::Path,
 ) -> PyResult<()> {
     match holds.pop() {
-        Some(g) => g.get().release(py),
+        Some(s) => release_shared(py, s),
         None => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
             "release of {}: not acquired through acquire() or `with`",
             path.display()

@@ -9,23 +9,28 @@ use interlock::{LeaseLock, LeaseOptions, Mode, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A lease lock.
 #[pyclass(module = "interlock._native", name = "LeaseLock", subclass, frozen)]
 pub(crate) struct PyLeaseLock {
-    path: PathBuf,
+    path: Arc<std::path::Path>,
     ttl: f64,
     lock: LeaseLock,
-    key: Key,
+    key: Arc<hold::KeyState>,
     holds: Holds,
 }
 
 impl PyLeaseLock {
     fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<Py<Guard>> {
+        let r = self.take_shared(py, wait)?;
+        hold::into_guard(py, &self.path, r)
+    }
+
+    fn take_shared(&self, py: Python<'_>, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
         let req = Request {
-            key: Some(self.key.clone()),
+            key: Some(&self.key),
             reentrant: false,
             owner: self as *const Self as usize,
             mode: Mode::Exclusive,
@@ -34,7 +39,7 @@ impl PyLeaseLock {
             fast: Fast::Detach,
         };
         let lock = &self.lock;
-        hold::acquire(py, &self.holds, req, wait, |w| {
+        hold::acquire_shared(py, &self.holds, req, wait, |w| {
             Ok((Held::Lease(lock.lock_arc(w)?), false))
         })
     }
@@ -76,8 +81,8 @@ impl PyLeaseLock {
             .map_err(|e| errors::from_error(py, &e))?;
         let path = lock.path().to_path_buf();
         Ok(PyLeaseLock {
-            key: Key::Lease(path.clone()),
-            path,
+            key: hold::intern(Key::Lease(path.clone())),
+            path: path.into(),
             ttl,
             lock,
             holds: Holds::default(),
@@ -93,8 +98,8 @@ impl PyLeaseLock {
     #[pyo3(signature = (blocking = true, timeout = -1.0))]
     fn acquire(&self, py: Python<'_>, blocking: bool, timeout: f64) -> PyResult<bool> {
         let wait = wait_of_threading(blocking, timeout)?;
-        let r = self.take(py, wait);
-        hold::acquire_bool(py, &self.holds, r)
+        let r = self.take_shared(py, wait);
+        hold::acquire_bool(py, &self.holds, &self.path, r)
     }
 
     fn release(&self, py: Python<'_>) -> PyResult<()> {
@@ -106,8 +111,9 @@ impl PyLeaseLock {
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let g = slf.get().take(slf.py(), Wait::Forever)?;
-        slf.get().holds.push(g);
+        let me = slf.get();
+        let r = me.take_shared(slf.py(), Wait::Forever)?;
+        hold::enter(slf.py(), &me.holds, &me.path, r)?;
         Ok(slf.clone().unbind())
     }
 

@@ -9,14 +9,13 @@ use crate::wait::{wait_of, Fast};
 use interlock::{LockSet, Mode, TryLockError};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A lock set: one owner of its file's byte locks (its own, not its
 /// thread's: any thread may lock and unlock through it).
 #[pyclass(module = "interlock._native", name = "LockSet", subclass, frozen)]
 pub(crate) struct PyLockSet {
-    path: PathBuf,
+    path: Arc<std::path::Path>,
     mode: u32,
     set: PerProcess<LockSet>,
     holds: Holds,
@@ -70,7 +69,7 @@ impl PyLockSet {
             .detach(|| LockSet::options().mode(mode).open(&path))
             .map_err(|e| errors::from_error(py, &e))?;
         Ok(PyLockSet {
-            path: set.path().to_path_buf(),
+            path: set.path().into(),
             mode,
             set: PerProcess::new(set),
             holds: Holds::default(),

@@ -23,22 +23,32 @@ fn open_named(py: Python<'_>, name: Option<&Bound<'_, PyAny>>) -> PyResult<Optio
 pub(crate) struct PyShmRwLock {
     /// The name as given (None: anonymous).
     name: Option<PathBuf>,
-    path: PathBuf,
+    path: Arc<std::path::Path>,
     lock: Arc<ShmRwLock>,
-    key: Key,
+    key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
 }
 
 impl PyShmRwLock {
     fn take(&self, py: Python<'_>, hold: ShmHold, wait: Wait) -> PyResult<Py<Guard>> {
+        let r = self.take_shared(py, hold, wait)?;
+        hold::into_guard(py, &self.path, r)
+    }
+
+    fn take_shared(
+        &self,
+        py: Python<'_>,
+        hold: ShmHold,
+        wait: Wait,
+    ) -> PyResult<(Arc<hold::Shared>, bool)> {
         let (mode, what) = match hold {
             ShmHold::Read => (Mode::Shared, "the shared lock"),
             ShmHold::Upgradable => (Mode::Shared, "the upgradable lock"),
             ShmHold::Write => (Mode::Exclusive, "the exclusive lock"),
         };
         let req = Request {
-            key: Some(self.key.clone()),
+            key: Some(&self.key),
             reentrant: self.reentrant,
             owner: self as *const Self as usize,
             mode,
@@ -47,7 +57,7 @@ impl PyShmRwLock {
             fast: Fast::TryFirst,
         };
         let lock = &self.lock;
-        hold::acquire(py, &self.holds, req, wait, |w| {
+        hold::acquire_shared(py, &self.holds, req, wait, |w| {
             Ok(match lock.acquire_arc(hold, w)? {
                 Ok(g) => (Held::Shm(g), false),
                 Err(p) => (Held::Shm(p.into_inner()), true),
@@ -73,13 +83,13 @@ impl PyShmRwLock {
         .map_err(|e| errors::from_error(py, &e))?;
         let lock = Arc::new(lock);
         let path = lock.path().to_path_buf();
-        let key = match &name {
+        let key = hold::intern(match &name {
             Some(_) => Key::Shm(path.clone()),
             None => Key::Anon(Arc::as_ptr(&lock) as usize),
-        };
+        });
         Ok(PyShmRwLock {
             name,
-            path,
+            path: path.into(),
             lock,
             key,
             reentrant,
@@ -121,8 +131,8 @@ impl PyShmRwLock {
         } else {
             ShmHold::Write
         };
-        let r = self.take(py, hold, wait);
-        hold::acquire_bool(py, &self.holds, r)
+        let r = self.take_shared(py, hold, wait);
+        hold::acquire_bool(py, &self.holds, &self.path, r)
     }
 
     fn release(&self, py: Python<'_>) -> PyResult<()> {
@@ -134,8 +144,9 @@ impl PyShmRwLock {
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let g = slf.get().take(slf.py(), ShmHold::Write, Wait::Forever)?;
-        slf.get().holds.push(g);
+        let me = slf.get();
+        let r = me.take_shared(slf.py(), ShmHold::Write, Wait::Forever)?;
+        hold::enter(slf.py(), &me.holds, &me.path, r)?;
         Ok(slf.clone().unbind())
     }
 
@@ -196,17 +207,22 @@ impl PyShmRwLock {
 #[pyclass(module = "interlock._native", name = "ShmMutex", subclass, frozen)]
 pub(crate) struct PyShmMutex {
     name: Option<PathBuf>,
-    path: PathBuf,
+    path: Arc<std::path::Path>,
     lock: Arc<ShmMutex>,
-    key: Key,
+    key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
 }
 
 impl PyShmMutex {
     fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<Py<Guard>> {
+        let r = self.take_shared(py, wait)?;
+        hold::into_guard(py, &self.path, r)
+    }
+
+    fn take_shared(&self, py: Python<'_>, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
         let req = Request {
-            key: Some(self.key.clone()),
+            key: Some(&self.key),
             reentrant: self.reentrant,
             owner: self as *const Self as usize,
             mode: Mode::Exclusive,
@@ -215,7 +231,7 @@ impl PyShmMutex {
             fast: Fast::TryFirst,
         };
         let lock = &self.lock;
-        hold::acquire(py, &self.holds, req, wait, |w| {
+        hold::acquire_shared(py, &self.holds, req, wait, |w| {
             Ok(match lock.lock_arc(w)? {
                 Ok(g) => (Held::Mutex(g), false),
                 Err(p) => (Held::Mutex(p.into_inner()), true),
@@ -241,13 +257,13 @@ impl PyShmMutex {
         .map_err(|e| errors::from_error(py, &e))?;
         let lock = Arc::new(lock);
         let path = lock.path().to_path_buf();
-        let key = match &name {
+        let key = hold::intern(match &name {
             Some(_) => Key::Shm(path.clone()),
             None => Key::Anon(Arc::as_ptr(&lock) as usize),
-        };
+        });
         Ok(PyShmMutex {
             name,
-            path,
+            path: path.into(),
             lock,
             key,
             reentrant,
@@ -264,8 +280,8 @@ impl PyShmMutex {
     #[pyo3(signature = (blocking = true, timeout = -1.0))]
     fn acquire(&self, py: Python<'_>, blocking: bool, timeout: f64) -> PyResult<bool> {
         let wait = wait_of_threading(blocking, timeout)?;
-        let r = self.take(py, wait);
-        hold::acquire_bool(py, &self.holds, r)
+        let r = self.take_shared(py, wait);
+        hold::acquire_bool(py, &self.holds, &self.path, r)
     }
 
     fn release(&self, py: Python<'_>) -> PyResult<()> {
@@ -277,8 +293,9 @@ impl PyShmMutex {
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let g = slf.get().take(slf.py(), Wait::Forever)?;
-        slf.get().holds.push(g);
+        let me = slf.get();
+        let r = me.take_shared(slf.py(), Wait::Forever)?;
+        hold::enter(slf.py(), &me.holds, &me.path, r)?;
         Ok(slf.clone().unbind())
     }
 
