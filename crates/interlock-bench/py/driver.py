@@ -314,14 +314,11 @@ PROBE = {
     "compat-pylocksfile": "interlock.compat.pylocksfile",
     "compat-lockbydir": "interlock.compat.lockbydir",
     "lockbydir-protocol": "os",
-<<<<<<< HEAD
     "compat-fasteners": "interlock.compat.fasteners",
     "compat-locks": "interlock.compat.locks",
-=======
     "interlock-file": "interlock",
     "interlock-flock": "interlock",
     "interlock-shm": "interlock",
->>>>>>> 4c541dc (Python: leaner hold record (per-lock holder lists, interned), acquire()/release() keep holds without guard objects; harness rows for interlock's Python package (py-interlock-file, -flock, -shm; installed into .venv-bench from the checkout))
 }
 
 
