@@ -423,6 +423,7 @@ fn python_peers() -> Vec<Target> {
         floor,
         shared: true,
         recovers: true,
+        capacity: 1,
         imp: Impl::Python(lib),
     };
     vec![
