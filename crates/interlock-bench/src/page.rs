@@ -82,6 +82,14 @@ pub const S_ACQ: usize = 24;
 pub const S_ACK: usize = 32;
 /// Pid of the worker in this slot.
 pub const S_PID: usize = 40;
+/// How many times the parent began killing this slot's worker (bumped
+/// before `S_KILL_NS` is set, never reset).
+pub const S_KILLS: usize = 48;
+/// Hold parity: odd while the worker holds (bumped right after it marks
+/// itself HOLDING and right before it marks itself IDLE; made even by the
+/// parent after a kill). Lets a semaphore's checker count only holders
+/// that held at one common instant.
+pub const S_HOLD_SEQ: usize = 56;
 
 /// Occupancy states of a slot.
 pub mod state {

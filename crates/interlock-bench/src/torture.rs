@@ -31,7 +31,10 @@
 //!   (the victim is already condemned). For a semaphore (capacity N > 1)
 //!   the victim is ignored from the moment it is frozen, because a checker
 //!   that entered beside it may legitimately be joined by a new holder
-//!   once the victim's death frees its permit. Its states IDLE-before-release and
+//!   once the victim's death frees its permit; and since a scan of the
+//!   slots is no snapshot, the semaphore check reads every slot twice and
+//!   counts only holders whose hold parity shows they held throughout (see
+//!   `check_capacity`). Its states IDLE-before-release and
 //!   acquired-before-HOLDING are also not visible; both windows are a few
 //!   instructions long.
 //! - Stalls: an acquirer computes how long the lock had been free while
@@ -141,36 +144,20 @@ fn held_mode(s: u64) -> Option<Mode> {
 /// exclusively at once (N for a semaphore): a violation is a conflicting
 /// holder for a lock, more than N exclusive holders for a semaphore.
 fn check(p: &Page<'_>, me: usize, n: usize, mode: Mode, t_acq: u64, capacity: usize) -> bool {
+    if capacity > 1 {
+        return check_capacity(p, me, n, capacity);
+    }
     let mut others = false;
-    let mut exclusive = usize::from(mode == Mode::Exclusive);
     for j in (0..n).filter(|&j| j != me) {
         let k = p.slot(j, page::S_KILL_NS).load(Ordering::SeqCst);
         let s = p.slot(j, page::S_STATE).load(Ordering::SeqCst);
         let Some(m) = held_mode(s) else { continue };
-        // With capacity > 1 a victim's mark is ignored from the moment the
-        // killer froze it, even by a checker that acquired earlier: once
-        // its death released the permit, a new holder may legitimately
-        // join the checker, and the frozen mark can no longer tell whether
-        // that has happened yet. (For a lock the checker's own hold keeps
-        // anyone from joining, so there the rule below is exact.)
-        if capacity > 1 && k != 0 {
-            p.g(page::T_STALE_IGNORED).fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
         if k != 0 && k <= t_acq {
             // A holder killed before we acquired: its mark is stale.
             p.g(page::T_STALE_IGNORED).fetch_add(1, Ordering::Relaxed);
             continue;
         }
         others = true;
-        if capacity > 1 {
-            if m == Mode::Exclusive {
-                exclusive += 1;
-            }
-            if exclusive <= capacity {
-                continue;
-            }
-        }
         if mode.conflicts_with(m) {
             p.g(page::T_VIOLATIONS).fetch_add(1, Ordering::SeqCst);
             let code = ((me as u64 + 1) << 16) | (j as u64 + 1);
@@ -181,6 +168,62 @@ fn check(p: &Page<'_>, me: usize, n: usize, mode: Mode, t_acq: u64, capacity: us
                 Ordering::SeqCst,
             );
         }
+    }
+    others
+}
+
+/// The check for a semaphore (capacity N > 1): more than N holders at one
+/// instant is a violation. A scan of the slots one after another is no
+/// snapshot (a holder seen in slot 1 may have left, and its permit gone to
+/// the holder seen next in slot 2), so the slots are read twice: a slot whose
+/// hold parity was odd and unchanged in both passes held throughout, and all
+/// such slots held together at the instant between the passes (the checker
+/// itself holds throughout). A slot under a kill at either pass, or killed
+/// in between, is left out: its death may have freed its permit for a new
+/// holder while its mark still says HOLDING. Counts only holders it can
+/// prove overlapped, so it never reports a violation that did not happen.
+fn check_capacity(p: &Page<'_>, me: usize, n: usize, capacity: usize) -> bool {
+    let read = |j: usize| {
+        (
+            p.slot(j, page::S_KILLS).load(Ordering::SeqCst),
+            p.slot(j, page::S_KILL_NS).load(Ordering::SeqCst),
+            p.slot(j, page::S_HOLD_SEQ).load(Ordering::SeqCst),
+        )
+    };
+    let mut first = [(0u64, 0u64, 0u64); page::MAX_SLOTS];
+    for (j, f) in first.iter_mut().enumerate().take(n) {
+        if j != me {
+            *f = read(j);
+        }
+    }
+    let mut others = false;
+    let mut holding = 1;
+    let mut last = me;
+    for j in (0..n).filter(|&j| j != me) {
+        let (c1, k1, q1) = first[j];
+        let (c2, k2, q2) = read(j);
+        if q1 % 2 == 0 && q2 % 2 == 0 {
+            continue;
+        }
+        if k1 != 0 || k2 != 0 || c1 != c2 {
+            p.g(page::T_STALE_IGNORED).fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        others = true;
+        if q1 == q2 {
+            holding += 1;
+            last = j;
+        }
+    }
+    if holding > capacity {
+        p.g(page::T_VIOLATIONS).fetch_add(1, Ordering::SeqCst);
+        let code = ((me as u64 + 1) << 16) | (last as u64 + 1);
+        let _ = p.g(page::T_FIRST_VIOLATION).compare_exchange(
+            0,
+            code,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
     others
 }
@@ -289,6 +332,7 @@ pub fn worker(a: TortureWorkerArgs) -> Result<()> {
                 },
                 Ordering::SeqCst,
             );
+            slot(page::S_HOLD_SEQ).fetch_add(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             let others = check(&p, me, a.procs, mode, t_acq, t.capacity);
             account(&p, me, a.procs, mode, t0, t_acq, others);
@@ -297,6 +341,7 @@ pub fn worker(a: TortureWorkerArgs) -> Result<()> {
             check(&p, me, a.procs, mode, t_acq, t.capacity);
             p.g(page::LAST_RELEASE)
                 .fetch_max(now_ns(), Ordering::SeqCst);
+            slot(page::S_HOLD_SEQ).fetch_add(1, Ordering::SeqCst);
             slot(page::S_STATE).store(state::IDLE, Ordering::SeqCst);
         });
         match died {
@@ -657,6 +702,7 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
         let frozen = p.slot(victim, page::S_STATE).load(Ordering::SeqCst);
         let held = held_mode(frozen);
         // (2) Condemn it, with the time.
+        p.slot(victim, page::S_KILLS).fetch_add(1, Ordering::SeqCst);
         let t_kill = now_ns();
         p.slot(victim, page::S_KILL_NS)
             .store(t_kill, Ordering::SeqCst);
@@ -677,6 +723,11 @@ pub fn torture_one(t: &Target, a: &TortureArgs) -> Result<Outcome> {
         // (4) Clear the state, then the condemnation.
         p.slot(victim, page::S_STATE)
             .store(state::IDLE, Ordering::SeqCst);
+        let q = p.slot(victim, page::S_HOLD_SEQ).load(Ordering::SeqCst);
+        if q % 2 == 1 {
+            p.slot(victim, page::S_HOLD_SEQ)
+                .store(q + 1, Ordering::SeqCst);
+        }
         p.slot(victim, page::S_KILL_NS).store(0, Ordering::SeqCst);
         // (5) Respawn.
         pool.spawn(victim)?;
