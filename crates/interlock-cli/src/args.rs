@@ -44,6 +44,13 @@ pub enum Kind {
     Shm,
     /// A lease: a lock directory with a time to live and a fencing token.
     Lease,
+    /// One of N permits (--permits N) of a counting semaphore in shared
+    /// memory, by name or path; a dead holder's permits return.
+    Sem,
+    /// One of N permits (--permits N) of a semaphore file (a permit is a
+    /// kernel lock on one byte): for processes that share the file but not
+    /// /dev/shm.
+    FileSem,
     /// A PostgreSQL advisory lock named NAME, with a fencing token (server
     /// from --url, INTERLOCK_PG_URL, or the libpq environment).
     Pg,
@@ -85,12 +92,19 @@ pub struct RunArgs {
     /// server frees a silent holder's lock after SECS; default 10).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub ttl: Option<Duration>,
+    /// For --kind sem and file-sem: the semaphore's number of permits N
+    /// (1..=4094; every user gives the same N).
+    #[arg(long, value_name = "N")]
+    pub permits: Option<u32>,
+    /// For --kind sem and file-sem: how many permits COMMAND holds (default 1).
+    #[arg(long, value_name = "K")]
+    pub take: Option<u32>,
     /// For --kind pg: the server, as a postgres:// URL or libpq key=value
     /// string (default: INTERLOCK_PG_URL, then PGHOST, PGPORT, PGUSER, ...).
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
-    /// The lock: a file path (file, flock, set), a name or path (shm), a
-    /// directory path (lease), a name (pg).
+    /// The lock: a file path (file, flock, set, file-sem), a name or path
+    /// (shm, sem), a directory path (lease), a name (pg).
     pub path: PathBuf,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -164,6 +178,25 @@ impl RunArgs {
         }
         if self.ttl.is_some() && !matches!(self.kind, Kind::Lease | Kind::Pg) {
             return Err("--ttl applies only to --kind lease and --kind pg".into());
+        }
+        let sem = matches!(self.kind, Kind::Sem | Kind::FileSem);
+        match (sem, self.permits) {
+            (true, None) => return Err("--kind sem and file-sem need --permits N".into()),
+            (true, Some(0)) => return Err("--permits must be at least 1".into()),
+            (false, Some(_)) => {
+                return Err("--permits applies only to --kind sem and file-sem".into())
+            }
+            _ => {}
+        }
+        match (sem, self.take) {
+            (false, Some(_)) => return Err("--take applies only to --kind sem and file-sem".into()),
+            (true, Some(k)) if k == 0 || self.permits.is_some_and(|n| k > n) => {
+                return Err("--take must be 1..=N (the --permits)".into())
+            }
+            _ => {}
+        }
+        if sem && self.shared {
+            return Err("a permit is taken whole: -s does not apply to a semaphore".into());
         }
         if self.url.is_some() && self.kind != Kind::Pg {
             return Err("--url applies only to --kind pg".into());

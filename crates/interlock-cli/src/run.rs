@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use interlock::{
-    Blocked, Error, ErrorKind, FileLock, Flavor, LeaseLock, LeaseOptions, LockResult, LockSet,
-    Mode, PgLock, PgOptions, ShmOptions, ShmReadGuard, ShmRwLock, ShmWriteGuard, TryLockError,
-    Wait,
+    Blocked, Error, ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, LeaseOptions,
+    LockResult, LockSet, Mode, PgLock, PgOptions, Semaphore, ShmOptions, ShmReadGuard, ShmRwLock,
+    ShmWriteGuard, TryLockError, Wait,
 };
 
 use crate::args::{Kind, RunArgs, StatusArgs};
@@ -165,7 +165,107 @@ pub fn run(args: RunArgs) -> u8 {
         Kind::Set => run_set(&plan),
         Kind::Lease => run_lease(&plan),
         Kind::Shm => run_shm(&plan),
+        Kind::Sem => run_sem(&plan),
+        Kind::FileSem => run_file_sem(&plan),
         Kind::Pg => run_pg(&plan),
+    }
+}
+
+/// `--kind sem`: K of the N permits of a shared-memory semaphore, held by
+/// interlock's process while COMMAND runs (which dies with it).
+fn run_sem(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let n = a.permits.expect("validated: --kind sem has --permits");
+    let k = a.take.unwrap_or(1);
+    let mut opts = ShmOptions::new();
+    if !a.quiet {
+        opts = opts.on_block(move |b: &Blocked<'_>| {
+            let by = Semaphore::open(b.resource, n)
+                .map(|s| permit_holders(&s.holders()))
+                .unwrap_or_default();
+            note!(
+                "interlock: waiting for {k} of {n} permits of {}{by}",
+                b.resource.display()
+            );
+        });
+    }
+    let sem = match opts.open_semaphore(&a.path, n) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let guard = match sem.try_acquire_many(k, plan.wait) {
+        Ok(g) => g,
+        Err(e) => return plan.not_taken(e),
+    };
+    let code = execute(&a.command, &[], None, Tie::DieWithUs);
+    match guard.release() {
+        Ok(()) => code,
+        Err(e) => release_failed(code, &e),
+    }
+}
+
+/// ` held by pid P (cmd) ×2, ...` for a list of permit holders.
+fn permit_holders(holders: &[interlock::ProcessId]) -> String {
+    let mut counted: Vec<(interlock::ProcessId, usize)> = Vec::new();
+    for &p in holders {
+        match counted.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, c)) => *c += 1,
+            None => counted.push((p, 1)),
+        }
+    }
+    if counted.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = counted
+        .iter()
+        .map(|(p, c)| {
+            let times = if *c > 1 {
+                format!(" x{c}")
+            } else {
+                String::new()
+            };
+            match p.command() {
+                Some(cmd) => format!("pid {} ({cmd}){times}", p.pid),
+                None => format!("pid {}{times}", p.pid),
+            }
+        })
+        .collect();
+    format!(" held by {}", each.join(", "))
+}
+
+/// `--kind file-sem`: K of the N permits of a semaphore file; COMMAND
+/// inherits the locked open file description, so it holds the permits
+/// itself until it exits (as with `--kind file`).
+fn run_file_sem(plan: &Plan<'_>) -> u8 {
+    let a = plan.args;
+    let n = a.permits.expect("validated: --kind file-sem has --permits");
+    let k = a.take.unwrap_or(1);
+    let on_block: Option<interlock::OnBlock> = if a.quiet {
+        None
+    } else {
+        Some(Arc::new(move |b: &Blocked<'_>| {
+            note!(
+                "interlock: waiting for {k} of {n} permits of {}",
+                b.resource.display()
+            );
+        }))
+    };
+    let sem = match FileSemaphore::open_with(&a.path, n, 0o644, on_block) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let guard = match sem.try_acquire_many(k, plan.wait) {
+        Ok(g) => g,
+        Err(e) => return plan.not_taken(e),
+    };
+    let fd = match sem.try_clone_file() {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    let code = execute(&a.command, &[], None, Tie::Descriptor(fd));
+    match guard.release() {
+        Ok(()) => code,
+        Err(e) => release_failed(code, &e),
     }
 }
 
@@ -730,7 +830,29 @@ fn shm_status(given: &Path, path: &Path) -> u8 {
                 }
                 m.is_poisoned() || dead
             }
-            Err(_) => return fail(&e),
+            Err(_) => match opts.open_existing_semaphore(path) {
+                Ok(s) => {
+                    let mut counted: Vec<(interlock::ProcessId, usize)> = Vec::new();
+                    for p in s.holders() {
+                        match counted.iter_mut().find(|(q, _)| *q == p) {
+                            Some((_, c)) => *c += 1,
+                            None => counted.push((p, 1)),
+                        }
+                    }
+                    for (p, c) in counted {
+                        let permits = if c == 1 { "permit" } else { "permits" };
+                        lines.push(format!("{} semaphore held ({c} {permits})", who(p)));
+                    }
+                    lines.push(format!(
+                        "{}: {} of {} permits free",
+                        given.display(),
+                        s.available(),
+                        s.permits()
+                    ));
+                    false
+                }
+                Err(_) => return fail(&e),
+            },
         },
         Err(e) => return fail(&e),
     };

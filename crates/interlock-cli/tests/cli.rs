@@ -923,3 +923,37 @@ fn a_read_only_lock_file_can_be_locked_shared() {
     h.wait().unwrap();
     assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0);
 }
+
+#[test]
+fn sem_kinds_run_the_command_under_a_permit_and_status_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["sem", "file-sem"] {
+        let p = dir.path().join(kind);
+        let ps = p.to_str().unwrap();
+        let o = interlock(&["run", "--kind", kind, "--permits", "2", ps, "--", "true"]);
+        assert!(o.status.success(), "{kind}: {}", stderr_of(&o));
+        // Both permits taken: a second run with -n is refused.
+        let o = interlock(&[
+            "run",
+            "--kind",
+            kind,
+            "--permits",
+            "2",
+            "--take",
+            "2",
+            ps,
+            "--",
+            "sh",
+            "-c",
+            &format!("{BIN} run -n --kind {kind} --permits 2 {ps} -- true; echo $?"),
+        ]);
+        assert!(o.status.success(), "{kind}: {}", stderr_of(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1", "{kind}");
+        let o = interlock(&["run", "--kind", kind, ps, "--", "true"]);
+        assert_fails(&o, 64, "--permits");
+    }
+    let p = dir.path().join("sem");
+    let o = interlock(&["status", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2 of 2 permits free"));
+}

@@ -170,6 +170,16 @@ impl FileSemaphore {
         })
     }
 
+    /// A new descriptor of the handle's open file description: whoever
+    /// holds it holds the permits taken through this handle (the kernel
+    /// releases them when the last such descriptor closes), e.g. a child
+    /// process that must keep the permit if its parent dies.
+    pub fn try_clone_file(&self) -> Result<File> {
+        self.file
+            .try_clone()
+            .map_err(|e| Error::io("duplicate semaphore file descriptor", e).with_path(&self.path))
+    }
+
     /// The semaphore's file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -186,6 +186,15 @@ impl ShmOptions {
         Ok(Semaphore::from_parts(inner, self.on_block.clone()))
     }
 
+    /// Opens the existing semaphore `name` with whatever number of permits
+    /// it has (never creates one: `NotFound` if missing), e.g. to inspect
+    /// it.
+    pub fn open_existing_semaphore(&self, name: impl AsRef<Path>) -> Result<Semaphore> {
+        let opts = self.clone().create(false);
+        let inner = Inner::open(name.as_ref(), Kind::Semaphore, &opts)?;
+        Ok(Semaphore::from_parts(inner, self.on_block.clone()))
+    }
+
     /// A semaphore with `permits` permits in a fresh anonymous shared
     /// mapping, shared with children forked afterwards.
     pub fn anonymous_semaphore(&self, permits: u32) -> Result<Semaphore> {
