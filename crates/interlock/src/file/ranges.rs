@@ -42,12 +42,25 @@ pub trait IndexRange {
     /// The half-open interval `start..end`, unchecked (it may be empty or
     /// out of bounds; `None` if it cannot even be expressed, e.g. `..=u64::MAX`).
     fn to_interval(&self) -> Option<Range<u64>>;
+
+    /// The range as its caller wrote it (`5..=3`, not the empty `5..5` it
+    /// stands for), for error messages.
+    fn shown(&self) -> String {
+        match self.to_interval() {
+            Some(r) => format!("{}..{}", r.start, r.end),
+            None => "beyond u64".to_string(),
+        }
+    }
 }
 
 impl IndexRange for u64 {
     #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(*self..self.checked_add(1)?)
+    }
+
+    fn shown(&self) -> String {
+        self.to_string()
     }
 }
 
@@ -67,12 +80,20 @@ impl IndexRange for RangeInclusive<u64> {
         }
         Some(*self.start()..self.end().checked_add(1)?)
     }
+
+    fn shown(&self) -> String {
+        format!("{}..={}", self.start(), self.end())
+    }
 }
 
 impl IndexRange for RangeFull {
     #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..INDEX_END)
+    }
+
+    fn shown(&self) -> String {
+        "..".to_string()
     }
 }
 
@@ -81,12 +102,20 @@ impl IndexRange for RangeFrom<u64> {
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(self.start..INDEX_END)
     }
+
+    fn shown(&self) -> String {
+        format!("{}..", self.start)
+    }
 }
 
 impl IndexRange for RangeTo<u64> {
     #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..self.end)
+    }
+
+    fn shown(&self) -> String {
+        format!("..{}", self.end)
     }
 }
 
@@ -95,12 +124,20 @@ impl IndexRange for RangeToInclusive<u64> {
     fn to_interval(&self) -> Option<Range<u64>> {
         Some(0..self.end.checked_add(1)?)
     }
+
+    fn shown(&self) -> String {
+        format!("..={}", self.end)
+    }
 }
 
 impl<T: IndexRange + ?Sized> IndexRange for &T {
     #[inline]
     fn to_interval(&self) -> Option<Range<u64>> {
         (**self).to_interval()
+    }
+
+    fn shown(&self) -> String {
+        (**self).shown()
     }
 }
 

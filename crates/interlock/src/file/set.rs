@@ -408,10 +408,7 @@ impl LockSet {
 
     fn check(&self, range: &impl IndexRange) -> Result<Range<u64>> {
         ranges::checked(range).map_err(|bad| {
-            let shown = match range.to_interval() {
-                Some(r) => format!("{}..{}", r.start, r.end),
-                None => "beyond u64".to_string(),
-            };
+            let shown = range.shown();
             let detail = match bad {
                 BadRange::Empty => format!("empty index range {shown}"),
                 BadRange::OutOfBounds => {
@@ -715,12 +712,19 @@ mod tests {
             Box::new(|| s.lock(0..INDEX_END + 1, Mode::Shared)),
             Box::new(|| s.lock(..=u64::MAX, Mode::Shared)),
             Box::new(|| s.unlock(u64::MAX)),
+            Box::new(|| s.lock(5..=3, Mode::Shared)),
         ];
         for c in cases {
             let e = c().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
             assert!(e.path().is_some());
         }
+        // The range is named as written, not as the empty interval it is.
+        #[allow(clippy::reversed_empty_ranges)]
+        let e = s.lock(5..=3, Mode::Shared).unwrap_err().to_string();
+        assert!(e.contains("5..=3"), "{e}");
+        let e = s.lock(..=u64::MAX, Mode::Shared).unwrap_err().to_string();
+        assert!(e.contains("..=18446744073709551615"), "{e}");
         s.lock(1 << 62, Mode::Exclusive).unwrap();
         s.lock(INDEX_END - 1, Mode::Exclusive).unwrap();
         assert_eq!(s.mode_of(1 << 62), Some(Mode::Exclusive));
