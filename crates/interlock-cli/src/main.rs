@@ -6,7 +6,8 @@
 //!   `-n`, or still held after `-w SECS`);
 //! - 64 bad usage, 65 unusable content at the path (a directory, a symbolic
 //!   link, a foreign or damaged lock), 66 no such file or directory, 69 not
-//!   supported here, 71 other system error, 75 a lease was lost while the
+//!   supported here, 71 other system error (also: a shared-memory lock
+//!   file truncated while in use, which would otherwise be SIGBUS), 75 a lease was lost while the
 //!   command ran (and it succeeded), 77 permission denied, 70 an internal
 //!   error (a bug: the command ended in a way the system does not report);
 //! - 126 the command cannot be executed, 127 the command was not found.
@@ -26,6 +27,7 @@ use args::{Cli, Command};
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    sys::bus_error_exits();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return ExitCode::from(usage_error(e)),

@@ -740,6 +740,14 @@ pub fn status(args: StatusArgs) -> u8 {
         _ => {}
     }
     let path = &args.path;
+    if args.kind == Some(Kind::Shm) {
+        // Asked for by name: no sniffing (a file too short for the magic is
+        // then a damaged shm lock, not a plain lock file).
+        return match interlock::shm::resolve(path) {
+            Ok(shm) => shm_status(path, &shm),
+            Err(e) => fail(&e),
+        };
+    }
     if let Some(shm) = shm_target(path) {
         return shm_status(path, &shm);
     }

@@ -133,3 +133,33 @@ pub fn die_with_parent(cmd: &mut Command) {
         })
     };
 }
+
+/// EX_OSERR from sysexits.h.
+const EX_OSERR: i32 = 71;
+
+extern "C" fn bus_error(_sig: libc::c_int) {
+    const MSG: &[u8] = b"interlock: a memory-mapped lock file was truncated while in use \
+(SIGBUS): the lock's state is gone; exiting with 71\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static
+    // buffer of the given length.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(EX_OSERR);
+    }
+}
+
+/// Turns SIGBUS (touching a shared-memory lock's mapping after its file was
+/// truncated, see docs/threat-model.md) into a one-line message and exit
+/// status 71 instead of a crash with 135. The library cannot prevent the
+/// signal: a truncation unmaps the pages from every process at once.
+pub fn bus_error_exits() {
+    // SAFETY: an all-zero sigaction is valid (empty mask, no flags).
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = bus_error as *const () as libc::sighandler_t;
+    // SAFETY: `act` is initialised; the handler only calls write(2) and
+    // _exit(2), both async-signal-safe.
+    unsafe {
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut());
+    }
+}

@@ -852,6 +852,37 @@ fn messages_name_the_real_problem() {
     assert_eq!(run("9223372036854775806").status.code(), Some(0));
     assert_fails(&run("9223372036854775807"), 64, "2^63-2");
     assert_fails(&run("5..=3"), 64, "`5..=3`");
+    assert_fails(&run("5..3"), 64, "`5..3`");
+
+    // A symbolic link that another user planted in a sticky directory
+    // (where the kernel refuses to follow it: EACCES) is named as a link.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        let sticky = dir.path().join("sticky");
+        std::fs::create_dir(&sticky).unwrap();
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let link = sticky.join("planted");
+        let st = Command::new("ln")
+            .arg("-s")
+            .arg(dir.path().join("elsewhere"))
+            .arg(&link)
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let l = link.to_str().unwrap();
+        for kind in ["file", "flock", "set"] {
+            let mut args = vec!["run", "--kind", kind, l];
+            if kind == "set" {
+                args.extend(["--range", "0"]);
+            }
+            args.extend(["--", "true"]);
+            assert_fails(&interlock(&args), 65, "symbolic link");
+        }
+        assert!(!dir.path().join("elsewhere").exists());
+    }
 }
 
 /// A user who may only read the lock file takes it shared (both kinds), as
@@ -956,4 +987,38 @@ fn sem_kinds_run_the_command_under_a_permit_and_status_counts_them() {
     let o = interlock(&["status", p.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("2 of 2 permits free"));
+}
+
+/// A shared-memory lock file that is shorter than its layout is a typed
+/// error (65), whatever its size, and one truncated while interlock has it
+/// mapped ends interlock with 71 and a message, not SIGBUS (135).
+#[test]
+fn a_truncated_shm_lock_is_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shm.lock");
+    let p = path.to_str().unwrap();
+    let o = interlock(&["run", "--kind", "shm", p, "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let good = std::fs::read(&path).unwrap();
+    let full = good.len();
+    for len in [1, 60, 200, 4096, full - 128, full + 4096] {
+        let mut bytes = good.clone();
+        bytes.resize(len, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let o = interlock(&["run", "--kind", "shm", p, "--", "true"]);
+        assert_fails(&o, 65, "bytes");
+        let o = interlock(&["status", "--kind", "shm", p]);
+        assert_fails(&o, 65, "bytes");
+    }
+    std::fs::remove_file(&path).unwrap();
+    // Truncated by the command while interlock holds it (the same user may
+    // do that; see docs/threat-model.md): the release touches the mapping.
+    for mode in [&["-s"][..], &[][..]] {
+        let mut args = vec!["run", "--kind", "shm"];
+        args.extend_from_slice(mode);
+        args.extend([p, "--", "truncate", "-s", "0", p]);
+        let o = interlock(&args);
+        assert_fails(&o, 71, "truncated while in use");
+        std::fs::remove_file(&path).unwrap();
+    }
 }
