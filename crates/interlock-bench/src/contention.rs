@@ -415,6 +415,8 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.wait_dir);
+        // The posix-sem target's semaphore (sem.NAME in /dev/shm).
+        crate::sys::PosixSem::unlink(&crate::targets::posix_sem_name_for(&self.wait_dir));
     }
 }
 

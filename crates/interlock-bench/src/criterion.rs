@@ -110,6 +110,8 @@ const SUMMARY: &[(&str, Option<&str>)] = &[
     ("ShmRwLock", Some("read")),
     ("ShmMutex", Some("lock")),
     ("LeaseLock durable", None),
+    ("Semaphore (shm)", Some("acquire")),
+    ("FileSemaphore", Some("acquire")),
 ];
 
 /// The summary rows: the default form of each family, uncontended, as

@@ -15,6 +15,7 @@ mod page;
 mod python;
 mod report;
 mod run;
+mod semwait;
 #[allow(unsafe_code)]
 mod sys;
 mod targets;
@@ -42,6 +43,9 @@ enum Cmd {
     /// Kill workers at random while they hold the lock; exit non-zero on any
     /// exclusion violation or a stall over the bound.
     Torture(torture::TortureArgs),
+    /// What a blocked semaphore waiter costs (wake-ups, CPU) and how late it
+    /// sees a freed permit, for both semaphore families.
+    SemWait(semwait::SemWaitArgs),
     /// List the targets.
     List,
     #[command(hide = true)]
@@ -56,6 +60,7 @@ fn main() {
         None => run::run(cli.run).map(|()| true),
         Some(Cmd::Run(a)) => run::run(a).map(|()| true),
         Some(Cmd::Torture(a)) => torture::torture(a),
+        Some(Cmd::SemWait(a)) => semwait::run(a).map(|()| true),
         Some(Cmd::List) => {
             for t in targets::all() {
                 println!(

@@ -38,6 +38,8 @@ pub struct ReportCtx {
     pub load: (String, String),
     /// Plot paths relative to the workspace root.
     pub plots: Vec<String>,
+    /// The semaphores' waiting-cost table (`sem-wait`), if measured.
+    pub sem_wait: Option<String>,
 }
 
 /// The command line as a user would type it (scripts/benchmarks.sh names
@@ -82,18 +84,24 @@ pub fn ratios(r: &Row, rows: &[Row], ts: &[Target]) -> Ratios {
         return out;
     }
     let class = t.floor.class();
+    // A semaphore of N permits is compared with peers of N permits only,
+    // and has no floor in the contention run (the floors are locks).
     let best = rows
         .iter()
         .filter(|o| same(&o.scenario, &r.scenario) && o.error.is_none() && o.acq_per_s > 0.0)
         .filter(|o| {
-            target(ts, &o.target)
-                .is_some_and(|ot| ot.group == Group::Peer && ot.floor.class() == class)
+            target(ts, &o.target).is_some_and(|ot| {
+                ot.group == Group::Peer && ot.floor.class() == class && ot.capacity == t.capacity
+            })
         })
         .max_by(|a, b| a.acq_per_s.total_cmp(&b.acq_per_s));
     if let Some(b) = best {
         out.best_peer = Some((b.target.clone(), r.acq_per_s / b.acq_per_s));
     }
     let fname = t.floor.target(r.scenario.mix.shared());
+    if t.capacity > 1 {
+        return out;
+    }
     if let Some(f) = rows.iter().find(|o| {
         o.target == fname
             && same(&o.scenario, &r.scenario)
@@ -377,7 +385,10 @@ fn summary_section(s: &mut String, rows: &[Row], ts: &[Target]) {
         p.dedup();
         p
     };
-    let fams: Vec<&Target> = ts.iter().filter(|t| t.group == Group::Interlock).collect();
+    let fams: Vec<&Target> = ts
+        .iter()
+        .filter(|t| t.group == Group::Interlock && t.capacity == 1)
+        .collect();
     if procs.is_empty() || fams.is_empty() {
         return;
     }
@@ -425,6 +436,94 @@ fn summary_section(s: &mut String, rows: &[Row], ts: &[Target]) {
         }
     }
     let _ = writeln!(s);
+}
+
+/// "Semaphores": the targets of more than one permit, every acquisition
+/// taking one permit, side by side with the POSIX semaphore, and the
+/// waiting cost of each family.
+fn semaphore_section(s: &mut String, rows: &[Row], ts: &[Target], c: &ReportCtx) {
+    let sems: Vec<&Target> = ts.iter().filter(|t| t.capacity > 1).collect();
+    let in_sems = |r: &&Row| sems.iter().any(|t| t.name == r.target);
+    let sem_rows: Vec<&Row> = rows
+        .iter()
+        .filter(in_sems)
+        .filter(|r| r.scenario.mix == Mix::Writers)
+        .collect();
+    if sem_rows.is_empty() && c.sem_wait.is_none() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## Semaphores
+"
+    );
+    let mut holds: Vec<u64> = sem_rows.iter().map(|r| r.scenario.hold_ns).collect();
+    holds.sort_unstable();
+    holds.dedup();
+    let mut procs: Vec<usize> = sem_rows.iter().map(|r| r.scenario.procs).collect();
+    procs.sort_unstable();
+    procs.dedup();
+    if !sem_rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "Every process takes one permit of the same semaphore of {} permits, holds it, gives it \
+             back, again: acquisitions per second of all processes together, and in parentheses \
+             over the POSIX semaphore's (`sem_open`, a futex word with no record of holders) in the \
+             same scenario (above 1× is faster).\n",
+            sems.first().map_or(0, |t| t.capacity)
+        );
+    }
+    for hold in holds {
+        let _ = writeln!(s, "**{}**\n", capitalise(&hold_title(hold)));
+        let head: Vec<String> = procs.iter().map(|p| format!("{p} procs")).collect();
+        let _ = writeln!(s, "| semaphore | {} |", head.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(procs.len()));
+        for t in &sems {
+            let cells: Vec<String> = procs
+                .iter()
+                .map(|&p| {
+                    let find = |name: &str| {
+                        sem_rows.iter().find(|r| {
+                            r.target == name && r.scenario.procs == p && r.scenario.hold_ns == hold
+                        })
+                    };
+                    match find(t.name) {
+                        Some(r) if r.error.is_some() => "failed".into(),
+                        Some(r) => match find("posix-sem")
+                            .filter(|o| o.error.is_none() && o.acq_per_s > 0.0)
+                        {
+                            Some(o) if t.name != "posix-sem" => format!(
+                                "{} ({})",
+                                fmt_rate(r.acq_per_s),
+                                fmt_ratio(Some(r.acq_per_s / o.acq_per_s))
+                            ),
+                            _ => fmt_rate(r.acq_per_s),
+                        },
+                        None => String::new(),
+                    }
+                })
+                .collect();
+            if cells.iter().all(String::is_empty) {
+                continue;
+            }
+            let label = if t.group == Group::Interlock {
+                format!("**{}**", t.label)
+            } else {
+                t.label.to_string()
+            };
+            let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+        }
+        s.push('\n');
+    }
+    if let Some(w) = &c.sem_wait {
+        let _ = writeln!(
+            s,
+            "**Waiting** (`interlock-bench sem-wait`): a thread blocked on a semaphore whose 2 \
+             permits another handle holds; how many times it ran and how much CPU it used per \
+             second of waiting (/proc/thread-self/schedstat), and how long after the holder freed \
+             one of its permits (at random) the waiter's acquire returned.\n\n{w}"
+        );
+    }
 }
 
 /// Writes BENCHMARKS.md.
@@ -558,6 +657,8 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
         }
         s.push('\n');
     }
+
+    semaphore_section(&mut s, rows, ts, c);
 
     // Where interlock stands.
     let il: Vec<&Row> = rows

@@ -236,6 +236,23 @@ pub fn run(a: RunArgs) -> Result<()> {
             rows.push(r);
         }
     }
+    // The semaphores' waiting cost, when a semaphore is in the run.
+    let sem_wait = if all.iter().any(|t| t.capacity > 1) {
+        eprintln!("interlock-bench: semaphore waiting cost (sem-wait)");
+        let args = crate::semwait::SemWaitArgs {
+            seconds: 1.0,
+            trials: if a.quick { 30 } else { 100 },
+        };
+        match crate::semwait::measure_all(&args) {
+            Ok(v) => Some(crate::semwait::table(&v)),
+            Err(e) => {
+                notes.push(format!("semaphore waiting cost not measured: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let elapsed = started.elapsed();
     let load_after = report::loadavg();
     let report_path = a
@@ -277,6 +294,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         py_libs: py.libs.clone(),
         matplotlib: py.matplotlib.clone(),
         load: (load_before, load_after),
+        sem_wait,
         bench_rel: bench_dir
             .strip_prefix(&report_dir)
             .unwrap_or(&bench_dir)

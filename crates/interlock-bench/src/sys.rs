@@ -504,8 +504,9 @@ impl PosixSem {
     }
 
     /// Creates (replacing any stale one) the semaphore `name` (`/NAME`)
-    /// with `value` permits. The name stays in /dev/shm after the run (as
-    /// `sem.NAME`), and is replaced by the next run's setup.
+    /// with `value` permits. The name stays in /dev/shm (as `sem.NAME`)
+    /// until [`PosixSem::unlink`] (the scenario's scratch directory calls
+    /// it when removed).
     pub fn create(name: &str, value: u32) -> anyhow::Result<PosixSem> {
         let c = Self::name(name)?;
         // SAFETY: `c` is a valid NUL-terminated string.
@@ -524,6 +525,15 @@ impl PosixSem {
             return Err(io::Error::last_os_error().into());
         }
         Ok(PosixSem { sem })
+    }
+
+    /// Removes the name `name` (a no-op if it does not exist); processes
+    /// that have it open keep using it.
+    pub fn unlink(name: &str) {
+        if let Ok(c) = Self::name(name) {
+            // SAFETY: `c` is a valid NUL-terminated string.
+            unsafe { libc::sem_unlink(c.as_ptr()) };
+        }
     }
 
     /// Opens the existing semaphore `name`.

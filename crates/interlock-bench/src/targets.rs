@@ -196,10 +196,16 @@ pub fn hidden() -> Vec<Target> {
     ]
 }
 
-/// The POSIX semaphore's name: one per scenario directory.
+/// The POSIX semaphore's name: one per scenario directory (the scratch
+/// directory unlinks it when it is removed).
 fn posix_sem_name(c: &Ctx) -> String {
-    let tag = c
-        .shm_dir
+    posix_sem_name_for(&c.shm_dir)
+}
+
+/// The POSIX semaphore's name for the scenario whose /dev/shm directory is
+/// `shm_dir`.
+pub fn posix_sem_name_for(shm_dir: &Path) -> String {
+    let tag = shm_dir
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();

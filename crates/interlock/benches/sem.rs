@@ -4,6 +4,8 @@
 //! * interlock `Semaphore` (shared memory): one CAS to take a cell, one CAS
 //!   to give it back and a load of the waiters word; its floor is the two
 //!   CASes on one word;
+//! * interlock `FileSemaphore` (file): a non-blocking OFD write lock on the
+//!   first free byte and its unlock; its floor is that raw lock + unlock;
 //! * a named POSIX semaphore (`sem_open`, glibc: a futex word in
 //!   /dev/shm), `sem_wait` + `sem_post`: no record of who holds a permit,
 //!   so a killed holder leaks it (the peer interlock must not be slower
@@ -14,7 +16,9 @@
 #![allow(unsafe_code)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use interlock::Semaphore;
+use interlock::__raw::{ofd_try, ByteRange, RangeLock};
+use interlock::{FileSemaphore, Semaphore};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -71,6 +75,25 @@ fn uncontended(c: &mut Criterion) {
         b.iter(|| posix.pair())
     });
     g.bench_function("shm/floor/CAS + CAS/acquire", |b| b.iter(|| floor(&atom)));
+
+    let fsem = FileSemaphore::open(dir.path().join("file-sem"), 2).unwrap();
+    g.bench_function("fcntl/interlock/FileSemaphore/acquire", |b| {
+        b.iter(|| drop(black_box(fsem.acquire().unwrap())))
+    });
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.path().join("raw"))
+        .unwrap();
+    const BYTE0: ByteRange = ByteRange { start: 0, len: 1 };
+    g.bench_function("fcntl/floor/raw OFD lock of byte 0/acquire", |b| {
+        b.iter(|| {
+            assert!(ofd_try(raw.as_fd(), RangeLock::Write, BYTE0).unwrap());
+            ofd_try(raw.as_fd(), RangeLock::Unlock, BYTE0).unwrap();
+        })
+    });
     g.finish();
 }
 
