@@ -886,10 +886,10 @@ fn messages_name_the_real_problem() {
 }
 
 /// A user who may only read the lock file takes it shared (both kinds), as
-/// flock(1) and fcntl read locks allow; the exclusive lock needs write
-/// permission (77).
+/// flock(1) and fcntl read locks allow, and exclusive with `flock` (as
+/// flock(1) can); the exclusive fcntl lock needs write permission (77).
 #[test]
-fn a_read_only_lock_file_can_be_locked_shared() {
+fn a_read_only_lock_file_can_be_locked_shared_and_flock_exclusive() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
     if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
@@ -918,40 +918,65 @@ fn a_read_only_lock_file_can_be_locked_shared() {
             }
         }
     };
-    let l = lock.to_str().unwrap();
-    for kind in ["file", "flock"] {
-        let o = as_nobody(&["run", "-s", "--kind", kind, l, "--", "true"]);
-        assert_eq!(o.status.code(), Some(0), "{kind}: {}", stderr_of(&o));
-        let o = as_nobody(&["run", "--kind", kind, l, "--", "true"]);
-        assert_eq!(o.status.code(), Some(77), "{kind}: {}", stderr_of(&o));
+    // A file of root's that nobody may read, and one of nobody's own that
+    // it made read-only (chmod 0444): the exclusive flock works on both, as
+    // flock(1) does; the exclusive fcntl lock needs write access (77).
+    let own = dir.path().join("own.lock");
+    std::fs::write(&own, b"").unwrap();
+    std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o444)).unwrap();
+    for lock in [&lock, &own] {
+        let l = lock.to_str().unwrap();
+        for kind in ["file", "flock"] {
+            let o = as_nobody(&["run", "-s", "--kind", kind, l, "--", "true"]);
+            assert_eq!(o.status.code(), Some(0), "{kind}: {}", stderr_of(&o));
+        }
+        let o = as_nobody(&["run", "--kind", "flock", l, "--", "true"]);
+        assert_eq!(o.status.code(), Some(0), "{l}: {}", stderr_of(&o));
+        let o = as_nobody(&["run", "--kind", "file", l, "--", "true"]);
+        assert_eq!(o.status.code(), Some(77), "{l}: {}", stderr_of(&o));
         assert!(stderr_of(&o).contains("read-only"), "{}", stderr_of(&o));
+
+        // The locks are real. Shared: keeps a writer out, lets a reader
+        // in. Exclusive: keeps both out, and so does it to flock(1). Once
+        // the holder is gone, the same requests succeed (the control).
+        for (mode, reader_in) in [("-s", true), ("-x", false)] {
+            let script = format!(
+                "exec {} run {mode} --kind flock {l} -- sh -c 'echo held; read x'",
+                bin.display()
+            );
+            let mut h = Command::new("sh")
+                .args(["-c", &script])
+                .uid(65534)
+                .gid(65534)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(h.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "held", "{mode}");
+            let try_now = |args: &[&str]| {
+                let mut a = vec!["run", "-n", "--kind", "flock"];
+                a.extend_from_slice(args);
+                a.extend([l, "--", "true"]);
+                interlock(&a).status.code()
+            };
+            assert_eq!(try_now(&[]), Some(1), "{mode}: a writer got in");
+            let reader = try_now(&["-s"]);
+            assert_eq!(reader, Some(if reader_in { 0 } else { 1 }), "{mode}");
+            let flock1 = Command::new("flock").args(["-n", "-x", l, "true"]).status();
+            if let Ok(st) = flock1 {
+                assert!(!st.success(), "{mode}: flock(1) got in");
+            }
+            drop(h.stdin.take());
+            h.wait().unwrap();
+            assert_eq!(try_now(&[]), Some(0), "{mode}: control");
+            assert_eq!(try_now(&["-s"]), Some(0), "{mode}: control");
+        }
     }
-    // The shared lock is real: it keeps a writer out.
-    let script = format!(
-        "exec {} run -s --kind flock {l} -- sh -c 'echo held; read x'",
-        bin.display()
-    );
-    let mut h = Command::new("sh")
-        .args(["-c", &script])
-        .uid(65534)
-        .gid(65534)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(h.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "held");
-    assert_eq!(
-        interlock(&["run", "-n", "--kind", "flock", l, "--", "true"])
-            .status
-            .code(),
-        Some(1)
-    );
-    drop(h.stdin.take());
-    h.wait().unwrap();
     assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0);
 }
 

@@ -272,9 +272,22 @@ fn euid() -> u32 {
 fn noperm_child() {
     let path = PathBuf::from(support::arg());
     let report = match FileLock::open(&path) {
-        // A file it may read: shared locks only.
+        // A file it may read: shared locks only with the fcntl flavor; the
+        // flock flavor's exclusive lock too (flock(2) allows it), but not
+        // its upgradable lock (the slot is an fcntl write lock).
         Ok(l) => match (l.read(), l.write()) {
-            (Ok(_), Err(e)) => format!("read-only {:?}", e.kind()),
+            (Ok(r), Err(e)) => {
+                drop(r);
+                let f = FileLock::options()
+                    .flavor(Flavor::Flock)
+                    .open(&path)
+                    .unwrap();
+                let flock = match (f.read().map(drop), f.write().map(drop), f.upgradable_read()) {
+                    (Ok(()), Ok(()), Err(u)) => format!("flock write, upgradable {:?}", u.kind()),
+                    (r, w, u) => format!("flock: {:?} {:?} {:?}", r.is_ok(), w.is_ok(), u.is_ok()),
+                };
+                format!("read-only {:?}; {flock}", e.kind())
+            }
             (r, w) => format!("opened: read {:?}, write {:?}", r.is_ok(), w.is_ok()),
         },
         Err(e) => format!(
@@ -308,6 +321,15 @@ fn no_permission_is_a_typed_error() {
         let l = FileLock::open(&cases[1]).unwrap();
         drop(l.read().unwrap());
         assert_eq!(l.write().unwrap_err().kind(), ErrorKind::PermissionDenied);
+        let f = FileLock::options()
+            .flavor(Flavor::Flock)
+            .open(&cases[1])
+            .unwrap();
+        drop(f.write().unwrap());
+        assert_eq!(
+            f.upgradable_read().unwrap_err().kind(),
+            ErrorKind::PermissionDenied
+        );
         return;
     }
     // Root bypasses permission bits: run the check in a child that has
@@ -371,7 +393,7 @@ fn no_permission_is_a_typed_error() {
         let want = if p == &cases[0] {
             "PermissionDenied true"
         } else {
-            "read-only PermissionDenied"
+            "read-only PermissionDenied; flock write, upgradable PermissionDenied"
         };
         assert_eq!(
             got.expect("unprivileged child answered"),

@@ -231,8 +231,12 @@ impl FileLockOptions {
     /// The file is opened read-write (fcntl write locks need it) with
     /// `O_CLOEXEC` and `O_NOFOLLOW`, created if missing, and never truncated
     /// or written. A file this user may only read is opened read-only: then
-    /// only shared locks can be taken, and the exclusive and upgradable
-    /// locks fail with [`ErrorKind::PermissionDenied`]. Errors name the path: [`ErrorKind::NotFound`] for a
+    /// shared locks can be taken with either flavor, the exclusive lock with
+    /// the flock flavor only (flock(2) allows it on a read-only descriptor;
+    /// such a writer gets no preference over readers, since it cannot shut
+    /// the gate), and the fcntl flavor's exclusive lock and the upgradable
+    /// lock fail with [`ErrorKind::PermissionDenied`] (they need fcntl write
+    /// locks). Errors name the path: [`ErrorKind::NotFound`] for a
     /// missing parent directory, [`ErrorKind::Corrupt`] for a directory, a
     /// symbolic link or another non-regular file at the path,
     /// [`ErrorKind::PermissionDenied`] without permission,
@@ -289,9 +293,10 @@ type Reopened = (File, (u64, u64), Option<Hint>, bool);
 /// Opens or creates the lock file and returns it with its (device, inode).
 /// A file this user may only read is opened read-only: shared locks need no
 /// more (fcntl read locks and flock both work on a read-only descriptor),
-/// and the exclusive and upgradable locks are then refused when asked for
-/// (their fcntl write locks on the data, gate and slot bytes need a
-/// writable one).
+/// nor does the flock flavor's exclusive lock (`LOCK_EX`, with a read lock
+/// on the slot); the fcntl flavor's exclusive lock and the upgradable lock
+/// are refused when asked for (their fcntl write locks on the data, gate
+/// and slot bytes need a writable descriptor).
 fn open_file(path: &Path, mode: u32, hints: bool) -> Result<Reopened> {
     let opened = open_lock_file(path, mode, "open lock file")?;
     let writable = opened.writable;
@@ -436,7 +441,8 @@ pub struct FileLock {
     /// Set while a thread holding the state mutex is blocked in the kernel, so that a
     /// `try_*` in another thread answers WouldBlock instead of waiting.
     kernel_blocked: AtomicBool,
-    /// The descriptor is read-only: only shared locks can be taken.
+    /// The descriptor is read-only: only shared locks, and the flock
+    /// flavor's exclusive lock, can be taken.
     read_only: AtomicBool,
 }
 
@@ -876,7 +882,8 @@ impl FileLock {
             return Err(Error::new(ErrorKind::PermissionDenied, "lock")
                 .with_path(&self.path)
                 .with_detail(
-                    "the lock file is opened read-only (no write permission): only shared locks",
+                    "the lock file is opened read-only (no write permission): only shared locks, \
+                     and exclusive ones with the flock flavor",
                 )
                 .into());
         }
@@ -884,7 +891,13 @@ impl FileLock {
     }
 
     fn write_rw(&self, wait: Wait) -> Result<WriteRw, TryLockError> {
-        self.needs_write()?;
+        // flock(LOCK_EX) works on a read-only descriptor, and the flock
+        // flavor's writer then needs no fcntl write lock (see
+        // `kernel_exclusive`); the fcntl flavor's exclusive lock is an fcntl
+        // write lock, which does.
+        if self.flavor == Flavor::Fcntl {
+            self.needs_write()?;
+        }
         let mut a = Attempt::new(self, wait, Mode::Exclusive);
         let got = self.write_attempt(&mut a);
         a.finish(got)
@@ -1189,6 +1202,26 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 let f = st.file.clone();
+                if self.read_only.load(Ordering::Relaxed) {
+                    // A descriptor opened read-only (this user may only read
+                    // the file) cannot take fcntl write locks, so it cannot
+                    // shut the gate: this writer gets no preference over
+                    // readers. A read lock on the slot still keeps it out of
+                    // an upgrader's conversion (the upgrader holds the slot
+                    // with a write lock through it), and queues it behind
+                    // the slow-path writers (they hold the slot too).
+                    let slot = Req::Ofd(RangeLock::Read, self.slot());
+                    let got = a
+                        .block(&f, slot, true)
+                        .and_then(|()| a.block(&f, Req::Flock(FlockOp::Exclusive), true));
+                    let freed = unlock_ofd(&f, self.slot());
+                    got?;
+                    if let Err(e) = freed {
+                        let _ = unlock_flock(&f);
+                        return Err(self.io_err("unlock", e).into());
+                    }
+                    return Ok(false);
+                }
                 let got = a
                     .block(&f, Req::Ofd(Write, self.slot()), true)
                     .and_then(|()| {
