@@ -459,3 +459,57 @@ def howToUse(secs=9):
         time.sleep(secs)
         lock.unlocking()
     return acquired
+
+
+# -- lockbydir_OS's own checks of its helpers -----------------------------------
+# (The original module ran these as its self-test; they print what the
+# helpers return, in a directory "testing" under the current directory.)
+
+
+def mkdirRmdir(pathname, Q):
+    """Makes, then removes, the directory ``pathname``; appends the pair of
+    results to the list ``Q`` (an ``(errno, error)`` pair in place of a
+    result that raised)."""
+    results = []
+    for step in (mkdir_ReturnWhetherSuccessful, rmdir_ReturnWhetherSuccessfullyRemoved):
+        try:
+            results.append(step(pathname))
+        except Exception as e:  # reported in Q, as the original did
+            results.append((getattr(e, "errno", None), e))
+    Q.append(tuple(results))
+
+
+def test_mkdirRmdir():
+    """Prints the results of mkdir, mkdir, rmdir, rmdir of ``testing``
+    (expected: True, False, True, False)."""
+    pathname = "testing"
+    rmdir_ReturnWhetherSuccessfullyRemoved(pathname)
+    print("mkdir attempt 1: result =", mkdir_ReturnWhetherSuccessful(pathname))
+    print("exists, ageInSeconds =", pathExists(pathname), pathAgeInSeconds(pathname))
+    print("mkdir attempt 2: result =", mkdir_ReturnWhetherSuccessful(pathname))
+    print("rmdir attempt 1: result =", rmdir_ReturnWhetherSuccessfullyRemoved(pathname))
+    print("exists, ageInSeconds =", pathExists(pathname), pathAgeInSeconds(pathname))
+    print("rmdir attempt 2: result =", rmdir_ReturnWhetherSuccessfullyRemoved(pathname))
+
+
+def test_mkdirRmdirConcurrent(n):
+    """``n`` threads each run :func:`mkdirRmdir` on ``testing`` at once;
+    prints their results (all True or False when nothing unexpected
+    happened) and returns them."""
+    Q = []
+    threads = [threading.Thread(target=mkdirRmdir, args=("testing", Q)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(Q)
+    return Q
+
+
+def tests():
+    """Runs both checks of the helpers."""
+    print("lockbydir OS-level routines. Tests.")
+    print("Test 1:")
+    test_mkdirRmdir()
+    print("Test 2:")
+    test_mkdirRmdirConcurrent(10)

@@ -50,12 +50,17 @@ What differs, on purpose:
   forked child's ``release()`` unlocked its parent's lock). A child process
   does not hold its parent's lock and cannot release it.
 - **Pickling** copies ``path``, ``timeout`` and the callback, never a hold.
+- A ``Mutex`` dropped while it holds the lock keeps holding it until the
+  process ends, as the original's (whose descriptor was never closed): the
+  module keeps the object alive until ``release()``.
 - **No self-deadlock.** A thread that holds the lock through one ``Mutex``
   and calls ``lock()`` on another for the same file got a wait that could
   never end (without a timeout) or ended only at the timeout. Here, with a
   ``timeout`` and no ``callback``, it gets the ``BlockingIOError`` at once;
   otherwise ``interlock.AlreadyHeld`` (a ``RuntimeError``) at once.
-- The private ``_fd`` attribute does not exist.
+- The private ``_fd`` is ``None`` while the ``Mutex`` holds nothing, as
+  in the original; while it holds the lock it is a true value that is not
+  a file descriptor (interlock does not hand out its descriptor).
 """
 
 import errno
@@ -75,6 +80,35 @@ __license__ = "MIT"
 __description__ = "POSIX file system locking using flock"
 
 _get_ident = threading.get_ident
+
+
+class _Held:
+    """What ``Mutex._fd`` is while the lock is held: true, and no descriptor
+    (passing it to ``os.close`` or ``fcntl.flock`` raises ``TypeError``)."""
+
+    __slots__ = ()
+
+    def __bool__(self):
+        return True
+
+    def __repr__(self):
+        return "<interlock.compat.locks: held (no file descriptor)>"
+
+
+_HELD = _Held()
+
+# The Mutex objects holding the lock, by id: a Mutex dropped while it holds
+# keeps holding until the process ends, as the original's leaked descriptor
+# did (it was closed only by release()).
+_holding = {}
+
+
+def _forget_holds_in_child():
+    # A forked child holds none of its parent's locks.
+    _holding.clear()
+
+
+os.register_at_fork(after_in_child=_forget_holds_in_child)
 
 
 class Mutex:
@@ -146,6 +180,7 @@ class Mutex:
             raise
         self._guard = guard
         self._owner = me
+        _holding[id(self)] = self
 
     def release(self):
         """Releases the lock, if this ``Mutex`` holds it; otherwise does
@@ -155,6 +190,7 @@ class Mutex:
             self._guard = self._owner = None
             if guard is None:
                 return
+            _holding.pop(id(self), None)
             if owner[0] != os.getpid():
                 # A forked child's copy: the lock is the parent's.
                 self._lock = None
@@ -166,8 +202,20 @@ class Mutex:
                     os.unlink(self.path)
                 except OSError:
                     pass
-                self._lock = None  # the next lock() opens (creates) it anew
+                # The next lock() opens (creates) it anew, with a FileLock
+                # whose first acquisition checks the path. (Keeping this
+                # FileLock would not do: its inode is gone, and its later
+                # checks of the path are skipped while no removal is
+                # announced.)
+                self._lock = None
             guard.release()
+
+    @property
+    def _fd(self):
+        """``None`` unless this ``Mutex`` holds the lock (the original's
+        descriptor attribute; here, while held, a true value that is not a
+        descriptor)."""
+        return None if self._guard is None else _HELD
 
     def __enter__(self):
         self.lock()

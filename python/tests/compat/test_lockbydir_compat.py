@@ -246,6 +246,22 @@ def test_os_helpers(tmp_path):
     assert lockbydir.pathAgeInSeconds(d) == lockbydir.ERROR
 
 
+def test_the_os_modules_own_checks(tmp_path, monkeypatch, capsys):
+    # lockbydir_OS ran tests() as its self-test: mkdir/mkdir/rmdir/rmdir of
+    # "testing" in the current directory, then ten threads doing both.
+    monkeypatch.chdir(tmp_path)
+    lockbydir.tests()
+    out = capsys.readouterr().out
+    results = [line.rsplit("= ", 1)[1] for line in out.splitlines() if "attempt" in line]
+    assert results == ["True", "False", "True", "False"]
+    q = lockbydir.test_mkdirRmdirConcurrent(10)
+    assert len(q) == 10 and all(r in (True, False) for pair in q for r in pair)
+    assert not os.path.exists("testing")
+    q = []
+    lockbydir.mkdirRmdir(str(tmp_path / "no" / "such" / "dir"), q)
+    assert q[0][0][0] == 2 and q[0][1] is False  # ENOENT reported, not raised
+
+
 def test_info_logger(capsys):
     log = lockbydir.getInfoLogger("[me]")
     log("hello %s", "there")

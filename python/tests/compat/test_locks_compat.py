@@ -3,11 +3,14 @@ interoperation with the real ``locks`` (flock), and the defects fixed.
 
 The original's test suite (test_locks.py in its repository) is not in its
 sdist, so these are our own tests of every public behaviour it checks:
-the constructor's attributes, a second ``lock()`` being a no-op, another
-``Mutex`` with a timeout failing with ``BlockingIOError``/``EAGAIN``, the
-callback called once before waiting, ``release()`` and ``with`` removing
-the file, a child process failing to take a held lock, a child's release,
-and two objects in one thread excluding each other.
+the constructor's attributes (``_fd`` included), a second ``lock()`` being
+a no-op, another ``Mutex`` with a timeout failing with
+``BlockingIOError``/``EAGAIN`` (also when the first ``Mutex`` was dropped
+while holding), the callback called once before waiting, ``release()`` and
+``with`` removing the file (with ``remove=True``), a child process failing
+to take a held lock, a child's release, and two objects in one thread
+excluding each other. (scripts/ancestor-tests.sh runs the original file
+itself, given a copy of it.)
 """
 
 import errno
@@ -48,6 +51,56 @@ def test_constructor_keeps_its_arguments():
     cb = object()
     m = Mutex("/tmp/x.lock", 3.14, cb)
     assert (m.path, m.timeout, m._callback) == ("/tmp/x.lock", 3.14, cb)
+
+
+def test_fd_is_none_unless_held(path):
+    # The original's tests read the private _fd: None until lock(), and
+    # None again after a lock() that failed.
+    m = Mutex(path, timeout=0.1)
+    assert m._fd is None
+    m.lock()
+    assert m._fd  # held: a true value, but no descriptor to misuse
+    with pytest.raises(TypeError):
+        os.close(m._fd)
+    other = Mutex(path, timeout=0.1)
+    e = in_thread(other.lock)
+    assert isinstance(e, BlockingIOError) and other._fd is None
+    m.release()
+    assert m._fd is None
+
+
+HOLD_AND_DROP = r"""
+import gc, sys
+from interlock.compat.locks import Mutex
+m = Mutex(sys.argv[1])
+m.lock()
+if sys.argv[2] == "release":
+    m.release()
+del m
+gc.collect()
+print("dropped", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("then", ["drop", "release"])
+def test_a_dropped_mutex_keeps_its_lock_until_the_process_ends(spawn, path, then):
+    # As the original's (whose descriptor stayed open): the object goes, the
+    # lock stays. The "release" run is the control: the same probe sees the
+    # lock free once it was released.
+    c = spawn("-c", HOLD_AND_DROP, path, then)
+    c.expect("dropped")
+    probe = Mutex(path, timeout=0.1)
+    if then == "drop":
+        with pytest.raises(BlockingIOError):
+            probe.lock()
+        c.send()
+        c.proc.wait(20)
+        probe.lock()  # the process ended: the lock went with it
+    else:
+        probe.lock()
+        c.send()
+    probe.release()
 
 
 def in_thread(f):
