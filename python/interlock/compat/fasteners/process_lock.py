@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from interlock.compat.fasteners import _shared, _utils
+from interlock.compat.fasteners.process_mechanism import (  # noqa: F401 (fasteners imports them here)
+    _interprocess_mechanism,
+    _interprocess_reader_writer_mechanism,
+)
 
 LOG = logging.getLogger(__name__)
 

@@ -82,3 +82,8 @@ class _InterlockInterProcessReaderWriterLockMechanism(_InterProcessReaderWriterL
 
 _interprocess_mechanism = _InterlockInterProcessMechanism()
 _interprocess_reader_writer_mechanism = _InterlockInterProcessReaderWriterLockMechanism()
+
+# The names of fasteners' POSIX classes, for code that refers to them (on
+# Linux fasteners' mechanisms are instances of these).
+_FcntlInterProcessMechanism = _InterlockInterProcessMechanism
+_FcntlInterProcessReaderWriterLockMechanism = _InterlockInterProcessReaderWriterLockMechanism

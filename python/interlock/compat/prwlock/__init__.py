@@ -117,15 +117,16 @@ class GenericLockContextManager:
             self.lock.release()
 
 
-def _reader_lock(self, timeout=None):
+def reader_lock(self, timeout=None):
     """A context manager holding a read lock (see GenericLockContextManager)."""
     return GenericLockContextManager(self, "read", timeout=timeout)
 
 
-def _writer_lock(self, timeout=None):
+def writer_lock(self, timeout=None):
     """A context manager holding the write lock (see GenericLockContextManager)."""
     return GenericLockContextManager(self, "write", timeout=timeout)
 
 
-RWLock.reader_lock = _reader_lock
-RWLock.writer_lock = _writer_lock
+# prwlock defines these at module level and sets them on the class.
+RWLock.reader_lock = reader_lock
+RWLock.writer_lock = writer_lock
