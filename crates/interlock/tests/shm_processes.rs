@@ -573,3 +573,106 @@ fn recovery_latency_after_sigkill() {
     );
     assert!(lat.iter().all(|d| *d < RECOVERY_BOUND));
 }
+
+/// What this thread has cost so far: (voluntary context switches, i.e.
+/// times it went to sleep and was woken; ns on a CPU), from
+/// /proc/thread-self/status and /proc/thread-self/schedstat.
+fn thread_cost() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let switches = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap();
+    let sched = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    let cpu_ns = sched.split_whitespace().next().unwrap().parse().unwrap();
+    (switches, cpu_ns)
+}
+
+/// A child that takes `ShmMutex` at the path, says `held`, and holds it
+/// until told `release`.
+fn mutex_holder_role() {
+    let lock = ShmMutex::open(support::arg()).unwrap();
+    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    support::say("held");
+    while let Some(line) = support::hear() {
+        if line == "release" {
+            drop(guard);
+            support::say("released");
+            return;
+        }
+    }
+}
+
+/// What one blocked waiter costs per second of waiting: wake-ups (voluntary
+/// context switches of the waiting thread) and CPU time, for each way of
+/// blocking: a mutex behind a holder in another process, an rwlock writer
+/// behind a writer (waiting on the state word), a writer behind a reader
+/// (draining), a reader behind a writer. The holder is released after
+/// `INTERLOCK_WAIT_SECS` (default 2) seconds.
+/// Run: `INTERLOCK_MEASURE=1 cargo test -p interlock --release --test shm_processes -- --nocapture waiting_cost`
+#[test]
+fn waiting_cost_per_second() {
+    if let Some(role) = support::role() {
+        if role == "mutex" {
+            mutex_holder_role();
+        } else {
+            holder_role(&role);
+        }
+        return;
+    }
+    if !measuring() {
+        return;
+    }
+    let secs: u64 = std::env::var("INTERLOCK_WAIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let d = tempfile::tempdir().unwrap();
+    for (case, holder, waiter) in [
+        ("mutex behind a holder", "mutex", "mutex"),
+        ("rwlock writer behind a writer", "write", "write"),
+        ("rwlock writer behind a reader (drain)", "read", "write"),
+        ("rwlock reader behind a writer", "write", "read"),
+    ] {
+        let path = d.path().join(format!("{holder}-{waiter}.shm"));
+        let arg = path.to_str().unwrap().to_owned();
+        let mut c = Child::spawn("waiting_cost_per_second", holder, &arg);
+        c.expect("held");
+        let (tx, blocked) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            let on_block = std::sync::Arc::new(move |_: &interlock::Blocked<'_>| {
+                let _ = tx.send(());
+            });
+            let before = thread_cost();
+            let t = Instant::now();
+            if waiter == "mutex" {
+                let mut l = ShmMutex::open(&arg).unwrap();
+                l.set_on_block(Some(on_block));
+                drop(l.try_lock_for(support::WAIT).unwrap());
+            } else {
+                let mut l = ShmRwLock::open(&arg).unwrap();
+                l.set_on_block(Some(on_block));
+                if waiter == "write" {
+                    drop(l.try_write_for(support::WAIT).unwrap());
+                } else {
+                    drop(l.try_read_for(support::WAIT).unwrap());
+                }
+            }
+            let after = thread_cost();
+            (t.elapsed(), after.0 - before.0, after.1 - before.1)
+        });
+        blocked.recv_timeout(support::WAIT).unwrap();
+        std::thread::sleep(Duration::from_secs(secs));
+        c.send("release");
+        c.expect("released");
+        let (waited, switches, cpu_ns) = waiting.join().unwrap();
+        let per_s = waited.as_secs_f64();
+        eprintln!(
+            "waiting cost, {case}: waited {:.2} s, {:.0} wake-ups/s, {:.2} ms CPU/s",
+            per_s,
+            switches as f64 / per_s,
+            cpu_ns as f64 / 1e6 / per_s
+        );
+    }
+}
