@@ -14,6 +14,7 @@ mod hist;
 mod page;
 mod python;
 mod report;
+mod robust;
 mod run;
 mod semwait;
 #[allow(unsafe_code)]
@@ -48,6 +49,12 @@ enum Cmd {
     SemWait(semwait::SemWaitArgs),
     /// List the targets.
     List,
+    /// Measure the kernel's robust-futex death notice for a blocked
+    /// shared-memory waiter (futex_waitv on a liveness word linked in
+    /// glibc's robust list), beside glibc's robust mutexes.
+    Robust(robust::RobustArgs),
+    #[command(hide = true)]
+    RobustHolder(robust::RobustHolderArgs),
     #[command(hide = true)]
     Worker(contention::WorkerArgs),
     #[command(hide = true)]
@@ -75,6 +82,8 @@ fn main() {
             }
             Ok(true)
         }
+        Some(Cmd::Robust(a)) => robust::probe(a),
+        Some(Cmd::RobustHolder(a)) => robust::holder(a).map(|()| true),
         Some(Cmd::Worker(a)) => contention::worker(a).map(|()| true),
         Some(Cmd::TortureWorker(a)) => torture::worker(a).map(|()| true),
     };

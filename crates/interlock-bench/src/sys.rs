@@ -579,3 +579,195 @@ impl Drop for PosixSem {
         unsafe { libc::sem_close(self.sem) };
     }
 }
+
+// ---------------------------------------------------------------------
+// Robust futexes, for the `robust` probe (docs/design-shm.md, "Waiting
+// without waking"): a word linked into the thread's robust list in glibc's
+// own entry layout, so that the kernel flags it FUTEX_OWNER_DIED and wakes
+// a waiter when the thread dies, next to glibc's robust pthread mutexes.
+
+/// The bit the kernel sets in a robust futex word whose owner died.
+pub const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+/// The bit a waiter sets in a robust futex word so that the kernel wakes it.
+pub const FUTEX_WAITERS: u32 = 0x8000_0000;
+
+/// This thread's id (what the kernel compares a robust word with).
+pub fn gettid() -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// This thread's registered robust list head (glibc's, set at thread start)
+/// and its `futex_offset`; `None` if none is registered.
+fn robust_head() -> Option<(*mut usize, isize)> {
+    let mut head: *mut usize = std::ptr::null_mut();
+    let mut len: libc::size_t = 0;
+    // SAFETY: get_robust_list(0, ...) reads this thread's registration into
+    // the two out-pointers, which are valid for writes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut *mut usize,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    if rc != 0 || head.is_null() {
+        return None;
+    }
+    // SAFETY: a registered head is a live `struct robust_list_head` of this
+    // thread: { list, futex_offset, list_op_pending }, pointer-sized fields.
+    let off = unsafe { head.add(1).read_volatile() } as isize;
+    Some((head, off))
+}
+
+/// A robust futex word at byte `word_off` of a page, whose list entry (two
+/// pointers, `prev` then `next`, glibc's `__pthread_list_t`) sits at
+/// `word_off - futex_offset - 8`, inside the same page. Linked into and
+/// unlinked from the calling thread's list exactly as glibc's
+/// ENQUEUE_MUTEX/DEQUEUE_MUTEX do, so glibc's own robust mutexes of this
+/// thread may be locked and unlocked around it in any order.
+pub struct RobustWord {
+    /// Keeps the entry mapped while it is linked.
+    _page: Arc<SharedPage>,
+    node: *mut usize,
+}
+
+impl RobustWord {
+    /// Links the entry of the word at `word_off` into this thread's robust
+    /// list (at its head). The word itself is not touched: store the tid in
+    /// it after linking (a death before that leaves 0, which the kernel
+    /// skips), clear it before unlinking.
+    pub fn link(page: &Arc<SharedPage>, word_off: usize) -> io::Result<RobustWord> {
+        let (head, futex_offset) = robust_head().ok_or(io::ErrorKind::Unsupported)?;
+        let node_off = word_off as isize - futex_offset;
+        if futex_offset >= 0 || node_off < 8 || node_off % 8 != 0 {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let node = page.raw_at(node_off as usize - 8, 16).cast::<usize>();
+        // SAFETY: `node` is the 8-aligned 16-byte entry inside the mapping
+        // (checked by raw_at), kept mapped by the Arc held in the result.
+        // `node.add(1)` is its `next` field, the address the kernel and
+        // glibc link. `head` is this thread's live list head; the list is
+        // modified only by this thread (glibc's mutex calls and ours do not
+        // interleave), and `first - 8` is the `prev` field of the first
+        // entry, or glibc's `robust_prev` just before the head when the list
+        // is empty: the very word glibc's ENQUEUE_MUTEX writes.
+        unsafe {
+            let me = node.add(1) as usize;
+            let first = head.read_volatile();
+            ((first & !1) as *mut usize).sub(1).write_volatile(me);
+            node.add(1).write_volatile(first);
+            node.write_volatile(head as usize);
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+            head.write_volatile(me);
+        }
+        Ok(RobustWord {
+            _page: page.clone(),
+            node,
+        })
+    }
+
+    /// Unlinks the entry (as glibc's DEQUEUE_MUTEX does). Must run on the
+    /// thread that linked it.
+    pub fn unlink(self) {
+        // SAFETY: the entry is linked in this thread's list (by `link`);
+        // its neighbours' fields (an entry of ours or glibc's, or glibc's
+        // head and `robust_prev`) are live: glibc keeps its entries linked
+        // while held, and the list is only modified by this thread.
+        unsafe {
+            let me_next = self.node.add(1).read_volatile();
+            let me_prev = self.node.read_volatile();
+            ((me_next & !1) as *mut usize)
+                .sub(1)
+                .write_volatile(me_prev);
+            ((me_prev & !1) as *mut usize).write_volatile(me_next);
+            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+            self.node.write_volatile(0);
+            self.node.add(1).write_volatile(0);
+        }
+    }
+}
+
+/// How `futex_waitv` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitvOutcome {
+    /// Woken on the word at this index.
+    Woken(usize),
+    /// A word did not hold its expected value.
+    Changed,
+    /// The deadline passed.
+    TimedOut,
+    /// Interrupted by a signal, or another error.
+    Other,
+}
+
+/// futex_waitv (Linux 5.16+): sleeps until any of `words` is woken or does
+/// not hold its expected value, at most `timeout`. Shared futexes.
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Duration) -> WaitvOutcome {
+    #[repr(C)]
+    struct FutexWaitv {
+        val: u64,
+        uaddr: u64,
+        flags: u32,
+        reserved: u32,
+    }
+    const FUTEX2_SIZE_U32: u32 = 2;
+    let v: Vec<FutexWaitv> = words
+        .iter()
+        .map(|(w, e)| FutexWaitv {
+            val: u64::from(*e),
+            uaddr: w.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32,
+            reserved: 0,
+        })
+        .collect();
+    let deadline = now_ns() + timeout.as_nanos() as u64;
+    let ts = libc::timespec {
+        tv_sec: (deadline / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `v` is an array of `v.len()` futex_waitv records whose
+    // addresses are live, aligned u32s borrowed for the call; `ts` is an
+    // absolute CLOCK_MONOTONIC time on this stack frame.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            v.as_ptr(),
+            v.len() as libc::c_uint,
+            0u32,
+            &ts as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if rc >= 0 {
+        return WaitvOutcome::Woken(rc as usize);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => WaitvOutcome::Changed,
+        Some(libc::ETIMEDOUT) => WaitvOutcome::TimedOut,
+        _ => WaitvOutcome::Other,
+    }
+}
+
+impl PthreadMutex {
+    /// pthread_mutex_trylock: `Ok(Some(true))` if the previous owner had
+    /// died (EOWNERDEAD; made consistent and unlocked again), `Ok(Some(false))`
+    /// if it was free (unlocked again), `Ok(None)` if busy.
+    pub fn probe_owner_died(&self) -> io::Result<Option<bool>> {
+        // SAFETY: as in `lock`.
+        let rc = unsafe { libc::pthread_mutex_trylock(self.ptr) };
+        let died = match rc {
+            0 => false,
+            libc::EOWNERDEAD => {
+                // SAFETY: we own it now, as consistent requires.
+                check_rc(unsafe { libc::pthread_mutex_consistent(self.ptr) })?;
+                true
+            }
+            libc::EBUSY => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        };
+        self.unlock()?;
+        Ok(Some(died))
+    }
+}
