@@ -263,6 +263,24 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
         );
         ok &= on_live == n && flagged == n && glibc_ok == n;
     }
+    // The asymmetric fence a draining writer would issue before sleeping
+    // (docs/design-shm.md, item 8): its cost per call.
+    match sys::membarrier(sys::MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) {
+        Err(e) => println!("membarrier: not available ({e})"),
+        Ok(()) => {
+            let mut t = Vec::with_capacity(1000);
+            for _ in 0..1000 {
+                let t0 = sys::now_ns();
+                sys::membarrier(sys::MEMBARRIER_CMD_GLOBAL_EXPEDITED)?;
+                t.push(sys::now_ns() - t0);
+            }
+            println!(
+                "membarrier(GLOBAL_EXPEDITED), n=1000: p50 {:.1} µs, p99 {:.1} µs",
+                pct(&mut t, 0.5) * 1e3,
+                pct(&mut t, 0.99) * 1e3
+            );
+        }
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load after: {}", load.trim());
     Ok(ok)

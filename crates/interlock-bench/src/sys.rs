@@ -771,3 +771,18 @@ impl PthreadMutex {
         Ok(Some(died))
     }
 }
+
+/// membarrier(2) commands (linux/membarrier.h).
+pub const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
+pub const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
+
+/// membarrier(2) with `cmd` and no flags.
+pub fn membarrier(cmd: libc::c_int) -> io::Result<()> {
+    // SAFETY: membarrier takes integers only.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0u32, 0i32) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
