@@ -9,6 +9,7 @@
 
 mod contention;
 mod criterion;
+mod deadline;
 mod families;
 mod hist;
 mod page;
@@ -47,6 +48,8 @@ enum Cmd {
     /// What a blocked semaphore waiter costs (wake-ups, CPU) and how late it
     /// sees a freed permit, for both semaphore families.
     SemWait(semwait::SemWaitArgs),
+    /// How late every family's timed wait returns after its deadline.
+    Deadline(deadline::DeadlineArgs),
     /// List the targets.
     List,
     /// Measure the kernel's robust-futex death notice for a blocked
@@ -68,6 +71,7 @@ fn main() {
         Some(Cmd::Run(a)) => run::run(a).map(|()| true),
         Some(Cmd::Torture(a)) => torture::torture(a),
         Some(Cmd::SemWait(a)) => semwait::run(a).map(|()| true),
+        Some(Cmd::Deadline(a)) => deadline::run(a).map(|()| true),
         Some(Cmd::List) => {
             for t in targets::all() {
                 println!(

@@ -40,6 +40,8 @@ pub struct ReportCtx {
     pub plots: Vec<String>,
     /// The semaphores' waiting-cost table (`sem-wait`), if measured.
     pub sem_wait: Option<String>,
+    /// The timed-wait lateness table (`deadline`), if measured.
+    pub deadline: Option<String>,
 }
 
 /// The command line as a user would type it (scripts/benchmarks.sh names
@@ -659,6 +661,15 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
     }
 
     semaphore_section(&mut s, rows, ts, c);
+    if let Some(d) = &c.deadline {
+        let _ = writeln!(
+            s,
+            "## Timed waits\n\n`interlock-bench deadline`: a timed wait of 10 ms on a lock another \
+             handle holds, for every family; how long after its deadline it returned. The trials go \
+             round-robin over the cases and the floor (`thread::sleep`, the scheduler's own \
+             lateness), so load falls on all alike.\n\n{d}"
+        );
+    }
 
     // Where interlock stands.
     let il: Vec<&Row> = rows

@@ -253,6 +253,18 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         None
     };
+    eprintln!("interlock-bench: timed-wait lateness (deadline)");
+    let dl = crate::deadline::DeadlineArgs {
+        trials: if a.quick { 20 } else { 100 },
+        wait_ms: 10,
+    };
+    let deadline = match crate::deadline::measure_all(&dl) {
+        Ok(v) => Some(crate::deadline::table(&v)),
+        Err(e) => {
+            notes.push(format!("timed-wait lateness not measured: {e:#}"));
+            None
+        }
+    };
     let elapsed = started.elapsed();
     let load_after = report::loadavg();
     let report_path = a
@@ -295,6 +307,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         matplotlib: py.matplotlib.clone(),
         load: (load_before, load_after),
         sem_wait,
+        deadline,
         bench_rel: bench_dir
             .strip_prefix(&report_dir)
             .unwrap_or(&bench_dir)
