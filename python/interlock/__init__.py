@@ -22,11 +22,13 @@ from ._errors import (
     WouldBlock,
 )
 from ._native import Guard
+from ._sem import FileSemaphore, Semaphore
 
 __all__ = [
     "AlreadyHeld",
     "Deadlock",
     "FileLock",
+    "FileSemaphore",
     "Guard",
     "Holder",
     "LeaseLock",
@@ -34,6 +36,7 @@ __all__ = [
     "LockError",
     "LockSet",
     "OwnerDied",
+    "Semaphore",
     "ShmMutex",
     "ShmRwLock",
     "Timeout",

@@ -10,8 +10,8 @@
 
 use crate::errors;
 use interlock::{
-    FileReadGuard, FileUpgradableGuard, FileWriteGuard, LeaseGuard, Mode, Scope, ShmArcGuard,
-    ShmHold, ShmMutexArcGuard,
+    FileReadGuard, FileSemaphoreGuard, FileUpgradableGuard, FileWriteGuard, LeaseGuard, Mode,
+    Scope, SemaphoreGuard, ShmArcGuard, ShmHold, ShmMutexArcGuard,
 };
 use parking_lot::Mutex;
 use pyo3::exceptions::PyStopIteration;
@@ -35,6 +35,9 @@ pub(crate) enum Held {
     Mutex(ShmMutexArcGuard),
     Lease(LeaseGuard<'static>),
     Scope(Scope<'static>),
+    /// Permits of a `Semaphore` / `FileSemaphore` (crate::sem).
+    Sem(SemaphoreGuard<'static>),
+    FileSem(FileSemaphoreGuard<'static>),
 }
 
 impl Held {
@@ -59,6 +62,7 @@ impl Held {
             Held::Mutex(_) => "lock",
             Held::Lease(_) => "lease",
             Held::Scope(_) => "scope",
+            Held::Sem(_) | Held::FileSem(_) => "permits",
         }
     }
 
@@ -72,6 +76,8 @@ impl Held {
             Held::Mutex(mut g) => g.unlock(),
             Held::Lease(g) => g.release(),
             Held::Scope(s) => s.restore(),
+            Held::Sem(g) => g.release(),
+            Held::FileSem(g) => g.release(),
         }
     }
 }
@@ -348,7 +354,7 @@ impl Guard {
         self.shared.lock().is_some()
     }
 
-    /// "read", "write", "upgradable_read", "lock", "lease" or "scope";
+    /// "read", "write", "upgradable_read", "lock", "lease", "scope" or "permits";
     /// None once released.
     #[getter]
     fn mode(&self) -> Option<&'static str> {

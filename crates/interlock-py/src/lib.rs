@@ -32,6 +32,7 @@ mod errors;
 mod file;
 mod hold;
 mod lease;
+mod sem;
 mod set;
 mod shm;
 mod wait;
@@ -49,6 +50,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shm::PyShmRwLock>()?;
     m.add_class::<shm::PyShmMutex>()?;
     m.add_class::<lease::PyLeaseLock>()?;
+    m.add_class::<sem::PySemaphore>()?;
+    m.add_class::<sem::PyFileSemaphore>()?;
     m.add_function(wrap_pyfunction!(file::holders, m)?)?;
     m.add_function(wrap_pyfunction!(wait::_hold_as, m)?)?;
     m.add("INDEX_END", interlock::INDEX_END)?;

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::open::open_lock_file;
+use crate::handle::Handle;
 use crate::sys::fcntl::{ofd_get, ofd_try, ofd_wait, ByteRange, RangeLock};
 use crate::sys::timer::block_until;
 use crate::wait::{Blocked, Mode, OnBlock, Wait};
@@ -319,7 +320,7 @@ impl FileSemaphore {
             }
             if held.len() as u32 == k {
                 return Ok(FileSemaphoreGuard {
-                    sem: self,
+                    sem: Handle::Borrowed(self),
                     cells: held,
                 });
             }
@@ -401,13 +402,30 @@ impl FileSemaphore {
     ) -> std::result::Result<FileSemaphoreGuard<'_>, TryLockError> {
         self.acquire_k(k, wait)
     }
+
+    /// As [`FileSemaphore::try_acquire_many`], with a guard that owns a
+    /// reference to the semaphore (`'static`; any thread may give the
+    /// permits back).
+    pub fn acquire_many_arc(
+        self: &std::sync::Arc<Self>,
+        k: u32,
+        wait: Wait,
+    ) -> std::result::Result<FileSemaphoreGuard<'static>, TryLockError> {
+        let mut g = self.acquire_k(k, wait)?;
+        let cells = std::mem::take(&mut g.cells);
+        drop(g);
+        Ok(FileSemaphoreGuard {
+            sem: Handle::Owned(std::sync::Arc::clone(self)),
+            cells,
+        })
+    }
 }
 
 /// Permits held on a [`FileSemaphore`]; given back on drop. `Send`: the
 /// kernel locks belong to the handle's open file description.
 #[must_use = "the permits are given back as soon as the guard is dropped"]
 pub struct FileSemaphoreGuard<'a> {
-    sem: &'a FileSemaphore,
+    sem: Handle<'a, FileSemaphore>,
     cells: Vec<u32>,
 }
 

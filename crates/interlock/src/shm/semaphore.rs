@@ -11,6 +11,7 @@ use super::permits::Permits;
 use super::protocol::{Env, Notify};
 use super::{Inner, ShmOptions};
 use crate::error::{Error, ErrorKind, Result};
+use crate::handle::Handle;
 use crate::sys::fork::generation;
 use crate::wait::{Mode, OnBlock, Wait};
 use crate::{Lock, TryLockError};
@@ -263,13 +264,32 @@ impl Semaphore {
     pub fn try_acquire_many(&self, k: u32, wait: Wait) -> Result<SemaphoreGuard<'_>, TryLockError> {
         self.acquire_slow(k, wait)
     }
+
+    /// As [`Semaphore::try_acquire_many`], with a guard that owns a
+    /// reference to the semaphore (`'static`; any thread may give the
+    /// permits back).
+    pub fn acquire_many_arc(
+        self: &Arc<Self>,
+        k: u32,
+        wait: Wait,
+    ) -> Result<SemaphoreGuard<'static>, TryLockError> {
+        let g = self.acquire_slow(k, wait)?;
+        let mut g = std::mem::ManuallyDrop::new(g);
+        Ok(SemaphoreGuard {
+            sem: Handle::Owned(Arc::clone(self)),
+            me: g.me,
+            gen: g.gen,
+            first: g.first,
+            rest: std::mem::take(&mut g.rest),
+        })
+    }
 }
 
 /// Permits held on a [`Semaphore`]; given back on drop. `Send`: permits
 /// belong to the process, so any of its threads may give them back.
 #[must_use = "the permits are given back as soon as the guard is dropped"]
 pub struct SemaphoreGuard<'a> {
-    sem: &'a Semaphore,
+    sem: Handle<'a, Semaphore>,
     me: u64,
     gen: u64,
     first: u32,
@@ -280,7 +300,7 @@ impl<'a> SemaphoreGuard<'a> {
     #[inline]
     fn one(sem: &'a Semaphore, me: u64, i: u32) -> SemaphoreGuard<'a> {
         SemaphoreGuard {
-            sem,
+            sem: Handle::Borrowed(sem),
             me,
             gen: generation(),
             first: i,
@@ -291,7 +311,7 @@ impl<'a> SemaphoreGuard<'a> {
     fn new(sem: &'a Semaphore, me: u64, mut cells: Vec<u32>) -> SemaphoreGuard<'a> {
         let first = cells.remove(0);
         SemaphoreGuard {
-            sem,
+            sem: Handle::Borrowed(sem),
             me,
             gen: generation(),
             first,

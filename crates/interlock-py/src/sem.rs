@@ -1,0 +1,426 @@
+//! `Semaphore` (shared memory; named and pickled by name, or anonymous and
+//! inherited by fork) and `FileSemaphore` (a file; reopened in a forked
+//! child): N permits shared by the threads and processes of a host.
+//!
+//! Why it is built this way: the lock logic is the crate's
+//! (`interlock::Semaphore`, `interlock::FileSemaphore`); this file converts
+//! arguments and hands out the crate's owned guards (`acquire_many_arc`) as
+//! [`Guard`] objects, which any thread may release. A semaphore is not a
+//! lock a thread owns, so nothing is recorded per thread: a thread asking
+//! for another permit takes another permit (as `threading.Semaphore` does),
+//! and one asking for more than are free waits like anyone else.
+
+use crate::errors;
+use crate::file::{path_arg, PerProcess};
+use crate::hold::{self, Guard, Held, Holds, Request};
+use crate::wait::{wait_of, Fast};
+use interlock::{FileSemaphore, Mode, Semaphore, Wait};
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `permits=` as a count, or ValueError (the crate checks the upper bound).
+fn permits_arg(permits: i64) -> PyResult<u32> {
+    match u32::try_from(permits) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(PyValueError::new_err(format!(
+            "permits must be a positive number of permits, not {permits}"
+        ))),
+    }
+}
+
+/// What both families share: the holds handed out, and the guards of
+/// `acquire()` kept for `release()`.
+struct Common {
+    path: Arc<Path>,
+    permits: u32,
+    holds: Holds,
+    acquired: Mutex<Vec<Py<Guard>>>,
+}
+
+impl Common {
+    fn new(path: PathBuf, permits: u32) -> Common {
+        Common {
+            path: path.into(),
+            permits,
+            holds: Holds::default(),
+            acquired: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `n` as a count of permits to take, or ValueError.
+    fn count(&self, n: i64) -> PyResult<u32> {
+        match u32::try_from(n) {
+            Ok(k) if (1..=self.permits).contains(&k) => Ok(k),
+            _ => Err(PyValueError::new_err(format!(
+                "{n} permits requested of {}, which has {} (ask for 1..={})",
+                self.path.display(),
+                self.permits,
+                self.permits
+            ))),
+        }
+    }
+
+    fn request(&self, owner: usize, k: u32) -> Request<'_> {
+        Request {
+            key: None,
+            reentrant: false,
+            owner,
+            mode: Mode::Exclusive,
+            path: &self.path,
+            what: if k == 1 { "a permit of" } else { "permits of" },
+            fast: Fast::TryFirst,
+        }
+    }
+
+    /// Keeps `g` for `release()` (forgetting guards released meanwhile).
+    fn keep(&self, py: Python<'_>, g: &Py<Guard>) {
+        let mut v = self.acquired.lock();
+        v.retain(|x| {
+            x.bind(py)
+                .getattr("held")
+                .is_ok_and(|h| h.is_truthy().unwrap_or(false))
+        });
+        v.push(g.clone_ref(py));
+    }
+
+    /// `release()`: gives back the latest `acquire()` that is still held.
+    fn release_latest(&self, py: Python<'_>) -> PyResult<()> {
+        loop {
+            let g = self.acquired.lock().pop();
+            let Some(g) = g else {
+                return Err(PyRuntimeError::new_err(format!(
+                    "release of {}: no permit taken through acquire() is held",
+                    self.path.display()
+                )));
+            };
+            if g.bind(py).getattr("held")?.is_truthy()? {
+                return g.bind(py).call_method0("release").map(drop);
+            }
+        }
+    }
+
+    fn forget(&self) {
+        self.holds.forget();
+        std::mem::forget(std::mem::take(&mut *self.acquired.lock()));
+    }
+}
+
+/// A counting semaphore in shared memory.
+#[pyclass(module = "interlock._native", name = "Semaphore", subclass, frozen)]
+pub(crate) struct PySemaphore {
+    /// The name as given (None: anonymous).
+    name: Option<PathBuf>,
+    sem: Arc<Semaphore>,
+    c: Common,
+}
+
+impl PySemaphore {
+    fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<Py<Guard>> {
+        let sem = &self.sem;
+        let req = self.c.request(self as *const Self as usize, k);
+        hold::acquire(py, &self.c.holds, req, wait, |w| {
+            Ok((Held::Sem(sem.acquire_many_arc(k, w)?), false))
+        })
+    }
+}
+
+#[pymethods]
+impl PySemaphore {
+    #[new]
+    #[pyo3(signature = (name_or_path, permits))]
+    fn py_new(
+        py: Python<'_>,
+        name_or_path: Option<&Bound<'_, PyAny>>,
+        permits: i64,
+    ) -> PyResult<Self> {
+        let permits = permits_arg(permits)?;
+        let name = name_or_path.map(path_arg).transpose()?;
+        let sem = match &name {
+            Some(n) => py.detach(|| Semaphore::open(n, permits)),
+            None => Semaphore::anonymous(permits),
+        }
+        .map_err(|e| errors::from_error(py, &e))?;
+        let path = sem.path().to_path_buf();
+        Ok(PySemaphore {
+            name,
+            sem: Arc::new(sem),
+            c: Common::new(path, permits),
+        })
+    }
+
+    /// Takes `n` permits (all or none), waiting as allowed: a held Guard,
+    /// or WouldBlock / Timeout. `release()` gives back the latest.
+    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        n: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        let g = self._take(py, n, blocking, timeout)?;
+        self.c.keep(py, &g);
+        Ok(g)
+    }
+
+    /// As `acquire(k, ...)`.
+    #[pyo3(signature = (k, blocking = true, timeout = None))]
+    fn acquire_many(
+        &self,
+        py: Python<'_>,
+        k: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        self.acquire(py, k, blocking, timeout)
+    }
+
+    /// As `acquire`, without keeping the guard for `release()` (the async
+    /// forms' call).
+    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+    fn _take(
+        &self,
+        py: Python<'_>,
+        n: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        let k = self.c.count(n)?;
+        self.take(py, k, wait_of(blocking, timeout)?)
+    }
+
+    /// Gives back the permits of the latest `acquire()` still held.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.c.release_latest(py)
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let me = slf.get();
+        let py = slf.py();
+        let sem = &me.sem;
+        let req = me.c.request(me as *const Self as usize, 1);
+        let r = hold::acquire_shared(py, &me.c.holds, req, Wait::Forever, |w| {
+            Ok((Held::Sem(sem.acquire_many_arc(1, w)?), false))
+        })?;
+        hold::enter(py, &me.c.holds, &me.c.path, r)?;
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        hold::release_latest(py, &self.c.holds, &self.c.path)?;
+        Ok(false)
+    }
+
+    /// Gives back every permit taken through this object (in this process).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.c.acquired.lock().clear();
+        self.c.holds.release_all(py)
+    }
+
+    /// The number of permits (N).
+    #[getter]
+    fn permits(&self) -> u32 {
+        self.c.permits
+    }
+
+    /// How many permits are free now (a dead holder's count as held until
+    /// reclaimed).
+    #[getter]
+    fn available(&self) -> u32 {
+        self.sem.available()
+    }
+
+    /// The pid of the holder of each held permit (a pid twice if it holds
+    /// two), dead holders not yet reclaimed included.
+    fn holders(&self) -> Vec<u32> {
+        self.sem.holders().into_iter().map(|p| p.pid).collect()
+    }
+
+    /// Frees the permits of holders that died; returns how many. (Every
+    /// acquisition that would wait does this itself.)
+    fn reclaim_dead(&self, py: Python<'_>) -> u32 {
+        let sem = &self.sem;
+        py.detach(|| sem.reclaim_dead())
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        self.c.path.to_string_lossy().into_owned()
+    }
+
+    /// The name or path given, or None for an anonymous semaphore.
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.name.as_ref().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String, u32))> {
+        let me = slf.get();
+        match &me.name {
+            Some(n) => Ok((
+                slf.get_type().into_any(),
+                (n.to_string_lossy().into_owned(), me.c.permits),
+            )),
+            None => Err(PyTypeError::new_err(
+                "an anonymous Semaphore cannot be pickled: it is shared only with \
+                 children made by fork (give it a name to share it by pickling)",
+            )),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<interlock.Semaphore {} permits={}>",
+            self.c.path.display(),
+            self.c.permits
+        )
+    }
+}
+
+/// A counting semaphore on a file: permit i is an OFD write lock on byte i.
+#[pyclass(module = "interlock._native", name = "FileSemaphore", subclass, frozen)]
+pub(crate) struct PyFileSemaphore {
+    mode: u32,
+    sem: PerProcess<FileSemaphore>,
+    c: Common,
+}
+
+impl PyFileSemaphore {
+    fn core(&self, py: Python<'_>) -> PyResult<Arc<FileSemaphore>> {
+        self.sem
+            .get(
+                || FileSemaphore::open_with(&self.c.path, self.c.permits, self.mode, None),
+                || self.c.forget(),
+            )
+            .map_err(|e| errors::from_error(py, &e))
+    }
+
+    fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
+        let sem = self.core(py)?;
+        let req = self.c.request(self as *const Self as usize, k);
+        hold::acquire_shared(py, &self.c.holds, req, wait, |w| {
+            Ok((Held::FileSem(sem.acquire_many_arc(k, w)?), false))
+        })
+    }
+}
+
+#[pymethods]
+impl PyFileSemaphore {
+    #[new]
+    #[pyo3(signature = (path, permits, *, mode = 0o644))]
+    fn py_new(py: Python<'_>, path: &Bound<'_, PyAny>, permits: i64, mode: u32) -> PyResult<Self> {
+        let permits = permits_arg(permits)?;
+        let path = path_arg(path)?;
+        let sem = py
+            .detach(|| FileSemaphore::open_with(&path, permits, mode, None))
+            .map_err(|e| errors::from_error(py, &e))?;
+        Ok(PyFileSemaphore {
+            mode,
+            sem: PerProcess::new(sem),
+            c: Common::new(path, permits),
+        })
+    }
+
+    /// Takes `n` permits (all or none), waiting as allowed: a held Guard,
+    /// or WouldBlock / Timeout. `release()` gives back the latest.
+    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        n: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        let g = self._take(py, n, blocking, timeout)?;
+        self.c.keep(py, &g);
+        Ok(g)
+    }
+
+    /// As `acquire(k, ...)`.
+    #[pyo3(signature = (k, blocking = true, timeout = None))]
+    fn acquire_many(
+        &self,
+        py: Python<'_>,
+        k: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        self.acquire(py, k, blocking, timeout)
+    }
+
+    /// As `acquire`, without keeping the guard for `release()`.
+    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+    fn _take(
+        &self,
+        py: Python<'_>,
+        n: i64,
+        blocking: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<Guard>> {
+        let k = self.c.count(n)?;
+        let r = self.take(py, k, wait_of(blocking, timeout)?)?;
+        hold::into_guard(py, &self.c.path, r)
+    }
+
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.c.release_latest(py)
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let me = slf.get();
+        let r = me.take(slf.py(), 1, Wait::Forever)?;
+        hold::enter(slf.py(), &me.c.holds, &me.c.path, r)?;
+        Ok(slf.clone().unbind())
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        hold::release_latest(py, &self.c.holds, &self.c.path)?;
+        Ok(false)
+    }
+
+    /// Gives back every permit taken through this object (in this process).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.c.acquired.lock().clear();
+        self.c.holds.release_all(py)
+    }
+
+    #[getter]
+    fn permits(&self) -> u32 {
+        self.c.permits
+    }
+
+    /// How many permits are free now (asks the kernel).
+    #[getter]
+    fn available(&self, py: Python<'_>) -> PyResult<u32> {
+        let sem = self.core(py)?;
+        py.detach(|| sem.available())
+            .map_err(|e| errors::from_error(py, &e))
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        self.c.path.to_string_lossy().into_owned()
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String, u32))> {
+        let me = slf.get();
+        Ok((
+            slf.get_type().into_any(),
+            (me.c.path.to_string_lossy().into_owned(), me.c.permits),
+        ))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<interlock.FileSemaphore {} permits={}>",
+            self.c.path.display(),
+            self.c.permits
+        )
+    }
+}
