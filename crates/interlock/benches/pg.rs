@@ -5,15 +5,16 @@
 //! (no fencing token). Against a throwaway cluster over its unix socket,
 //! side by side in one run.
 //!
-//! sqlx's `PgAdvisoryLock` is not measured: sqlx 0.9 needs Rust 1.94, above
-//! the workspace's MSRV (1.85).
+//! sqlx's `PgAdvisoryLock` is not measured: sqlx 0.9.0 declares
+//! rust-version 1.94.0, above the workspace's MSRV (1.85); see
+//! docs/design-pg.md ("Figures") for 0.8.
 //!
 //! Run: `cargo bench -p interlock --features postgres --bench pg`
 
 #[path = "../tests/support/pg.rs"]
 mod pgsupport;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use interlock::{PgKey, PgLock, PgOptions};
@@ -82,6 +83,126 @@ fn bench(c: &mut Criterion) {
         b.iter(|| lock.read().unwrap().unlock().unwrap())
     });
     g.finish();
+    interleaved(&url, &lock, k);
+}
+
+/// The ratio that the goal is about, measured so that load cannot tilt it:
+/// rounds of a batch of floor pairs then a batch of `PgLock::try_write` +
+/// `unlock` pairs (the same two statements), back to back, so both see
+/// the same machine; the median of the per-round ratios. Criterion's rows
+/// above are measured seconds apart, which on a shared machine can move
+/// either side by more than the 10% in question.
+fn interleaved(url: &str, lock: &PgLock, k: i64) {
+    const ROUNDS: usize = 41;
+    const BATCH: u32 = 50;
+    let mut raw = Client::connect(url, NoTls).unwrap();
+    let acq = raw
+        .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
+        .unwrap();
+    let rel = raw
+        .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
+        .unwrap();
+    let (k1, k2) = ((k >> 32) as i32, k as i32);
+    let mut floor_pair = || {
+        let r = raw
+            .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32])
+            .unwrap();
+        assert!(r.get::<_, Option<i64>>(0).is_some());
+        let r = raw
+            .query_one(&rel, &[&1i16, &k, &k1, &k2, &false, &true])
+            .unwrap();
+        assert!(r.get::<_, bool>(0));
+    };
+    let mut lock_pair = || lock.try_write().unwrap().unlock().unwrap();
+    // Per pair: wall time (us), this process's CPU time over all its
+    // threads (us; the client's own work, which load hardly changes), and
+    // its context switches (thread wake-ups and sleeps).
+    let per_pair = |f: &mut dyn FnMut()| {
+        let (c0, x0) = process_cpu_and_switches();
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            f();
+        }
+        let wall = t.elapsed().as_secs_f64() * 1e6;
+        let (c1, x1) = process_cpu_and_switches();
+        let n = f64::from(BATCH);
+        [wall / n, (c1 - c0) as f64 / 1e3 / n, (x1 - x0) as f64 / n]
+    };
+    let (mut fl, mut il, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        per_pair(&mut floor_pair);
+        per_pair(&mut lock_pair);
+    }
+    for i in 0..ROUNDS {
+        // Alternate which side goes first.
+        let (f, l) = if i % 2 == 0 {
+            let f = per_pair(&mut floor_pair);
+            (f, per_pair(&mut lock_pair))
+        } else {
+            let l = per_pair(&mut lock_pair);
+            (per_pair(&mut floor_pair), l)
+        };
+        ratio.push(l[0] / f[0]);
+        fl.push(f);
+        il.push(l);
+    }
+    let median = |v: &[[f64; 3]], i: usize| {
+        let mut c: Vec<f64> = v.iter().map(|x| x[i]).collect();
+        c.sort_by(f64::total_cmp);
+        c[c.len() / 2]
+    };
+    ratio.sort_by(f64::total_cmp);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = format!(
+        "interleaved, {ROUNDS} rounds x {BATCH} pairs each side (medians per pair): \
+         floor {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
+         PgLock try_write+unlock {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
+         median per-round wall ratio {:.3}x; load average {load}",
+        median(&fl, 0),
+        median(&fl, 1),
+        median(&fl, 2),
+        median(&il, 0),
+        median(&il, 1),
+        median(&il, 2),
+        ratio[ratio.len() / 2],
+    );
+    println!("pg_uncontended/{line}");
+}
+
+/// CPU time (ns) and context switches of this process, summed over its
+/// threads, from /proc/self/task/*/{schedstat,status}.
+fn process_cpu_and_switches() -> (u64, u64) {
+    let (mut cpu, mut sw) = (0u64, 0u64);
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = t.path();
+        if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
+            cpu += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(s) = std::fs::read_to_string(p.join("status")) {
+            for l in s.lines() {
+                if let Some(v) = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    sw += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    (cpu, sw)
 }
 
 criterion_group!(benches, bench);

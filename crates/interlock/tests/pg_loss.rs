@@ -63,6 +63,12 @@ fn terminated_holder_is_told_and_a_waiter_gets_in() {
         }),
     )
     .unwrap();
+    // A few pairs first, so that the hold below starts while the session's
+    // heartbeat thread waits out an interval (a hold wakes it only when it
+    // is parked): the hold must still be beaten, and the loss seen.
+    for _ in 0..3 {
+        holder.write().unwrap().unlock().unwrap();
+    }
     let g = holder.write().unwrap();
     let w = Arc::new(PgLock::with_options(&name, opts(&pg.url())).unwrap());
     let (got, h) = waiter(Arc::clone(&w));

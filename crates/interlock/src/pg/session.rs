@@ -91,6 +91,9 @@ struct Beat {
     /// [`super::PgSession`] holding several keys).
     held: Vec<(Key, Arc<Held>)>,
     stop: bool,
+    /// The thread waits for a first holder (untimed): only then does
+    /// [`Session::hold`] wake it.
+    parked: bool,
 }
 
 /// The part of a session the heartbeat thread also uses.
@@ -157,6 +160,7 @@ impl Session {
             beat: Mutex::new(Beat {
                 held: Vec::new(),
                 stop: false,
+                parked: false,
             }),
             cv: Condvar::new(),
             every: opts.lease / 4,
@@ -238,20 +242,27 @@ impl Session {
     /// Starts heartbeats for a lock just granted.
     pub(crate) fn hold(&self, key: Key, opts: &PgOptions, what: String) -> Arc<Held> {
         let held = Arc::new(Held::new(opts, what));
-        self.link.beat.lock().held.push((key, Arc::clone(&held)));
-        self.link.cv.notify_all();
+        let mut b = self.link.beat.lock();
+        b.held.push((key, Arc::clone(&held)));
+        // Wake the thread only if it is parked: if it is waiting out an
+        // interval, it beats at that interval's end (at most `lease / 4`
+        // from now), so a lock taken and released again and again costs
+        // no thread wake-up.
+        if b.parked {
+            b.parked = false;
+            self.link.cv.notify_all();
+        }
         held
     }
 
     /// Stops heartbeats for `held` (before its release is sent); returns
     /// whether no other guard holds a lock on this session.
     pub(crate) fn unhold(&self, held: &Arc<Held>) -> bool {
+        // The thread is not woken: at its interval's end it finds nothing
+        // held and parks.
         let mut b = self.link.beat.lock();
         b.held.retain(|(_, h)| !Arc::ptr_eq(h, held));
-        let last = b.held.is_empty();
-        drop(b);
-        self.link.cv.notify_all();
-        last
+        b.held.is_empty()
     }
 
     /// Whether a guard holds `key` on this session.
@@ -310,25 +321,21 @@ impl Drop for Session {
 fn heartbeat(link: Arc<Link>) {
     let timeout = link.every.max(Duration::from_millis(1));
     loop {
-        // Wait until something is held (or the session is closing), then
-        // one interval, unless everything is released meanwhile.
+        // Park until something is held (or the session is closing), then
+        // wait one interval: holds and releases meanwhile do not wake the
+        // thread (only a hold while parked, and the session's close, do).
+        // At the interval's end, beat if anything is held, else park. So a
+        // guard is first beaten for at most `lease / 4` after its grant,
+        // and then every `lease / 4` after the previous answer.
         {
             let mut b = link.beat.lock();
-            loop {
-                if b.stop {
-                    return;
-                }
-                if !b.held.is_empty() {
-                    break;
-                }
+            while !b.stop && b.held.is_empty() {
+                b.parked = true;
                 link.cv.wait(&mut b);
             }
+            b.parked = false;
             let deadline = Instant::now() + link.every;
-            while !b.stop && !b.held.is_empty() {
-                if link.cv.wait_until(&mut b, deadline).timed_out() {
-                    break;
-                }
-            }
+            while !b.stop && !link.cv.wait_until(&mut b, deadline).timed_out() {}
             if b.stop {
                 return;
             }
