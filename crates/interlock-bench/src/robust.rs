@@ -55,11 +55,24 @@ pub struct RobustHolderArgs {
     /// Link the liveness word (the control round does not).
     #[arg(long)]
     link: bool,
+    /// Hold everything in a second thread (the main thread just sleeps).
+    #[arg(long)]
+    thread: bool,
 }
 
 /// The holder: two robust pthread mutexes and the liveness word, linked in
 /// glibc's list in mixed order; then it waits to be killed.
 pub fn holder(a: RobustHolderArgs) -> anyhow::Result<()> {
+    if a.thread {
+        let t = std::thread::spawn(move || hold(&a));
+        return t
+            .join()
+            .map_err(|_| anyhow::anyhow!("holder thread panicked"))?;
+    }
+    hold(&a)
+}
+
+fn hold(a: &RobustHolderArgs) -> anyhow::Result<()> {
     let page = Arc::new(SharedPage::attach(&a.page)?);
     let m1 = PthreadMutex::attach(&page, M1);
     let m2 = PthreadMutex::attach(&page, M2);
@@ -104,6 +117,21 @@ fn thread_cost() -> (u64, u64) {
     (sw, ns)
 }
 
+/// Whether thread `tid` of `pid` is gone, a zombie, or exiting (PF_EXITING,
+/// 0x4, in the flags field of /proc/PID/task/TID/stat).
+fn thread_exiting(pid: u32, tid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        Err(_) => true,
+        Ok(s) => {
+            let rest = s.rfind(')').map_or("", |i| &s[i + 1..]);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // After the comm: state is field 3, flags field 9.
+            matches!(f.first(), Some(&("Z" | "X")))
+                || f.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) & 0x4 != 0
+        }
+    }
+}
+
 fn alive_not_zombie(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
@@ -122,10 +150,20 @@ struct Round {
     cpu_ns: u64,
     live: u32,
     not_zombie: bool,
+    /// From the waiter running to /proc showing a zombie (0 if it already did).
+    confirm_ns: u64,
+    /// The holder *thread* was gone, a zombie or PF_EXITING when the waiter ran.
+    exiting: bool,
     mutexes_owner_died: bool,
 }
 
-fn round(dir: &std::path::Path, n: usize, link: bool, hold: Duration) -> anyhow::Result<Round> {
+fn round(
+    dir: &std::path::Path,
+    n: usize,
+    link: bool,
+    thread: bool,
+    hold: Duration,
+) -> anyhow::Result<Round> {
     let path = dir.join(format!("robust-{n}"));
     let page = Arc::new(SharedPage::create(&path, PAGE)?);
     PthreadMutex::init(&page, M1, true)?;
@@ -134,6 +172,9 @@ fn round(dir: &std::path::Path, n: usize, link: bool, hold: Duration) -> anyhow:
     cmd.arg("robust-holder").arg("--page").arg(&path);
     if link {
         cmd.arg("--link");
+    }
+    if thread {
+        cmd.arg("--thread");
     }
     let mut child = cmd.stdin(Stdio::null()).spawn()?;
     let pid = child.id();
@@ -169,6 +210,16 @@ fn round(dir: &std::path::Path, n: usize, link: bool, hold: Duration) -> anyhow:
         let outcome = sys::futex_waitv(&[(state, 0), (live, tid | FUTEX_WAITERS)], timeout);
         let woke = sys::now_ns();
         let not_zombie = alive_not_zombie(pid);
+        let exiting = thread_exiting(pid, tid & 0x3fff_ffff);
+        // What confirming the death by /proc would add: poll until the
+        // holder is a zombie (or gone).
+        let mut confirmed = woke;
+        if not_zombie {
+            while alive_not_zombie(pid) && sys::now_ns() - woke < 1_000_000_000 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            confirmed = sys::now_ns();
+        }
         let after = thread_cost();
         (
             outcome,
@@ -177,15 +228,18 @@ fn round(dir: &std::path::Path, n: usize, link: bool, hold: Duration) -> anyhow:
             after.0 - before.0,
             after.1 - before.1,
             not_zombie,
+            confirmed - woke,
+            exiting,
         )
     });
     rx.recv()?;
     std::thread::sleep(hold);
     let killed = sys::now_ns();
     sys::kill(pid, libc::SIGKILL)?;
-    let (outcome, start, woke, switches, cpu_ns, not_zombie) = waiter
-        .join()
-        .map_err(|_| anyhow::anyhow!("waiter panicked"))?;
+    let (outcome, start, woke, switches, cpu_ns, not_zombie, confirm_ns, exiting) =
+        waiter
+            .join()
+            .map_err(|_| anyhow::anyhow!("waiter panicked"))?;
     child.wait()?;
     let m1 = PthreadMutex::attach(&page, M1).probe_owner_died()?;
     let m2 = PthreadMutex::attach(&page, M2).probe_owner_died()?;
@@ -197,6 +251,8 @@ fn round(dir: &std::path::Path, n: usize, link: bool, hold: Duration) -> anyhow:
         cpu_ns,
         live: page.u32_at(LIVE).load(std::sync::atomic::Ordering::SeqCst),
         not_zombie,
+        confirm_ns,
+        exiting,
         mutexes_owner_died: m1 == Some(true) && m2 == Some(true),
     })
 }
@@ -214,7 +270,13 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
     let mut ok = true;
     println!("robust-futex death notice (load before: {})", load.trim());
     // Control: not linked, so the kernel has nothing to flag.
-    let c = round(dir.path(), 0, false, Duration::from_millis(a.hold_ms))?;
+    let c = round(
+        dir.path(),
+        0,
+        false,
+        false,
+        Duration::from_millis(a.hold_ms),
+    )?;
     let control_ok = c.outcome == WaitvOutcome::TimedOut
         && c.live & FUTEX_OWNER_DIED == 0
         && c.mutexes_owner_died;
@@ -227,7 +289,7 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
     );
     ok &= control_ok;
     // The cost of waiting, over one long wait.
-    let w = round(dir.path(), 1, true, Duration::from_millis(a.cost_ms))?;
+    let w = round(dir.path(), 1, true, false, Duration::from_millis(a.cost_ms))?;
     let secs = w.waited_ns as f64 / 1e9;
     println!(
         "waiting cost: waited {:.2} s, {} wake-ups ({:.1}/s), {:.3} ms CPU/s, {:?}",
@@ -238,18 +300,30 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
         w.outcome
     );
     let mut lat = Vec::new();
+    let mut confirm = Vec::new();
     let (mut on_live, mut flagged, mut glibc_ok, mut not_zombie) = (0, 0, 0, 0);
+    let mut exiting = 0;
     for n in 0..a.rounds {
-        let r = round(dir.path(), n + 2, true, Duration::from_millis(a.hold_ms))?;
+        // Every other round, the holder is a second thread of its process.
+        let r = round(
+            dir.path(),
+            n + 2,
+            true,
+            n % 2 == 1,
+            Duration::from_millis(a.hold_ms),
+        )?;
         lat.push(r.latency_ns);
+        confirm.push(r.latency_ns + r.confirm_ns);
         on_live += usize::from(r.outcome == WaitvOutcome::Woken(1));
         flagged += usize::from(r.live & FUTEX_OWNER_DIED != 0);
         glibc_ok += usize::from(r.mutexes_owner_died);
         not_zombie += usize::from(r.not_zombie);
+        exiting += usize::from(r.exiting);
     }
     let n = a.rounds;
     if n > 0 {
         let max = *lat.iter().max().unwrap_or(&0) as f64 / 1e6;
+        println!("(holder: the main thread in even rounds, a second thread in odd ones)");
         println!(
             "SIGKILL to waiter running, n={n}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             pct(&mut lat, 0.5),
@@ -257,9 +331,16 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
             max
         );
         println!(
+            "SIGKILL to /proc showing the holder dead (what a confirming waiter waits), n={n}: \
+             p50 {:.3} ms, p99 {:.3} ms",
+            pct(&mut confirm, 0.5),
+            pct(&mut confirm, 0.99)
+        );
+        println!(
             "woken on the liveness word: {on_live}/{n}; word flagged OWNER_DIED: {flagged}/{n}; \
              both pthread robust mutexes EOWNERDEAD: {glibc_ok}/{n}; holder not yet a zombie \
-             when the waiter ran: {not_zombie}/{n}"
+             when the waiter ran: {not_zombie}/{n}; holder thread gone, a zombie or \
+             PF_EXITING then: {exiting}/{n}"
         );
         ok &= on_live == n && flagged == n && glibc_ok == n;
     }
