@@ -12,6 +12,7 @@ original                                replacement
 ``prwlock``                             ``interlock.compat.prwlock``
 ``pylocksfile``                         ``interlock.compat.pylocksfile``
 ``lockbydir``                           ``interlock.compat.lockbydir``
+``portalocker`` (its BoundedSemaphore)  ``interlock.compat.portalocker``
 ======================================  =====================================
 
 Code written for the original can import the replacement directly
@@ -45,6 +46,8 @@ MODULES = {
     "prwlock": "interlock.compat.prwlock",
     "pylocksfile": "interlock.compat.pylocksfile",
     "lockbydir": "interlock.compat.lockbydir",
+    # the bounded semaphore only (see the module's docstring)
+    "portalocker": "interlock.compat.portalocker",
     # lockbydir's OS helpers are a module of their own in the original
     "lockbydir_OS": "interlock.compat.lockbydir",
 }
