@@ -12,16 +12,34 @@
 #
 # Every argument except --no-criterion goes to `interlock-bench run` (see
 # `cargo run --release -p interlock-bench -- run --help`); the command line
-# is written into the report.
+# is written into the report. After the harness, the Python pair tables
+# (crates/interlock-bench/py/pairs.py: uncontended acquire+release of
+# interlock's Python package beside fasteners, filelock and prwlock, in one
+# process) are appended to the report, when the harness's .venv-bench has
+# them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 criterion=1
 args=()
+report=BENCHMARKS.md
+prev=
 for a in "$@"; do
   if [[ "$a" == --no-criterion ]]; then criterion=0; else args+=("$a"); fi
+  if [[ "$prev" == --report ]]; then report=$a; fi
+  prev=$a
 done
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [[ $criterion == 1 ]]; then
   cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench lease --bench sem
 fi
 INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "${args[@]}"
+py=.venv-bench/bin/python
+if [[ -x $py ]] && "$py" -c "import interlock, fasteners, filelock, prwlock" 2>/dev/null; then
+  {
+    printf '\n## Python: uncontended acquire+release pairs, side by side\n\n'
+    printf '`%s crates/interlock-bench/py/pairs.py` (statements as a program writes them, interleaved rounds, best round).\n\n' "$py"
+    "$py" crates/interlock-bench/py/pairs.py
+  } >>"$report"
+else
+  echo "no .venv-bench with interlock and the peers: the Python pair table is left out" >&2
+fi

@@ -7,7 +7,7 @@ use interlock::{FileLock, Flavor, Mode, TryLockError, Wait};
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,7 +101,6 @@ impl PyFileLock {
         Request {
             key: Some(&self.key),
             reentrant: self.reentrant,
-            owner: self as *const Self as usize,
             mode,
             path: &self.path,
             what,
@@ -256,8 +255,14 @@ impl PyFileLock {
         Ok(slf.clone().unbind())
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_t = None, _v = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         hold::release_latest(py, &self.holds, &self.path)?;
         Ok(false)
     }

@@ -18,7 +18,7 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The fork generation now (differs in a forked child).
@@ -98,7 +98,9 @@ pub(crate) enum Key {
 /// Who of this process holds one lock, by holder (thread or task): shared
 /// by every lock object of the same lock (interned by [`intern`]), so the
 /// check costs one uncontended mutex and a scan of a vector of (usually)
-/// at most one entry.
+/// at most one entry. It is also the list of what each lock object holds
+/// (`locked()`, `close()`): entries name the object they were taken
+/// through.
 pub(crate) struct KeyState {
     /// (fork generation, [(holder, hold)]).
     holders: Mutex<(u64, Holders)>,
@@ -108,6 +110,8 @@ pub(crate) struct KeyState {
 type Holders = Vec<(u64, Arc<Shared>)>;
 
 impl KeyState {
+    /// Runs `f` on the record. `f` must not run Python code (a guard
+    /// dropped by the garbage collector would re-enter the record).
     fn with<T>(&self, f: impl FnOnce(&mut Holders) -> T) -> T {
         let mut h = self.holders.lock();
         let gen = generation();
@@ -121,7 +125,24 @@ impl KeyState {
     }
 
     fn remove(&self, thread: u64, s: &Arc<Shared>) {
-        self.with(|v| v.retain(|(t, x)| !(*t == thread && Arc::ptr_eq(x, s))));
+        self.with(|v| {
+            if let Some(i) = v
+                .iter()
+                .position(|(t, x)| *t == thread && Arc::ptr_eq(x, s))
+            {
+                v.swap_remove(i);
+            }
+        });
+    }
+
+    /// The holds of this lock taken through the lock object `owner`.
+    fn of_owner(&self, owner: u64) -> Vec<Arc<Shared>> {
+        self.with(|v| {
+            v.iter()
+                .filter(|(_, s)| s.owner == owner)
+                .map(|(_, s)| Arc::clone(s))
+                .collect()
+        })
     }
 }
 
@@ -154,7 +175,10 @@ pub(crate) struct Shared {
     count: AtomicUsize,
     gen: u64,
     record: Option<(Arc<KeyState>, u64)>,
-    pub(crate) owner: usize,
+    /// The lock object it was taken through ([`Holds`]' number).
+    owner: u64,
+    /// A lease's fencing token.
+    token: Option<u64>,
 }
 
 impl Drop for Shared {
@@ -181,69 +205,45 @@ impl Shared {
     pub(crate) fn put_back(&self, h: Option<Held>) {
         *self.held.lock() = h;
     }
+
+    fn mode(&self) -> Mode {
+        self.held.lock().as_ref().map_or(Mode::Shared, Held::mode)
+    }
 }
 
-/// What a thread already holds of `key`, if anything.
-pub(crate) enum Prior {
-    None,
-    /// Held by this thread through the object `owner` in `mode`.
-    Held {
-        shared: Arc<Shared>,
-        mode: Mode,
-    },
-}
-
-/// Looks up what `thread` holds of `key`.
-pub(crate) fn prior(key: &KeyState, thread: u64) -> Prior {
-    key.with(|v| match v.iter().find(|(t, _)| *t == thread) {
-        Some((_, s)) => {
-            let mode = s.held.lock().as_ref().map_or(Mode::Shared, Held::mode);
-            Prior::Held {
-                shared: Arc::clone(s),
-                mode,
-            }
-        }
-        None => Prior::None,
-    })
-}
-
-/// A new hold by `thread` (recorded under `key` if given).
-pub(crate) fn new_shared(
-    held: Held,
-    key: Option<&Arc<KeyState>>,
-    thread: u64,
-    owner: usize,
-) -> Arc<Shared> {
-    let s = Arc::new(Shared {
+/// A new hold by `thread` through the object `owner` (the caller records
+/// it under `key`).
+fn new_shared(held: Held, key: Option<&Arc<KeyState>>, thread: u64, owner: u64) -> Arc<Shared> {
+    let token = match &held {
+        Held::Lease(g) => Some(g.token()),
+        _ => None,
+    };
+    Arc::new(Shared {
         held: Mutex::new(Some(held)),
         count: AtomicUsize::new(1),
         gen: generation(),
         record: key.map(|k| (Arc::clone(k), thread)),
         owner,
-    });
-    if let Some(k) = key {
-        k.with(|v| v.push((thread, Arc::clone(&s))));
-    }
-    s
+        token,
+    })
 }
 
 /// One more guard on an existing (reentrant) hold.
-pub(crate) fn count_again(s: &Arc<Shared>) -> Arc<Shared> {
+fn count_again(s: &Arc<Shared>) -> Arc<Shared> {
     s.count.fetch_add(1, Ordering::AcqRel);
     Arc::clone(s)
 }
 
 /// Gives up one share of a hold; the last one releases the lock. In a
-/// forked child an inherited hold is forgotten instead (nothing released).
-pub(crate) fn release_shared(py: Python<'_>, s: Arc<Shared>) -> PyResult<()> {
+/// forked child an inherited hold is left alone (nothing released).
+pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
     if s.gen != generation() {
-        std::mem::forget(s);
         return Ok(());
     }
     if s.count.fetch_sub(1, Ordering::AcqRel) != 1 {
         return Ok(());
     }
-    unrecord(&s);
+    unrecord(s);
     let held = s.held.lock().take();
     let r = match held {
         Some(h @ (Held::Lease(_) | Held::Scope(_))) => py.detach(|| h.release()),
@@ -257,41 +257,38 @@ pub(crate) fn release_shared(py: Python<'_>, s: Arc<Shared>) -> PyResult<()> {
 /// releasable once, from any thread.
 #[pyclass(module = "interlock._native", name = "Guard", frozen)]
 pub(crate) struct Guard {
-    shared: Mutex<Option<Arc<Shared>>>,
-    gen: u64,
+    shared: Arc<Shared>,
+    released: AtomicBool,
     path: Arc<Path>,
-    token: Option<u64>,
 }
 
 impl Guard {
     pub(crate) fn new(shared: Arc<Shared>, path: Arc<Path>) -> Guard {
-        let token = match &*shared.held.lock() {
-            Some(Held::Lease(g)) => Some(g.token()),
-            _ => None,
-        };
         Guard {
-            shared: Mutex::new(Some(shared)),
-            gen: generation(),
+            shared,
+            released: AtomicBool::new(false),
             path,
-            token,
         }
+    }
+
+    /// Whether this guard still counts (not released, not inherited).
+    fn live(&self) -> bool {
+        !self.released.load(Ordering::Acquire) && !self.is_inherited()
     }
 
     /// Runs `f` on the crate guard, if still held by this guard.
     pub(crate) fn with_held<T>(&self, f: impl FnOnce(&mut Held) -> T) -> Option<T> {
-        let s = self.shared.lock().clone()?;
-        if s.gen != generation() {
+        if !self.live() {
             return None;
         }
-        let mut h = s.held.lock();
+        let mut h = self.shared.held.lock();
         h.as_mut().map(f)
     }
 
     /// The hold, for an upgrade: the `Shared` (if still held and not
     /// inherited).
     pub(crate) fn shared(&self) -> Option<Arc<Shared>> {
-        let s = self.shared.lock().clone()?;
-        (s.gen == generation()).then_some(s)
+        self.live().then(|| Arc::clone(&self.shared))
     }
 
     pub(crate) fn lock_path(&self) -> &Path {
@@ -301,32 +298,29 @@ impl Guard {
     /// Releases this guard's share of the hold. `Ok(false)` if it was
     /// released already.
     fn release_inner(&self, py: Python<'_>) -> PyResult<bool> {
-        let Some(s) = self.shared.lock().take() else {
+        if self.released.swap(true, Ordering::AcqRel) {
             return Ok(false);
-        };
-        release_shared(py, s)?;
+        }
+        release_shared(py, &self.shared)?;
         Ok(true)
     }
 
-    /// Updates the record after an upgrade or downgrade (nothing to do: the
-    /// mode is read from the crate guard).
+    /// Whether this guard was inherited across fork.
     pub(crate) fn is_inherited(&self) -> bool {
-        self.gen != generation()
+        self.shared.gen != generation()
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(s) = self.shared.get_mut().take() {
-            if s.gen != generation() {
-                std::mem::forget(s);
-                return;
-            }
-            if s.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-                unrecord(&s);
-                let held = s.held.lock().take();
-                drop(held);
-            }
+        let s = &self.shared;
+        if *self.released.get_mut() || s.gen != generation() {
+            return;
+        }
+        if s.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            unrecord(s);
+            let held = s.held.lock().take();
+            drop(held);
         }
     }
 }
@@ -348,10 +342,7 @@ impl Guard {
     /// in a forked child for an inherited guard).
     #[getter]
     fn held(&self) -> bool {
-        if self.is_inherited() {
-            return false;
-        }
-        self.shared.lock().is_some()
+        self.live()
     }
 
     /// "read", "write", "upgradable_read", "lock", "lease", "scope" or "permits";
@@ -370,24 +361,29 @@ impl Guard {
     /// The fencing token (a lease guard), else None.
     #[getter]
     fn token(&self) -> Option<u64> {
-        self.token
+        self.shared.token
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_t = None, _v = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         self.release_inner(py)?;
         Ok(false)
     }
 
-    fn __aenter__(slf: Py<Self>, py: Python<'_>) -> Ready {
+    fn __aenter__(slf: Py<Self>) -> Ready {
         Ready {
             value: Mutex::new(Some(slf.into_any())),
         }
-        .with_py(py)
     }
 
     #[pyo3(signature = (*_args))]
@@ -460,12 +456,6 @@ pub(crate) struct Ready {
     value: Mutex<Option<Py<PyAny>>>,
 }
 
-impl Ready {
-    fn with_py(self, _py: Python<'_>) -> Ready {
-        self
-    }
-}
-
 #[pymethods]
 impl Ready {
     fn __await__(slf: Py<Self>) -> Py<Self> {
@@ -482,31 +472,59 @@ impl Ready {
     }
 }
 
-/// What a lock object has handed out: every hold taken through it (for
-/// `locked()` and `close()`), and the holds of `acquire()` and `with lock:`
+/// What a lock object has handed out: its number (holds name the object
+/// they were taken through), the lock's record (found on the first
+/// acquisition: it lists this object's holds), the holds that have no
+/// record (lock set scopes), and the holds of `acquire()` and `with lock:`
 /// waiting for their `release()` / exit.
-#[derive(Default)]
 pub(crate) struct Holds {
-    all: Mutex<Vec<std::sync::Weak<Shared>>>,
+    id: u64,
+    key: std::sync::OnceLock<Arc<KeyState>>,
+    unkeyed: Mutex<Vec<std::sync::Weak<Shared>>>,
     stack: Mutex<Vec<Arc<Shared>>>,
 }
 
+impl Default for Holds {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Holds {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            key: std::sync::OnceLock::new(),
+            unkeyed: Mutex::new(Vec::new()),
+            stack: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 impl Holds {
-    fn add(&self, s: &Arc<Shared>) {
-        let mut all = self.all.lock();
+    fn add_unkeyed(&self, s: &Arc<Shared>) {
+        let mut all = self.unkeyed.lock();
         if all.len() >= 32 {
             all.retain(|w| w.strong_count() > 0);
         }
         all.push(Arc::downgrade(s));
     }
 
+    /// Everything taken through this object and not released (in this
+    /// process).
+    fn taken(&self) -> Vec<Arc<Shared>> {
+        let gen = generation();
+        let mut v: Vec<Arc<Shared>> = self
+            .unkeyed
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        if let Some(k) = self.key.get() {
+            v.extend(k.of_owner(self.id));
+        }
+        v.retain(|s| s.gen == gen);
+        v
+    }
+
     /// Whether anything taken through this object is held (in this process).
     pub(crate) fn any(&self) -> bool {
-        let gen = generation();
-        self.all.lock().iter().any(|w| {
-            w.upgrade()
-                .is_some_and(|s| s.gen == gen && s.held.lock().is_some())
-        })
+        self.taken().iter().any(|s| s.held.lock().is_some())
     }
 
     /// Releases everything taken through this object (in this process);
@@ -514,14 +532,10 @@ impl Holds {
     pub(crate) fn release_all(&self, py: Python<'_>) -> PyResult<()> {
         let stack = std::mem::take(&mut *self.stack.lock());
         drop(stack);
-        let gen = generation();
-        let all = std::mem::take(&mut *self.all.lock());
+        let all = self.taken();
+        self.unkeyed.lock().clear();
         let mut first = None;
-        for w in all {
-            let Some(s) = w.upgrade() else { continue };
-            if s.gen != gen {
-                continue;
-            }
+        for s in all {
             unrecord(&s);
             let held = s.held.lock().take();
             if let Some(h) = held {
@@ -549,16 +563,17 @@ impl Holds {
     /// Forgets everything (a forked child's copy of its parent's holds).
     pub(crate) fn forget(&self) {
         std::mem::forget(std::mem::take(&mut *self.stack.lock()));
-        std::mem::forget(std::mem::take(&mut *self.all.lock()));
+        std::mem::forget(std::mem::take(&mut *self.unkeyed.lock()));
     }
 }
 
 /// An acquisition, common to every family.
 pub(crate) struct Request<'a> {
+    /// The lock's record (None: no record, e.g. lock set scopes).
     pub key: Option<&'a Arc<KeyState>>,
+    /// Whether a request through the same object that its hold covers
+    /// counts instead of raising `AlreadyHeld`.
     pub reentrant: bool,
-    /// The lock object's address (reentrancy counts only through one object).
-    pub owner: usize,
     pub mode: Mode,
     pub path: &'a Arc<Path>,
     /// For messages: "lock", "shared lock", "lease", ...
@@ -624,8 +639,45 @@ fn owner_died(py: Python<'_>, path: &Path, g: Py<Guard>) -> PyErr {
     e
 }
 
+/// What the record says of a request, decided with the record locked
+/// (and so without running Python code: errors are made afterwards).
+enum Decided {
+    /// Counted on the hold this thread has (reentrant).
+    Counted(Arc<Shared>),
+    /// Taken by the try with the GIL held, and recorded.
+    Taken(Arc<Shared>, bool),
+    /// Refused at once: the thread holds it already (the detail).
+    AlreadyHeld(String),
+    /// The try failed without waiting.
+    Failed(interlock::TryLockError),
+    /// Not held by this thread, not taken yet: wait for it.
+    Wait,
+}
+
+/// The answer of the record to `thread` asking again for a lock it holds
+/// through `shared`.
+fn again(req: &Request<'_>, owner: u64, shared: &Arc<Shared>) -> Decided {
+    let mode = shared.mode();
+    let covered = mode == Mode::Exclusive || req.mode == Mode::Shared;
+    let same = shared.owner == owner;
+    if req.reentrant && same && covered {
+        return Decided::Counted(count_again(shared));
+    }
+    Decided::AlreadyHeld(if req.reentrant && same {
+        format!("{mode}; a reentrant lock counts only requests its hold covers")
+    } else if same {
+        format!("{mode}, through this object")
+    } else {
+        format!("{mode}, through another lock object")
+    })
+}
+
 /// [`acquire`] without the guard object: the hold and whether it came
 /// poisoned.
+///
+/// The uncontended path (a family whose try never waits) costs one lock
+/// of the record: with it held, the thread's prior hold is looked up, the
+/// try made (with the GIL) and the new hold recorded.
 pub(crate) fn acquire_shared(
     py: Python<'_>,
     holds: &Holds,
@@ -633,27 +685,51 @@ pub(crate) fn acquire_shared(
     wait: interlock::Wait,
     f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
 ) -> PyResult<(Arc<Shared>, bool)> {
+    use crate::wait::Fast;
+    use interlock::{TryLockError, Wait};
     let thread = crate::wait::thread_ident();
+    let owner = holds.id;
+    let mut fast = req.fast;
     if let Some(key) = req.key {
-        if let Prior::Held { shared, mode } = prior(key, thread) {
-            let covered = mode == Mode::Exclusive || req.mode == Mode::Shared;
-            if req.reentrant && shared.owner == req.owner && covered {
-                return Ok((count_again(&shared), false));
-            }
-            let detail = if req.reentrant && shared.owner == req.owner {
-                format!("{mode}; a reentrant lock counts only requests its hold covers")
-            } else if shared.owner == req.owner {
-                format!("{mode}, through this object")
-            } else {
-                format!("{mode}, through another lock object")
-            };
-            return Err(errors::already_held(py, req.path, &detail));
+        if holds.key.get().is_none() {
+            let _ = holds.key.set(Arc::clone(key));
         }
+        let decided = key.with(|v| {
+            if let Some((_, s)) = v.iter().find(|(t, _)| *t == thread) {
+                return again(&req, owner, s);
+            }
+            if fast != Fast::TryFirst {
+                return Decided::Wait;
+            }
+            match f(Wait::NonBlocking) {
+                Err(TryLockError::WouldBlock) if wait.may_block() => Decided::Wait,
+                Err(e) => Decided::Failed(e),
+                Ok((held, poisoned)) => {
+                    let s = new_shared(held, Some(key), thread, owner);
+                    v.push((thread, Arc::clone(&s)));
+                    Decided::Taken(s, poisoned)
+                }
+            }
+        });
+        match decided {
+            Decided::Counted(s) => return Ok((s, false)),
+            Decided::Taken(s, poisoned) => return Ok((s, poisoned)),
+            Decided::AlreadyHeld(detail) => {
+                return Err(errors::already_held(py, req.path, &detail))
+            }
+            Decided::Failed(e) => return Err(errors::from_try(py, &e, req.path, req.what)),
+            Decided::Wait => {}
+        }
+        // Tried already: the wait goes straight to the kernel.
+        fast = Fast::Detach;
     }
-    let got = crate::wait::run(py, wait, req.fast, f)?;
+    let got = crate::wait::run(py, wait, fast, f)?;
     let (held, poisoned) = got.map_err(|e| errors::from_try(py, &e, req.path, req.what))?;
-    let s = new_shared(held, req.key, thread, req.owner);
-    holds.add(&s);
+    let s = new_shared(held, req.key, thread, owner);
+    match req.key {
+        Some(k) => k.with(|v| v.push((thread, Arc::clone(&s)))),
+        None => holds.add_unkeyed(&s),
+    }
     Ok((s, poisoned))
 }
 
@@ -686,7 +762,7 @@ pub(crate) fn release_latest(
     path: &std::path::Path,
 ) -> PyResult<()> {
     match holds.pop() {
-        Some(s) => release_shared(py, s),
+        Some(s) => release_shared(py, &s),
         None => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
             "release of {}: not acquired through acquire() or `with`",
             path.display()

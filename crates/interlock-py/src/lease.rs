@@ -8,7 +8,7 @@ use crate::wait::{wait_of, wait_of_threading, Fast};
 use interlock::{LeaseLock, LeaseOptions, Mode, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -32,7 +32,6 @@ impl PyLeaseLock {
         let req = Request {
             key: Some(&self.key),
             reentrant: false,
-            owner: self as *const Self as usize,
             mode: Mode::Exclusive,
             path: &self.path,
             what: "the lease",
@@ -117,8 +116,14 @@ impl PyLeaseLock {
         Ok(slf.clone().unbind())
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_t = None, _v = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         hold::release_latest(py, &self.holds, &self.path)?;
         Ok(false)
     }

@@ -150,7 +150,6 @@ impl PyLockSet {
         let req = Request {
             key: None,
             reentrant: false,
-            owner: self as *const Self as usize,
             mode,
             path: &self.path,
             what: &what,

@@ -8,7 +8,6 @@ use crate::wait::{wait_of, wait_of_threading, Fast};
 use interlock::{Mode, ShmHold, ShmMutex, ShmRwLock, Wait};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -50,7 +49,6 @@ impl PyShmRwLock {
         let req = Request {
             key: Some(&self.key),
             reentrant: self.reentrant,
-            owner: self as *const Self as usize,
             mode,
             path: &self.path,
             what,
@@ -150,8 +148,14 @@ impl PyShmRwLock {
         Ok(slf.clone().unbind())
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_t = None, _v = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         hold::release_latest(py, &self.holds, &self.path)?;
         Ok(false)
     }
@@ -224,7 +228,6 @@ impl PyShmMutex {
         let req = Request {
             key: Some(&self.key),
             reentrant: self.reentrant,
-            owner: self as *const Self as usize,
             mode: Mode::Exclusive,
             path: &self.path,
             what: "the mutex",
@@ -299,8 +302,14 @@ impl PyShmMutex {
         Ok(slf.clone().unbind())
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+    #[pyo3(signature = (_t = None, _v = None, _tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         hold::release_latest(py, &self.holds, &self.path)?;
         Ok(false)
     }

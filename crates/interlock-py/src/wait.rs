@@ -83,23 +83,26 @@ fn in_main_thread(py: Python<'_>) -> bool {
 }
 
 thread_local! {
-    /// Who holds what this thread acquires: the thread itself, or (while
-    /// set by `_hold_as`) an asyncio task on whose behalf it acquires.
-    static AS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    static ME: u64 = {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    };
+    /// Who holds what this thread acquires: (the asyncio task on whose
+    /// behalf it acquires while set by `_hold_as`, else 0; the thread's
+    /// own number, 0 until first needed).
+    static WHO: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 /// The holder that acquisitions of this thread are recorded under: a
 /// number never reused by another thread (unlike a pthread id), or the
 /// token set by [`hold_as`].
 pub(crate) fn thread_ident() -> u64 {
-    match AS.with(|a| a.get()) {
-        0 => ME.with(|m| *m),
-        t => t,
-    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    WHO.with(|c| match c.get() {
+        (0, 0) => {
+            let me = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.set((0, me));
+            me
+        }
+        (0, me) => me,
+        (task, _) => task,
+    })
 }
 
 /// `_native._hold_as(token)`: until reset (`_hold_as(0)`), this thread
@@ -108,7 +111,11 @@ pub(crate) fn thread_ident() -> u64 {
 /// previous token.
 #[pyfunction]
 pub(crate) fn _hold_as(token: u64) -> u64 {
-    AS.with(|a| a.replace(token))
+    WHO.with(|c| {
+        let (prev, me) = c.get();
+        c.set((token, me));
+        prev
+    })
 }
 
 /// How an acquisition may proceed with the GIL held.
