@@ -64,11 +64,10 @@ impl Common {
         }
     }
 
-    fn request(&self, owner: usize, k: u32) -> Request<'_> {
+    fn request(&self, k: u32) -> Request<'_> {
         Request {
             key: None,
             reentrant: false,
-            owner,
             mode: Mode::Exclusive,
             path: &self.path,
             what: if k == 1 { "a permit of" } else { "permits of" },
@@ -121,7 +120,7 @@ pub(crate) struct PySemaphore {
 impl PySemaphore {
     fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<Py<Guard>> {
         let sem = &self.sem;
-        let req = self.c.request(self as *const Self as usize, k);
+        let req = self.c.request(k);
         hold::acquire(py, &self.c.holds, req, wait, |w| {
             Ok((Held::Sem(sem.acquire_many_arc(k, w)?), false))
         })
@@ -202,7 +201,7 @@ impl PySemaphore {
         let me = slf.get();
         let py = slf.py();
         let sem = &me.sem;
-        let req = me.c.request(me as *const Self as usize, 1);
+        let req = me.c.request(1);
         let r = hold::acquire_shared(py, &me.c.holds, req, Wait::Forever, |w| {
             Ok((Held::Sem(sem.acquire_many_arc(1, w)?), false))
         })?;
@@ -302,7 +301,7 @@ impl PyFileSemaphore {
 
     fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
         let sem = self.core(py)?;
-        let req = self.c.request(self as *const Self as usize, k);
+        let req = self.c.request(k);
         hold::acquire_shared(py, &self.c.holds, req, wait, |w| {
             Ok((Held::FileSem(sem.acquire_many_arc(k, w)?), false))
         })
