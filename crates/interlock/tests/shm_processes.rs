@@ -34,10 +34,16 @@ fn is_dead(pid: u32) -> bool {
     }
 }
 
-/// A child that takes the lock (`read`/`write`), says `held`, and holds it
-/// until told `release` (or until killed).
+/// A child that takes the lock (`read`/`write` an `ShmRwLock`, or `mutex`
+/// an `ShmMutex`), says `held`, and holds it until told `release` (or
+/// until killed).
 fn holder_role(role: &str) {
     let path = support::arg();
+    if role == "mutex" {
+        let lock = ShmMutex::open(&path).unwrap();
+        hold_until_release(lock.lock().unwrap_or_else(|p| p.into_inner()));
+        return;
+    }
     let lock = ShmRwLock::open(&path).unwrap();
     let guard = match role {
         "write" => {
@@ -46,6 +52,10 @@ fn holder_role(role: &str) {
         }
         _ => interlock::shm::ShmGuard::Read(lock.read().unwrap_or_else(|p| p.into_inner())),
     };
+    hold_until_release(guard);
+}
+
+fn hold_until_release<G>(guard: G) {
     support::say("held");
     while let Some(line) = support::hear() {
         if line == "release" {
@@ -589,21 +599,6 @@ fn thread_cost() -> (u64, u64) {
     (switches, cpu_ns)
 }
 
-/// A child that takes `ShmMutex` at the path, says `held`, and holds it
-/// until told `release`.
-fn mutex_holder_role() {
-    let lock = ShmMutex::open(support::arg()).unwrap();
-    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-    support::say("held");
-    while let Some(line) = support::hear() {
-        if line == "release" {
-            drop(guard);
-            support::say("released");
-            return;
-        }
-    }
-}
-
 /// What one blocked waiter costs per second of waiting: wake-ups (voluntary
 /// context switches of the waiting thread) and CPU time, for each way of
 /// blocking: a mutex behind a holder in another process, an rwlock writer
@@ -614,11 +609,7 @@ fn mutex_holder_role() {
 #[test]
 fn waiting_cost_per_second() {
     if let Some(role) = support::role() {
-        if role == "mutex" {
-            mutex_holder_role();
-        } else {
-            holder_role(&role);
-        }
+        holder_role(&role);
         return;
     }
     if !measuring() {
