@@ -8,6 +8,7 @@ import asyncio
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -218,6 +219,13 @@ def test_control_a_semaphore_of_too_many_permits_fails_the_check(tmp_path, kind)
         os.unlink(interlock.Semaphore(where, 3).path)
 
 
+def readline(p):
+    """The child's next line, or a failure after WAIT seconds."""
+    ready, _, _ = select.select([p.stdout], [], [], WAIT)
+    assert ready, f"the child said nothing within {WAIT} s"
+    return p.stdout.readline().strip()
+
+
 DIE = """
 import os, signal, sys, interlock
 kind, where = sys.argv[1], sys.argv[2]
@@ -233,7 +241,7 @@ def _die_holding(kind, where):
         [sys.executable, "-c", DIE, kind, where], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert p.stdout.readline().strip() == "held"
+        assert readline(p) == "held"
         assert p.wait(WAIT) == -signal.SIGKILL
     finally:
         if p.poll() is None:
@@ -433,3 +441,51 @@ def test_decorator_holds_one_permit(make):
         return s.available
 
     assert asyncio.run(awork()) == 1 and s.available == 2
+
+
+CTRL_C = """
+import signal, sys, interlock
+# Background shells start Python with SIGINT ignored: put the handler back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+kind, where = sys.argv[1], sys.argv[2]
+s = interlock.Semaphore(where, 2) if kind == "shm" else interlock.FileSemaphore(where, 2)
+print("waiting", flush=True)
+try:
+    s.acquire(2)
+    print("took them", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("kind", ["shm", "file"])
+def test_ctrl_c_interrupts_a_blocked_acquire_holding_nothing(tmp_path, kind):
+    where = shm_name() if kind == "shm" else str(tmp_path / "sem")
+    s = interlock.Semaphore(where, 2) if kind == "shm" else interlock.FileSemaphore(where, 2)
+    g = s.acquire()  # one of two: the child's acquire(2) must wait
+    p = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C, kind, where],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert readline(p) == "waiting"
+        time.sleep(0.12)  # let it block (a signal before the wait is fine too)
+        p.send_signal(signal.SIGINT)
+        assert readline(p) == "interrupted"
+        assert s.available == 1, "the interrupted acquire kept a permit"
+        g.release()
+        s.acquire(2, timeout=WAIT).release()
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(WAIT) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(WAIT)
+        p.stdin.close()
+        p.stdout.close()
+    if kind == "shm":
+        os.unlink(s.path)

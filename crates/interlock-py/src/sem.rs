@@ -108,6 +108,122 @@ impl Common {
     }
 }
 
+/// What each family's class gives the methods both have
+/// ([`permit_methods`]).
+trait Permits {
+    fn common(&self) -> &Common;
+    /// Takes `k` permits as `wait` allows.
+    fn take_shared(
+        &self,
+        py: Python<'_>,
+        k: u32,
+        wait: Wait,
+    ) -> PyResult<(Arc<hold::Shared>, bool)>;
+}
+
+/// The `#[pymethods]` of a semaphore class: the family's own (`$own`) and
+/// those both families have, written once over [`Permits`].
+macro_rules! permit_methods {
+    ($ty:ident, $label:literal, { $($own:tt)* }) => {
+        #[pymethods]
+        impl $ty {
+            $($own)*
+
+            /// Takes `n` permits (all or none), waiting as allowed: a held
+            /// Guard, or WouldBlock / Timeout. `release()` gives back the
+            /// latest.
+            #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+            fn acquire(
+                &self,
+                py: Python<'_>,
+                n: i64,
+                blocking: bool,
+                timeout: Option<f64>,
+            ) -> PyResult<Py<Guard>> {
+                let g = self._take(py, n, blocking, timeout)?;
+                self.common().keep(py, &g);
+                Ok(g)
+            }
+
+            /// As `acquire(k, ...)`.
+            #[pyo3(signature = (k, blocking = true, timeout = None))]
+            fn acquire_many(
+                &self,
+                py: Python<'_>,
+                k: i64,
+                blocking: bool,
+                timeout: Option<f64>,
+            ) -> PyResult<Py<Guard>> {
+                self.acquire(py, k, blocking, timeout)
+            }
+
+            /// As `acquire`, without keeping the guard for `release()` (the
+            /// async forms' call).
+            #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
+            fn _take(
+                &self,
+                py: Python<'_>,
+                n: i64,
+                blocking: bool,
+                timeout: Option<f64>,
+            ) -> PyResult<Py<Guard>> {
+                let k = self.common().count(n)?;
+                let r = self.take_shared(py, k, wait_of(blocking, timeout)?)?;
+                hold::into_guard(py, &self.common().path, r)
+            }
+
+            /// Gives back the permits of the latest `acquire()` still held.
+            fn release(&self, py: Python<'_>) -> PyResult<()> {
+                self.common().release_latest(py)
+            }
+
+            fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+                let me = slf.get();
+                let r = me.take_shared(slf.py(), 1, Wait::Forever)?;
+                hold::enter(slf.py(), &me.common().holds, &me.common().path, r)?;
+                Ok(slf.clone().unbind())
+            }
+
+            #[pyo3(signature = (*_args))]
+            fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+                let c = self.common();
+                hold::release_latest(py, &c.holds, &c.path)?;
+                Ok(false)
+            }
+
+            /// Gives back every permit taken through this object (in this
+            /// process).
+            fn close(&self, py: Python<'_>) -> PyResult<()> {
+                self.common().acquired.lock().clear();
+                self.common().holds.release_all(py)
+            }
+
+            /// The number of permits (N).
+            #[getter]
+            fn permits(&self) -> u32 {
+                self.common().permits
+            }
+
+            #[getter]
+            fn path(&self) -> String {
+                self.common().path.to_string_lossy().into_owned()
+            }
+
+            fn __reduce__<'py>(
+                slf: &Bound<'py, Self>,
+            ) -> PyResult<(Bound<'py, PyAny>, (String, u32))> {
+                let me = slf.get();
+                Ok((slf.get_type().into_any(), (me.reduce_name()?, me.common().permits)))
+            }
+
+            fn __repr__(&self) -> String {
+                let c = self.common();
+                format!("<interlock.{} {} permits={}>", $label, c.path.display(), c.permits)
+            }
+        }
+    };
+}
+
 /// A counting semaphore in shared memory.
 #[pyclass(module = "interlock._native", name = "Semaphore", subclass, frozen)]
 pub(crate) struct PySemaphore {
@@ -117,18 +233,38 @@ pub(crate) struct PySemaphore {
     c: Common,
 }
 
-impl PySemaphore {
-    fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<Py<Guard>> {
+impl Permits for PySemaphore {
+    fn common(&self) -> &Common {
+        &self.c
+    }
+
+    fn take_shared(
+        &self,
+        py: Python<'_>,
+        k: u32,
+        wait: Wait,
+    ) -> PyResult<(Arc<hold::Shared>, bool)> {
         let sem = &self.sem;
         let req = self.c.request(k);
-        hold::acquire(py, &self.c.holds, req, wait, |w| {
+        hold::acquire_shared(py, &self.c.holds, req, wait, |w| {
             Ok((Held::Sem(sem.acquire_many_arc(k, w)?), false))
         })
     }
 }
 
-#[pymethods]
 impl PySemaphore {
+    fn reduce_name(&self) -> PyResult<String> {
+        match &self.name {
+            Some(n) => Ok(n.to_string_lossy().into_owned()),
+            None => Err(PyTypeError::new_err(
+                "an anonymous Semaphore cannot be pickled: it is shared only with \
+                 children made by fork (give it a name to share it by pickling)",
+            )),
+        }
+    }
+}
+
+permit_methods!(PySemaphore, "Semaphore", {
     #[new]
     #[pyo3(signature = (name_or_path, permits))]
     fn py_new(
@@ -151,82 +287,6 @@ impl PySemaphore {
         })
     }
 
-    /// Takes `n` permits (all or none), waiting as allowed: a held Guard,
-    /// or WouldBlock / Timeout. `release()` gives back the latest.
-    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
-    fn acquire(
-        &self,
-        py: Python<'_>,
-        n: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        let g = self._take(py, n, blocking, timeout)?;
-        self.c.keep(py, &g);
-        Ok(g)
-    }
-
-    /// As `acquire(k, ...)`.
-    #[pyo3(signature = (k, blocking = true, timeout = None))]
-    fn acquire_many(
-        &self,
-        py: Python<'_>,
-        k: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        self.acquire(py, k, blocking, timeout)
-    }
-
-    /// As `acquire`, without keeping the guard for `release()` (the async
-    /// forms' call).
-    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
-    fn _take(
-        &self,
-        py: Python<'_>,
-        n: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        let k = self.c.count(n)?;
-        self.take(py, k, wait_of(blocking, timeout)?)
-    }
-
-    /// Gives back the permits of the latest `acquire()` still held.
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        self.c.release_latest(py)
-    }
-
-    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let me = slf.get();
-        let py = slf.py();
-        let sem = &me.sem;
-        let req = me.c.request(1);
-        let r = hold::acquire_shared(py, &me.c.holds, req, Wait::Forever, |w| {
-            Ok((Held::Sem(sem.acquire_many_arc(1, w)?), false))
-        })?;
-        hold::enter(py, &me.c.holds, &me.c.path, r)?;
-        Ok(slf.clone().unbind())
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        hold::release_latest(py, &self.c.holds, &self.c.path)?;
-        Ok(false)
-    }
-
-    /// Gives back every permit taken through this object (in this process).
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        self.c.acquired.lock().clear();
-        self.c.holds.release_all(py)
-    }
-
-    /// The number of permits (N).
-    #[getter]
-    fn permits(&self) -> u32 {
-        self.c.permits
-    }
-
     /// How many permits are free now (a dead holder's count as held until
     /// reclaimed).
     #[getter]
@@ -247,39 +307,12 @@ impl PySemaphore {
         py.detach(|| sem.reclaim_dead())
     }
 
-    #[getter]
-    fn path(&self) -> String {
-        self.c.path.to_string_lossy().into_owned()
-    }
-
     /// The name or path given, or None for an anonymous semaphore.
     #[getter]
     fn name(&self) -> Option<String> {
         self.name.as_ref().map(|n| n.to_string_lossy().into_owned())
     }
-
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String, u32))> {
-        let me = slf.get();
-        match &me.name {
-            Some(n) => Ok((
-                slf.get_type().into_any(),
-                (n.to_string_lossy().into_owned(), me.c.permits),
-            )),
-            None => Err(PyTypeError::new_err(
-                "an anonymous Semaphore cannot be pickled: it is shared only with \
-                 children made by fork (give it a name to share it by pickling)",
-            )),
-        }
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "<interlock.Semaphore {} permits={}>",
-            self.c.path.display(),
-            self.c.permits
-        )
-    }
-}
+});
 
 /// A counting semaphore on a file: permit i is an OFD write lock on byte i.
 #[pyclass(module = "interlock._native", name = "FileSemaphore", subclass, frozen)]
@@ -299,7 +332,22 @@ impl PyFileSemaphore {
             .map_err(|e| errors::from_error(py, &e))
     }
 
-    fn take(&self, py: Python<'_>, k: u32, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
+    fn reduce_name(&self) -> PyResult<String> {
+        Ok(self.c.path.to_string_lossy().into_owned())
+    }
+}
+
+impl Permits for PyFileSemaphore {
+    fn common(&self) -> &Common {
+        &self.c
+    }
+
+    fn take_shared(
+        &self,
+        py: Python<'_>,
+        k: u32,
+        wait: Wait,
+    ) -> PyResult<(Arc<hold::Shared>, bool)> {
         let sem = self.core(py)?;
         let req = self.c.request(k);
         hold::acquire_shared(py, &self.c.holds, req, wait, |w| {
@@ -308,8 +356,7 @@ impl PyFileSemaphore {
     }
 }
 
-#[pymethods]
-impl PyFileSemaphore {
+permit_methods!(PyFileSemaphore, "FileSemaphore", {
     #[new]
     #[pyo3(signature = (path, permits, *, mode = 0o644))]
     fn py_new(py: Python<'_>, path: &Bound<'_, PyAny>, permits: i64, mode: u32) -> PyResult<Self> {
@@ -325,75 +372,6 @@ impl PyFileSemaphore {
         })
     }
 
-    /// Takes `n` permits (all or none), waiting as allowed: a held Guard,
-    /// or WouldBlock / Timeout. `release()` gives back the latest.
-    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
-    fn acquire(
-        &self,
-        py: Python<'_>,
-        n: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        let g = self._take(py, n, blocking, timeout)?;
-        self.c.keep(py, &g);
-        Ok(g)
-    }
-
-    /// As `acquire(k, ...)`.
-    #[pyo3(signature = (k, blocking = true, timeout = None))]
-    fn acquire_many(
-        &self,
-        py: Python<'_>,
-        k: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        self.acquire(py, k, blocking, timeout)
-    }
-
-    /// As `acquire`, without keeping the guard for `release()`.
-    #[pyo3(signature = (n = 1, blocking = true, timeout = None))]
-    fn _take(
-        &self,
-        py: Python<'_>,
-        n: i64,
-        blocking: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Py<Guard>> {
-        let k = self.c.count(n)?;
-        let r = self.take(py, k, wait_of(blocking, timeout)?)?;
-        hold::into_guard(py, &self.c.path, r)
-    }
-
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        self.c.release_latest(py)
-    }
-
-    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        let me = slf.get();
-        let r = me.take(slf.py(), 1, Wait::Forever)?;
-        hold::enter(slf.py(), &me.c.holds, &me.c.path, r)?;
-        Ok(slf.clone().unbind())
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        hold::release_latest(py, &self.c.holds, &self.c.path)?;
-        Ok(false)
-    }
-
-    /// Gives back every permit taken through this object (in this process).
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        self.c.acquired.lock().clear();
-        self.c.holds.release_all(py)
-    }
-
-    #[getter]
-    fn permits(&self) -> u32 {
-        self.c.permits
-    }
-
     /// How many permits are free now (asks the kernel).
     #[getter]
     fn available(&self, py: Python<'_>) -> PyResult<u32> {
@@ -401,25 +379,4 @@ impl PyFileSemaphore {
         py.detach(|| sem.available())
             .map_err(|e| errors::from_error(py, &e))
     }
-
-    #[getter]
-    fn path(&self) -> String {
-        self.c.path.to_string_lossy().into_owned()
-    }
-
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (String, u32))> {
-        let me = slf.get();
-        Ok((
-            slf.get_type().into_any(),
-            (me.c.path.to_string_lossy().into_owned(), me.c.permits),
-        ))
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "<interlock.FileSemaphore {} permits={}>",
-            self.c.path.display(),
-            self.c.permits
-        )
-    }
-}
+});
