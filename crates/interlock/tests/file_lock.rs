@@ -299,6 +299,108 @@ fn noperm_child() {
     support::say(report);
 }
 
+/// A user who may only read the lock file takes the flock flavor's
+/// exclusive lock (flock(2) allows LOCK_EX on a read-only descriptor); it
+/// excludes readers and writers of other processes, and it waits behind an
+/// upgradable holder's slot, so the upgrade still goes through without it
+/// getting in between. Controls: the same requests succeed once it is gone.
+#[test]
+fn a_read_only_flock_writer_excludes_and_waits_for_an_upgrader() {
+    if child() {
+        return;
+    }
+    if euid() != 0 {
+        eprintln!("skipped: acting as another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("test-binary");
+    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("ro.lock");
+    fs::write(&path, b"").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let test = "a_read_only_flock_writer_excludes_and_waits_for_an_upgrader";
+    let mut ro = Child::spawn_as(
+        &exe,
+        65534,
+        test,
+        "agent",
+        &format!("flock {}", path.display()),
+    );
+    ro.expect("ready");
+    let mine = open(Flavor::Flock, &path);
+
+    // Held by the read-only writer: nobody else gets in.
+    ro.send("write");
+    ro.expect("ok");
+    assert!(matches!(mine.try_read(), Err(TryLockError::WouldBlock)));
+    assert!(matches!(mine.try_write(), Err(TryLockError::WouldBlock)));
+    ro.send("release");
+    ro.expect("ok");
+    drop(mine.try_read().expect("control: free again"));
+    drop(mine.try_write().expect("control: free again"));
+
+    // Behind an upgradable holder: the read-only writer waits, and the
+    // upgrade completes first even when it has to wait itself (for another
+    // reader), the case where flock's conversion is not atomic: the kernel
+    // drops the upgrader's LOCK_SH while it waits for LOCK_EX. A writer
+    // that waited in LOCK_EX alone (not on the slot) could then get in
+    // between (the control: that variant, tried by hand, failed this test
+    // in 2 of 2 runs).
+    let other = open(Flavor::Flock, &path);
+    let waiters = || {
+        interlock::holders(&path)
+            .unwrap()
+            .iter()
+            .filter(|h| h.waiting)
+            .count()
+    };
+    let wait_for = |n: usize| {
+        let t = Instant::now();
+        while waiters() < n {
+            assert!(t.elapsed() < HANG, "fewer than {n} waiters");
+            thread::sleep(Duration::from_millis(2));
+        }
+    };
+    for _ in 0..20 {
+        let u = mine.upgradable_read().unwrap();
+        let r = other.read().unwrap();
+        ro.send("write");
+        wait_for(1);
+        let mut got_in_first = false;
+        thread::scope(|sc| {
+            // The thread hands the write guard back: releasing it there
+            // would let the writer in before we see the thread finish.
+            let up = sc.spawn(move || u.try_upgrade_for(HANG).ok());
+            wait_for(2);
+            drop(r);
+            // If the writer gets in while the upgrade waits, let it go again
+            // (so the upgrade can end) and fail below.
+            while !up.is_finished() {
+                if let Some(line) = ro.try_recv_within(Duration::from_millis(1)) {
+                    assert_eq!(line, "ok");
+                    got_in_first = true;
+                    ro.send("release");
+                    ro.expect("ok");
+                }
+            }
+            let w = up.join().unwrap().expect("upgrade failed");
+            assert!(!got_in_first, "a read-only writer got in during an upgrade");
+            drop(w);
+        });
+        // The upgrade was done and released before the writer got in.
+        ro.expect("ok");
+        ro.send("release");
+        ro.expect("ok");
+    }
+    drop(mine.try_write().expect("control: free again"));
+    ro.send("release");
+    ro.expect("ok");
+    quit(&mut ro);
+}
+
 #[test]
 fn no_permission_is_a_typed_error() {
     if child() {

@@ -72,16 +72,40 @@ impl Child {
     pub fn spawn_with(test: &str, role: &str, arg: &str, env: &[(&str, &str)]) -> Child {
         let exe = std::env::current_exe().expect("current_exe");
         let mut cmd = Command::new(exe);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Child::spawn_cmd(cmd, test, role, arg).expect("spawn child test process")
+    }
+
+    /// As [`Child::spawn`], but as user `uid` (group `uid` too), running
+    /// `exe`, a copy of this test binary that the user may execute (the
+    /// original may lie under /root). Needs root; the copy is retried on
+    /// ETXTBSY (another test's fork may briefly hold it open for writing).
+    pub fn spawn_as(exe: &std::path::Path, uid: u32, test: &str, role: &str, arg: &str) -> Child {
+        use std::os::unix::process::CommandExt;
+        for _ in 0..100 {
+            let mut cmd = Command::new(exe);
+            cmd.uid(uid).gid(uid);
+            match Child::spawn_cmd(cmd, test, role, arg) {
+                Ok(c) => return c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("spawn {} as uid {uid}: {e}", exe.display()),
+            }
+        }
+        panic!("could not start {} as uid {uid}", exe.display());
+    }
+
+    fn spawn_cmd(mut cmd: Command, test: &str, role: &str, arg: &str) -> std::io::Result<Child> {
         cmd.args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
             .env(ROLE_ENV, role)
             .env(ARG_ENV, arg)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn child test process");
+        let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -94,11 +118,11 @@ impl Child {
                 }
             }
         });
-        Child {
+        Ok(Child {
             child,
             lines,
             name: format!("{test}/{role}"),
-        }
+        })
     }
 
     /// The child's pid.
