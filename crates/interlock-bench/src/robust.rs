@@ -257,6 +257,44 @@ fn round(
     })
 }
 
+/// Round trips per second between two threads that always sleep on a turn
+/// word (no spinning), with FUTEX_WAIT or (`two`) futex_waitv on the turn
+/// word and an idle second word.
+fn ping_pong(dir: &std::path::Path, two: bool) -> anyhow::Result<f64> {
+    const ROUNDS: u32 = 20_000;
+    let page = Arc::new(SharedPage::create(
+        &dir.join(format!("pingpong-{two}")),
+        PAGE,
+    )?);
+    let run = move |page: Arc<SharedPage>, me: u32| {
+        let turn = page.u32_at(0);
+        let idle = page.u32_at(64);
+        for _ in 0..ROUNDS {
+            loop {
+                let t = turn.load(std::sync::atomic::Ordering::SeqCst);
+                if t == me {
+                    break;
+                }
+                if two {
+                    sys::futex_waitv(&[(turn, t), (idle, 0)], Duration::from_secs(10));
+                } else {
+                    sys::futex_wait(turn, t, Some(Duration::from_secs(10)));
+                }
+            }
+            turn.store(1 - me, std::sync::atomic::Ordering::SeqCst);
+            sys::futex_wake(turn, 1);
+        }
+    };
+    let p2 = page.clone();
+    let t0 = sys::now_ns();
+    let other = std::thread::spawn(move || run(p2, 1));
+    run(page, 0);
+    other
+        .join()
+        .map_err(|_| anyhow::anyhow!("ping-pong thread panicked"))?;
+    Ok(f64::from(ROUNDS) / ((sys::now_ns() - t0) as f64 / 1e9))
+}
+
 fn pct(v: &mut [u64], q: f64) -> f64 {
     v.sort_unstable();
     v[((v.len() - 1) as f64 * q).round() as usize] as f64 / 1e6
@@ -344,6 +382,23 @@ pub fn probe(a: RobustArgs) -> anyhow::Result<bool> {
         );
         ok &= on_live == n && flagged == n && glibc_ok == n;
     }
+    // What sleeping on two words costs a handoff: two threads alternate on
+    // a turn word, sleeping with FUTEX_WAIT or with futex_waitv on {turn,
+    // an idle liveness word} (what a waiter would do), 3 runs each,
+    // interleaved.
+    let mut best = [0f64; 2];
+    for _ in 0..3 {
+        for (i, two) in [false, true].into_iter().enumerate() {
+            best[i] = best[i].max(ping_pong(dir.path(), two)?);
+        }
+    }
+    println!(
+        "handoff between two threads sleeping on the futex, best of 3: FUTEX_WAIT {:.0} k/s, \
+         futex_waitv on 2 words {:.0} k/s ({:.2}x)",
+        best[0] / 1e3,
+        best[1] / 1e3,
+        best[1] / best[0]
+    );
     // The asymmetric fence a draining writer would issue before sleeping
     // (docs/design-shm.md, item 8): its cost per call.
     match sys::membarrier(sys::MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) {
