@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aio;
 mod error;
 mod file;
 mod handle;
@@ -21,6 +22,7 @@ pub mod sync;
 mod sys;
 mod wait;
 
+pub use aio::Acquire;
 pub use error::{Error, ErrorKind, Result, TryLockError};
 pub use file::{
     holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard, FileSemaphore,

@@ -66,7 +66,12 @@ impl Wait {
 
     /// The time left before the deadline: `None` for [`Wait::Forever`],
     /// `Some(ZERO)` once the deadline passed or for [`Wait::NonBlocking`].
+    /// In the waiter thread of a cancelled async acquisition (see
+    /// docs/design-async.md) every wait counts as expired.
     pub fn remaining(&self) -> Option<Duration> {
+        if crate::sys::timer::cancelled() {
+            return Some(Duration::ZERO);
+        }
         match self {
             Wait::NonBlocking => Some(Duration::ZERO),
             Wait::Forever => None,

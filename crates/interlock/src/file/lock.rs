@@ -1430,7 +1430,7 @@ impl FileLock {
                         // only a foreign flock user can hold the file now
                         // (interlock writers make way for our slot).
                         let back =
-                            timer::block_until(None, || Req::Flock(FlockOp::Shared).wait_on(f));
+                            timer::block_restarting(|| Req::Flock(FlockOp::Shared).wait_on(f));
                         st.leave_gate();
                         let ungated = unlock_ofd(f, self.gate());
                         match back.and(ungated) {

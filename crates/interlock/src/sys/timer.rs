@@ -24,10 +24,12 @@
 //!   delivered when that call returns, into our empty handler, so no stray
 //!   EINTR reaches the caller's later system calls.
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 extern "C" fn ignore_signal(_: libc::c_int) {}
@@ -65,6 +67,39 @@ fn interrupt_signal() -> io::Result<libc::c_int> {
     chosen.map_err(io::Error::from_raw_os_error)
 }
 
+/// A POSIX timer that signals the calling thread (`SIGEV_THREAD_ID`) with
+/// the interrupt signal, created disarmed.
+fn thread_timer(sig: libc::c_int) -> io::Result<libc::timer_t> {
+    // SAFETY: sigevent has private padding, so it is built from zeroes
+    // (a valid bit pattern for this C struct) and the fields set below.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_THREAD_ID;
+    sev.sigev_signo = sig;
+    // SAFETY: gettid has no preconditions.
+    sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+    let mut timer: libc::timer_t = ptr::null_mut();
+    // SAFETY: `sev` and `timer` are valid for reads and writes.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
+/// Starts `timer`: first expiry after `after` (at least 1 ns), then every
+/// millisecond.
+fn start(timer: libc::timer_t, after: Duration) -> io::Result<()> {
+    let spec = libc::itimerspec {
+        it_value: timespec(after.max(Duration::from_nanos(1))),
+        it_interval: timespec(Duration::from_millis(1)),
+    };
+    // SAFETY: callers pass a timer created by `thread_timer` and not yet
+    // deleted; `spec` is valid for reads.
+    if unsafe { libc::timer_settime(timer, 0, &spec, ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A per-thread timer that interrupts this thread's blocking system calls
 /// from its deadline on, until dropped.
 pub struct Interrupter {
@@ -84,18 +119,7 @@ impl Interrupter {
     /// and then every millisecond.
     pub fn arm(after: Duration) -> io::Result<Interrupter> {
         let sig = interrupt_signal()?;
-        // SAFETY: sigevent has private padding, so it is built from zeroes
-        // (a valid bit pattern for this C struct) and the fields set below.
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = sig;
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut timer: libc::timer_t = ptr::null_mut();
-        // SAFETY: `sev` and `timer` are valid for reads and writes.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let timer = thread_timer(sig)?;
         // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -108,14 +132,7 @@ impl Interrupter {
         // SAFETY: both pointers are valid; this only changes this thread's mask.
         unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old_mask) };
         let me = Interrupter { timer, old_mask };
-        let spec = libc::itimerspec {
-            it_value: timespec(after.max(Duration::from_nanos(1))),
-            it_interval: timespec(Duration::from_millis(1)),
-        };
-        // SAFETY: `me.timer` was created above and is live until drop.
-        if unsafe { libc::timer_settime(me.timer, 0, &spec, ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        start(me.timer, after)?;
         Ok(me)
     }
 }
@@ -131,9 +148,87 @@ impl Drop for Interrupter {
     }
 }
 
+// ----- cancellation of a waiter thread's wait -------------------------------
+//
+// An async acquisition (`crate::aio`) that cannot be granted at once runs the
+// blocking acquisition on a waiter thread. Dropping its future cancels the
+// wait: the flag below (installed in the waiter thread) makes every `Wait`
+// report its deadline as passed and `block_until` give up, and a
+// [`CancelTimer`] interrupts the blocked system call (fcntl/flock, futex,
+// poll) with the same do-nothing signal as a deadline, repeating every
+// millisecond until the thread has left the call.
+
+thread_local! {
+    static CANCEL: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
+}
+
+/// Installs (or, with `None`, removes) this thread's cancellation flag.
+pub fn set_cancel_flag(flag: Option<Arc<AtomicBool>>) {
+    let _ = CANCEL.try_with(|c| *c.borrow_mut() = flag);
+}
+
+/// Whether this thread's wait was cancelled (always false outside a waiter
+/// thread).
+pub fn cancelled() -> bool {
+    CANCEL
+        .try_with(|c| {
+            c.borrow()
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Acquire))
+        })
+        .unwrap_or(false)
+}
+
+/// A timer that interrupts the blocking calls of the thread that made it,
+/// from [`CancelTimer::fire`] (called from any thread) on, every millisecond,
+/// until dropped. Making it also unblocks the interrupt signal in the calling
+/// thread for good, so it is for threads the library owns.
+pub struct CancelTimer {
+    timer: libc::timer_t,
+}
+
+// SAFETY: a timer_t names a process-wide timer (an id in the kernel); any
+// thread may arm or delete it. The one deletion is in Drop (`&mut self`).
+unsafe impl Send for CancelTimer {}
+// SAFETY: as above; `fire` only arms the timer, which the kernel serialises.
+unsafe impl Sync for CancelTimer {}
+
+impl CancelTimer {
+    /// A disarmed timer aimed at the calling thread.
+    pub fn for_this_thread() -> io::Result<CancelTimer> {
+        let sig = interrupt_signal()?;
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; `sig` is a valid signal number.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+        }
+        // SAFETY: `set` is valid; this only changes this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, ptr::null_mut()) };
+        Ok(CancelTimer {
+            timer: thread_timer(sig)?,
+        })
+    }
+
+    /// Interrupts the thread's blocking calls now and every millisecond after.
+    pub fn fire(&self) -> io::Result<()> {
+        start(self.timer, Duration::from_nanos(1))
+    }
+}
+
+impl Drop for CancelTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer is live (created in `for_this_thread`) and
+        // deleted once here. A signal it generated before is delivered into
+        // the empty handler.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
 /// Runs the blocking call `f` until it succeeds, fails with something other
-/// than EINTR, or `deadline` passes (then `Ok(None)`). With no deadline it
-/// only restarts `f` after stray signals.
+/// than EINTR, `deadline` passes or this thread's wait is cancelled (then
+/// `Ok(None)`). With no deadline it restarts `f` after stray signals.
 pub fn block_until<T>(
     deadline: Option<Instant>,
     mut f: impl FnMut() -> io::Result<T>,
@@ -152,11 +247,23 @@ pub fn block_until<T>(
         match f() {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
-                if deadline.is_some_and(|t| Instant::now() >= t) {
+                if cancelled() || deadline.is_some_and(|t| Instant::now() >= t) {
                     return Ok(None);
                 }
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs the blocking call `f`, restarting it after any signal, until it
+/// succeeds or fails otherwise: for a wait that must not be given up (say,
+/// taking back a lock the kernel dropped), even in a cancelled waiter.
+pub fn block_restarting<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            r => return r,
         }
     }
 }
