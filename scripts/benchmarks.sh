@@ -30,7 +30,7 @@ for a in "$@"; do
 done
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [[ $criterion == 1 ]]; then
-  cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench lease --bench sem
+  cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench async_handoff --bench lease --bench sem
 fi
 INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "${args[@]}"
 py=.venv-bench/bin/python

@@ -251,11 +251,13 @@ fn run<G: Send + 'static>(job: &Arc<Job<G>>, attempt: &mut Attempt<G>, wait: Wai
     st.finished = true;
     st.hook = None;
     job.done.notify_all();
-    // Disarmed before anything is released, so no later call of this
-    // thread is interrupted.
-    drop(st.timer.take());
+    // Once `finished` is set the drop fires the timer no more.
+    let timer = st.timer.take();
     if st.dropped {
         drop(st);
+        // Disarmed before anything is released, so that no call of the
+        // release is interrupted.
+        drop(timer);
         drop(r);
         return;
     }
@@ -265,6 +267,8 @@ fn run<G: Send + 'static>(job: &Arc<Job<G>>, attempt: &mut Attempt<G>, wait: Wai
     if let Some(w) = w {
         w.wake();
     }
+    // Deleted after the wake: it is off the wake's path.
+    drop(timer);
 }
 
 // ----- a family's own cancel ---------------------------------------------
