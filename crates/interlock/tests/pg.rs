@@ -419,3 +419,108 @@ fn bad_settings_are_typed_errors() {
     let g = l.try_write().unwrap();
     assert!(g.is_held());
 }
+
+/// Polls once with a waker that does nothing.
+fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(f).poll(&mut cx)
+}
+
+/// Waits (bounded) until `lock.holders()` satisfies `ok`.
+fn holders_until(lock: &PgLock, ok: impl Fn(&[interlock::PgHolder]) -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ok(&lock.holders().unwrap()) {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// An async wait is cancelled on the server (a cancel request) when its
+/// future is dropped, and a future dropped at random moments around a
+/// release leaves nothing held: another session takes the lock at once.
+#[test]
+fn async_waits_are_cancelled_and_leave_nothing_held() {
+    let Some(pg) = cluster() else { return };
+    let name = unique("async");
+    let holder = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let other = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let lock = Arc::new(PgLock::with_options(&name, opts(&pg.url())).unwrap());
+    // Cancelled while queued: the server's wait ends.
+    let g = holder.write().unwrap();
+    let mut f = lock.write_async();
+    assert!(poll_once(&mut f).is_pending());
+    assert!(
+        holders_until(&holder, |h| h.len() == 2),
+        "the waiter never queued"
+    );
+    drop(f);
+    assert!(
+        holders_until(&holder, |h| h.len() == 1),
+        "the cancelled wait stayed queued on the server"
+    );
+    drop(g);
+    // Dropped at seeded random moments, before or after the release.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for round in 0..12 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let g = holder.write().unwrap();
+        let mut f = if x % 2 == 0 {
+            Box::pin(lock.write_async())
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        } else {
+            Box::pin(lock.read_async())
+        };
+        assert!(poll_once(&mut f).is_pending());
+        let pause = Duration::from_micros(x % 3000);
+        if x % 3 == 0 {
+            std::thread::sleep(pause);
+            drop(f);
+            drop(g);
+        } else {
+            drop(g);
+            std::thread::sleep(pause);
+            if x % 3 == 1 {
+                let _ = poll_once(&mut f);
+            }
+            drop(f);
+        }
+        let got = other.try_write_for(Duration::from_secs(10));
+        assert!(got.is_ok(), "round {round}: {got:?}");
+    }
+    assert!(holders_until(&holder, |h| h.is_empty()), "something stayed");
+    // A timed async wait times out as the blocking one does.
+    let g = holder.write().unwrap();
+    let e = block_on(lock.write_async_for(Duration::from_millis(50))).unwrap_err();
+    assert!(matches!(e, TryLockError::TimedOut), "{e:?}");
+    drop(g);
+    let g = block_on(lock.read_async()).unwrap();
+    assert!(g.token() > 0);
+}
+
+/// A minimal executor (park until woken).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        assert!(Instant::now() < end, "never woken");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}

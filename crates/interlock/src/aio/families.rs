@@ -246,3 +246,35 @@ macro_rules! semaphore_async {
 #[cfg(not(loom))]
 semaphore_async!(Semaphore, SemaphoreGuard<'static>);
 semaphore_async!(FileSemaphore, FileSemaphoreGuard<'static>);
+
+#[cfg(feature = "postgres")]
+impl crate::pg::PgLock {
+    trio!(
+        "the lock shared",
+        crate::pg::PgGuard<'static>,
+        read_async,
+        read_async_for,
+        read_async_until,
+        |me, w| me.read_arc(w)
+    );
+    trio!(
+        "the lock exclusively",
+        crate::pg::PgGuard<'static>,
+        write_async,
+        write_async_for,
+        write_async_until,
+        |me, w| me.write_arc(w)
+    );
+}
+
+#[cfg(feature = "postgres")]
+impl crate::pg::PgMutex {
+    trio!(
+        "the mutex",
+        crate::pg::PgGuard<'static>,
+        lock_async,
+        lock_async_for,
+        lock_async_until,
+        |me, w| me.lock_arc(w)
+    );
+}

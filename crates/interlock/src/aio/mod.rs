@@ -274,7 +274,7 @@ fn run<G: Send + 'static>(job: &Arc<Job<G>>, attempt: &mut Attempt<G>, wait: Wai
 // ----- a family's own cancel ---------------------------------------------
 
 /// What a family's wait sees of the job it runs in.
-#[allow(dead_code)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 trait Hooks: Send + Sync {
     fn set_hook(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>);
 }
@@ -291,22 +291,29 @@ thread_local! {
 }
 
 /// While the returned value lives, a cancellation of this thread's async
-/// acquisition also calls `cancel` (on a thread of its own: it may block),
-/// again at growing intervals until the acquisition has returned, since a
-/// cancel that lands before the wait begins cancels nothing. Outside a
-/// waiter thread it does nothing. Check `Wait::expired` after installing it:
-/// a cancellation before it is seen there.
-#[allow(dead_code)] // for a family whose wait no signal ends (PostgreSQL, in progress)
-pub(crate) fn on_cancel(cancel: Arc<dyn Fn() + Send + Sync>) -> OnCancel {
+/// acquisition also calls the hook `make` builds (on a thread of its own:
+/// it may block), again at growing intervals until the acquisition has
+/// returned, since a cancel that lands before the wait begins cancels
+/// nothing. Outside a waiter thread `make` is not called. Check
+/// `Wait::expired` after installing it: a cancellation before it is seen
+/// there.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn on_cancel(make: impl FnOnce() -> Arc<dyn Fn() + Send + Sync>) -> OnCancel {
     let job = CURRENT.with(|c| c.borrow().clone());
     if let Some(j) = &job {
-        j.set_hook(Some(cancel));
+        j.set_hook(Some(make()));
     }
     OnCancel(job)
 }
 
+/// No hook (for symmetry at call sites).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn on_cancel_none() -> OnCancel {
+    OnCancel(None)
+}
+
 /// Removes the hook of [`on_cancel`] when dropped.
-#[allow(dead_code)] // for a family whose wait no signal ends (PostgreSQL, in progress)
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) struct OnCancel(Option<Arc<dyn Hooks>>);
 
 impl Drop for OnCancel {

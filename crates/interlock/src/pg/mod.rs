@@ -56,6 +56,7 @@
 mod session;
 mod sql;
 
+use crate::handle::Handle;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -609,6 +610,36 @@ impl PgLock {
         self.acquire(Mode::Exclusive, Wait::Until(t))
     }
 
+    /// As [`PgLock::read`] and the `try_read*` calls (waiting as `wait`
+    /// allows), with a guard that owns a reference to the lock (`'static`).
+    pub fn read_arc(self: &Arc<Self>, wait: Wait) -> Result<PgGuard<'static>, TryLockError> {
+        self.acquire_arc(Mode::Shared, wait)
+    }
+
+    /// As [`PgLock::write`] and the `try_write*` calls (waiting as `wait`
+    /// allows), with a guard that owns a reference to the lock (`'static`).
+    pub fn write_arc(self: &Arc<Self>, wait: Wait) -> Result<PgGuard<'static>, TryLockError> {
+        self.acquire_arc(Mode::Exclusive, wait)
+    }
+
+    fn acquire_arc(
+        self: &Arc<Self>,
+        mode: Mode,
+        wait: Wait,
+    ) -> Result<PgGuard<'static>, TryLockError> {
+        let mut g = self.acquire_inner(mode, wait)?;
+        // The borrowed guard hands its session over; dropped empty, it
+        // releases nothing.
+        Ok(PgGuard {
+            lock: Handle::Owned(Arc::clone(self)),
+            session: g.session.take(),
+            held: Arc::clone(&g.held),
+            mode: g.mode,
+            token: g.token,
+            pid: g.pid,
+        })
+    }
+
     fn take_session(&self) -> Result<(Owner, bool)> {
         if let Some(b) = &self.bound {
             return Ok((Owner::Bound(Arc::clone(b)), false));
@@ -671,6 +702,20 @@ impl PgLock {
                 range: None,
             });
         }
+        // An async acquisition's waiter (crate::aio) is cancelled by a
+        // cancel request: the statement then fails and the session, whose
+        // state is unknown, is closed below, which releases a grant that
+        // raced the cancel. Not for a PgSession's session, which the owner
+        // keeps: that waiter finishes its wait and releases at once.
+        let _cancel = match &s {
+            Owner::Own(own) => crate::aio::on_cancel(|| {
+                let token = own.cancel_token();
+                Arc::new(move || {
+                    let _ = token.cancel_query(postgres::NoTls);
+                })
+            }),
+            Owner::Bound(_) => crate::aio::on_cancel_none(),
+        };
         loop {
             let wait_ms = match wait.remaining() {
                 None => 0,
@@ -734,7 +779,7 @@ impl PgLock {
         }
         let held = s.hold(self.key, &self.opts, self.what.clone());
         Ok(PgGuard {
-            lock: self,
+            lock: Handle::Borrowed(self),
             session: Some(s),
             held,
             mode,
@@ -827,7 +872,7 @@ impl Drop for PgLock {
 /// only ([`Mode::Shared`] through the [`Lock`] trait is taken exclusively).
 #[derive(Debug)]
 pub struct PgMutex {
-    inner: PgLock,
+    inner: Arc<PgLock>,
 }
 
 impl PgMutex {
@@ -835,21 +880,21 @@ impl PgMutex {
     /// environment) names.
     pub fn new(url: Option<&str>, name: &str) -> Result<PgMutex> {
         Ok(PgMutex {
-            inner: PgLock::new(url, name)?,
+            inner: Arc::new(PgLock::new(url, name)?),
         })
     }
 
     /// The mutex named `name` with `opts`.
     pub fn with_options(name: &str, opts: PgOptions) -> Result<PgMutex> {
         Ok(PgMutex {
-            inner: PgLock::with_options(name, opts)?,
+            inner: Arc::new(PgLock::with_options(name, opts)?),
         })
     }
 
     /// The mutex with an explicit key.
     pub fn with_key(key: impl Into<PgKey>, opts: PgOptions) -> Result<PgMutex> {
         Ok(PgMutex {
-            inner: PgLock::with_key(key, opts)?,
+            inner: Arc::new(PgLock::with_key(key, opts)?),
         })
     }
 
@@ -871,6 +916,12 @@ impl PgMutex {
     /// Waiting until `t`.
     pub fn try_lock_until(&self, t: Instant) -> Result<PgGuard<'_>, TryLockError> {
         self.inner.try_write_until(t)
+    }
+
+    /// Locks, waiting as `wait` allows, with a guard that owns a reference
+    /// to the mutex's lock (`'static`).
+    pub fn lock_arc(&self, wait: Wait) -> Result<PgGuard<'static>, TryLockError> {
+        self.inner.write_arc(wait)
     }
 
     /// Who holds or awaits it.
@@ -900,7 +951,7 @@ impl Lock for PgMutex {
 /// A held [`PgLock`] or [`PgMutex`]; owns its server session. Dropping it
 /// releases the lock; [`PgGuard::unlock`] reports what drop swallows.
 pub struct PgGuard<'a> {
-    lock: &'a PgLock,
+    lock: Handle<'a, PgLock>,
     session: Option<Owner>,
     held: Arc<Held>,
     mode: Mode,

@@ -234,6 +234,11 @@ impl Session {
         Ok(row.get(0))
     }
 
+    /// What cancels the statement this session runs (from another thread).
+    pub(crate) fn cancel_token(&self) -> postgres::CancelToken {
+        self.link.client.lock().cancel_token()
+    }
+
     /// Runs `f` on the client (for inspection queries).
     pub(crate) fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> T) -> T {
         f(&mut self.link.client.lock())
