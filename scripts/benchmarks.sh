@@ -43,3 +43,12 @@ if [[ -x $py ]] && "$py" -c "import interlock, fasteners, filelock, prwlock" 2>/
 else
   echo "no .venv-bench with interlock and the peers: the Python pair table is left out" >&2
 fi
+if [[ -x $py ]] && "$py" -c "import portalocker, interlock.compat.portalocker" 2>/dev/null; then
+  {
+    printf '\n## Python: semaphores, side by side\n\n'
+    printf '`%s crates/interlock-bench/py/sem_pairs.py` (portalocker'"'"'s BoundedSemaphore, interlock.compat.portalocker'"'"'s on the same kind of slot files, interlock.Semaphore and FileSemaphore).\n\n' "$py"
+    "$py" crates/interlock-bench/py/sem_pairs.py
+  } >>"$report"
+else
+  echo "no .venv-bench with portalocker and interlock.compat.portalocker: the Python semaphore table is left out" >&2
+fi

@@ -102,10 +102,10 @@ class SlotLock:
         return f"<SlotLock {self.filename} {'held' if self.held else 'released'}>"
 
 
-def _try_slot(path: Filename) -> Optional[interlock.Guard]:
-    """The slot's flock if free now, else None (OSError for a bad path)."""
+def _try_slot(lock: interlock.FileLock) -> Optional[interlock.Guard]:
+    """The slot's flock if free now, else None."""
     try:
-        return interlock.FileLock(str(path), flavor="flock").write(blocking=False)
+        return lock.write(blocking=False)
     except (interlock.WouldBlock, interlock.AlreadyHeld):
         return None
 
@@ -222,6 +222,7 @@ class BoundedSemaphore:
         self.check_interval = _coalesce(check_interval, DEFAULT_CHECK_INTERVAL)
         self.fail_when_locked = _coalesce(fail_when_locked, DEFAULT_FAIL_WHEN_LOCKED)
         self._state_lock = threading.RLock()
+        self._slots: dict[str, interlock.FileLock] = {}
         if not name or name == "bounded_semaphore":
             warnings.warn(
                 "`BoundedSemaphore` without an explicit `name` argument is deprecated, "
@@ -246,6 +247,15 @@ class BoundedSemaphore:
             name=self.name, number=number
         )
 
+    def _slot(self, filename: Filename) -> interlock.FileLock:
+        """The slot file's lock, opened once per instance (OSError for a
+        bad path, each time until it opens)."""
+        key = str(filename)
+        lock = self._slots.get(key)
+        if lock is None:
+            lock = self._slots[key] = interlock.FileLock(key, flavor="flock")
+        return lock
+
     def _publish(self, slot: SlotLock) -> bool:
         with self._state_lock:
             if self.lock is None:
@@ -259,7 +269,7 @@ class BoundedSemaphore:
         if self.lock is not None:
             raise LockException("Already locked")
         for filename in filenames:
-            g = _try_slot(filename)
+            g = _try_slot(self._slot(filename))
             if g is not None:
                 return self._publish(SlotLock(filename, g))
         return False
