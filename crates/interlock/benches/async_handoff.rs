@@ -265,6 +265,7 @@ fn main() {
             How::AsyncTokio,
         ),
     ];
+    uncontended(&path, benching);
     println!("release-to-waiter wake between two processes, {rounds} rounds each");
     for (name, family, how) in cases {
         let mut v = measure(family, how, rounds, &path);
@@ -286,10 +287,69 @@ fn main() {
     }
 }
 
+/// The uncontended acquire+release of the async form (a future taken on
+/// its first poll) beside the blocking `*_arc` call it wraps.
+fn once<T>(p: Poll<T>) -> T {
+    match p {
+        Poll::Ready(r) => r,
+        Poll::Pending => panic!("uncontended, yet pending"),
+    }
+}
+
+fn uncontended(path: &Path, benching: bool) {
+    let n: u32 = if benching { 200_000 } else { 2_000 };
+    let file = Arc::new(FileLock::open(path).unwrap());
+    let mutex = Arc::new(ShmMutex::anonymous().unwrap());
+    let time = |f: &mut dyn FnMut()| {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+        }
+        best
+    };
+    let cx = &mut Context::from_waker(Waker::noop());
+    let cases: [(&str, f64); 4] = [
+        (
+            "file/interlock/FileLock write_arc",
+            time(&mut || drop(file.write_arc(Wait::Forever).unwrap())),
+        ),
+        (
+            "file/interlock/FileLock write_async (first poll)",
+            time(&mut || drop(once(std::pin::pin!(file.write_async()).poll(cx)).unwrap())),
+        ),
+        (
+            "shm/interlock/ShmMutex lock_arc",
+            time(&mut || drop(mutex.lock_arc(Wait::Forever).unwrap())),
+        ),
+        (
+            "shm/interlock/ShmMutex lock_async (first poll)",
+            time(&mut || drop(once(std::pin::pin!(mutex.lock_async()).poll(cx)).unwrap())),
+        ),
+    ];
+    println!("uncontended acquire+release (best of 3 x {n})");
+    for (name, ns) in cases {
+        println!(
+            "{:60} {ns:>8.0} ns",
+            name.split_once('/').map_or(name, |(_, r)| r)
+        );
+        if benching {
+            record_in("async_uncontended", &format!("{name}/acquire+release"), ns);
+        }
+    }
+}
+
 /// Leaves the result where criterion leaves its own (the two JSON files
 /// BENCHMARKS.md is generated from), under the group
 /// `async_wake_2_processes`.
 fn record(id: &str, median_ns: f64) {
+    record_in("async_wake_2_processes", id, median_ns)
+}
+
+fn record_in(group: &str, id: &str, median_ns: f64) {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
@@ -298,7 +358,8 @@ fn record(id: &str, median_ns: f64) {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     let dir = target
-        .join("criterion/async_wake_2_processes")
+        .join("criterion")
+        .join(group)
         .join(dir_name)
         .join("new");
     let write = || -> std::io::Result<()> {
@@ -307,7 +368,7 @@ fn record(id: &str, median_ns: f64) {
         std::fs::write(
             dir.join("benchmark.json"),
             format!(
-                "{{\"group_id\":\"async_wake_2_processes\",\"function_id\":\"{json_id}\",\"value_str\":null}}"
+                "{{\"group_id\":\"{group}\",\"function_id\":\"{json_id}\",\"value_str\":null}}"
             ),
         )?;
         std::fs::write(
