@@ -344,7 +344,10 @@ fn uncontended_section(s: &mut String) {
                  is faster (the throughput tables below are the other way round). \
                  `handoff_2_processes` (from the \
                  `shm_handoff` bench) is the time per handoff of two processes alternating \
-                 strictly through the lock.\n{tables}"
+                 strictly through the lock. `async_wake_2_processes` (the `async_handoff` \
+                 bench) is the median release-to-waiter wake between two processes of an \
+                 async waiter beside the blocking one; `async_uncontended` the async \
+                 acquisition taken on its first poll beside the blocking `*_arc` call.\n{tables}"
             );
         }
         None => {
