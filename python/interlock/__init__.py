@@ -22,6 +22,7 @@ from ._errors import (
     WouldBlock,
 )
 from ._native import Guard
+from ._pg import PgLock, PgMutex
 from ._sem import FileSemaphore, Semaphore
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "LockError",
     "LockSet",
     "OwnerDied",
+    "PgLock",
+    "PgMutex",
     "Semaphore",
     "ShmMutex",
     "ShmRwLock",

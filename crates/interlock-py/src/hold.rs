@@ -11,7 +11,7 @@
 use crate::errors;
 use interlock::{
     FileReadGuard, FileSemaphoreGuard, FileUpgradableGuard, FileWriteGuard, LeaseGuard, Mode,
-    Scope, SemaphoreGuard, ShmArcGuard, ShmHold, ShmMutexArcGuard,
+    PgGuard, Scope, SemaphoreGuard, ShmArcGuard, ShmHold, ShmMutexArcGuard,
 };
 use parking_lot::Mutex;
 use pyo3::exceptions::PyStopIteration;
@@ -38,6 +38,8 @@ pub(crate) enum Held {
     /// Permits of a `Semaphore` / `FileSemaphore` (crate::sem).
     Sem(SemaphoreGuard<'static>),
     FileSem(FileSemaphoreGuard<'static>),
+    /// A `PgLock` / `PgMutex` (crate::pg).
+    Pg(PgGuard<'static>),
 }
 
 impl Held {
@@ -45,6 +47,7 @@ impl Held {
         match self {
             Held::FileRead(_) | Held::FileUpgradable(_) => Mode::Shared,
             Held::Shm(g) if g.hold() != Some(ShmHold::Write) => Mode::Shared,
+            Held::Pg(g) => g.mode(),
             _ => Mode::Exclusive,
         }
     }
@@ -63,6 +66,8 @@ impl Held {
             Held::Lease(_) => "lease",
             Held::Scope(_) => "scope",
             Held::Sem(_) | Held::FileSem(_) => "permits",
+            Held::Pg(g) if g.mode() == Mode::Shared => "read",
+            Held::Pg(_) => "write",
         }
     }
 
@@ -78,6 +83,7 @@ impl Held {
             Held::Scope(s) => s.restore(),
             Held::Sem(g) => g.release(),
             Held::FileSem(g) => g.release(),
+            Held::Pg(g) => g.unlock(),
         }
     }
 }
@@ -93,6 +99,8 @@ pub(crate) enum Key {
     Anon(usize),
     /// A lease: the lock directory's path.
     Lease(PathBuf),
+    /// A PostgreSQL lock: its connection settings and key, as written.
+    Pg(String),
 }
 
 /// Who of this process holds one lock, by holder (thread or task): shared
@@ -216,6 +224,7 @@ impl Shared {
 fn new_shared(held: Held, key: Option<&Arc<KeyState>>, thread: u64, owner: u64) -> Arc<Shared> {
     let token = match &held {
         Held::Lease(g) => Some(g.token()),
+        Held::Pg(g) => Some(g.token()),
         _ => None,
     };
     Arc::new(Shared {
@@ -246,7 +255,7 @@ pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
     unrecord(s);
     let held = s.held.lock().take();
     let r = match held {
-        Some(h @ (Held::Lease(_) | Held::Scope(_))) => py.detach(|| h.release()),
+        Some(h @ (Held::Lease(_) | Held::Scope(_) | Held::Pg(_))) => py.detach(|| h.release()),
         Some(h) => h.release(),
         None => Ok(()),
     };
@@ -358,7 +367,22 @@ impl Guard {
         self.path.to_string_lossy().into_owned()
     }
 
-    /// The fencing token (a lease guard), else None.
+    /// Raises LeaseLost if the lock was lost (a lease ran out or was taken
+    /// over, a PostgreSQL session ended or went silent); a no-op for the
+    /// other families. Costs no round trip.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        let r = self.with_held(|h| match h {
+            Held::Pg(g) => g.check(),
+            Held::Lease(g) => g.check(),
+            _ => Ok(()),
+        });
+        match r {
+            None => Err(errors::released_twice(&self.path)),
+            Some(r) => r.map_err(|e| errors::from_error(py, &e)),
+        }
+    }
+
+    /// The fencing token (a lease or PostgreSQL guard), else None.
     #[getter]
     fn token(&self) -> Option<u64> {
         self.shared.token
@@ -731,6 +755,41 @@ pub(crate) fn acquire_shared(
         None => holds.add_unkeyed(&s),
     }
     Ok((s, poisoned))
+}
+
+/// [`acquire_shared`] for a family that waits its own way (PostgreSQL:
+/// every call is a round trip, and a main-thread wait is cancelled rather
+/// than sliced): `take(py, wait)` makes the whole acquisition, GIL handling
+/// included; the record is checked and updated as for the others.
+pub(crate) fn acquire_custom(
+    py: Python<'_>,
+    holds: &Holds,
+    req: Request<'_>,
+    key: &Arc<KeyState>,
+    wait: interlock::Wait,
+    take: impl FnOnce(Python<'_>, interlock::Wait) -> PyResult<Result<Held, interlock::TryLockError>>,
+) -> PyResult<Arc<Shared>> {
+    let thread = crate::wait::thread_ident();
+    let owner = holds.id;
+    if holds.key.get().is_none() {
+        let _ = holds.key.set(Arc::clone(key));
+    }
+    let prior = key.with(|v| {
+        v.iter()
+            .find(|(t, _)| *t == thread)
+            .map(|(_, s)| again(&req, owner, s))
+    });
+    match prior {
+        Some(Decided::Counted(s)) => return Ok(s),
+        Some(Decided::AlreadyHeld(detail)) => {
+            return Err(errors::already_held(py, req.path, &detail))
+        }
+        _ => {}
+    }
+    let held = take(py, wait)?.map_err(|e| errors::from_try(py, &e, req.path, req.what))?;
+    let s = new_shared(held, Some(key), thread, owner);
+    key.with(|v| v.push((thread, Arc::clone(&s))));
+    Ok(s)
 }
 
 /// `threading.Lock.acquire` on top of [`acquire`]: True when taken, False

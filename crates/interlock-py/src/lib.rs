@@ -32,6 +32,7 @@ mod errors;
 mod file;
 mod hold;
 mod lease;
+mod pg;
 mod sem;
 mod set;
 mod shm;
@@ -50,6 +51,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shm::PyShmRwLock>()?;
     m.add_class::<shm::PyShmMutex>()?;
     m.add_class::<lease::PyLeaseLock>()?;
+    m.add_class::<pg::PyPgLock>()?;
+    m.add_class::<pg::PyPgMutex>()?;
     m.add_class::<sem::PySemaphore>()?;
     m.add_class::<sem::PyFileSemaphore>()?;
     m.add_function(wrap_pyfunction!(file::holders, m)?)?;

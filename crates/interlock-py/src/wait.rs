@@ -60,7 +60,7 @@ fn seconds(t: f64) -> PyResult<Wait> {
 
 /// Whether the calling thread is Python's main thread (where Python runs
 /// signal handlers), computed once per thread.
-fn in_main_thread(py: Python<'_>) -> bool {
+pub(crate) fn in_main_thread(py: Python<'_>) -> bool {
     thread_local! {
         static MAIN: std::cell::Cell<Option<(u64, bool)>> = const { std::cell::Cell::new(None) };
     }

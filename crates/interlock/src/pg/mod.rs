@@ -641,11 +641,22 @@ impl PgLock {
     }
 
     fn take_session(&self) -> Result<(Owner, bool)> {
+        // In a forked child the pooled sessions (and a PgSession's) are the
+        // parent's connections: never used here (dropping the lock
+        // abandons them).
+        let forked = std::process::id() != self.pid;
         if let Some(b) = &self.bound {
+            if forked {
+                return Err(Error::new(ErrorKind::Unsupported, "acquire PostgreSQL lock")
+                    .with_path(&self.what)
+                    .with_detail("a PgSession's connection belongs to the parent process; connect a new one in the child"));
+            }
             return Ok((Owner::Bound(Arc::clone(b)), false));
         }
-        if let Some(s) = self.idle.lock().pop() {
-            return Ok((Owner::Own(s), true));
+        if !forked {
+            if let Some(s) = self.idle.lock().pop() {
+                return Ok((Owner::Own(s), true));
+            }
         }
         Ok((
             Owner::Own(Session::connect(&self.cfg, &self.opts, &self.what)?),
@@ -655,7 +666,9 @@ impl PgLock {
 
     fn put_session(&self, s: Owner) {
         if let Owner::Own(s) = s {
-            if s.reusable && !s.is_dead() {
+            // A forked child's own sessions are closed, not pooled beside
+            // the parent's.
+            if s.reusable && !s.is_dead() && std::process::id() == self.pid {
                 self.idle.lock().push(s);
             }
         }
