@@ -19,7 +19,9 @@
 //! claim never goes down, and with `durable` the directory is fsynced after
 //! each claim so a machine crash cannot forget an issued number.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 
 use crate::sys::dir::Dir;
 
@@ -28,28 +30,128 @@ use crate::sys::dir::Dir;
 pub(crate) struct Fence {
     dir: Dir,
     durable: bool,
+    /// Whether the quick claim may be used: the directory is on a local
+    /// file system, where an open file's link count drops to 0 when its
+    /// name is removed (NFS renames it to `.nfsXXXX` instead).
+    quick: bool,
+    /// The last token this handle was issued, with its claim file kept
+    /// open: the quick claim's evidence (see [`Fence::claim`]).
+    last: parking_lot::Mutex<Option<(u64, File)>>,
+}
+
+/// A claimed number, not yet issued.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    pub token: u64,
+    /// The older claims seen, removed by [`Fence::issued`].
+    older: Vec<u64>,
+    /// The claim file, kept open.
+    file: File,
 }
 
 impl Fence {
     pub fn new(dir: Dir, durable: bool) -> Fence {
-        Fence { dir, durable }
+        let fs = dir.fs_type().ok();
+        let quick = fs.is_some_and(crate::sys::notify::fs_is_local);
+        // tmpfs and ramfs: a machine crash empties them, claims and all, so
+        // an fsync there makes nothing more durable.
+        let in_memory = matches!(fs, Some(0x0102_1994) | Some(0x8584_58F6));
+        Fence {
+            dir,
+            durable: durable && !in_memory,
+            quick,
+            last: parking_lot::Mutex::new(None),
+        }
     }
 
     /// Claims the number one above every existing claim and above `floor`
     /// (the last token the caller was issued, so that its tokens never go
-    /// backwards even if the claims were removed). Returns it and the older
-    /// claims seen, for [`Fence::trim`] once it is issued.
-    pub fn claim(&self, floor: u64) -> io::Result<(u64, Vec<u64>)> {
+    /// backwards even if the claims were removed).
+    ///
+    /// The quick claim, when this handle was issued `floor` itself and
+    /// still has its claim file open: create `floor + 1`, then check that
+    /// the file of `floor` is still linked. No listing is needed, because
+    /// then no number above `floor` can have been issued. Why: the smallest
+    /// claim above `floor` ever made is `floor + 1` (a lister claims one
+    /// above the largest it saw, and saw `floor`, which existed throughout;
+    /// a caller's own floor is at most the largest claim). If a token above
+    /// `floor` had been issued, some claim above `floor` would exist now
+    /// (the largest claim never decreases), so `floor + 1` would have been
+    /// made, and since our exclusive create of it succeeded, someone
+    /// removed it; but claims are removed only by [`Fence::issued`], in
+    /// ascending order and stopping at the first failure, by a claimant
+    /// whose listing saw it, and so saw `floor` too (which existed
+    /// throughout), and removed `floor` first. Its file would then be
+    /// unlinked: a contradiction. Nor can a quick claimant have removed
+    /// `floor + 1` after a quick claim of `floor + 2`: it was issued
+    /// `floor + 1` by a listing claim that saw `floor`, and it quick-claims
+    /// only if its trim then removed everything it saw below (`floor`
+    /// included). A removal by hand (claims reset by their owner) also
+    /// unlinks `floor`'s file, and the full claim below runs instead.
+    pub fn claim(&self, floor: u64) -> io::Result<Claim> {
+        if let Some((next, file)) = self.quick_start(floor)? {
+            if let Some(c) = self.quick_confirm(next, file)? {
+                return Ok(c);
+            }
+        }
         loop {
             let mut seen = self.scan()?;
             seen.push(floor);
             let next = next_after(&seen)?;
             seen.pop();
-            if self.try_claim(next)? {
-                return Ok((next, seen));
+            if let Some(file) = self.try_claim(next)? {
+                return Ok(Claim {
+                    token: next,
+                    older: seen,
+                    file,
+                });
             }
             // Someone claimed it first: look again.
         }
+    }
+
+    /// The quick claim's first step: creates `floor + 1` if this handle was
+    /// issued `floor` and keeps its file; `None` if it does not apply or the
+    /// number is taken.
+    fn quick_start(&self, floor: u64) -> io::Result<Option<(u64, File)>> {
+        if !self.quick || floor == 0 {
+            return Ok(None);
+        }
+        if !matches!(&*self.last.lock(), Some((n, _)) if *n == floor) {
+            return Ok(None);
+        }
+        let next = floor.checked_add(1).ok_or_else(exhausted)?;
+        match self.dir.create_empty(next.to_string(), 0o644) {
+            Ok(file) => Ok(Some((next, file))),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The quick claim's second step, after the create: the claim holds if
+    /// the file of the number below is still linked; otherwise `None` says
+    /// to claim the long way. The number made is then left as it is: a
+    /// claim that is never issued, like that of an acquirer broken before
+    /// it published, which the next listing claimant above it removes.
+    fn quick_confirm(&self, next: u64, file: File) -> io::Result<Option<Claim>> {
+        let mut last = self.last.lock();
+        let linked = match &*last {
+            Some((n, f)) if *n + 1 == next => f.metadata()?.nlink() > 0,
+            _ => false,
+        };
+        if !linked {
+            *last = None;
+            return Ok(None);
+        }
+        drop(last);
+        if self.durable {
+            self.dir.sync()?;
+        }
+        Ok(Some(Claim {
+            token: next,
+            older: vec![next - 1],
+            file,
+        }))
     }
 
     /// The claims present now.
@@ -62,28 +164,50 @@ impl Fence {
             .collect())
     }
 
-    /// Creates claim `n`; `Ok(false)` if it exists. With `durable`, the
+    /// Creates claim `n`; `Ok(None)` if it exists. With `durable`, the
     /// directory is fsynced before returning.
-    fn try_claim(&self, n: u64) -> io::Result<bool> {
-        match self.dir.create_file(n.to_string(), b"", 0o644, false) {
-            Ok(()) => {
+    fn try_claim(&self, n: u64) -> io::Result<Option<File>> {
+        match self.dir.create_empty(n.to_string(), 0o644) {
+            Ok(f) => {
                 if self.durable {
                     self.dir.sync()?;
                 }
-                Ok(true)
+                Ok(Some(f))
             }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Removes the claims in `older`, all below the issued token `issued`
-    /// (which itself stays, so the largest claim never decreases). Errors
-    /// are ignored: leftover claims cost only listing time.
-    pub fn trim(&self, issued: u64, older: &[u64]) {
-        for &n in older.iter().filter(|&&n| n < issued) {
-            let _ = self.dir.unlink(n.to_string());
+    /// The claim was issued (its publishing rename succeeded): removes the
+    /// older claims it saw, in ascending order, stopping at the first that
+    /// cannot be removed (so that a claim is never gone while a smaller one
+    /// this claimant saw is still there: the quick claim relies on it), and
+    /// keeps the claim's file open as the next quick claim's evidence.
+    /// Errors are otherwise ignored: leftover claims cost only listing time.
+    pub fn issued(&self, claim: Claim) {
+        let Claim {
+            token,
+            mut older,
+            file,
+        } = claim;
+        older.retain(|&n| n < token);
+        older.sort_unstable();
+        let mut all = true;
+        for n in older {
+            match self.dir.unlink(n.to_string()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(_) => {
+                    all = false;
+                    break;
+                }
+            }
         }
+        // A quick claim later removes this claim (and nothing below it),
+        // which is sound only if everything below that this claimant saw
+        // is gone: without that, no quick claim from here.
+        *self.last.lock() = all.then_some((token, file));
     }
 
     /// The largest claim, if any (for inspection).
@@ -104,7 +228,11 @@ fn next_after(seen: &[u64]) -> io::Result<u64> {
         .max()
         .unwrap_or(0)
         .checked_add(1)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "fencing tokens exhausted"))
+        .ok_or_else(exhausted)
+}
+
+fn exhausted() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "fencing tokens exhausted")
 }
 
 #[cfg(test)]
@@ -115,23 +243,70 @@ mod tests {
     fn claims_increase_and_trim_keeps_the_latest() {
         let t = tempfile::tempdir().unwrap();
         let f = Fence::new(Dir::open(t.path()).unwrap(), true);
-        let (a, seen) = f.claim(0).unwrap();
-        assert_eq!((a, seen.len()), (1, 0));
-        // A stale claimant's leftover claim above: the next claim skips it.
+        let a = f.claim(0).unwrap();
+        assert_eq!((a.token, a.older.len()), (1, 0));
+        drop(a); // never issued: a leftover claim
+                 // A stale claimant's leftover claim above: the next claim skips it.
         std::fs::write(t.path().join("5"), b"").unwrap();
-        let (b, seen) = f.claim(0).unwrap();
-        assert_eq!(b, 6);
-        f.trim(b, &seen);
+        let b = f.claim(0).unwrap();
+        assert_eq!(b.token, 6);
+        f.issued(b);
         assert_eq!(f.latest().unwrap(), Some(6));
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         // Junk names are ignored.
         std::fs::write(t.path().join("x"), b"").unwrap();
-        assert_eq!(f.claim(0).unwrap().0, 7);
+        let c = f.claim(0).unwrap();
+        assert_eq!(c.token, 7);
+        drop(c);
         // Claims removed behind our back: a caller's floor still holds.
         for n in ["5", "6", "7", "x"] {
             let _ = std::fs::remove_file(t.path().join(n));
         }
-        assert_eq!(f.claim(7).unwrap().0, 8);
+        assert_eq!(f.claim(7).unwrap().token, 8);
+    }
+
+    #[test]
+    fn the_quick_claim_needs_its_evidence() {
+        let t = tempfile::tempdir().unwrap();
+        let f = Fence::new(Dir::open(t.path()).unwrap(), false);
+        let other = Fence::new(Dir::open(t.path()).unwrap(), false);
+        assert!(f.quick, "a temporary directory is on a local file system");
+        let a = f.claim(0).unwrap();
+        f.issued(a);
+        // Issued 1 and holding its file: 2 is claimed without a listing,
+        // and 1 is then removed.
+        let (next, file) = f.quick_start(1).unwrap().expect("quick");
+        let b = f
+            .quick_confirm(next, file)
+            .unwrap()
+            .expect("evidence holds");
+        assert_eq!(b.token, 2);
+        f.issued(b);
+        let names = |d: &std::path::Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(t.path()), ["2"]);
+        // Another handle issues 3 and 4 and removes 2 and 3: our evidence
+        // (2) is gone, so our create of 3 (which succeeds) is not a claim.
+        let c = other.claim(0).unwrap();
+        assert_eq!(c.token, 3);
+        other.issued(c);
+        let d = other.claim(3).unwrap();
+        assert_eq!(d.token, 4);
+        other.issued(d);
+        assert_eq!(names(t.path()), ["4"]);
+        let (next, file) = f.quick_start(2).unwrap().expect("3 is free to create");
+        assert_eq!(next, 3);
+        assert!(f.quick_confirm(next, file).unwrap().is_none(), "control");
+        // The long way then claims above 4 (3 is left, never issued).
+        assert_eq!(f.claim(2).unwrap().token, 5);
+        // A handle whose last issue is not the floor does not try.
+        assert!(other.quick_start(1).unwrap().is_none());
     }
 
     /// The fencing argument, checked against real directories under every
@@ -153,8 +328,10 @@ mod tests {
             Staged(String),
             Installed(Dir),
             Listed(Dir, Vec<u64>),
-            Claimed(Dir, u64, Vec<u64>),
-            Holding(Dir, u64, Vec<u64>),
+            /// The quick claim's create done, its check not yet.
+            QuickMade(Dir, u64, File),
+            Claimed(Dir, Claim),
+            Holding(Dir, Claim),
         }
 
         const LIVE0: &str = "lease.0.0.0";
@@ -189,7 +366,11 @@ mod tests {
             let root = Dir::open(t.path()).unwrap();
             root.mkdir("tokens", 0o755).unwrap();
             root.mkdir("stage", 0o755).unwrap();
-            let fence = Fence::new(root.open_at("tokens").unwrap(), false);
+            // One handle per process: each has its own quick-claim state.
+            let fences: Vec<Fence> = (0..procs)
+                .map(|_| Fence::new(root.open_at("tokens").unwrap(), false))
+                .collect();
+            let mut floors = vec![0u64; procs];
             let stage = root.open_at("stage").unwrap();
             let mut ps: Vec<P> = (0..procs).map(|_| P::Idle).collect();
             let mut issued = Vec::new();
@@ -200,6 +381,7 @@ mod tests {
                     kill_in_place(&root);
                     continue;
                 }
+                let fence = &fences[a];
                 let p = std::mem::replace(&mut ps[a], P::Idle);
                 ps[a] = match p {
                     P::Idle => {
@@ -220,27 +402,44 @@ mod tests {
                             Err(_) => P::Staged(name),
                         }
                     }
-                    P::Installed(d) => {
-                        let seen = fence.scan().unwrap();
-                        P::Listed(d, seen)
-                    }
-                    P::Listed(d, seen) => {
+                    P::Installed(d) => match fence.quick_start(floors[a]).unwrap() {
+                        Some((n, f)) => P::QuickMade(d, n, f),
+                        None => {
+                            let seen = fence.scan().unwrap();
+                            P::Listed(d, seen)
+                        }
+                    },
+                    P::QuickMade(d, n, f) => match fence.quick_confirm(n, f).unwrap() {
+                        Some(c) => P::Claimed(d, c),
+                        None => P::Listed(d, fence.scan().unwrap()),
+                    },
+                    P::Listed(d, mut seen) => {
+                        seen.push(floors[a]);
                         let n = next_after(&seen).unwrap();
-                        if fence.try_claim(n).unwrap() {
-                            P::Claimed(d, n, seen)
-                        } else {
-                            P::Installed(d)
+                        seen.pop();
+                        match fence.try_claim(n).unwrap() {
+                            Some(file) => P::Claimed(
+                                d,
+                                Claim {
+                                    token: n,
+                                    older: seen,
+                                    file,
+                                },
+                            ),
+                            None => P::Installed(d),
                         }
                     }
-                    P::Claimed(d, n, seen) => match d.rename(LIVE0, live(n)) {
+                    P::Claimed(d, c) => match d.rename(LIVE0, live(c.token)) {
                         Ok(()) => {
-                            issued.push(n);
-                            P::Holding(d, n, seen)
+                            issued.push(c.token);
+                            floors[a] = floors[a].max(c.token);
+                            P::Holding(d, c)
                         }
                         Err(_) => P::Idle, // broken before publishing
                     },
-                    P::Holding(d, n, seen) => {
-                        fence.trim(n, &seen);
+                    P::Holding(d, c) => {
+                        let n = c.token;
+                        fence.issued(c);
                         let tomb = LeaseName::parse(&live(n)).unwrap().tombstone().render();
                         if d.rename(live(n), &tomb).is_ok() {
                             let _ = d.unlink(&tomb);

@@ -933,7 +933,7 @@ impl Inner {
     /// why this order makes tokens increase).
     fn publish<'a>(&'a self, dir: Dir, lease: LeaseName) -> Result<Step<'a>> {
         let floor = self.last_token.load(Ordering::Relaxed);
-        let (token, older) = match self.fence.claim(floor) {
+        let claim = match self.fence.claim(floor) {
             Ok(c) => c,
             Err(e) => {
                 self.kill_own(&dir, &lease);
@@ -943,6 +943,7 @@ impl Inner {
                 ));
             }
         };
+        let token = claim.token;
         let published = LeaseName {
             dead: false,
             version: lease.version + 1,
@@ -952,7 +953,7 @@ impl Inner {
         match dir.rename(lease.render(), published.render()) {
             Ok(()) => {
                 self.last_token.fetch_max(token, Ordering::Relaxed);
-                self.fence.trim(token, &older);
+                self.fence.issued(claim);
                 Ok(Step::Acquired(Held {
                     dir,
                     name: published,

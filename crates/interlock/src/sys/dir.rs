@@ -156,6 +156,22 @@ impl Dir {
         Ok(())
     }
 
+    /// Creates the empty file `name` (`O_CREAT|O_EXCL|O_NOFOLLOW`) and
+    /// returns it open (write-only), e.g. to learn later, from its link
+    /// count, whether it was removed.
+    pub fn create_empty(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<File> {
+        let n = cstr(name.as_ref().as_bytes())?;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid fd and NUL-terminated name; the mode is passed as the
+        // variadic third argument open(2) expects with O_CREAT.
+        let fd = cvt(unsafe {
+            libc::openat(self.fd.as_raw_fd(), n.as_ptr(), flags, mode as libc::c_uint)
+        })?;
+        // SAFETY: `fd` is new and ours.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
     /// Reads at most `limit` bytes of the regular file `name` (no symlinks).
     pub fn read_file(&self, name: impl AsRef<OsStr>, limit: u64) -> io::Result<Vec<u8>> {
         let n = cstr(name.as_ref().as_bytes())?;
