@@ -50,6 +50,12 @@ pub mod __fork {
     pub use crate::sys::fork::{generation, watch};
 }
 
+/// Async internals for tests. Not a stable API.
+#[doc(hidden)]
+pub mod __async {
+    pub use crate::aio::busy_waiters;
+}
+
 /// The raw kernel lock calls, so that benchmarks can measure the floor a
 /// lock family builds on. Not a stable API.
 #[doc(hidden)]

@@ -84,7 +84,7 @@ struct JobState<G> {
     /// The waiter returned from its acquisition.
     finished: bool,
     /// Interrupts the waiter's system call (while it may be in one).
-    timer: Option<CancelTimer>,
+    timer: Option<Arc<CancelTimer>>,
     /// A family's own cancel (a PostgreSQL cancel request), while the
     /// waiter is in the wait it cancels.
     hook: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -221,27 +221,28 @@ fn spawn<G: Send + 'static>(
         done: Condvar::new(),
     });
     let mine = Arc::clone(&job);
-    std::thread::Builder::new()
-        .name("interlock-wait".into())
-        .stack_size(WAITER_STACK)
-        .spawn(move || run(&mine, &mut attempt, wait))?;
+    pool::run(Box::new(move |t: &Option<Arc<CancelTimer>>| {
+        run(&mine, &mut attempt, wait, t)
+    }))?;
     Ok(job)
 }
 
-/// The waiter thread.
-fn run<G: Send + 'static>(job: &Arc<Job<G>>, attempt: &mut Attempt<G>, wait: Wait) {
-    // Without a timer (the kernel's limit reached) cancellation still sets
-    // the flag; the wait then ends when the lock comes free or at its
-    // deadline, and what it got is released at once.
-    let t = CancelTimer::for_this_thread().ok();
+/// One acquisition on a waiter thread, with that thread's cancel timer.
+fn run<G: Send + 'static>(
+    job: &Arc<Job<G>>,
+    attempt: &mut Attempt<G>,
+    wait: Wait,
+    t: &Option<Arc<CancelTimer>>,
+) {
     {
         let mut st = job.st.lock();
         if st.dropped {
             st.finished = true;
             return;
         }
-        st.timer = t;
+        st.timer = t.clone();
     }
+    BUSY.fetch_add(1, Ordering::SeqCst);
     timer::set_cancel_flag(Some(Arc::clone(&job.cancel)));
     CURRENT.with(|c| *c.borrow_mut() = Some(Arc::clone(job) as Arc<dyn Hooks>));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(wait)));
@@ -252,23 +253,134 @@ fn run<G: Send + 'static>(job: &Arc<Job<G>>, attempt: &mut Attempt<G>, wait: Wai
     st.hook = None;
     job.done.notify_all();
     // Once `finished` is set the drop fires the timer no more.
-    let timer = st.timer.take();
+    st.timer = None;
     if st.dropped {
         drop(st);
         // Disarmed before anything is released, so that no call of the
-        // release is interrupted.
-        drop(timer);
+        // release (nor the thread's next wait) is interrupted.
+        if let Some(t) = t {
+            let _ = t.disarm();
+        }
         drop(r);
+        BUSY.fetch_sub(1, Ordering::SeqCst);
         return;
     }
     st.result = Some(r);
     let w = st.waker.take();
     drop(st);
+    BUSY.fetch_sub(1, Ordering::SeqCst);
     if let Some(w) = w {
         w.wake();
     }
-    // Deleted after the wake: it is off the wake's path.
-    drop(timer);
+}
+
+/// How many waiter threads are inside an acquisition now (for tests).
+static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The number of async acquisitions whose waiter is inside the family's
+/// blocking call (or releasing what it got after a cancellation). Not a
+/// stable API.
+#[doc(hidden)]
+pub fn busy_waiters() -> usize {
+    BUSY.load(Ordering::SeqCst)
+}
+
+/// The waiter threads: started on demand, each with its own cancel timer,
+/// kept idle for a while after a wait (a thread's start costs about as much
+/// as a wake under load, so a contended acquisition reuses one).
+mod pool {
+    use super::{CancelTimer, Condvar, Mutex, WAITER_STACK};
+    use crate::sys::fork::{generation, watch};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    pub(super) type Task = Box<dyn FnOnce(&Option<Arc<CancelTimer>>) + Send>;
+
+    /// Idle threads kept at most; more end after their wait.
+    const KEEP: usize = 8;
+    /// An idle thread ends after this long without work (one timed wait,
+    /// not a period).
+    const IDLE: Duration = Duration::from_secs(10);
+
+    struct Worker {
+        task: Mutex<Option<Task>>,
+        cv: Condvar,
+    }
+
+    /// The idle workers, and the fork generation they belong to: a forked
+    /// child has none of its parent's threads, so it forgets the list.
+    static IDLE_WORKERS: Mutex<(u64, Vec<Arc<Worker>>)> = Mutex::new((0, Vec::new()));
+
+    fn idle(l: &mut (u64, Vec<Arc<Worker>>)) -> &mut Vec<Arc<Worker>> {
+        let now = generation();
+        if l.0 != now {
+            l.0 = now;
+            l.1.clear();
+        }
+        &mut l.1
+    }
+
+    /// How many waiter threads idle now.
+    #[cfg(test)]
+    pub(super) fn idle_count() -> usize {
+        idle(&mut IDLE_WORKERS.lock()).len()
+    }
+
+    /// Runs `task` on an idle waiter thread, or a new one.
+    pub(super) fn run(task: Task) -> std::io::Result<()> {
+        watch();
+        // Popped in a statement of its own: the list's lock is not held
+        // while taking the worker's (the worker takes them the other way).
+        let ready = idle(&mut IDLE_WORKERS.lock()).pop();
+        if let Some(w) = ready {
+            *w.task.lock() = Some(task);
+            w.cv.notify_one();
+            return Ok(());
+        }
+        let w = Arc::new(Worker {
+            task: Mutex::new(Some(task)),
+            cv: Condvar::new(),
+        });
+        std::thread::Builder::new()
+            .name("interlock-wait".into())
+            .stack_size(WAITER_STACK)
+            .spawn(move || work(&w))
+            .map(drop)
+    }
+
+    fn work(me: &Arc<Worker>) {
+        // Without a timer (the kernel's limit reached) cancellation still
+        // sets the flag; the wait then ends when the lock comes free or at
+        // its deadline, and what it got is released at once.
+        let timer = CancelTimer::for_this_thread().ok().map(Arc::new);
+        loop {
+            let task = me.task.lock().take();
+            if let Some(task) = task {
+                task(&timer);
+            }
+            {
+                let mut list = IDLE_WORKERS.lock();
+                let list = idle(&mut list);
+                if list.len() >= KEEP {
+                    return;
+                }
+                list.push(Arc::clone(me));
+            }
+            let mut slot = me.task.lock();
+            while slot.is_none() {
+                if me.cv.wait_for(&mut slot, IDLE).timed_out() && slot.is_none() {
+                    // Still listed as idle: leave. Taken off the list
+                    // meanwhile: a task is on its way; wait for it.
+                    let mut list = IDLE_WORKERS.lock();
+                    let list = idle(&mut list);
+                    if let Some(i) = list.iter().position(|w| Arc::ptr_eq(w, me)) {
+                        list.swap_remove(i);
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 // ----- a family's own cancel ---------------------------------------------
@@ -345,4 +457,79 @@ fn cancel_with_hook<G: Send + 'static>(job: Arc<Job<G>>, hook: Arc<dyn Fn() + Se
         .name("interlock-cancel".into())
         .stack_size(WAITER_STACK)
         .spawn(go);
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sys::fork::{fork_run, wait_child};
+    use crate::FileLock;
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    use std::time::{Duration, Instant};
+
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    /// Polls to completion, or `None` after `limit`.
+    fn block_on_within<F: Future>(f: F, limit: Duration) -> Option<F::Output> {
+        let mut f = std::pin::pin!(f);
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let end = Instant::now() + limit;
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return Some(v);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::park_timeout(left);
+        }
+    }
+
+    /// One contended async acquisition: `a` holds, `b` waits, a thread
+    /// releases `a` soon after.
+    fn contended(dir: &std::path::Path) -> bool {
+        let p = dir.join("l");
+        let a = FileLock::open(&p).unwrap();
+        let b = Arc::new(FileLock::open(&p).unwrap());
+        let g = a.write_arc_for_test();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            drop(g);
+        });
+        let got = block_on_within(b.write_async(), Duration::from_secs(10));
+        release.join().unwrap();
+        matches!(got, Some(Ok(_)))
+    }
+
+    impl FileLock {
+        fn write_arc_for_test(self) -> crate::FileWriteGuard<'static> {
+            Arc::new(self).write_arc(crate::Wait::Forever).unwrap()
+        }
+    }
+
+    /// A forked child has none of its parent's idle waiter threads: it
+    /// starts its own rather than handing its wait to a ghost.
+    #[test]
+    fn a_forked_child_starts_its_own_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        // The parent's waiter goes idle in the pool.
+        assert!(contended(dir.path()));
+        let end = Instant::now() + Duration::from_secs(10);
+        while super::pool::idle_count() == 0 {
+            assert!(Instant::now() < end, "the waiter never went idle");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let d = dir.path().to_path_buf();
+        let pid = fork_run(move || if contended(&d) { 0 } else { 1 }).unwrap();
+        assert_eq!(wait_child(pid).unwrap(), 0);
+    }
 }

@@ -215,6 +215,20 @@ impl CancelTimer {
     pub fn fire(&self) -> io::Result<()> {
         start(self.timer, Duration::from_nanos(1))
     }
+
+    /// Stops the interrupts (a signal already generated is delivered into
+    /// the empty handler).
+    pub fn disarm(&self) -> io::Result<()> {
+        let zero = libc::itimerspec {
+            it_value: timespec(Duration::ZERO),
+            it_interval: timespec(Duration::ZERO),
+        };
+        // SAFETY: the timer is live until drop; `zero` is valid for reads.
+        if unsafe { libc::timer_settime(self.timer, 0, &zero, ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for CancelTimer {
