@@ -35,6 +35,7 @@ mod lease;
 mod pg;
 mod sem;
 mod set;
+mod setrecord;
 mod shm;
 mod wait;
 

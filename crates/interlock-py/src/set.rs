@@ -5,10 +5,12 @@
 use crate::errors;
 use crate::file::{mode_arg, path_arg, PerProcess};
 use crate::hold::{self, Guard, Held, Holds, Request};
+use crate::setrecord;
 use crate::wait::{wait_of, Fast};
-use interlock::{LockSet, Mode, TryLockError};
+use interlock::{LockSet, Mode, TryLockError, Wait};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 /// A lock set: one owner of its file's byte locks (its own, not its
@@ -16,6 +18,8 @@ use std::sync::Arc;
 #[pyclass(module = "interlock._native", name = "LockSet", subclass, frozen)]
 pub(crate) struct PyLockSet {
     path: Arc<std::path::Path>,
+    /// The file's (device, inode): whose sets [`crate::setrecord`] compares.
+    file: (u64, u64),
     mode: u32,
     set: PerProcess<LockSet>,
     holds: Holds,
@@ -48,6 +52,37 @@ impl PyLockSet {
             .map_err(|e| errors::from_error(py, &e))
     }
 
+    /// `AlreadyHeld` if the request may wait and the calling thread (or
+    /// task) locked some of `r` through another set of this file, which
+    /// holds it in a mode that `mode` conflicts with: waiting would wait
+    /// for itself. (A try is answered as usual: WouldBlock.) The holder's
+    /// number.
+    fn refuse_self_wait(
+        &self,
+        py: Python<'_>,
+        set: &Arc<LockSet>,
+        r: &std::ops::Range<u64>,
+        mode: Mode,
+        wait: Wait,
+    ) -> PyResult<u64> {
+        let holder = crate::wait::thread_ident();
+        if !wait.may_block() {
+            return Ok(holder);
+        }
+        let found = py.detach(|| setrecord::conflict(self.file, set, holder, r, mode));
+        match found {
+            None => Ok(holder),
+            Some((i, held)) => Err(errors::already_held(
+                py,
+                &self.path,
+                &format!(
+                    "index {i} {held}, locked by this thread through another LockSet of the \
+                     same file"
+                ),
+            )),
+        }
+    }
+
     fn what(r: &std::ops::Range<u64>, shared: bool) -> String {
         format!(
             "the {} lock of indices {}..{} of",
@@ -68,8 +103,15 @@ impl PyLockSet {
         let set = py
             .detach(|| LockSet::options().mode(mode).open(&path))
             .map_err(|e| errors::from_error(py, &e))?;
+        let meta = std::fs::metadata(set.path()).map_err(|e| {
+            errors::from_error(
+                py,
+                &interlock::Error::io("open lock file", e).with_path(set.path()),
+            )
+        })?;
         Ok(PyLockSet {
             path: set.path().into(),
+            file: (meta.dev(), meta.ino()),
             mode,
             set: PerProcess::new(set),
             holds: Holds::default(),
@@ -92,26 +134,34 @@ impl PyLockSet {
         let wait = wait_of(blocking, timeout)?;
         let set = self.core(py)?;
         let mode = mode_of(shared);
+        let holder = self.refuse_self_wait(py, &set, &r, mode, wait)?;
         let rr = r.clone();
+        let core = Arc::clone(&set);
         let got = crate::wait::run(py, wait, Fast::Detach, move |w| {
-            set.lock_with(rr.clone(), mode, w)
+            core.lock_with(rr.clone(), mode, w)
         })?;
-        got.map_err(|e| errors::from_try(py, &e, &self.path, &Self::what(&r, shared)))
+        got.map_err(|e| errors::from_try(py, &e, &self.path, &Self::what(&r, shared)))?;
+        setrecord::locked(self.file, &set, holder, r);
+        Ok(())
     }
 
     /// Releases indices start..end (what of them is held).
     fn _unlock(&self, py: Python<'_>, start: u64, end: u64) -> PyResult<()> {
         let r = range_arg(start, end)?;
         let set = self.core(py)?;
-        py.detach(|| set.unlock(r))
-            .map_err(|e| errors::from_error(py, &e))
+        py.detach(|| set.unlock(r.clone()))
+            .map_err(|e| errors::from_error(py, &e))?;
+        setrecord::unlocked(self.file, &set, r);
+        Ok(())
     }
 
     /// Releases everything this set holds.
     fn unlock_all(&self, py: Python<'_>) -> PyResult<()> {
         let set = self.core(py)?;
         py.detach(|| set.unlock_all())
-            .map_err(|e| errors::from_error(py, &e))
+            .map_err(|e| errors::from_error(py, &e))?;
+        setrecord::unlocked(self.file, &set, 0..interlock::INDEX_END);
+        Ok(())
     }
 
     /// What this set holds: (start, end, "shared" | "exclusive") runs.
@@ -146,6 +196,7 @@ impl PyLockSet {
         let wait = wait_of(blocking, timeout)?;
         let set = self.core(py)?;
         let mode = mode_of(shared);
+        let holder = self.refuse_self_wait(py, &set, &r, mode, wait)?;
         let what = Self::what(&r, shared);
         let req = Request {
             key: None,
@@ -155,10 +206,14 @@ impl PyLockSet {
             what: &what,
             fast: Fast::Detach,
         };
-        hold::acquire(py, &self.holds, req, wait, move |w| {
-            let s = set.scope_arc(r.clone(), mode, w)?;
+        let core = Arc::clone(&set);
+        let rr = r.clone();
+        let g = hold::acquire(py, &self.holds, req, wait, move |w| {
+            let s = core.scope_arc(rr.clone(), mode, w)?;
             Ok::<_, TryLockError>((Held::Scope(s), false))
-        })
+        })?;
+        setrecord::locked(self.file, &set, holder, r);
+        Ok(g)
     }
 
     /// Releases everything and closes the file (reopened on next use).
@@ -167,6 +222,7 @@ impl PyLockSet {
         if let Ok(set) = self.core(py) {
             py.detach(|| set.unlock_all())
                 .map_err(|e| errors::from_error(py, &e))?;
+            setrecord::unlocked(self.file, &set, 0..interlock::INDEX_END);
         }
         self.set.close();
         r
