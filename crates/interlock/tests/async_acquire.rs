@@ -549,3 +549,29 @@ fn a_cancelled_wait_ends_while_the_lock_stays_held() {
     );
     c.expect("ok");
 }
+
+/// `LockSet::lock_async` keeps its change only when it returns it: dropped
+/// while waiting, the set is as it was (a shared hold it was converting
+/// stays shared); completed, the set holds the range until `unlock`.
+#[test]
+fn lock_set_lock_async_keeps_only_what_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    let a = Arc::new(LockSet::open(&p).unwrap());
+    let b = LockSet::open(&p).unwrap();
+    a.lock(0..1, Mode::Shared).unwrap();
+    b.lock(0..4, Mode::Shared).unwrap();
+    let wakes = Arc::new(Counter::default());
+    let mut f = Box::pin(a.lock_async(0..3, Mode::Exclusive));
+    assert!(poll_once(&mut f, &wakes).is_pending());
+    drop(f);
+    assert_eq!(a.held(), vec![(0..1, Mode::Shared)]);
+    b.unlock_all().unwrap();
+    block_on(a.lock_async(0..3, Mode::Exclusive)).unwrap();
+    assert_eq!(a.held(), vec![(0..3, Mode::Exclusive)]);
+    assert!(b.try_lock(2, Mode::Shared).is_err());
+    let e = block_on(a.lock_async_for(5, Mode::Exclusive, Duration::ZERO));
+    assert!(e.is_ok(), "{e:?}");
+    a.unlock_all().unwrap();
+    b.try_lock(0..8, Mode::Exclusive).unwrap();
+}

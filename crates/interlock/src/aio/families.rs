@@ -16,7 +16,10 @@ use crate::shm::{
     ShmRwLock,
 };
 use crate::{Mode, TryLockError, Wait};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// The three forms (forever, for, until) of one async acquisition, built on
@@ -104,6 +107,28 @@ impl LockSet {
         self.scope_async_with(range, mode, Wait::Until(deadline), timed)
     }
 
+    /// As [`LockSet::lock`] (the set then holds `range` in `mode`, until
+    /// [`LockSet::unlock`]) without blocking the executor. Cancel-safe: the
+    /// change is kept only when the future returns it; dropped before, the
+    /// set's state is as it was.
+    pub fn lock_async(
+        self: &Arc<Self>,
+        range: impl IndexRange + Send + 'static,
+        mode: Mode,
+    ) -> impl Future<Output = crate::Result<()>> + Send + 'static {
+        Keep(self.scope_async(range, mode))
+    }
+
+    /// As [`LockSet::lock_async`], giving up after `timeout`.
+    pub fn lock_async_for(
+        self: &Arc<Self>,
+        range: impl IndexRange + Send + 'static,
+        mode: Mode,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), TryLockError>> + Send + 'static {
+        Keep(self.scope_async_for(range, mode, timeout))
+    }
+
     fn scope_async_with<E>(
         self: &Arc<Self>,
         range: impl IndexRange + Send + 'static,
@@ -113,6 +138,18 @@ impl LockSet {
     ) -> Acquire<Scope<'static>, E> {
         let me = Arc::clone(self);
         Acquire::new(wait, map, move |w| me.scope_arc(&range, mode, w))
+    }
+}
+
+/// Resolves a scope's acquisition to `()`, keeping the scope's changes
+/// only then (a scope dropped with the future restores the set).
+struct Keep<E>(Acquire<Scope<'static>, E>);
+
+impl<E> Future for Keep<E> {
+    type Output = Result<(), E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.map(Scope::keep))
     }
 }
 

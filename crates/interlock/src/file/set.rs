@@ -604,6 +604,12 @@ impl Scope<'_> {
         self.restore_inner()
     }
 
+    /// Ends the scope keeping its changes: the set goes on holding what
+    /// the scope took, as after [`LockSet::lock`].
+    pub(crate) fn keep(mut self) {
+        self.restored = true;
+    }
+
     fn restore_inner(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.restored, true) {
             return Ok(());
