@@ -69,7 +69,7 @@ impl PyLockSet {
         if !wait.may_block() {
             return Ok(holder);
         }
-        let found = py.detach(|| setrecord::conflict(self.file, set, holder, r, mode));
+        let found = setrecord::conflict(self.file, set, holder, r, mode);
         match found {
             None => Ok(holder),
             Some((i, held)) => Err(errors::already_held(

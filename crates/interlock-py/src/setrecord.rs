@@ -12,7 +12,9 @@
 //! same file and A still holds it in a mode the request conflicts with.
 //! What A holds is read from A itself (its `held()`), so unlocks and scope
 //! restores through A, by any thread, are seen; the record only says who
-//! locked each index last.
+//! locked each index last. A is asked only if it answers at once: while
+//! another thread is inside a call on A (waiting through it), the request
+//! goes on as before the rule.
 
 use interlock::{LockSet, Mode};
 use parking_lot::Mutex;
@@ -96,7 +98,14 @@ pub(crate) fn conflict(
     for (r, other) in mine {
         let lo = r.start.max(range.start);
         let hi = r.end.min(range.end);
-        for (h, m) in other.held() {
+        // A set that another thread is inside (waiting through it, say) is
+        // not asked: waiting for its answer could itself wait for this
+        // thread. The request then goes on as before the rule (the core's
+        // deadlock detection still sees cycles between sets).
+        let Some(held) = other.try_held() else {
+            continue;
+        };
+        for (h, m) in held {
             if h.start < hi && lo < h.end && m.conflicts_with(mode) {
                 return Some((h.start.max(lo), m));
             }

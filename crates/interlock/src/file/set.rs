@@ -332,6 +332,13 @@ impl LockSet {
         self.state.lock().held.iter().collect()
     }
 
+    /// [`LockSet::held`] if it can be answered without waiting: `None`
+    /// while another thread is inside a call on this set (a lock call
+    /// waiting for its indices, for one).
+    pub fn try_held(&self) -> Option<Vec<(Range<u64>, Mode)>> {
+        Some(self.state.try_lock()?.held.iter().collect())
+    }
+
     /// The mode index `i` is held in by this set, if any.
     pub fn mode_of(&self, i: u64) -> Option<Mode> {
         self.state.lock().held.get(i)
