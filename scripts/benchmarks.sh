@@ -29,8 +29,32 @@ for a in "$@"; do
   prev=$a
 done
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# PgLock's rows (the pg criterion bench, the harness's pg and floor-pg
+# targets) need a PostgreSQL server: INTERLOCK_PG_URL, or the server's
+# binaries, with which the bench and the harness start a throwaway cluster.
+pg_server() {
+  [[ -n "${INTERLOCK_PG_URL:-}" ]] && return 0
+  [[ -n "${INTERLOCK_PG_BIN:-}" && -x "${INTERLOCK_PG_BIN}/initdb" ]] && return 0
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && return 0
+  command -v initdb >/dev/null
+}
+pg=0
+if pg_server; then
+  pg=1
+else
+  echo "*** NO POSTGRESQL SERVER (no INTERLOCK_PG_URL, no initdb under /usr/lib/postgresql/*/bin or on PATH):" >&2
+  echo "*** the PgLock rows are ABSENT from this report (the pg bench is not run; the harness's pg" >&2
+  echo "*** and floor-pg targets fail with that reason). Install one: scripts/ensure-postgres.sh" >&2
+fi
 if [[ $criterion == 1 ]]; then
   cargo bench -p interlock --bench file --bench set --bench shm --bench shm_handoff --bench async_handoff --bench lease --bench sem
+  if [[ $pg == 1 ]]; then
+    # The uncontended pair beside its floor (criterion, and interleaved),
+    # and the SIGKILLed holder's handoff distribution (target/criterion/pg.notes.md).
+    cargo bench -p interlock --features postgres --bench pg
+  else
+    rm -f target/criterion/pg.notes.md
+  fi
 fi
 INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "${args[@]}"
 py=.venv-bench/bin/python

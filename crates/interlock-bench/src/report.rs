@@ -349,6 +349,7 @@ fn uncontended_section(s: &mut String) {
                  async waiter beside the blocking one; `async_uncontended` the async \
                  acquisition taken on its first poll beside the blocking `*_arc` call.\n{tables}"
             );
+            notes_of_benches(s);
         }
         None => {
             let _ = writeln!(
@@ -356,6 +357,26 @@ fn uncontended_section(s: &mut String) {
                 "Not measured in this run: run `cargo bench -p interlock` first \
                  (scripts/benchmarks.sh does both).\n"
             );
+        }
+    }
+}
+
+/// Figures the benches measure beside criterion's (each bench writes its
+/// `target/criterion/NAME.notes.md`, one list item per figure): appended
+/// under the criterion tables, by file name.
+fn notes_of_benches(s: &mut String) {
+    let mut files: Vec<_> = std::fs::read_dir(criterion_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".notes.md"))
+        .collect();
+    files.sort();
+    for f in files {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            let _ = writeln!(s, "\nFrom {name}:\n\n{}", text.trim_end());
         }
     }
 }

@@ -3,7 +3,11 @@
 //! function) sent raw over one connection with prepared statements, and,
 //! for scale, the bare `pg_try_advisory_lock` + `pg_advisory_unlock` pair
 //! (no fencing token). Against a throwaway cluster over its unix socket,
-//! side by side in one run.
+//! side by side in one run. Then, beyond criterion: the same ratio
+//! measured interleaved (over the unix socket and loopback TCP), and how
+//! soon a queued waiter gets the lock after its holder process is
+//! SIGKILLed (p50/p90/p99/max over 100 kills); those two are printed and
+//! written to target/criterion/pg.notes.md for BENCHMARKS.md.
 //!
 //! sqlx's `PgAdvisoryLock` is not measured: sqlx 0.9.0 declares
 //! rust-version 1.94.0, above the workspace's MSRV (1.85); see
@@ -14,9 +18,12 @@
 #[path = "../tests/support/pg.rs"]
 mod pgsupport;
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 
@@ -83,7 +90,12 @@ fn bench(c: &mut Criterion) {
         b.iter(|| lock.read().unwrap().unlock().unwrap())
     });
     g.finish();
-    interleaved(&url, &lock, k);
+    let mut notes = vec![interleaved(&url, &lock, k, "unix socket")];
+    // Over loopback TCP (what the harness's contention rows use).
+    let tcp = PgLock::with_options("bench", PgOptions::new().url(pg.url())).unwrap();
+    notes.push(interleaved(&pg.url(), &tcp, k, "loopback TCP"));
+    notes.push(killed_holders(&url));
+    write_notes(&notes);
 }
 
 /// The ratio that the goal is about, measured so that load cannot tilt it:
@@ -92,7 +104,7 @@ fn bench(c: &mut Criterion) {
 /// the same machine; the median of the per-round ratios. Criterion's rows
 /// above are measured seconds apart, which on a shared machine can move
 /// either side by more than the 10% in question.
-fn interleaved(url: &str, lock: &PgLock, k: i64) {
+fn interleaved(url: &str, lock: &PgLock, k: i64, over: &str) -> String {
     const ROUNDS: usize = 41;
     const BATCH: u32 = 50;
     let mut raw = Client::connect(url, NoTls).unwrap();
@@ -159,7 +171,7 @@ fn interleaved(url: &str, lock: &PgLock, k: i64) {
         .collect::<Vec<_>>()
         .join(" ");
     let line = format!(
-        "interleaved, {ROUNDS} rounds x {BATCH} pairs each side (medians per pair): \
+        "interleaved over {over}, {ROUNDS} rounds x {BATCH} pairs each side (medians per pair): \
          floor {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
          PgLock try_write+unlock {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
          median per-round wall ratio {:.3}x; load average {load}",
@@ -172,6 +184,94 @@ fn interleaved(url: &str, lock: &PgLock, k: i64) {
         ratio[ratio.len() / 2],
     );
     println!("pg_uncontended/{line}");
+    format!("PgLock uncontended pair against its floor, {line}")
+}
+
+/// Set in a child of this bench: it holds the lock `URL|NAME` until killed.
+const HOLDER_ENV: &str = "INTERLOCK_PG_BENCH_HOLDER";
+
+fn holder(arg: &str) {
+    let (url, name) = arg.split_once('|').expect("URL|NAME");
+    let lock = PgLock::with_options(name, PgOptions::new().url(url)).unwrap();
+    let g = lock.write().unwrap();
+    println!("held {}", g.token());
+    std::io::stdout().flush().unwrap();
+    // Until killed (or the bench is gone: EOF).
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+/// How soon a queued waiter gets the lock after its holder process is
+/// SIGKILLed (the server releases when the dead client's socket closes):
+/// the distribution over many kills, the kill itself included.
+fn killed_holders(url: &str) -> String {
+    const KILLS: usize = 100;
+    let name = format!("bench-kill-{}", std::process::id());
+    let waiter = Arc::new(PgLock::with_options(&name, PgOptions::new().url(url)).unwrap());
+    let exe = std::env::current_exe().unwrap();
+    let mut lat: Vec<Duration> = Vec::with_capacity(KILLS);
+    for _ in 0..KILLS {
+        let mut child = Command::new(&exe)
+            .env(HOLDER_ENV, format!("{url}|{name}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("held "), "holder said {line:?}");
+        let (tx, rx) = mpsc::channel();
+        let w = Arc::clone(&waiter);
+        let t = std::thread::spawn(move || {
+            let g = w.write().unwrap();
+            tx.send(Instant::now()).unwrap();
+            g.unlock().unwrap();
+        });
+        // Bounded: until the waiter is queued behind the child.
+        let end = Instant::now() + Duration::from_secs(10);
+        while waiter.holders().unwrap().iter().all(|h| h.granted) {
+            assert!(Instant::now() < end, "waiter never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let killed = Instant::now();
+        child.kill().unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("waiter in");
+        lat.push(got.saturating_duration_since(killed));
+        t.join().unwrap();
+        let _ = child.wait();
+    }
+    lat.sort();
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = format!(
+        "SIGKILLed holder process -> queued waiter in (kill included), {KILLS} kills: \
+         p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; load average {load}",
+        q(0.5).as_secs_f64() * 1e3,
+        q(0.9).as_secs_f64() * 1e3,
+        q(0.99).as_secs_f64() * 1e3,
+        lat[lat.len() - 1].as_secs_f64() * 1e3,
+    );
+    println!("pg_kill/{line}");
+    format!("PgLock {line}")
+}
+
+/// The figures criterion does not keep, for BENCHMARKS.md: one line each
+/// in `target/criterion/pg.notes.md` (the harness's report includes every
+/// `*.notes.md` there under the criterion tables).
+fn write_notes(notes: &[String]) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let dir = target.join("criterion");
+    let _ = std::fs::create_dir_all(&dir);
+    let text: String = notes.iter().map(|n| format!("- {n}\n")).collect();
+    let _ = std::fs::write(dir.join("pg.notes.md"), text);
 }
 
 /// CPU time (ns) and context switches of this process, summed over its
@@ -206,4 +306,11 @@ fn process_cpu_and_switches() -> (u64, u64) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(arg) = std::env::var(HOLDER_ENV) {
+        return holder(&arg);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
