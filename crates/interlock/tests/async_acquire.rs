@@ -570,7 +570,7 @@ fn lock_set_lock_async_keeps_only_what_it_returns() {
     block_on(a.lock_async(0..3, Mode::Exclusive)).unwrap();
     assert_eq!(a.held(), vec![(0..3, Mode::Exclusive)]);
     assert!(b.try_lock(2, Mode::Shared).is_err());
-    let e = block_on(a.lock_async_for(5, Mode::Exclusive, Duration::ZERO));
+    let e = block_on(a.lock_async_until(5, Mode::Exclusive, Instant::now()));
     assert!(e.is_ok(), "{e:?}");
     a.unlock_all().unwrap();
     b.try_lock(0..8, Mode::Exclusive).unwrap();

@@ -129,6 +129,16 @@ impl LockSet {
         Keep(self.scope_async_for(range, mode, timeout))
     }
 
+    /// As [`LockSet::lock_async`], giving up at `deadline`.
+    pub fn lock_async_until(
+        self: &Arc<Self>,
+        range: impl IndexRange + Send + 'static,
+        mode: Mode,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), TryLockError>> + Send + 'static {
+        Keep(self.scope_async_until(range, mode, deadline))
+    }
+
     fn scope_async_with<E>(
         self: &Arc<Self>,
         range: impl IndexRange + Send + 'static,
