@@ -101,12 +101,19 @@ impl Inner {
         }
         if let Some(cb) = on_lost {
             opts = opts.on_lost(move |e| {
-                Python::attach(|py| {
-                    let err = errors::from_error(py, e);
-                    if let Err(raised) = cb.call1(py, (err.into_value(py),)) {
-                        raised.write_unraisable(py, None);
-                    }
-                })
+                let (cb, err) = Python::attach(|py| (cb.clone_ref(py), errors::from_error(py, e)));
+                // Called on a thread of its own: the call that found the
+                // loss may be `guard.check()`, which holds the guard's
+                // lock, and the callback may well release that guard.
+                let _ = std::thread::Builder::new()
+                    .name("interlock-pg-on-lost".into())
+                    .spawn(move || {
+                        Python::attach(|py| {
+                            if let Err(raised) = cb.call1(py, (err.into_value(py),)) {
+                                raised.write_unraisable(py, None);
+                            }
+                        })
+                    });
             });
         }
         let lock = py
