@@ -28,6 +28,8 @@ use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 
 fn bench(c: &mut Criterion) {
+    // No figures of an earlier run stand in for this one's.
+    write_notes(&[]);
     let Some(pg) = pgsupport::shared() else {
         return;
     };
@@ -277,8 +279,13 @@ fn write_notes(notes: &[String]) {
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     let dir = target.join("criterion");
     let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("pg.notes.md");
+    if notes.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
     let text: String = notes.iter().map(|n| format!("- {n}\n")).collect();
-    let _ = std::fs::write(dir.join("pg.notes.md"), text);
+    let _ = std::fs::write(path, text);
 }
 
 /// CPU time (ns) and context switches of this process, summed over its
