@@ -13,10 +13,12 @@
 //! - **Waits that let go of the GIL and hear Ctrl-C.** Every call that may
 //!   wait first tries without waiting (with the GIL: the uncontended path
 //!   costs no GIL round trip), then waits inside `py.detach`. In the main
-//!   thread the wait is cut into slices of [`SLICE`] with
-//!   `Python::check_signals()` between them, so a KeyboardInterrupt lands
-//!   within a slice and nothing is held when it does (each slice that ends
-//!   unfulfilled gives back everything it took).
+//!   thread a signal ends the kernel wait (Python's handlers have no
+//!   `SA_RESTART`, so the call returns EINTR, and the core, asked to, gives
+//!   back what it took); `Python::check_signals()` then raises the
+//!   KeyboardInterrupt with nothing held, or the wait goes on with its
+//!   deadline. A slice of [`wait::SAFETY_SLICE`] is the net for a signal
+//!   that lands just before the blocking call.
 //! - **Reentrancy defined.** A thread that asks again for a lock it holds
 //!   (through the same object or another one on the same file or name)
 //!   would wait for itself. Holds are recorded per thread ([`hold`]): the

@@ -6,8 +6,15 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::time::{Duration, Instant};
 
-/// How long a main-thread wait runs before it looks for signals (Ctrl-C).
+/// How often a main-thread wait that no signal reaches by itself (PgLock's
+/// waiter thread) looks for signals.
 pub(crate) const SLICE: Duration = Duration::from_millis(50);
+
+/// How long a main-thread kernel wait runs at most before it looks for
+/// signals although no system call was interrupted: the safety net for a
+/// signal that lands between the look and the blocking call, or a handler
+/// installed with `SA_RESTART` (Python's own SIGINT handler is not).
+pub(crate) const SAFETY_SLICE: Duration = Duration::from_secs(1);
 
 /// `blocking: bool = True, timeout: float | None = None`: `None` waits
 /// forever, `0` tries once, `> 0` waits so many seconds. A timeout with
@@ -131,9 +138,13 @@ pub(crate) enum Fast {
 }
 
 /// Runs `f` as `wait` allows: first (if `fast`) a try with the GIL, then
-/// without the GIL; in the main thread in slices of [`SLICE`] with a look
-/// for signals between them. A signal handler's exception (Ctrl-C:
-/// `KeyboardInterrupt`) ends the wait with nothing held.
+/// without the GIL. In the main thread a signal ends the wait: Python's
+/// handlers are installed without `SA_RESTART`, so the blocked system call
+/// returns EINTR, and the core then gives back what it took and reports a
+/// time-out; the handlers run (`check_signals`, with the GIL) and their
+/// exception (Ctrl-C: `KeyboardInterrupt`) ends the call with nothing held;
+/// without one the wait goes on, its deadline kept. A wait also looks for
+/// signals every [`SAFETY_SLICE`].
 pub(crate) fn run<T: Send>(
     py: Python<'_>,
     wait: Wait,
@@ -156,13 +167,25 @@ pub(crate) fn run<T: Send>(
         _ => None,
     };
     loop {
-        let slice_end = Instant::now() + SLICE;
+        let slice_end = Instant::now() + SAFETY_SLICE;
         let (slice, last) = match deadline {
             Some(t) if t <= slice_end => (Wait::Until(t), true),
             _ => (Wait::Until(slice_end), false),
         };
-        match py.detach(|| f(slice)) {
-            Err(TryLockError::TimedOut) if !last => py.check_signals()?,
+        let (r, signalled) = py.detach(|| {
+            interlock::__signals::set_signals_end_waits(true);
+            let r = f(slice);
+            let came = interlock::__signals::signal_came();
+            interlock::__signals::set_signals_end_waits(false);
+            (r, came)
+        });
+        match r {
+            Err(TryLockError::TimedOut) if signalled || !last => {
+                py.check_signals()?;
+                if last && deadline.is_some_and(|t| Instant::now() >= t) {
+                    return Ok(Err(TryLockError::TimedOut));
+                }
+            }
             r => return Ok(r),
         }
     }

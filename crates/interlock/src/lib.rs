@@ -50,6 +50,13 @@ pub mod __fork {
     pub use crate::sys::fork::{generation, watch};
 }
 
+/// Waits that a signal ends (the Python binding's Ctrl-C). Not a stable
+/// API.
+#[doc(hidden)]
+pub mod __signals {
+    pub use crate::sys::timer::{set_signals_end_waits, signal_came};
+}
+
 /// Async internals for tests. Not a stable API.
 #[doc(hidden)]
 pub mod __async {

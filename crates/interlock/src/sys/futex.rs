@@ -66,7 +66,10 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> WaitO
     match std::io::Error::last_os_error().raw_os_error() {
         Some(libc::EAGAIN) => WaitOutcome::Changed,
         Some(libc::ETIMEDOUT) => WaitOutcome::TimedOut,
-        Some(libc::EINTR) => WaitOutcome::Interrupted,
+        Some(libc::EINTR) => {
+            super::timer::note_signal();
+            WaitOutcome::Interrupted
+        }
         // EFAULT/EINVAL cannot happen with a valid reference; treat anything
         // else as a spurious wake-up, which every caller tolerates.
         _ => WaitOutcome::Woken,

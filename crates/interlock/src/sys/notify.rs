@@ -187,6 +187,7 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINTR) {
+            super::timer::note_signal();
             return Ok(false);
         }
         return Err(e);

@@ -24,7 +24,7 @@
 //!   delivered when that call returns, into our empty handler, so no stray
 //!   EINTR reaches the caller's later system calls.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::mem::MaybeUninit;
 use std::ptr;
@@ -168,8 +168,11 @@ pub fn set_cancel_flag(flag: Option<Arc<AtomicBool>>) {
 }
 
 /// Whether this thread's wait was cancelled (always false outside a waiter
-/// thread).
+/// thread), or ended by a signal (see [`set_signals_end_waits`]).
 pub fn cancelled() -> bool {
+    if SIGNALS.try_with(Cell::get) == Ok(SIGNAL_CAME) {
+        return true;
+    }
     CANCEL
         .try_with(|c| {
             c.borrow()
@@ -177,6 +180,46 @@ pub fn cancelled() -> bool {
                 .is_some_and(|f| f.load(Ordering::Acquire))
         })
         .unwrap_or(false)
+}
+
+// ----- waits that a signal ends ---------------------------------------------
+//
+// A program whose signal handlers are installed without SA_RESTART (Python's
+// SIGINT handler, for one) sees a blocking system call return EINTR when a
+// signal arrives. Normally the waits here restart after it. A thread that
+// asks for it instead has its wait end there: from the first EINTR on, every
+// `Wait` counts as expired (as in a cancelled waiter), so each family gives
+// back what it took and reports a time-out; the caller then runs its signal
+// handlers and, if it wants, waits again with its deadline.
+
+const SIGNALS_OFF: u8 = 0;
+const SIGNALS_ARMED: u8 = 1;
+const SIGNAL_CAME: u8 = 2;
+
+thread_local! {
+    static SIGNALS: Cell<u8> = const { Cell::new(SIGNALS_OFF) };
+}
+
+/// While `on`, a signal that interrupts one of this thread's blocking calls
+/// ends the thread's wait (see above); turning it on or off forgets an
+/// earlier signal.
+pub fn set_signals_end_waits(on: bool) {
+    let _ = SIGNALS.try_with(|c| c.set(if on { SIGNALS_ARMED } else { SIGNALS_OFF }));
+}
+
+/// Whether a signal ended this thread's wait since
+/// [`set_signals_end_waits`] turned the rule on.
+pub fn signal_came() -> bool {
+    SIGNALS.try_with(Cell::get) == Ok(SIGNAL_CAME)
+}
+
+/// A blocking call of this thread returned EINTR.
+pub fn note_signal() {
+    let _ = SIGNALS.try_with(|c| {
+        if c.get() == SIGNALS_ARMED {
+            c.set(SIGNAL_CAME);
+        }
+    });
 }
 
 /// A timer that interrupts the blocking calls of the thread that made it,
@@ -261,6 +304,7 @@ pub fn block_until<T>(
         match f() {
             Ok(v) => return Ok(Some(v)),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                note_signal();
                 if cancelled() || deadline.is_some_and(|t| Instant::now() >= t) {
                     return Ok(None);
                 }
