@@ -52,8 +52,16 @@ if [[ $criterion == 1 ]]; then
     # The uncontended pair beside its floor (criterion, and interleaved),
     # and the SIGKILLed holder's handoff distribution (target/criterion/pg.notes.md).
     cargo bench -p interlock --features postgres --bench pg
+    # sqlx 0.8's PgAdvisoryLock beside PgLock and its floor, interleaved,
+    # unix socket and loopback TCP (target/criterion/pg-sqlx.notes.md): a
+    # crate outside the workspace, so sqlx stays out of its build and lock.
+    rm -f target/criterion/pg-sqlx.notes.md
+    if ! cargo run --release --target-dir target/sqlx-pg \
+      --manifest-path crates/interlock-bench/peers/sqlx-pg/Cargo.toml; then
+      echo "*** the sqlx peer (crates/interlock-bench/peers/sqlx-pg) failed: its row is ABSENT" >&2
+    fi
   else
-    rm -f target/criterion/pg.notes.md
+    rm -f target/criterion/pg.notes.md target/criterion/pg-sqlx.notes.md
   fi
 fi
 INTERLOCK_BENCH_COMMAND="scripts/benchmarks.sh $*" cargo run --release -p interlock-bench -- "${args[@]}"
