@@ -61,12 +61,6 @@ KNOWN = {
         "descriptor; the compat lock is an anonymous mapping, it has none)",
         "test_cleanup": "closes the private _fd (no descriptor: see above)",
     },
-    "locks": {
-        "test_release": "asserts release() deletes the lock file: the original's "
-        "unlock-then-delete let two holders in; the compat keeps the file "
-        "(Mutex(path, remove=True) deletes it, safely)",
-        "test_with": "the same, at the end of a with block",
-    },
 }
 
 SHIM = "import interlock.compat; interlock.compat.install(__name__)\n"

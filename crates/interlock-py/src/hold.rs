@@ -347,6 +347,44 @@ impl Guard {
         }
     }
 
+    /// Deletes the lock file, then releases (a `FileLock` write guard, not
+    /// counted twice): the one safe way for a holder to remove its lock
+    /// file (the core's `remove_and_unlock`). Then as `release()`.
+    fn remove_and_release(&self, py: Python<'_>) -> PyResult<()> {
+        let s = &self.shared;
+        if self.is_inherited() {
+            self.released.store(true, Ordering::Release);
+            return Ok(());
+        }
+        if !matches!(&*s.held.lock(), Some(Held::FileWrite(_))) && self.live() {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "only a FileLock write guard removes its lock file: {}",
+                self.path.display()
+            )));
+        }
+        if self.released.swap(true, Ordering::AcqRel) {
+            return Err(errors::released_twice(&self.path));
+        }
+        if s.count
+            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.released.store(false, Ordering::Release);
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "a reentrant hold counted more than once cannot remove its lock file: {}",
+                self.path.display()
+            )));
+        }
+        unrecord(s);
+        let held = s.held.lock().take();
+        let r = match held {
+            Some(Held::FileWrite(g)) => g.remove_and_unlock(),
+            Some(h) => h.release(),
+            None => Ok(()),
+        };
+        r.map_err(|e| errors::from_error(py, &e))
+    }
+
     /// Whether this guard still holds its lock (False once released, and
     /// in a forked child for an inherited guard).
     #[getter]

@@ -28,19 +28,19 @@ What differs, on purpose:
 - **No polling.** The original retried every millisecond while a
   ``timeout`` or ``callback`` was set; here the wait is in the kernel and
   ends when the lock is released (or at the deadline).
-- **The lock file stays.** The original's ``release()`` (and the end of
-  its ``with`` block) unlocked the file and then deleted it. That order let
-  two processes hold the lock at once: a waiter that had opened the old file
-  got it, while a newcomer created and locked a new file at the same path.
-  Here ``release()`` leaves the file in place, which costs nothing. Code
-  that relies on the file vanishing can ask for it with
-  ``Mutex(path, remove=True)`` (or ``Mutex.remove_on_release = True`` for
-  every ``Mutex``): the file is then deleted while the lock is still held,
-  which is safe among interlock users (a waiter that gets a lock on a file
-  no longer at the path opens the path again), but makes every ``lock()``
-  reopen the file (about 7 times the cost of the lock itself). Processes
-  running the original ``locks`` do not check, so while such processes
-  share the file the original's race remains among them.
+- **The lock file is deleted safely.** The original's ``release()`` (and
+  the end of its ``with`` block) unlocked the file and then deleted it. That
+  order let two processes hold the lock at once: a waiter that had opened
+  the old file got it, while a newcomer created and locked a new file at the
+  same path. Here ``release()`` deletes the file while the lock is still
+  held, as its last act (``Guard.remove_and_release()``), and a waiter that
+  then gets the lock on the deleted file notices and opens the path again,
+  so no two interlock users hold it at once. Processes running the original
+  ``locks`` do not check, so while such processes share the file the
+  original's race remains among them. ``Mutex(path, remove=False)`` (or
+  ``Mutex.remove_on_release = False`` for every ``Mutex``) keeps the file,
+  which makes a ``lock()``/``release()`` pair several times cheaper (no
+  file to create and delete each time).
 - **Threads are excluded.** Two threads using one ``Mutex`` object shared
   one descriptor, so the second ``lock()`` "succeeded" at once; here a
   thread waits while another thread holds the lock through the same object
@@ -103,9 +103,24 @@ _HELD = _Held()
 _holding = {}
 
 
+# Who holds each lock file (by the FileLock's absolute path) in this
+# process: (pid, thread id). The FileLock's own record knows the file by its
+# inode, which changes each time release() deletes it and lock() makes it
+# anew; this one lets a thread that asks for a file it holds through another
+# Mutex be answered at once.
+_by_path = {}
+
+
+# This process's id, kept up to date across fork (a getpid() call per
+# lock() and release() is a system call each).
+_pid = [os.getpid()]
+
+
 def _forget_holds_in_child():
     # A forked child holds none of its parent's locks.
+    _pid[0] = os.getpid()
     _holding.clear()
+    _by_path.clear()
 
 
 os.register_at_fork(after_in_child=_forget_holds_in_child)
@@ -117,13 +132,14 @@ class Mutex:
 
     ``timeout`` (seconds) bounds how long ``lock()`` waits; ``callback``,
     when given, is called once if the lock cannot be had at once (or within
-    ``timeout``), after which ``lock()`` waits for ever. ``remove=True``
-    makes ``release()`` delete the lock file, as the original did.
+    ``timeout``), after which ``lock()`` waits for ever. ``release()``
+    deletes the lock file, as the original did (safely: see the module
+    docstring); ``remove=False`` keeps it.
     """
 
     #: Whether ``release()`` deletes the lock file (the original did; see
-    #: the module docstring). Per object: ``Mutex(path, remove=True)``.
-    remove_on_release = False
+    #: the module docstring). Per object: ``Mutex(path, remove=False)``.
+    remove_on_release = True
 
     def __init__(self, path, timeout=None, callback=None, *, remove=None):
         self.path = path
@@ -146,14 +162,19 @@ class Mutex:
         out without a ``callback``; ``OSError`` subclasses when the file
         cannot be opened (e.g. ``FileNotFoundError``, ``PermissionError``).
         """
-        me = (os.getpid(), _get_ident())
+        me = (_pid[0], _get_ident())
         if self._owner == me and self._guard is not None:
             return
         with self._mu:
             fl = self._lock
             if fl is None:
                 fl = self._lock = open_file_lock(self.path, flavor="flock")
+        key = fl.path
         try:
+            if _by_path.get(key) == me:
+                raise interlock.AlreadyHeld(
+                    "the exclusive lock is held by this thread through another Mutex", key
+                )
             if self._callback is None and self.timeout is None:
                 guard = fl.write()
             else:
@@ -181,33 +202,37 @@ class Mutex:
         self._guard = guard
         self._owner = me
         _holding[id(self)] = self
+        _by_path[key] = me
 
     def release(self):
         """Releases the lock, if this ``Mutex`` holds it; otherwise does
-        nothing. With ``remove_on_release``, deletes the lock file first."""
+        nothing. With ``remove_on_release`` (the default), deletes the lock
+        file as its last act before unlocking."""
         with self._mu:
             guard, owner = self._guard, self._owner
             self._guard = self._owner = None
             if guard is None:
                 return
             _holding.pop(id(self), None)
-            if owner[0] != os.getpid():
+            if self._lock is not None and _by_path.get(self._lock.path) == owner:
+                del _by_path[self._lock.path]
+            if owner[0] != _pid[0]:
                 # A forked child's copy: the lock is the parent's.
                 self._lock = None
                 return
             if self.remove_on_release:
-                # Delete while holding, so that no one can lock this file
-                # after us while someone else locks a new one at the path.
+                # Delete as the last act before unlocking, so that no one can
+                # lock this file after us while someone else locks a new one
+                # at the path. The next lock() opens (creates) it anew,
+                # through the same FileLock.
                 try:
-                    os.unlink(self.path)
-                except OSError:
+                    guard.remove_and_release()
+                except (OSError, interlock.LockError):
+                    # Gone already, or another file is at the path now (the
+                    # original ignored a failed unlink too): released all
+                    # the same.
                     pass
-                # The next lock() opens (creates) it anew, with a FileLock
-                # whose first acquisition checks the path. (Keeping this
-                # FileLock would not do: its inode is gone, and its later
-                # checks of the path are skipped while no removal is
-                # announced.)
-                self._lock = None
+                return
             guard.release()
 
     @property

@@ -7,7 +7,7 @@ the constructor's attributes (``_fd`` included), a second ``lock()`` being
 a no-op, another ``Mutex`` with a timeout failing with
 ``BlockingIOError``/``EAGAIN`` (also when the first ``Mutex`` was dropped
 while holding), the callback called once before waiting, ``release()`` and
-``with`` removing the file (with ``remove=True``), a child process failing
+``with`` removing the file (``remove=False`` keeps it), a child process failing
 to take a held lock, a child's release, and two objects in one thread
 excluding each other. (scripts/ancestor-tests.sh runs the original file
 itself, given a copy of it.)
@@ -160,37 +160,47 @@ def test_two_objects_in_one_thread_exclude_each_other(path):
     a.release()
 
 
-def test_release_keeps_the_file_unless_asked_to_remove_it(path):
-    # The original deleted the lock file on release (unsafely: see the
-    # control below); the compat Mutex keeps it unless remove=True.
+def test_release_deletes_the_file_unless_asked_to_keep_it(path):
+    # As the original, release() and the end of `with` delete the lock
+    # file (safely: as the last act before unlocking; see the tests below);
+    # remove=False keeps it.
     m = Mutex(path)
     m.lock()
     assert os.path.exists(path)
     m.release()
-    assert os.path.exists(path)
-    with Mutex(path) as held:
+    assert not os.path.exists(path)
+    with Mutex(path, timeout=0.5) as held:
         assert isinstance(held, Mutex)
-    assert os.path.exists(path)
-    os.unlink(path)
-    m = Mutex(path, remove=True)
-    m.lock()
+        assert os.path.exists(path)
+    assert not os.path.exists(path)
+    m.lock()  # again after the deletion: a new file
     assert os.path.exists(path)
     m.release()
     assert not os.path.exists(path)
-    with Mutex(path, timeout=0.5, remove=True):
-        assert os.path.exists(path)
-    assert not os.path.exists(path)
-    try:
-        Mutex.remove_on_release = True
-        with Mutex(path):
-            assert os.path.exists(path)
-        assert not os.path.exists(path)
-    finally:
-        Mutex.remove_on_release = False
-    # Releasing what is not held does nothing (and deletes nothing).
-    open(path, "w").close()
-    Mutex(path, remove=True).release()
+    m = Mutex(path, remove=False)
+    m.lock()
+    m.release()
     assert os.path.exists(path)
+    with Mutex(path, timeout=0.5, remove=False):
+        assert os.path.exists(path)
+    assert os.path.exists(path)
+    try:
+        Mutex.remove_on_release = False
+        with Mutex(path):
+            pass
+        assert os.path.exists(path)
+    finally:
+        Mutex.remove_on_release = True
+    # Releasing what is not held does nothing (and deletes nothing).
+    Mutex(path).release()
+    assert os.path.exists(path)
+    # A file removed from outside while held: the release still unlocks.
+    m = Mutex(path)
+    m.lock()
+    os.unlink(path)
+    m.release()
+    assert not os.path.exists(path)
+    Mutex(path, timeout=0).lock()
 
 
 def test_callback_is_called_once_then_waits(spawn, path):
@@ -400,7 +410,7 @@ else:
 print("ready", flush=True); sys.stdin.readline()
 bad = 0
 for _ in range(rounds):
-    with (locks.Mutex(path, remove=True) if lib == "compat" else locks.Mutex(path)):
+    with locks.Mutex(path):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -424,8 +434,8 @@ def run_deleters(spawn, tmp_path, lib, rounds):
 
 
 def test_deleting_on_release_never_lets_two_holders_in(spawn, tmp_path):
-    # With remove=True release() deletes the lock file, as the original's
-    # did, but while it still holds the lock. Four processes x 300 rounds of lock -> O_EXCL
+    # release() deletes the lock file, as the original's did, but as its
+    # last act before unlocking. Four processes x 300 rounds of lock -> O_EXCL
     # marker -> remove it -> release (deleting the lock file): never two in.
     assert run_deleters(spawn, tmp_path, "compat", 300) == 0
 

@@ -277,6 +277,7 @@ impl FileLockOptions {
                 hint,
                 verified: None,
                 unchecked: 0,
+                removed: false,
                 gate_held: None,
                 slot_held: None,
             }))),
@@ -343,6 +344,10 @@ struct State {
     verified: Option<(u64, u64)>,
     /// Acquisitions since the last path check.
     unchecked: u32,
+    /// This handle removed its file ([`FileWriteGuard::remove_and_unlock`]):
+    /// the next acquisition opens the path anew before it locks, instead of
+    /// locking the removed file, finding it gone and reopening.
+    removed: bool,
     /// The bucket whose gate count this handle raised (it holds the gate).
     gate_held: Option<Hint>,
     /// The bucket whose slot count this handle raised (flock flavor: it
@@ -1024,6 +1029,9 @@ impl FileLock {
     /// Takes the kernel's shared lock for the first in-process holder, on
     /// the file that is at the path (reopening it if it was replaced).
     fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        if std::mem::take(&mut st.removed) {
+            self.reopen(st)?;
+        }
         loop {
             self.kernel_shared(&st.file, st.hint.as_ref(), a)?;
             let held = self.path_holds(st);
@@ -1126,6 +1134,9 @@ impl FileLock {
     /// Takes the kernel's exclusive lock on the file at the path. The caller
     /// holds `rw` exclusively.
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
+        if std::mem::take(&mut st.removed) {
+            self.reopen(st)?;
+        }
         loop {
             st.writer_ofd = self.kernel_exclusive(st, a)?;
             let held = self.path_holds(st);
@@ -1584,7 +1595,9 @@ impl<'a> FileWriteGuard<'a> {
     ///
     /// The file is removed only if the path still names the locked file;
     /// otherwise nothing is removed and the lock is released all the same,
-    /// and the error says so ([`ErrorKind::Corrupt`]).
+    /// and the error says so ([`ErrorKind::Corrupt`]). After a removal the
+    /// handle's next acquisition opens (creates) the path anew before it
+    /// locks.
     pub fn remove_and_unlock(mut self) -> Result<()> {
         let lock = self.lock.clone();
         let removed = {
@@ -1594,6 +1607,7 @@ impl<'a> FileWriteGuard<'a> {
                 Ok(m) if (m.dev(), m.ino()) == st.id => {
                     let r = std::fs::remove_file(&lock.path)
                         .map_err(|e| lock.io_err("remove lock file", e));
+                    st.removed = r.is_ok();
                     // Before the release: whoever gets the old file next
                     // sees the bump and checks the path.
                     if let Some(h) = &st.hint {
