@@ -18,6 +18,7 @@ mod set;
 pub use deadlock::REGISTRY_DIR_ENV;
 pub use inspect::{holders, Holder, LockKind};
 pub use lock::*;
+#[cfg(not(loom))] // only shm/open.rs, which loom builds leave out, uses it
 pub(crate) use open::PERMISSION_BITS;
 pub use ranges::{IndexRange, INDEX_END};
 pub use sem::{FileSemaphore, FileSemaphoreGuard};
