@@ -13,11 +13,35 @@ import select
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
 WAIT = 20.0  # seconds: a bound that only catches a hang
+
+
+@pytest.fixture
+def shm_name() -> Iterator[Callable[..., str]]:
+    """``shm_name(prefix)`` gives a fresh bare shared-memory lock name. Its
+    file in /dev/shm, and that of the name with any suffix a test appends,
+    is removed after the test, passed or failed: the suite leaves nothing
+    in /dev/shm."""
+    names: list[str] = []
+
+    def make(prefix: str = "pycore-test-") -> str:
+        names.append(prefix + uuid.uuid4().hex)
+        return names[-1]
+
+    yield make
+    for name in names:
+        for entry in os.listdir("/dev/shm"):
+            if entry.startswith("interlock-" + name):
+                try:
+                    os.unlink(os.path.join("/dev/shm", entry))
+                except FileNotFoundError:
+                    pass
+
 
 DRIVER = textwrap.dedent(
     """

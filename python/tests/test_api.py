@@ -7,7 +7,6 @@ import concurrent.futures
 import os
 import pickle
 import threading
-import uuid
 
 import pytest
 
@@ -305,8 +304,8 @@ def test_lock_set(tmp_path):
             s.lock(bad)
 
 
-def test_shm_pickles_by_name_and_reports_holder():
-    name = "pycore-test-" + uuid.uuid4().hex
+def test_shm_pickles_by_name_and_reports_holder(shm_name):
+    name = shm_name()
     rw = interlock.ShmRwLock(name)
     rw2 = pickle.loads(pickle.dumps(rw))
     assert isinstance(rw2, interlock.ShmRwLock) and rw2.name == name

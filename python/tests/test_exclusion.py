@@ -4,7 +4,6 @@ the check catches a lock that does not exclude."""
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 
@@ -14,11 +13,11 @@ from interlock import WouldBlock
 WAIT = 20.0
 
 
-def families(tmp):
+def families(tmp, shm_name):
     """(name, expression building the lock in a child, how to take it
     exclusively there, the same lock here, how to take it here)."""
     f = os.path.join(tmp, "f.lock")
-    shm = "pycore-test-" + uuid.uuid4().hex
+    shm = shm_name()
     lease = os.path.join(tmp, "lease")
     s = os.path.join(tmp, "set.lock")
     return [
@@ -85,9 +84,9 @@ def check_excludes(child, make_child, take_child, make_here, take_here):
     assert c.ask("try") == "held"
 
 
-@pytest.mark.parametrize("i", range(6), ids=[n for n, *_ in families("/x")])
-def test_processes_exclude_each_other(child, tmp_path, i):
-    name, make_child, take_child, make_here, take_here = families(str(tmp_path))[i]
+@pytest.mark.parametrize("i", range(6), ids=[n for n, *_ in families("/x", str)])
+def test_processes_exclude_each_other(child, tmp_path, i, shm_name):
+    name, make_child, take_child, make_here, take_here = families(str(tmp_path), shm_name)[i]
     check_excludes(child, make_child, take_child, make_here, take_here)
 
 
@@ -106,8 +105,8 @@ def test_control_a_lock_that_does_not_exclude_fails_the_check(child, tmp_path):
         )
 
 
-def test_shm_writer_excludes_readers_of_a_child(child):
-    name = "pycore-test-" + uuid.uuid4().hex
+def test_shm_writer_excludes_readers_of_a_child(child, shm_name):
+    name = shm_name()
     c = child(f"interlock.ShmRwLock({name!r})", "lock.read(**kw)")
     rw = interlock.ShmRwLock(name)
     with rw.write():

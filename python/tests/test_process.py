@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -99,9 +98,9 @@ sys.stdin.readline()
 
 
 @pytest.mark.parametrize("kind", ["file", "flock", "shm", "mutex", "set", "lease"])
-def test_ctrl_c_interrupts_a_blocked_acquire(procs, tmp_path, kind):
+def test_ctrl_c_interrupts_a_blocked_acquire(procs, tmp_path, kind, shm_name):
     if kind in ("shm", "mutex"):
-        path = "pycore-test-" + uuid.uuid4().hex
+        path = shm_name()
     elif kind == "lease":
         path = str(tmp_path / "lease")
     else:
@@ -224,13 +223,9 @@ def _mp_child(rw, q, go):
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_multiprocessing_children_share_shm_locks(method):
+def test_multiprocessing_children_share_shm_locks(method, shm_name):
     ctx = multiprocessing.get_context(method)
-    rw = (
-        interlock.ShmRwLock()
-        if method == "fork"
-        else interlock.ShmRwLock("pycore-test-" + uuid.uuid4().hex)
-    )
+    rw = interlock.ShmRwLock() if method == "fork" else interlock.ShmRwLock(shm_name())
     q, go = ctx.Queue(), ctx.Event()
     g = rw.write()
     p = ctx.Process(target=_mp_child, args=(rw, q, go))
@@ -261,8 +256,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("kind", ["rw", "mutex"])
-def test_a_dead_writer_shows_as_owner_died_with_a_usable_guard(procs, kind):
-    name = "pycore-test-" + uuid.uuid4().hex
+def test_a_dead_writer_shows_as_owner_died_with_a_usable_guard(procs, kind, shm_name):
+    name = shm_name()
     lock = interlock.ShmRwLock(name) if kind == "rw" else interlock.ShmMutex(name)
     take = lock.write if kind == "rw" else lock.lock
     p = spawn(DIE, kind, name)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -24,14 +23,10 @@ from interlock import Timeout, WouldBlock
 WAIT = 20.0
 
 
-def shm_name() -> str:
-    return "pysem-test-" + uuid.uuid4().hex
-
-
 @pytest.fixture(params=["shm", "file"])
-def make(request, tmp_path):
+def make(request, tmp_path, shm_name):
     """``make(permits)`` opens one semaphore (every call the same one)."""
-    name = shm_name()
+    name = shm_name("pysem-test-")
     path = str(tmp_path / "sem")
     made = []
 
@@ -101,7 +96,7 @@ def test_with_and_guard_context(make):
     assert s.available == 2
 
 
-def test_bad_inputs(make, tmp_path):
+def test_bad_inputs(make, tmp_path, shm_name):
     s = make(2)
     for n in (0, -1, 3):
         with pytest.raises(ValueError):
@@ -116,11 +111,11 @@ def test_bad_inputs(make, tmp_path):
         make(3)  # the same semaphore with another count
     for bad in (0, -2, 2**40):
         with pytest.raises(ValueError):
-            interlock.Semaphore(shm_name(), bad)
+            interlock.Semaphore(shm_name("pysem-test-"), bad)
         with pytest.raises(ValueError):
             interlock.FileSemaphore(str(tmp_path / "bad"), bad)
     with pytest.raises(ValueError):
-        interlock.Semaphore(shm_name(), 100_000)
+        interlock.Semaphore(shm_name("pysem-test-"), 100_000)
     with pytest.raises(ValueError):
         interlock.FileSemaphore(str(tmp_path / "bad"), 100_000)
     with pytest.raises(ValueError):
@@ -202,8 +197,8 @@ def occupancy(kind, where, permits, n_check, procs=4, rounds=3):
 
 
 @pytest.mark.parametrize("kind", ["shm", "file"])
-def test_processes_never_more_than_n_inside(tmp_path, kind):
-    where = shm_name() if kind == "shm" else str(tmp_path / "sem")
+def test_processes_never_more_than_n_inside(tmp_path, kind, shm_name):
+    where = shm_name("pysem-test-") if kind == "shm" else str(tmp_path / "sem")
     peak = occupancy(kind, where, 2, 2)
     assert peak == 2, f"{peak} processes inside a semaphore of 2 permits"
     if kind == "shm":
@@ -211,9 +206,9 @@ def test_processes_never_more_than_n_inside(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["shm", "file"])
-def test_control_a_semaphore_of_too_many_permits_fails_the_check(tmp_path, kind):
+def test_control_a_semaphore_of_too_many_permits_fails_the_check(tmp_path, kind, shm_name):
     """Control: 3 permits checked as 2: the check must see 3 inside."""
-    where = shm_name() if kind == "shm" else str(tmp_path / "sem")
+    where = shm_name("pysem-test-") if kind == "shm" else str(tmp_path / "sem")
     assert occupancy(kind, where, 3, 2) == 3
     if kind == "shm":
         os.unlink(interlock.Semaphore(where, 3).path)
@@ -252,8 +247,8 @@ def _die_holding(kind, where):
 
 
 @pytest.mark.parametrize("kind", ["shm", "file"])
-def test_a_sigkilled_holders_permits_return_to_a_waiter(tmp_path, kind):
-    where = shm_name() if kind == "shm" else str(tmp_path / "sem")
+def test_a_sigkilled_holders_permits_return_to_a_waiter(tmp_path, kind, shm_name):
+    where = shm_name("pysem-test-") if kind == "shm" else str(tmp_path / "sem")
     s = interlock.Semaphore(where, 2) if kind == "shm" else interlock.FileSemaphore(where, 2)
     _die_holding(kind, where)
     g = s.acquire(2, timeout=WAIT)
@@ -264,8 +259,8 @@ def test_a_sigkilled_holders_permits_return_to_a_waiter(tmp_path, kind):
         os.unlink(s.path)
 
 
-def test_a_dead_holder_is_visible_then_reclaimed():
-    name = shm_name()
+def test_a_dead_holder_is_visible_then_reclaimed(shm_name):
+    name = shm_name("pysem-test-")
     s = interlock.Semaphore(name, 2)
     pid = _die_holding("shm", name)
     assert s.holders() == [pid, pid]
@@ -327,8 +322,8 @@ def _spawned(s, q):
         q.put("busy")
 
 
-def test_pickles_by_name_for_multiprocessing():
-    name = shm_name()
+def test_pickles_by_name_for_multiprocessing(shm_name):
+    name = shm_name("pysem-test-")
     s = interlock.Semaphore(name, 2)
     again = pickle.loads(pickle.dumps(s))
     assert isinstance(again, interlock.Semaphore)
@@ -460,8 +455,8 @@ sys.stdin.readline()
 
 
 @pytest.mark.parametrize("kind", ["shm", "file"])
-def test_ctrl_c_interrupts_a_blocked_acquire_holding_nothing(tmp_path, kind):
-    where = shm_name() if kind == "shm" else str(tmp_path / "sem")
+def test_ctrl_c_interrupts_a_blocked_acquire_holding_nothing(tmp_path, kind, shm_name):
+    where = shm_name("pysem-test-") if kind == "shm" else str(tmp_path / "sem")
     s = interlock.Semaphore(where, 2) if kind == "shm" else interlock.FileSemaphore(where, 2)
     g = s.acquire()  # one of two: the child's acquire(2) must wait
     p = subprocess.Popen(
