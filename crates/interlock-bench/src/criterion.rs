@@ -134,7 +134,10 @@ pub fn summary(benches: &[Bench]) -> Vec<String> {
                         && o.op == b.op
                 })
                 .map(|f| b.median_ns / f.median_ns);
-            let name = match b.group.strip_prefix("lease_uncontended_") {
+            // criterion names the group `lease_uncontended/<fs>` (its
+            // directory `lease_uncontended_<fs>`): say which file system.
+            let fs = b.group.strip_prefix("lease_uncontended/");
+            let name = match fs.or_else(|| b.group.strip_prefix("lease_uncontended_")) {
                 Some(fs) => format!("{} on {fs}", b.name),
                 None => b.name.clone(),
             };
