@@ -55,13 +55,7 @@ PINS = {
 
 #: Tests expected to fail against the compat module, and why (docs/python.md,
 #: "Compatibility modules", says more).
-KNOWN = {
-    "prwlock": {
-        "test_deserialization": "compares the private _fd (the original's file "
-        "descriptor; the compat lock is an anonymous mapping, it has none)",
-        "test_cleanup": "closes the private _fd (no descriptor: see above)",
-    },
-}
+KNOWN: dict[str, dict[str, str]] = {}
 
 SHIM = "import interlock.compat; interlock.compat.install(__name__)\n"
 

@@ -52,8 +52,10 @@ was; nothing is left in the file system). What differs, on purpose:
   unrelated processes use a named ``interlock.ShmRwLock("name")``.
 - **After fork** a child holds nothing: the parent's holds are not the
   child's to release (prwlock's child could unlock the parent's lock).
-- Private attributes are not kept: there is no ``_fd``, ``_buf`` or
-  ``_lock`` (the lock is not a file descriptor any more).
+- Private attributes: ``_fd`` is kept as a descriptor that stands for the
+  lock (an empty memfd, one per lock as prwlock's file was; the same number
+  after pickling within a process and its forked children; closing it does
+  not affect the lock). There is no ``_buf`` or ``_lock``.
 
 Windows (``RWLockWindows``) is not offered: interlock is for Linux.
 """

@@ -50,14 +50,35 @@ _EDEADLK_MESSAGE = "pthread_rwlock_wrlock failed " + os.strerror(errno.EDEADLK)
 
 
 class _Shared:
-    """One anonymous ShmRwLock and the token that names it in pickles."""
+    """One anonymous ShmRwLock, the token that names it in pickles, and the
+    descriptor that stands for it as prwlock's ``_fd``."""
 
-    __slots__ = ("rw", "token", "__weakref__")
+    __slots__ = ("rw", "token", "fd", "__weakref__")
 
     def __init__(self, rw):
         self.rw = rw
         self.token = (os.getpid(), next(_tokens))
+        # prwlock's lock lives in a page of a deleted temporary file whose
+        # descriptor is the private ``_fd``; code (prwlock's own tests among
+        # it) compares it across pickling or closes it. This lock needs no
+        # file, so ``_fd`` is an empty memfd of its own: the same number
+        # wherever the lock is unpickled in this process or a forked child,
+        # and closing it changes nothing about the lock.
+        self.fd = os.memfd_create("interlock-compat-prwlock", os.MFD_CLOEXEC)
+        st = os.fstat(self.fd)
+        weakref.finalize(self, _close_if_ours, self.fd, (st.st_dev, st.st_ino))
         _registry[self.token] = self
+
+
+def _close_if_ours(fd, ident):
+    """Closes fd unless someone closed it already (and the number may now
+    name another file: that one is left alone)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == ident:
+        os.close(fd)
 
 
 # The locks of this process by token. Anonymous shared memory cannot be
@@ -253,6 +274,12 @@ class RWLockPosix:
                 continue  # another thread released it just now: look again
             hold[0].release()
             return
+
+    @property
+    def _fd(self):
+        """prwlock's private descriptor: here an empty memfd that stands for
+        the lock (see ``_Shared``); closing it does not affect the lock."""
+        return self._shared.fd
 
     @property
     def nlocks(self):
