@@ -217,7 +217,9 @@ class pylocksfile:
             self._set.lock((first, first + count), shared=not writeLock, blocking=blocking)
         except interlock.WouldBlock:
             return False
-        except interlock.Deadlock as e:
+        except (interlock.Deadlock, interlock.AlreadyHeld) as e:
+            # AlreadyHeld: this thread holds some of them through another
+            # object of the same file, so it would wait for itself.
             if self._verbose:
                 self.printVerbose(f"Deadlock detected, lock request removed for {lock_n!r}: {e}")
             return False

@@ -256,6 +256,27 @@ def test_with_that_would_deadlock_raises(path):
     assert not t.is_alive()
 
 
+def test_waiting_for_itself_through_two_objects_is_false_at_once(path):
+    # One thread, two objects of one file: the second would wait for the
+    # first, held by the same thread, for ever. acquire() says False at once
+    # (as for any deadlock); `with` raises; another thread does wait.
+    a, b = pylocksfile(path), pylocksfile(path)
+    assert a.acquire(writeLock=True, lock_n=(0, 2)) is True
+    assert b.acquire(writeLock=False, lock_n=1) is False
+    with pytest.raises(interlock.Deadlock):
+        with b(writeLock=True, lock_n=0):
+            pytest.fail("ran without the lock")
+    got = queue.Queue()
+    t = threading.Thread(target=lambda: got.put(b.acquire(writeLock=True, lock_n=1)))
+    t.start()
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.2)  # the control: another thread waits, it is no error
+    a.release()
+    assert got.get(timeout=WAIT) is True
+    t.join(WAIT)
+    b.release()
+
+
 def test_verbose_prints(path, capsys):
     lf = pylocksfile(path, verbose=True, l_id="me")
     lf.acquire(writeLock=True, lock_n=(0, 2))
