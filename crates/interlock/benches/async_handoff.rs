@@ -23,6 +23,9 @@
 //! block states its SAFETY argument.
 #![allow(unsafe_code)]
 
+#[path = "support/record.rs"]
+mod record;
+
 use interlock::shm::testing::SharedWords;
 use interlock::{FileLock, ShmMutex, Wait};
 use std::future::Future;
@@ -357,7 +360,7 @@ fn uncontended(path: &Path, benching: bool) {
             name.split_once('/').map_or(name, |(_, r)| r)
         );
         if benching {
-            record_in("async_uncontended", &format!("{name}/acquire+release"), ns);
+            record::record_in("async_uncontended", &format!("{name}/acquire+release"), ns);
         }
     }
 }
@@ -366,37 +369,5 @@ fn uncontended(path: &Path, benching: bool) {
 /// BENCHMARKS.md is generated from), under the group
 /// `async_wake_2_processes`.
 fn record(id: &str, median_ns: f64) {
-    record_in("async_wake_2_processes", id, median_ns)
-}
-
-fn record_in(group: &str, id: &str, median_ns: f64) {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let dir_name: String = id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let dir = target
-        .join("criterion")
-        .join(group)
-        .join(dir_name)
-        .join("new");
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        let json_id = id.replace('\\', "\\\\").replace('"', "\\\"");
-        std::fs::write(
-            dir.join("benchmark.json"),
-            format!(
-                "{{\"group_id\":\"{group}\",\"function_id\":\"{json_id}\",\"value_str\":null}}"
-            ),
-        )?;
-        std::fs::write(
-            dir.join("estimates.json"),
-            format!("{{\"median\":{{\"point_estimate\":{median_ns}}}}}"),
-        )
-    };
-    if let Err(e) = write() {
-        eprintln!("could not record {id} for the report: {e}");
-    }
+    record::record_in("async_wake_2_processes", id, median_ns)
 }

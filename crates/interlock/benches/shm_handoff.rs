@@ -15,6 +15,9 @@
 //! block states its SAFETY argument.
 #![allow(unsafe_code)]
 
+#[path = "support/record.rs"]
+mod record;
+
 use interlock::shm::testing::SharedWords;
 use interlock::{ShmMutex, ShmRwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,35 +154,7 @@ fn main() {
     }
 }
 
-/// Leaves the result where criterion leaves its own (the two JSON files
-/// BENCHMARKS.md is generated from), under the group `handoff_2_processes`.
+/// Records the result for the report, under the group `handoff_2_processes`.
 fn record(id: &str, ns_per_handoff: f64) {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let dir_name: String = id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let dir = target
-        .join("criterion/handoff_2_processes")
-        .join(dir_name)
-        .join("new");
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        let json_id = id.replace('\\', "\\\\").replace('"', "\\\"");
-        std::fs::write(
-            dir.join("benchmark.json"),
-            format!(
-                "{{\"group_id\":\"handoff_2_processes\",\"function_id\":\"{json_id}\",\"value_str\":null}}"
-            ),
-        )?;
-        std::fs::write(
-            dir.join("estimates.json"),
-            format!("{{\"median\":{{\"point_estimate\":{ns_per_handoff}}}}}"),
-        )
-    };
-    if let Err(e) = write() {
-        eprintln!("could not record {id} for the report: {e}");
-    }
+    record::record_in("handoff_2_processes", id, ns_per_handoff)
 }
