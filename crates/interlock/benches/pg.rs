@@ -45,29 +45,12 @@ fn bench(c: &mut Criterion) {
     };
 
     // ----- the floor: the same statements, raw ----------------------------
-    let mut raw = Client::connect(&url, NoTls).unwrap();
-    let acq = raw
-        .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
-        .unwrap();
-    let rel = raw
-        .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
-        .unwrap();
-    let (k1, k2) = ((k >> 32) as i32, k as i32);
+    let mut floor = Floor::connect(&url, k);
     g.bench_function(
         "pg/floor/same two statements, raw prepared/acquire+release",
-        |b| {
-            b.iter(|| {
-                let r = raw
-                    .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32])
-                    .unwrap();
-                assert!(r.get::<_, Option<i64>>(0).is_some());
-                let r = raw
-                    .query_one(&rel, &[&1i16, &k, &k1, &k2, &false, &true])
-                    .unwrap();
-                assert!(r.get::<_, bool>(0));
-            })
-        },
+        |b| b.iter(|| floor.pair()),
     );
+    let raw = &mut floor.raw;
     let try_ = raw.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
     let unl = raw.prepare("SELECT pg_advisory_unlock($1)").unwrap();
     g.bench_function(
@@ -79,7 +62,7 @@ fn bench(c: &mut Criterion) {
             })
         },
     );
-    drop(raw);
+    drop(floor);
 
     // ----- interlock ---------------------------------------------------------
     g.bench_function("pg/interlock/PgLock try_write/acquire+release", |b| {
@@ -100,6 +83,45 @@ fn bench(c: &mut Criterion) {
     write_notes(&notes);
 }
 
+/// The floor: PgLock's own two statements (grant with token, release) sent
+/// raw over one connection, prepared once.
+struct Floor {
+    raw: Client,
+    acq: postgres::Statement,
+    rel: postgres::Statement,
+    k: i64,
+}
+
+impl Floor {
+    fn connect(url: &str, k: i64) -> Floor {
+        let mut raw = Client::connect(url, NoTls).unwrap();
+        let acq = raw
+            .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
+            .unwrap();
+        let rel = raw
+            .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
+            .unwrap();
+        Floor { raw, acq, rel, k }
+    }
+
+    fn pair(&mut self) {
+        let (k, k1, k2) = (self.k, (self.k >> 32) as i32, self.k as i32);
+        let r = self
+            .raw
+            .query_one(
+                &self.acq,
+                &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32],
+            )
+            .unwrap();
+        assert!(r.get::<_, Option<i64>>(0).is_some());
+        let r = self
+            .raw
+            .query_one(&self.rel, &[&1i16, &k, &k1, &k2, &false, &true])
+            .unwrap();
+        assert!(r.get::<_, bool>(0));
+    }
+}
+
 /// The ratio that the goal is about, measured so that load cannot tilt it:
 /// rounds of a batch of floor pairs then a batch of `PgLock::try_write` +
 /// `unlock` pairs (the same two statements), back to back, so both see
@@ -109,24 +131,8 @@ fn bench(c: &mut Criterion) {
 fn interleaved(url: &str, lock: &PgLock, k: i64, over: &str) -> String {
     const ROUNDS: usize = 41;
     const BATCH: u32 = 50;
-    let mut raw = Client::connect(url, NoTls).unwrap();
-    let acq = raw
-        .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
-        .unwrap();
-    let rel = raw
-        .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
-        .unwrap();
-    let (k1, k2) = ((k >> 32) as i32, k as i32);
-    let mut floor_pair = || {
-        let r = raw
-            .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32])
-            .unwrap();
-        assert!(r.get::<_, Option<i64>>(0).is_some());
-        let r = raw
-            .query_one(&rel, &[&1i16, &k, &k1, &k2, &false, &true])
-            .unwrap();
-        assert!(r.get::<_, bool>(0));
-    };
+    let mut floor = Floor::connect(url, k);
+    let mut floor_pair = || floor.pair();
     let mut lock_pair = || lock.try_write().unwrap().unlock().unwrap();
     // Per pair: wall time (us), this process's CPU time over all its
     // threads (us; the client's own work, which load hardly changes), and
