@@ -83,8 +83,11 @@ fn bench(c: &mut Criterion) {
     write_notes(&notes);
 }
 
-/// The floor: PgLock's own two statements (grant with token, release) sent
-/// raw over one connection, prepared once.
+/// The floor: PgLock's own two statements (the try's grant with token,
+/// the release) sent raw over one connection, prepared once. Copies of
+/// `TRY_ACQUIRE` and `RELEASE` in src/pg/sql.rs (crate-private there);
+/// the unit test `pg::sql::tests::bench_floor_sends_these_statements`
+/// keeps them equal.
 struct Floor {
     raw: Client,
     acq: postgres::Statement,
@@ -92,15 +95,31 @@ struct Floor {
     k: i64,
 }
 
+const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
+     END AS got), \
+   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
+     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
+     ON CONFLICT (space, key) DO UPDATE \
+     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
+     RETURNING f.token) \
+   SELECT (SELECT token FROM u), pg_backend_pid(), \
+     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
+
+const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
+     END, \
+     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
+
 impl Floor {
     fn connect(url: &str, k: i64) -> Floor {
         let mut raw = Client::connect(url, NoTls).unwrap();
-        let acq = raw
-            .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
-            .unwrap();
-        let rel = raw
-            .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
-            .unwrap();
+        let acq = raw.prepare(TRY_ACQUIRE).unwrap();
+        let rel = raw.prepare(RELEASE).unwrap();
         Floor { raw, acq, rel, k }
     }
 
@@ -108,10 +127,7 @@ impl Floor {
         let (k, k1, k2) = (self.k, (self.k >> 32) as i32, self.k as i32);
         let r = self
             .raw
-            .query_one(
-                &self.acq,
-                &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32],
-            )
+            .query_one(&self.acq, &[&1i16, &k, &k1, &k2, &false, &10_000i32])
             .unwrap();
         assert!(r.get::<_, Option<i64>>(0).is_some());
         let r = self

@@ -322,7 +322,20 @@ fn explicit_keys_share_locks_with_other_applications() {
     let pg_ = pair.write().unwrap();
     assert_eq!(pg.psql("SELECT pg_try_advisory_lock(7, -3)"), "f");
     assert_eq!(pair.key(), PgKey::Pair(7, -3));
-    drop(pg_);
+    let t = pg_.token();
+    pg_.unlock().unwrap();
+    // Shared holders of a pair key: each its own, newer token; other
+    // applications' shared locks on the pair get in, exclusive ones not.
+    let pair2 = PgLock::with_key((7, -3), opts(&pg.url())).unwrap();
+    let r1 = pair.read().unwrap();
+    let r2 = pair2.try_read().unwrap();
+    assert!(r2.token() > r1.token() && r1.token() > t);
+    assert_eq!(pg.psql("SELECT pg_try_advisory_lock(7, -3)"), "f");
+    assert_eq!(pg.psql("SELECT pg_try_advisory_lock_shared(7, -3)"), "t");
+    r1.unlock().unwrap();
+    assert_eq!(pg.psql("SELECT pg_try_advisory_lock(7, -3)"), "f");
+    r2.unlock().unwrap();
+    assert_eq!(pg.psql("SELECT pg_try_advisory_lock(7, -3)"), "t");
 }
 
 #[test]

@@ -144,6 +144,27 @@ fn server_restart_tells_every_holder_and_tokens_still_increase() {
     assert!(ga.token() > before[0], "{} after {:?}", ga.token(), before);
     let gb = b1.write().unwrap();
     assert!(gb.token() > before[1].max(before[2]));
+    // Now as in a crash (immediate shutdown, recovery from the WAL): the
+    // holders are told, and the tokens still go on from the table.
+    let before = [ga.token(), gb.token()];
+    pg.crash_restart();
+    let end = Instant::now() + 2 * lease;
+    while told.load(Ordering::SeqCst) < 5 {
+        assert!(
+            Instant::now() < end,
+            "only {} of 2 holders told of the crash within {:?}",
+            told.load(Ordering::SeqCst) - 3,
+            2 * lease
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for g in [ga, gb] {
+        assert_eq!(g.unlock().unwrap_err().kind(), ErrorKind::LeaseLost);
+    }
+    let ga = a.try_write().unwrap();
+    assert!(ga.token() > before[0], "{} after {:?}", ga.token(), before);
+    let gb = b2.try_read().unwrap();
+    assert!(gb.token() > before[1], "{} after {:?}", gb.token(), before);
 }
 
 #[test]

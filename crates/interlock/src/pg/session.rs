@@ -113,6 +113,7 @@ pub(crate) struct Session {
     thread: Option<JoinHandle<()>>,
     backend: i32,
     acquire: Statement,
+    try_acquire: Statement,
     release: Statement,
     /// Whether the session may go back to the idle pool.
     pub(crate) reusable: bool,
@@ -151,6 +152,9 @@ impl Session {
         let acquire = client
             .prepare(sql::ACQUIRE)
             .map_err(|e| pg_error("prepare lock statement", what, &e))?;
+        let try_acquire = client
+            .prepare(sql::TRY_ACQUIRE)
+            .map_err(|e| pg_error("prepare lock statement", what, &e))?;
         let release = client
             .prepare(sql::RELEASE)
             .map_err(|e| pg_error("prepare unlock statement", what, &e))?;
@@ -175,6 +179,7 @@ impl Session {
             thread: Some(thread),
             backend,
             acquire,
+            try_acquire,
             release,
             reusable: true,
         })
@@ -195,18 +200,27 @@ impl Session {
     ) -> std::result::Result<Grant, postgres::Error> {
         let (k1, k2) = key.pair();
         let shared = mode == Mode::Shared;
-        let row = self.link.client.lock().query_one(
-            &self.acquire,
-            &[
-                &key.space(),
-                &key.fence_key(),
-                &k1,
-                &k2,
-                &shared,
-                &wait_ms,
-                &lease_ms,
-            ],
-        )?;
+        let mut client = self.link.client.lock();
+        let row = if wait_ms < 0 {
+            client.query_one(
+                &self.try_acquire,
+                &[&key.space(), &key.fence_key(), &k1, &k2, &shared, &lease_ms],
+            )?
+        } else {
+            client.query_one(
+                &self.acquire,
+                &[
+                    &key.space(),
+                    &key.fence_key(),
+                    &k1,
+                    &k2,
+                    &shared,
+                    &wait_ms,
+                    &lease_ms,
+                ],
+            )?
+        };
+        drop(client);
         let token: Option<i64> = row.get(0);
         let backend: i32 = row.get(1);
         Ok(match token {
@@ -231,7 +245,8 @@ impl Session {
             &self.release,
             &[&key.space(), &key.fence_key(), &k1, &k2, &shared, &last],
         )?;
-        Ok(row.get(0))
+        // NULL only for a space other than 1 and 2, which keys never have.
+        Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
     }
 
     /// What cancels the statement this session runs (from another thread).

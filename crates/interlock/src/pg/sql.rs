@@ -128,12 +128,43 @@ RETURNS void LANGUAGE sql AS $fn$ SELECT interlock_fence_check(1::smallint, k, t
 COMMIT;
 "#;
 
-/// The acquisition: one round trip, grant and token.
+/// A blocking acquisition (`lock_timeout` set for the wait): one round
+/// trip, grant and token.
 pub(crate) const ACQUIRE: &str =
     "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)";
 
-/// The release.
-pub(crate) const RELEASE: &str = "SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)";
+/// A try (every acquisition starts with one): the same grant and token as
+/// `interlock_acquire_v1` with `wait_ms < 0`, as one plain statement, which
+/// the server runs in about half the time of the PL/pgSQL function (no
+/// function call and no SPI executions of its own statements; see
+/// docs/design-pg.md). Order within it: the materialised CTE `g` takes the
+/// advisory lock; the upsert `u` reads `g` (it inserts only if `g.got`), so
+/// the token is bumped only after and only if the lock was granted; then
+/// the lease (`idle_session_timeout`) is set if granted. A NULL token: not
+/// granted, nothing changed. `$1` space, `$2` bigint key (or the fence key
+/// of a pair), `$3`/`$4` the pair, `$5` shared, `$6` lease in ms.
+pub(crate) const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
+     END AS got), \
+   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
+     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
+     ON CONFLICT (space, key) DO UPDATE \
+     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
+     RETURNING f.token) \
+   SELECT (SELECT token FROM u), pg_backend_pid(), \
+     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
+
+/// The release: `interlock_release_v1` as one plain statement. `$1`-`$5`
+/// as in [`TRY_ACQUIRE`], `$6` whether the session holds no other
+/// interlock lock (then the lease ends: `idle_session_timeout` back to 0).
+pub(crate) const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
+     END, \
+     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
 
 /// Who holds or awaits a key, from `pg_locks` and `pg_stat_activity`, in
 /// this database. `$1` space, `$2` fence key, `$3` classid, `$4` objid,
@@ -152,3 +183,32 @@ pub(crate) const HOLDERS: &str = "SELECT l.pid, host(a.client_addr), a.applicati
 /// The newest token of a key.
 pub(crate) const LAST_TOKEN: &str =
     "SELECT token FROM interlock_fence WHERE space = $1 AND key = $2";
+
+#[cfg(test)]
+mod tests {
+    /// The floors (the pg bench's, the sqlx peer's, the harness's
+    /// floor-pg) send copies of the try and the release; they must be
+    /// these statements.
+    #[test]
+    fn bench_floor_sends_these_statements() {
+        let lit = |src: &str, decl: &str| {
+            let i = src.find(decl).expect(decl) + decl.len();
+            let j = src[i..].find("\";").unwrap();
+            src[i..i + j].to_string()
+        };
+        let own = include_str!("sql.rs");
+        for other in [
+            include_str!("../../benches/pg.rs"),
+            include_str!("../../../interlock-bench/peers/sqlx-pg/src/main.rs"),
+            include_str!("../../../interlock-bench/src/families.rs"),
+        ] {
+            for name in ["TRY_ACQUIRE", "RELEASE"] {
+                assert_eq!(
+                    lit(own, &format!("pub(crate) const {name}: &str = \"")),
+                    lit(other, &format!("const {name}: &str = \"")),
+                    "{name}"
+                );
+            }
+        }
+    }
+}

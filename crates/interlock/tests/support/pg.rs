@@ -266,9 +266,19 @@ impl Cluster {
     /// Restarts the server (a fast shutdown: every session is ended, every
     /// advisory lock dropped), on the same port.
     pub fn restart(&self) {
+        self.restart_with("fast");
+    }
+
+    /// Restarts the server after an immediate shutdown: the server stops
+    /// as in a crash (no shutdown checkpoint) and recovers from its WAL.
+    pub fn crash_restart(&self) {
+        self.restart_with("immediate");
+    }
+
+    fn restart_with(&self, mode: &str) {
         let ok = self
             .server_cmd("pg_ctl")
-            .args(["-w", "-t", "30", "-m", "fast", "-D"])
+            .args(["-w", "-t", "30", "-m", mode, "-D"])
             .arg(self.data())
             .arg("-l")
             .arg(self.dir.join("log"))

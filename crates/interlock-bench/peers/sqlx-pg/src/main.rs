@@ -6,8 +6,8 @@
 //! the harness's report includes them).
 //!
 //! What each pair sends:
-//! - floor: interlock's acquisition function (grant + fencing token, one
-//!   statement) and its release function, raw, prepared (postgres crate);
+//! - floor: interlock's try (grant + fencing token, one statement) and its
+//!   release, raw, prepared (postgres crate);
 //! - PgLock `try_write` + `unlock`: those same two statements;
 //! - bare pair: `pg_try_advisory_lock` + `pg_advisory_unlock`, prepared (no
 //!   token: what sqlx's lock does, with the sync client);
@@ -31,6 +31,28 @@ use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnectOptions, PgConn
 use sqlx::ConnectOptions;
 
 const ROUNDS: usize = 61;
+
+// PgLock's try and release (crate-private in interlock's src/pg/sql.rs; a
+// unit test there keeps these copies equal).
+const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
+     END AS got), \
+   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
+     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
+     ON CONFLICT (space, key) DO UPDATE \
+     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
+     RETURNING f.token) \
+   SELECT (SELECT token FROM u), pg_backend_pid(), \
+     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
+
+const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
+     END, \
+     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
 const BATCH: u32 = 50;
 
 fn main() {
@@ -77,12 +99,8 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
     };
     let (k1, k2) = ((k >> 32) as i32, k as i32);
     let mut raw = Client::connect(url, NoTls).unwrap();
-    let acq = raw
-        .prepare("SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)")
-        .unwrap();
-    let rel = raw
-        .prepare("SELECT interlock_release_v1($1, $2, $3, $4, $5, $6)")
-        .unwrap();
+    let acq = raw.prepare(TRY_ACQUIRE).unwrap();
+    let rel = raw.prepare(RELEASE).unwrap();
     let try_ = raw.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
     let unl = raw.prepare("SELECT pg_advisory_unlock($1)").unwrap();
     // Other keys than PgLock's: sqlx's dropped guard releases late.
@@ -104,7 +122,7 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
     let mut side = |i: usize| match i {
         0 => {
             let r = raw
-                .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &-1i32, &10_000i32])
+                .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &10_000i32])
                 .unwrap();
             assert!(r.get::<_, Option<i64>>(0).is_some());
             let r = raw
