@@ -148,6 +148,21 @@ fn interleaved(url: &str, lock: &PgLock, k: i64, over: &str) -> String {
     const ROUNDS: usize = 41;
     const BATCH: u32 = 50;
     let mut floor = Floor::connect(url, k);
+    let backends = [
+        floor
+            .raw
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get::<_, i32>(0),
+        lock.try_write().unwrap().backend_pid(),
+    ];
+    // Both sides' server backends and this process on one CPU, so that
+    // neither connection is measured on the slower CPU (see Pinned).
+    let pinned = pgsupport::pin_together(&backends);
+    let placement = match &pinned {
+        Some(p) => format!("client and both backends pinned to CPU {}", p.cpu),
+        None => "not pinned (no taskset)".to_string(),
+    };
     let mut floor_pair = || floor.pair();
     let mut lock_pair = || lock.try_write().unwrap().unlock().unwrap();
     // Per pair: wall time (us), this process's CPU time over all its
@@ -188,6 +203,7 @@ fn interleaved(url: &str, lock: &PgLock, k: i64, over: &str) -> String {
         c[c.len() / 2]
     };
     ratio.sort_by(f64::total_cmp);
+    drop(pinned);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load
         .split_whitespace()
@@ -198,7 +214,7 @@ fn interleaved(url: &str, lock: &PgLock, k: i64, over: &str) -> String {
         "interleaved over {over}, {ROUNDS} rounds x {BATCH} pairs each side (medians per pair): \
          floor {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
          PgLock try_write+unlock {:.1} us wall, {:.1} us client CPU, {:.2} context switches; \
-         median per-round wall ratio {:.3}x; load average {load}",
+         median per-round wall ratio {:.3}x; {placement}; load average {load}",
         median(&fl, 0),
         median(&fl, 1),
         median(&fl, 2),

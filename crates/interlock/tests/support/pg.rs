@@ -357,3 +357,55 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// This process (every thread) and some server backends pinned to one CPU,
+/// for a side-by-side measurement of round trips: otherwise each backend
+/// (and, through the scheduler's wake-ups, the client while it talks to
+/// it) settles on a CPU of its own choosing, and on a shared machine one
+/// CPU can be twice as slow as the other for a whole run, which then
+/// tilts the comparison of two connections by up to 2x either way. Undone
+/// on drop. `None` if `taskset` (util-linux) is missing or refused.
+pub struct Pinned {
+    allowed: String,
+    pids: Vec<String>,
+    pub cpu: u32,
+}
+
+pub fn pin_together(backends: &[i32]) -> Option<Pinned> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+        .trim()
+        .to_string();
+    let cpu = allowed
+        .split(',')
+        .filter_map(|r| r.rsplit('-').next()?.parse::<u32>().ok())
+        .max()?;
+    let mut pids: Vec<String> = backends.iter().map(|p| p.to_string()).collect();
+    pids.push(std::process::id().to_string());
+    let pinned = Pinned { allowed, pids, cpu };
+    for p in &pinned.pids {
+        taskset(&cpu.to_string(), p).then_some(())?;
+    }
+    Some(pinned)
+}
+
+fn taskset(cpus: &str, pid: &str) -> bool {
+    Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, pid])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for p in &self.pids {
+            // A backend may be gone by now.
+            let _ = taskset(&self.allowed, p);
+        }
+    }
+}

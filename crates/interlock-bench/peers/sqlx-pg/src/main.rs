@@ -109,6 +109,24 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
         rt.block_on(opts.disable_statement_logging().connect())
             .unwrap(),
     );
+    // Every side's server backend and this process on one CPU, so that no
+    // side is measured on the slower CPU (see pgsupport::Pinned).
+    let backends = [
+        raw.query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get::<_, i32>(0),
+        lock.try_write().unwrap().backend_pid(),
+        rt.block_on(
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(conn.as_mut().unwrap()),
+        )
+        .unwrap(),
+    ];
+    let pinned = pgsupport::pin_together(&backends);
+    let placement = match &pinned {
+        Some(p) => format!("client and every backend pinned to CPU {}", p.cpu),
+        None => "not pinned (no taskset)".to_string(),
+    };
     let sq_now = PgAdvisoryLock::with_key(PgAdvisoryLockKey::BigInt(ks));
     let sq_drop = PgAdvisoryLock::with_key(PgAdvisoryLockKey::BigInt(kd));
 
@@ -163,7 +181,7 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
         }
     }
     let mut per: Vec<Vec<f64>> = vec![Vec::new(); n];
-    let mut ratio = Vec::new();
+    let (mut ratio, mut ratio_floor) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
         // Rotate which side goes first.
         let mut this = vec![0.0; n];
@@ -172,10 +190,12 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
             this[i] = batch(i);
         }
         ratio.push(this[1] / this[3]);
+        ratio_floor.push(this[1] / this[0]);
         for i in 0..n {
             per[i].push(this[i]);
         }
     }
+    drop(pinned);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -194,8 +214,10 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
     format!(
         "sqlx 0.8 PgAdvisoryLock beside PgLock, over {over}, {ROUNDS} interleaved rounds x \
          {BATCH} pairs each side (median wall per pair): {}; median per-round ratio PgLock \
-         try_write+unlock / sqlx acquire+release_now {:.3}x; load average {load}",
+         try_write+unlock / sqlx acquire+release_now {:.3}x, PgLock / floor {:.3}x; \
+         {placement}; load average {load}",
         sides.join(", "),
         median(&mut ratio),
+        median(&mut ratio_floor),
     )
 }
