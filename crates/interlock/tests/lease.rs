@@ -231,6 +231,47 @@ fn background_renewal_keeps_the_lease_and_reports_loss() {
     g2.release().unwrap();
 }
 
+/// The renewer thread is the handle's, reused by its successive guards
+/// (and started again after it ended idle): each guard is renewed while it
+/// holds, a released one no longer is, and two handles renew apart.
+#[test]
+fn successive_guards_of_one_handle_are_each_renewed() {
+    let t = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let ttl = Duration::from_secs(10);
+    let opts = || {
+        LeaseOptions::new(ttl)
+            .clock(clock.clone())
+            .max_clock_skew(Duration::ZERO)
+            .keep_alive_every(Duration::from_millis(2))
+    };
+    let a = LeaseLock::with_options(t.path().join("a"), opts()).unwrap();
+    let b = LeaseLock::with_options(t.path().join("b"), opts()).unwrap();
+    for round in 0..50 {
+        let g = a.try_lock().unwrap();
+        let h = b.try_lock().unwrap();
+        assert!(g.is_kept_alive() && h.is_kept_alive(), "round {round}");
+        clock.advance(Duration::from_secs(4));
+        let now = clock_now(&clock);
+        eventually("both renewed after the clock moved", || {
+            g.expires() >= now + Duration::from_secs(9)
+                && h.expires() >= now + Duration::from_secs(9)
+        });
+        g.release().unwrap();
+        h.release().unwrap();
+    }
+    // Idle past the thread's end: the next guard starts it again.
+    std::thread::sleep(Duration::from_millis(2300));
+    let g = a.try_lock().unwrap();
+    assert!(g.is_kept_alive());
+    clock.advance(Duration::from_secs(4));
+    let now = clock_now(&clock);
+    eventually("renewed by a new thread", || {
+        g.expires() >= now + Duration::from_secs(9)
+    });
+    g.release().unwrap();
+}
+
 fn clock_now(c: &ManualClock) -> SystemTime {
     use interlock::Clock;
     c.now()

@@ -13,7 +13,6 @@ use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
@@ -168,44 +167,193 @@ impl Shared {
     }
 }
 
-struct Stop {
-    stopped: Mutex<bool>,
+/// The background renewer of one [`LeaseLock`] handle in one process: a
+/// thread that renews the handle's kept-alive guards, reused by its
+/// successive guards and ending after [`IDLE`] without one.
+///
+/// Why not a thread per guard: starting and joining one cost about 90 µs,
+/// half of an uncontended acquire+release (docs/python.md). Why not one
+/// thread for the process: a renewal that hangs (an NFS server away)
+/// would then hold up the leases of every other lock.
+#[derive(Default)]
+pub(crate) struct Renewers {
+    /// (pid that made it, its service): a forked child makes its own (the
+    /// parent's thread is not in the child).
+    svc: Mutex<Option<(u32, Arc<Service>)>>,
+}
+
+impl std::fmt::Debug for Renewers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewers").finish_non_exhaustive()
+    }
+}
+
+/// How long a handle's renewer thread waits for a next guard before it ends.
+const IDLE: Duration = Duration::from_secs(2);
+
+struct Service {
+    jobs: Mutex<Jobs>,
     cv: Condvar,
 }
 
-struct Renewer {
-    stop: Arc<Stop>,
-    thread: JoinHandle<()>,
+#[derive(Default)]
+struct Jobs {
+    list: Vec<Job>,
+    next_id: u64,
+    /// A thread runs [`renew_loop`] for this service.
+    running: bool,
 }
 
-fn renew_loop(shared: Arc<Shared>, stop: Arc<Stop>, every: Duration) {
-    let mut interval = every;
-    loop {
-        {
-            let mut stopped = stop.stopped.lock();
-            if !*stopped {
-                stop.cv.wait_for(&mut stopped, interval);
+struct Job {
+    id: u64,
+    shared: Arc<Shared>,
+    every: Duration,
+    due: std::time::Instant,
+}
+
+/// A guard's place in its handle's renewer.
+struct Renewer {
+    svc: Arc<Service>,
+    id: u64,
+}
+
+impl Renewers {
+    /// Renews `shared` every `every` from the handle's thread (started if
+    /// none runs). None if no thread could be started.
+    fn add(&self, shared: Arc<Shared>, every: Duration) -> Option<Renewer> {
+        let svc = {
+            let mut slot = self.svc.lock();
+            let pid = std::process::id();
+            match &*slot {
+                Some((p, svc)) if *p == pid => Arc::clone(svc),
+                _ => {
+                    // In a forked child the parent's service is left as it
+                    // was (its lock may have been held by the parent's
+                    // thread at the fork, and its jobs are the parent's).
+                    if let Some(old) = slot.take() {
+                        std::mem::forget(old);
+                    }
+                    let svc = Arc::new(Service {
+                        jobs: Mutex::new(Jobs::default()),
+                        cv: Condvar::new(),
+                    });
+                    *slot = Some((pid, Arc::clone(&svc)));
+                    svc
+                }
             }
-            if *stopped {
-                return;
+        };
+        let mut jobs = svc.jobs.lock();
+        jobs.next_id += 1;
+        let id = jobs.next_id;
+        jobs.list.push(Job {
+            id,
+            shared,
+            every,
+            due: std::time::Instant::now() + every,
+        });
+        if !jobs.running {
+            let s = Arc::clone(&svc);
+            let spawned = std::thread::Builder::new()
+                .name("interlock-lease-renew".into())
+                .spawn(move || renew_loop(&s));
+            if spawned.is_err() {
+                jobs.list.retain(|j| j.id != id);
+                return None;
             }
+            jobs.running = true;
         }
-        match shared.renew() {
-            Ok(()) => interval = every,
-            Err(e) if e.kind() == ErrorKind::LeaseLost => return,
-            Err(e) => {
-                // A transient failure (an NFS server away, say): retry
-                // sooner, and declare the lease lost once it has run out.
-                let expiry = shared.state.lock().name.expiry_ns;
-                if shared.inner.now_ns() >= expiry {
-                    let err = shared.lost_error(
-                        "renew lease",
-                        format!("the lease expired while renewal kept failing: {e}"),
-                    );
-                    shared.lose(&err);
+        drop(jobs);
+        svc.cv.notify_all();
+        Some(Renewer { svc, id })
+    }
+}
+
+impl Renewer {
+    /// Stops renewing. A renewal already under way may still finish; it
+    /// changes nothing once the guard is released (renewal and release
+    /// take the guard's state lock, and a released lease is not renewed).
+    fn stop(&self) -> Option<Job> {
+        let mut jobs = self.svc.jobs.lock();
+        let i = jobs.list.iter().position(|j| j.id == self.id)?;
+        Some(jobs.list.swap_remove(i))
+    }
+
+    fn is_running(&self) -> bool {
+        self.svc.jobs.lock().list.iter().any(|j| j.id == self.id)
+    }
+}
+
+/// What a renewal asks of its job next.
+enum Next {
+    Again(Duration),
+    Done,
+}
+
+fn renew_once(shared: &Shared, every: Duration) -> Next {
+    match shared.renew() {
+        Ok(()) => Next::Again(every),
+        Err(e) if e.kind() == ErrorKind::LeaseLost => Next::Done,
+        Err(e) => {
+            // A transient failure (an NFS server away, say): retry
+            // sooner, and declare the lease lost once it has run out.
+            let expiry = shared.state.lock().name.expiry_ns;
+            if shared.inner.now_ns() >= expiry {
+                let err = shared.lost_error(
+                    "renew lease",
+                    format!("the lease expired while renewal kept failing: {e}"),
+                );
+                shared.lose(&err);
+                return Next::Done;
+            }
+            Next::Again((every / 4).clamp(Duration::from_millis(1), Duration::from_millis(250)))
+        }
+    }
+}
+
+/// The renewer thread of one handle: renews each job when due; ends after
+/// [`IDLE`] with no job.
+fn renew_loop(svc: &Service) {
+    let mut jobs = svc.jobs.lock();
+    loop {
+        let now = std::time::Instant::now();
+        let first = jobs
+            .list
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, j)| j.due)
+            .map(|(i, j)| (i, j.due));
+        match first {
+            None => {
+                if svc.cv.wait_for(&mut jobs, IDLE).timed_out() && jobs.list.is_empty() {
+                    jobs.running = false;
                     return;
                 }
-                interval = (every / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+            }
+            Some((_, due)) if due > now => {
+                svc.cv.wait_until(&mut jobs, due);
+            }
+            Some((i, _)) => {
+                let (id, shared, every) = {
+                    let j = &jobs.list[i];
+                    (j.id, Arc::clone(&j.shared), j.every)
+                };
+                // Renew without the jobs' lock (a renewal may wait for the
+                // file system); the clone is dropped there too, since the
+                // last reference may drop the handle.
+                let next = parking_lot::MutexGuard::unlocked(&mut jobs, || {
+                    let n = renew_once(&shared, every);
+                    drop(shared);
+                    n
+                });
+                if let Some(k) = jobs.list.iter().position(|j| j.id == id) {
+                    match next {
+                        Next::Again(d) => jobs.list[k].due = std::time::Instant::now() + d,
+                        Next::Done => {
+                            let job = jobs.list.swap_remove(k);
+                            parking_lot::MutexGuard::unlocked(&mut jobs, || drop(job));
+                        }
+                    }
+                }
             }
         }
     }
@@ -294,36 +442,30 @@ impl<'a> LeaseGuard<'a> {
     /// Starts renewing the lease from a background thread every `every`
     /// (until release); on a lost lease the thread calls the on-lost
     /// callback and stops. A second call does nothing.
+    ///
+    /// The thread is the handle's (one per [`LeaseLock`] and process,
+    /// shared by its successive guards, ending 2 s after the last one).
     pub fn keep_alive(&mut self, every: Duration) {
         if self.renewer.is_some() {
             return;
         }
         let every = every.max(Duration::from_millis(1));
-        let stop = Arc::new(Stop {
-            stopped: Mutex::new(false),
-            cv: Condvar::new(),
-        });
-        let (s, t) = (Arc::clone(&self.shared), Arc::clone(&stop));
-        let spawned = std::thread::Builder::new()
-            .name("interlock-lease-renew".into())
-            .spawn(move || renew_loop(s, t, every));
-        if let Ok(thread) = spawned {
-            self.renewer = Some(Renewer { stop, thread });
-        }
+        self.renewer = self
+            .shared
+            .inner
+            .renewers
+            .add(Arc::clone(&self.shared), every);
     }
 
-    /// Whether a background renewer is running.
+    /// Whether a background renewer is renewing this guard's lease (it
+    /// stops once the lease is lost).
     pub fn is_kept_alive(&self) -> bool {
-        self.renewer
-            .as_ref()
-            .is_some_and(|r| !r.thread.is_finished())
+        self.renewer.as_ref().is_some_and(Renewer::is_running)
     }
 
     fn stop_renewer(&mut self) {
         if let Some(r) = self.renewer.take() {
-            *r.stop.stopped.lock() = true;
-            r.stop.cv.notify_all();
-            let _ = r.thread.join();
+            drop(r.stop());
         }
     }
 

@@ -352,6 +352,8 @@ pub(crate) struct Inner {
     /// Staging directories ready for the next attempt, tagged with the pid
     /// that made them (see [`Stage::create`]).
     spare_stages: parking_lot::Mutex<Vec<Spare>>,
+    /// The background renewer of this handle's guards (`keep_alive`).
+    renewers: guard::Renewers,
 }
 
 /// How long a waiter with inotify on a local file system sleeps at most
@@ -547,6 +549,7 @@ impl LeaseLock {
             local_fs,
             notifiers: parking_lot::Mutex::new(Vec::new()),
             spare_stages: parking_lot::Mutex::new(Vec::new()),
+            renewers: guard::Renewers::default(),
         };
         inner.sweep_stages();
         Ok(LeaseLock {
