@@ -72,6 +72,11 @@ mod model {
                 pub fn kernel_load(&self, o: Ordering) -> $int {
                     self.0.load(o)
                 }
+                /// A compare-and-swap no death can interrupt (the kernel's).
+                pub fn kernel_compare_exchange(&self, c: $int, n: $int) -> Result<$int, $int> {
+                    self.0
+                        .compare_exchange(c, n, Ordering::SeqCst, Ordering::SeqCst)
+                }
                 pub fn store(&self, v: $int, o: Ordering) {
                     step();
                     self.0.store(v, o)
@@ -160,6 +165,21 @@ pub(crate) mod futex {
     pub(crate) fn wake_all(word: &AtomicU32) {
         sys::wake(word, i32::MAX);
     }
+
+    /// Sleeps while `a == ea` and `b == eb` (`futex_waitv`), at most
+    /// `timeout`; `None` if the kernel lacks the call (the caller polls).
+    pub(crate) fn wait2(
+        a: &AtomicU32,
+        ea: u32,
+        b: &AtomicU32,
+        eb: u32,
+        timeout: Option<Duration>,
+    ) -> Option<Woke> {
+        Some(match crate::sys::robust::wait2(a, ea, b, eb, timeout)? {
+            sys::WaitOutcome::TimedOut => Woke::TimedOut,
+            _ => Woke::Maybe,
+        })
+    }
 }
 
 /// Loom's model of a futex: a real sleep (a loom condition variable), so
@@ -210,6 +230,52 @@ pub mod futex {
         }
         drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
         Woke::TimedOut
+    }
+
+    /// Sleeps while `a == ea` and `b == eb`, until any wake-up (the model
+    /// of `futex_waitv`; always available).
+    pub fn wait2(
+        a: &AtomicU32,
+        ea: u32,
+        b: &AtomicU32,
+        eb: u32,
+        _timeout: Option<Duration>,
+    ) -> Option<Woke> {
+        let g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if FUTEX.deaths.load(Ordering::SeqCst) {
+            drop(g);
+            loom::thread::yield_now();
+            return Some(Woke::TimedOut);
+        }
+        if a.kernel_load(Ordering::SeqCst) != ea || b.kernel_load(Ordering::SeqCst) != eb {
+            return Some(Woke::Maybe);
+        }
+        drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
+        Some(Woke::Maybe)
+    }
+
+    /// The kernel's robust-list walk at the death of thread `tid`, for one
+    /// linked liveness word: if it holds `tid`, flag it `OWNER_DIED`
+    /// (keeping `FUTEX_WAITERS`) and wake its sleepers. Unlike
+    /// [`wake_all_dead`], later waits still sleep: a covered death must be
+    /// noticed through the word alone, with no time-out.
+    pub fn kernel_notice(word: &AtomicU32, tid: u32) {
+        const OWNER_DIED: u32 = 0x4000_0000;
+        const WAITERS: u32 = 0x8000_0000;
+        let _g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // An atomic read-modify-write, as the kernel's cmpxchg loop: it
+        // reads the latest value (a waiter's FUTEX_WAITERS included).
+        let mut w = word.kernel_load(Ordering::SeqCst);
+        loop {
+            if w & 0x3fff_ffff != tid {
+                return;
+            }
+            match word.kernel_compare_exchange(w, (w & WAITERS) | OWNER_DIED) {
+                Ok(_) => break,
+                Err(actual) => w = actual,
+            }
+        }
+        FUTEX.cv.notify_all();
     }
 
     /// Wakes every sleeper (of any word: a spurious wake-up is harmless).

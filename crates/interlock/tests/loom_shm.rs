@@ -37,6 +37,8 @@ struct World {
     phase: AtomicU32,
     /// The victim's progress when it died (0 if it did not).
     died_in: AtomicU32,
+    /// 1 + the slot whose liveness word the victim linked (0: none).
+    linked: AtomicU32,
 }
 
 impl World {
@@ -48,6 +50,7 @@ impl World {
             data: Probe::new(),
             phase: AtomicU32::new(0),
             died_in: AtomicU32::new(0),
+            linked: AtomicU32::new(0),
         })
     }
 }
@@ -94,6 +97,55 @@ impl Proc {
 
     fn read_cs(&self) -> u32 {
         self.world.data.get()
+    }
+
+    /// The victim's thread id in the model (what its liveness word holds).
+    fn tid(&self) -> u32 {
+        100 + self.pid
+    }
+
+    /// Claims a slot and "links" its liveness word (stands for
+    /// `sys::robust::Linked::link`: the tid, then the word; a death between
+    /// the stores leaves the word 0, uncovered).
+    fn claim_linked(&self) -> u32 {
+        let s = self.claim();
+        self.world.linked.store(s + 1, Ordering::SeqCst);
+        let slot = &self.world.slots[s as usize];
+        slot.tid
+            .store(self.tid(), interlock::sync::Ordering::SeqCst);
+        slot.live
+            .store(self.tid(), interlock::sync::Ordering::SeqCst);
+        s
+    }
+
+    /// Runs `f` as a process that may die. If it dies with a linked
+    /// liveness word holding its tid, only the kernel's notice tells the
+    /// others (no time-out: later waits still sleep, so a waiter that
+    /// missed the notice would deadlock and loom would say so); otherwise
+    /// as `run_mortal`.
+    fn run_mortal_covered(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
+        die_after(budget);
+        let r = catch_unwind(AssertUnwindSafe(|| f(&self)));
+        die_after(None);
+        if let Err(e) = r {
+            if e.downcast_ref::<Died>().is_none() {
+                resume_unwind(e);
+            }
+            let phase = self.world.phase.load(Ordering::SeqCst);
+            self.world.died_in.store(10 + phase, Ordering::SeqCst);
+            self.world.dead[self.pid as usize - 1].store(true, Ordering::SeqCst);
+            let l = self.world.linked.load(Ordering::SeqCst);
+            let live = (l != 0).then(|| &self.world.slots[l as usize - 1].live);
+            match live {
+                Some(w)
+                    if w.kernel_load(interlock::sync::Ordering::SeqCst) & layout::LIVE_TID_MASK
+                        == self.tid() =>
+                {
+                    interlock::sync::futex::kernel_notice(w, self.tid())
+                }
+                _ => interlock::sync::futex::wake_all_dead(),
+            }
+        }
     }
 
     /// Runs `f` as a process that may die; marks it dead if it does.
@@ -401,4 +453,54 @@ fn two_waiters_see_one_death_and_exactly_one_repairs() {
         assert_ne!(w.slots[0].owner.load(Ordering::SeqCst), pack(1, 0));
         assert_eq!(w.data.get(), 3);
     });
+}
+
+#[test]
+fn a_covered_holder_killed_at_any_step_is_noticed_without_time_outs() {
+    // The victim's slot is linked (its liveness word holds its tid): a
+    // death is told only by the kernel's notice on that word (flag
+    // OWNER_DIED, wake), never by a time-out. The waiter must still get the
+    // lock, learn poison exactly when the victim died writing, and never
+    // overlap it.
+    quiet_deaths();
+    for k in 0..=MAX_STEPS + 2 {
+        for victim_writes in [true, false] {
+            model(2, move || {
+                let w = World::new(2);
+                let v = {
+                    let p = Proc::new(&w, 1);
+                    loom::thread::spawn(move || {
+                        p.run_mortal_covered(Some(k), |p| {
+                            let s = p.claim_linked();
+                            let c = p.core();
+                            if victim_writes {
+                                c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                                p.world.phase.store(1, Ordering::SeqCst);
+                                p.write_cs();
+                                c.token_exit(s, interlock::shm::layout::WRITER, false);
+                            } else {
+                                c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                                p.world.phase.store(1, Ordering::SeqCst);
+                                p.read_cs();
+                                c.read_exit(s, true);
+                            }
+                            p.world.phase.store(2, Ordering::SeqCst);
+                        })
+                    })
+                };
+                let p = Proc::new(&w, 2);
+                let s = p.claim();
+                let c = p.core();
+                let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                if !victim_writes {
+                    assert!(!poisoned, "k={k}: a dead reader poisoned the lock");
+                } else if w.died_in.load(Ordering::SeqCst) == 11 {
+                    assert!(poisoned, "k={k}: died writing, not poisoned");
+                }
+                p.write_cs();
+                assert!(c.token_exit(s, interlock::shm::layout::WRITER, poisoned));
+                v.join().unwrap();
+            });
+        }
+    }
 }

@@ -24,14 +24,33 @@ fn paths(d: &tempfile::TempDir) -> (PathBuf, PathBuf) {
 }
 
 /// Whether `pid` is gone or a zombie (what the lock itself considers dead).
+/// Whether thread `pid` (a tid: /proc/TID/stat exists for every thread)
+/// is gone, a zombie, or exiting (`PF_EXITING`, 0x4, in the flags field): a
+/// waiter may recover the lock of a holder killed by SIGKILL as soon as the
+/// kernel has flagged the holding thread exiting (or the thread is gone),
+/// before the process is a zombie, and such a thread runs no more user code.
 fn is_dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(s) => {
             let rest = &s[s.rfind(')').unwrap() + 1..];
-            matches!(rest.trim_start().as_bytes().first(), Some(b'Z' | b'X'))
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            matches!(f.first(), Some(&("Z" | "X")))
+                || f.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) & 0x4 != 0
         }
     }
+}
+
+/// This thread's id, from the /proc/thread-self link ("PID/task/TID").
+fn this_tid() -> u32 {
+    let l = std::fs::read_link("/proc/thread-self").unwrap();
+    l.to_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A child that takes the lock (`read`/`write` an `ShmRwLock`, or `mutex`
@@ -309,7 +328,8 @@ fn torture_child(kind: &str) {
     );
     let marks = SharedWords::open(Path::new(&marks_path), W_MARKS + MAX_CHILDREN).unwrap();
     let words = marks.words();
-    let me = u64::from(std::process::id()) << 2;
+    // The marks name the holding *thread* (see `is_dead`).
+    let me = u64::from(this_tid()) << 2;
     let mut rng = Rng::new();
     let rw = (kind == "rwlock").then(|| ShmRwLock::open(&lock_path).unwrap());
     let mx = (kind == "mutex").then(|| ShmMutex::open(&lock_path).unwrap());

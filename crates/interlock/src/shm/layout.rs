@@ -14,7 +14,8 @@
 //! offset  size        what
 //! 0       128         header (immutable after creation; see `Header`)
 //! 128     128         Words: state (u32 futex word), high (u32), padding
-//! 256     128 * n     Slot[n]: owner (u64), held (u32), spare (u32), padding
+//! 256     128 * n     Slot[n]: owner (u64), held (u32), tid (u32), live (u32),
+//!                     spare (u32), robust-list entry (24..72), padding
 //! ```
 //!
 //! Header fields (little-endian):
@@ -83,6 +84,17 @@ pub const WAITERS: u32 = 1 << 15;
 /// A writer sleeps on some slot's `held` word.
 pub const DRAIN_SLEEP: u32 = 1 << 16;
 
+// ---- The liveness word (`Slot::live`), a robust futex word: the linking
+// thread's tid, `LIVE_WAITERS` set by a sleeper, `LIVE_OWNER_DIED` set by
+// the kernel when that thread dies (see `sys::robust`).
+
+/// The kernel's `FUTEX_OWNER_DIED`.
+pub const LIVE_OWNER_DIED: u32 = crate::sys::robust::FUTEX_OWNER_DIED;
+/// The kernel's `FUTEX_WAITERS`.
+pub const LIVE_WAITERS: u32 = crate::sys::robust::FUTEX_WAITERS;
+/// The kernel's `FUTEX_TID_MASK`.
+pub const LIVE_TID_MASK: u32 = crate::sys::robust::FUTEX_TID_MASK;
+
 /// The lock words, on their own cache lines.
 #[repr(C, align(128))]
 pub struct Words {
@@ -104,14 +116,28 @@ pub struct Slot {
     /// Read holds taken through this slot; also the futex a draining writer
     /// sleeps on.
     pub held: AtomicU32,
-    /// The owning thread's id, for diagnostics only.
+    /// The id of the thread whose robust list this slot's `live` word is
+    /// linked into (set before `live`; read to confirm a death notice).
     pub tid: AtomicU32,
+    /// The liveness word (offset 16): the linking thread's tid while the
+    /// slot is linked into that thread's robust list, 0 when not (an
+    /// uncovered slot: its waiters poll). The kernel sets
+    /// `FUTEX_OWNER_DIED` here when that thread dies and wakes a sleeper.
+    pub live: AtomicU32,
+    /// Spare (offset 20).
+    pub spare: AtomicU32,
+    /// The robust-list entry of `live` (`{prev, next}` at offsets 40..56
+    /// with glibc's x86-64 `futex_offset` of -32), with room around it for
+    /// other offsets; written only through `sys::robust`.
+    pub entry: [AtomicU64; 6],
 }
 
 #[cfg(not(loom))]
 const _: () = {
     assert!(std::mem::size_of::<Words>() == SLOTS_OFFSET - WORDS_OFFSET);
     assert!(std::mem::size_of::<Slot>() == SLOT_SIZE);
+    assert!(std::mem::offset_of!(Slot, live) == 16);
+    assert!(std::mem::offset_of!(Slot, entry) == 24);
 };
 
 impl Words {
@@ -137,6 +163,16 @@ impl Slot {
             owner: AtomicU64::new(0),
             held: AtomicU32::new(0),
             tid: AtomicU32::new(0),
+            live: AtomicU32::new(0),
+            spare: AtomicU32::new(0),
+            entry: [
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+            ],
         }
     }
 }

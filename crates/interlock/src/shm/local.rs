@@ -20,7 +20,9 @@
 
 use super::protocol::{Notify, CHECK};
 use super::Inner;
+use crate::sync::Ordering;
 use crate::sys::fork::generation;
+use crate::sys::robust::{gettid, Linked};
 use crate::wait::Wait;
 use crate::TryLockError;
 use std::cell::{Cell, RefCell};
@@ -37,6 +39,10 @@ pub(crate) struct Pool {
     free: Vec<u32>,
     /// The slot every thread without one of its own shares.
     shared: Option<u32>,
+    /// Own slots whose liveness word is linked into some thread's robust
+    /// list: only that thread may unlink it, so they are not returned to
+    /// the table when the handle is dropped by another thread.
+    linked: Vec<u32>,
 }
 
 impl Pool {
@@ -57,6 +63,21 @@ struct Entry {
     slot: u32,
     own: bool,
     inner: Weak<Inner>,
+    /// The slot's liveness word, linked into this thread's robust list.
+    link: Option<Linked>,
+}
+
+impl Entry {
+    /// Unlinks the slot's liveness word (on this thread, in the generation
+    /// that linked it; a forked child leaves its parent's entries alone).
+    fn unlink(&mut self, gen: u64) {
+        if let Some(l) = self.link.take() {
+            if self.gen == gen {
+                l.unlink();
+                let _ = LINKS.try_with(|n| n.set(n.get().saturating_sub(1)));
+            }
+        }
+    }
 }
 
 struct Local(Vec<Entry>);
@@ -64,17 +85,67 @@ struct Local(Vec<Entry>);
 impl Drop for Local {
     fn drop(&mut self) {
         let gen = generation();
-        for e in self.0.drain(..) {
+        for mut e in self.0.drain(..) {
+            let was_linked = e.link.is_some();
+            e.unlink(gen);
             if e.gen != gen || !e.own {
                 continue;
             }
             if let Some(inner) = e.inner.upgrade() {
                 let mut pool = inner.pool.lock();
                 if pool.gen == gen {
+                    if was_linked {
+                        pool.linked.retain(|&x| x != e.slot);
+                    }
                     pool.free.push(e.slot);
                 }
             }
+            // (A handle already dropped leaves a linked slot claimed until
+            // the process exits: it could not be returned while linked.)
         }
+    }
+}
+
+/// The most liveness words one thread links (the kernel walks at most 2048
+/// entries per thread, glibc's robust mutexes included); slots beyond are
+/// uncovered and their waiters poll.
+const MAX_LINKS: u32 = 64;
+
+/// Links the liveness word of own slot `s` into this thread's robust list.
+fn link_own(inner: &Inner, s: u32) -> Option<Linked> {
+    if LINKS.try_with(Cell::get).ok()? >= MAX_LINKS {
+        return None;
+    }
+    let slot = &inner.core().slots[s as usize];
+    let tid = gettid();
+    slot.tid.store(tid, Ordering::SeqCst);
+    let l = Linked::link(inner.mapping(), &slot.live, &slot.entry, tid)?;
+    let _ = LINKS.try_with(|n| n.set(n.get() + 1));
+    Some(l)
+}
+
+/// Unlinks this thread's entries for the handle `id` (being dropped) and
+/// forgets them.
+pub(crate) fn unlink_mine(inner: &Inner) {
+    let gen = generation();
+    let mine: Vec<u32> = ALL
+        .try_with(|a| {
+            let Ok(mut a) = a.try_borrow_mut() else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            for e in a.0.iter_mut().filter(|e| e.id == inner.id) {
+                if e.link.is_some() {
+                    e.unlink(gen);
+                    out.push(e.slot);
+                }
+            }
+            out
+        })
+        .unwrap_or_default();
+    if !mine.is_empty() {
+        let mut pool = inner.pool.lock();
+        pool.linked.retain(|x| !mine.contains(x));
     }
 }
 
@@ -83,6 +154,8 @@ thread_local! {
     static LAST: Cell<(u64, u64, u32, bool)> = const { Cell::new((0, 0, 0, false)) };
     /// Every slot this thread uses.
     static ALL: RefCell<Local> = const { RefCell::new(Local(Vec::new())) };
+    /// How many liveness words this thread has linked.
+    static LINKS: Cell<u32> = const { Cell::new(0) };
 }
 
 /// The slot this thread last used for `inner` and whether it is its own,
@@ -133,13 +206,25 @@ fn slot_slow(
         if let Some((s, own)) = take(inner, gen) {
             let _ = ALL.try_with(|a| {
                 if let Ok(mut a) = a.try_borrow_mut() {
+                    // Entries of dropped handles: unlink (their mappings
+                    // were kept for this), then forget.
+                    for e in a.0.iter_mut().filter(|e| e.inner.strong_count() == 0) {
+                        e.unlink(gen);
+                    }
                     a.0.retain(|e| e.inner.strong_count() > 0);
+                    // Only a recorded entry can be unlinked later, so link
+                    // only here.
+                    let link = if own { link_own(inner, s) } else { None };
+                    if link.is_some() {
+                        inner.pool.lock().linked.push(s);
+                    }
                     a.0.push(Entry {
                         id: inner.id,
                         gen,
                         slot: s,
                         own,
                         inner: Arc::downgrade(inner),
+                        link,
                     });
                 }
             });
@@ -225,7 +310,10 @@ pub(crate) fn release_all(inner: &Inner) {
     }
     let core = inner.core();
     for &s in &pool.claimed {
-        core.release_slot(s);
+        // A slot still linked by another thread stays claimed (see `Pool`).
+        if !pool.linked.contains(&s) {
+            core.release_slot(s);
+        }
     }
 }
 

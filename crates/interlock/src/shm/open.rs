@@ -231,6 +231,16 @@ impl Env for ProcEnv {
         let id = crate::ProcessId { pid, start_time };
         crate::sys::proc::liveness(id) == crate::sys::proc::Liveness::Dead
     }
+
+    fn thread_exited(&self, owner: u64, tid: u32) -> bool {
+        let (pid, _) = layout::unpack(owner);
+        if pid == 0 || tid == 0 {
+            return false;
+        }
+        // The process is the one named (a reused pid is `is_dead`), so its
+        // task directory tells about the thread: gone, a zombie or exiting.
+        self.is_dead(owner) || crate::sys::robust::thread_exiting(pid, tid)
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -293,6 +303,11 @@ impl Inner {
     }
 
     #[inline]
+    /// The mapping (kept alive by robust-list entries linked into it).
+    pub(crate) fn mapping(&self) -> &std::sync::Arc<Mapping> {
+        self.view.mapping()
+    }
+
     pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
         Core {
             words: self.view.words(),
@@ -364,6 +379,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        local::unlink_mine(self);
         local::release_all(self);
     }
 }

@@ -53,7 +53,8 @@
 //! that then reports it dead.
 
 use super::layout::{
-    Slot, Words, DRAIN_SLEEP, INDEX_MASK, POISON, RECLAIMING, UPGRADABLE, WAITERS, WRITER,
+    Slot, Words, DRAIN_SLEEP, INDEX_MASK, LIVE_OWNER_DIED, LIVE_TID_MASK, LIVE_WAITERS, POISON,
+    RECLAIMING, UPGRADABLE, WAITERS, WRITER,
 };
 use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
 use crate::wait::Wait;
@@ -70,6 +71,16 @@ pub const DRAIN_SLICE: Duration = Duration::from_millis(1);
 /// one read of /proc/PID/stat (~10 µs) per period.
 pub const CHECK: Duration = Duration::from_millis(5);
 
+/// The longest a waiter behind a *covered* token holder (one whose slot's
+/// liveness word is linked into its thread's robust list) sleeps: the
+/// kernel's death notice wakes it, so this only bounds the cases the notice
+/// misses (a woken waiter killed before it passed the notice on).
+pub const BACKSTOP: Duration = Duration::from_secs(1);
+
+/// How long a waiter that got a death notice the /proc check cannot
+/// confirm yet sleeps before it looks again.
+const CONFIRM: Duration = Duration::from_micros(200);
+
 /// Busy-wait rounds before sleeping: about a microsecond, enough to catch a
 /// holder that is about to release without paying for a futex sleep.
 #[cfg(not(loom))]
@@ -84,6 +95,12 @@ pub trait Env {
     /// Whether the process named by a packed owner word (flags ignored) is
     /// certainly dead. "Unknown" must answer false.
     fn is_dead(&self, owner: u64) -> bool;
+    /// Whether thread `tid` of the process named by `owner` is certainly
+    /// dead or exiting (asked after a death notice on its liveness word).
+    fn thread_exited(&self, owner: u64, tid: u32) -> bool {
+        let _ = tid;
+        self.is_dead(owner)
+    }
 }
 
 /// Calls the on-block callback at most once.
@@ -235,6 +252,9 @@ impl<'a, E: Env> Core<'a, E> {
             }
         }
         // Step 3: drop its read holds, and wake a writer draining on them.
+        // Its liveness word goes back to "uncovered" before the slot is
+        // free (a stale OWNER_DIED must never be seen with a new owner).
+        slot.live.store(0, Ordering::SeqCst);
         slot.held.store(0, Ordering::SeqCst);
         if self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0 {
             futex::wake_all(&slot.held);
@@ -312,10 +332,85 @@ impl<'a, E: Env> Core<'a, E> {
                 continue;
             }
             notify.fire();
-            if futex::wait(self.state(), ws, slice(wait)) == Woke::TimedOut {
-                self.check_token_holder(self.state().load(Ordering::SeqCst));
-            }
+            self.sleep_state(ws, wait);
             ws = self.state().load(Ordering::SeqCst);
+        }
+    }
+
+    /// One sleep on the state word while it holds `ws`. Behind a covered
+    /// token holder (its slot's liveness word holds a tid) the sleep is
+    /// also on that word, whose death notice the kernel delivers, so no
+    /// periodic check is needed (only [`BACKSTOP`]); behind an uncovered
+    /// one (0: the shared slot, an old file, no robust list) or without
+    /// `futex_waitv`, it polls every [`CHECK`] as before.
+    fn sleep_state(&self, ws: u32, wait: &Wait) {
+        let idx = ws & INDEX_MASK;
+        if idx != 0 && (idx as usize) <= self.slots.len() {
+            let i = idx - 1;
+            let live = &self.slots[i as usize].live;
+            let mut lw = live.load(Ordering::SeqCst);
+            if lw & LIVE_OWNER_DIED != 0 {
+                self.death_notice(i, Some(ws), wait);
+                return;
+            }
+            if lw & LIVE_TID_MASK != 0 {
+                if lw & LIVE_WAITERS == 0 {
+                    // Ask the kernel to wake us at the death. A failed CAS
+                    // (the word changed: a death, a give-back) re-checks.
+                    if live
+                        .compare_exchange(lw, lw | LIVE_WAITERS, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_err()
+                    {
+                        return;
+                    }
+                    lw |= LIVE_WAITERS;
+                }
+                let nap = Some(wait.remaining().map_or(BACKSTOP, |r| r.min(BACKSTOP)));
+                if let Some(woke) = futex::wait2(self.state(), ws, live, lw, nap) {
+                    if live.load(Ordering::SeqCst) & LIVE_OWNER_DIED != 0 {
+                        self.death_notice(i, Some(ws), wait);
+                    } else if woke == Woke::TimedOut {
+                        self.check_token_holder(self.state().load(Ordering::SeqCst));
+                    }
+                    return;
+                }
+            }
+        }
+        if futex::wait(self.state(), ws, slice(wait)) == Woke::TimedOut {
+            self.check_token_holder(self.state().load(Ordering::SeqCst));
+        }
+    }
+
+    /// Slot `i`'s liveness word says its thread died: pass the notice on
+    /// (the kernel wakes one sleeper), confirm the death (a notice is a
+    /// reason to look, not proof) and reclaim the slot. If /proc cannot
+    /// confirm it yet, sleeps briefly on the state word before the caller
+    /// looks again.
+    fn death_notice(&self, i: u32, ws: Option<u32>, wait: &Wait) {
+        let slot = &self.slots[i as usize];
+        futex::wake_all(&slot.live);
+        let o = slot.owner.load(Ordering::Acquire);
+        let tid = slot.tid.load(Ordering::SeqCst);
+        if o == 0 || slot.live.load(Ordering::SeqCst) & LIVE_OWNER_DIED == 0 {
+            return;
+        }
+        // (A slot being reclaimed names the live reclaimer: only its own
+        // death counts then.)
+        if self.env.is_dead(o) || (o & RECLAIMING == 0 && self.env.thread_exited(o, tid)) {
+            self.reclaim(i, o);
+            return;
+        }
+        let nap = Some(wait.remaining().map_or(CONFIRM, |r| r.min(CONFIRM)));
+        match ws {
+            Some(ws) => {
+                futex::wait(self.state(), ws, nap);
+            }
+            None => {
+                let h = slot.held.load(Ordering::SeqCst);
+                if h != 0 {
+                    futex::wait(&slot.held, h, nap);
+                }
+            }
         }
     }
 
@@ -482,10 +577,48 @@ impl<'a, E: Env> Core<'a, E> {
                 dekker();
                 notify.fire();
                 let nap = slice(wait).map(|d| d.min(DRAIN_SLICE));
-                if futex::wait(&slot.held, h, nap) == Woke::TimedOut {
+                // A covered reader slot (its liveness word linked): sleep on
+                // that word too, so its death wakes us at once; the slice
+                // stays (it bounds the own-slot release race, see
+                // `read_exit`), but the periodic /proc check is only a
+                // backstop. An uncovered one: check about once per CHECK.
+                let mut lw = slot.live.load(Ordering::SeqCst);
+                if lw & LIVE_OWNER_DIED != 0 {
+                    self.death_notice(i as u32, None, wait);
+                    continue;
+                }
+                let covered = lw & LIVE_TID_MASK != 0;
+                if covered && lw & LIVE_WAITERS == 0 {
+                    // A failed CAS (the word changed: a death notice, a
+                    // give-back) looks again.
+                    if slot
+                        .live
+                        .compare_exchange(lw, lw | LIVE_WAITERS, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    lw |= LIVE_WAITERS;
+                }
+                let woke = if covered {
+                    futex::wait2(&slot.held, h, &slot.live, lw, nap)
+                } else {
+                    None
+                };
+                let (woke, covered) = match woke {
+                    Some(w) => (w, true),
+                    None => (futex::wait(&slot.held, h, nap), false),
+                };
+                if covered && slot.live.load(Ordering::SeqCst) & LIVE_OWNER_DIED != 0 {
+                    self.death_notice(i as u32, None, wait);
+                    continue;
+                }
+                if woke == Woke::TimedOut {
                     slept += 1;
-                    // Check liveness about once per CHECK, not per nap.
-                    if slept % (CHECK.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32 == 0 {
+                    // Check liveness about once per CHECK, not per nap (a
+                    // covered slot: once per BACKSTOP).
+                    let every = if covered { BACKSTOP } else { CHECK };
+                    if slept % (every.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32 == 0 {
                         self.check_slot(i as u32);
                     }
                 }

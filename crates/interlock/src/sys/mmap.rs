@@ -95,6 +95,12 @@ impl Mapping {
         Mapping::map(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1)
     }
 
+    /// Whether `[addr, addr + size)` lies inside the mapping.
+    pub fn contains(&self, addr: usize, size: usize) -> bool {
+        let base = self.ptr.as_ptr() as usize;
+        addr >= base && addr.checked_add(size).is_some_and(|e| e <= base + self.len)
+    }
+
     /// A reference to the `T` at `offset`; panics if it is out of bounds or
     /// misaligned (a bug in the caller's layout, not a run-time condition).
     pub fn get<T: Overlay>(&self, offset: usize) -> &T {
@@ -134,7 +140,7 @@ impl Drop for Mapping {
 /// made, so the accessors on the hot path are plain pointer reads.
 pub struct View<W, S> {
     /// Owns the memory the pointers below point into (unmapped on drop).
-    _map: Mapping,
+    map: std::sync::Arc<Mapping>,
     words: NonNull<W>,
     slots: NonNull<S>,
     n: usize,
@@ -153,11 +159,16 @@ impl<W: Overlay, S: Overlay> View<W, S> {
         let words = NonNull::from(map.get::<W>(words_at));
         let slots = NonNull::from(map.slice::<S>(slots_at, n)).cast::<S>();
         View {
-            _map: map,
+            map: std::sync::Arc::new(map),
             words,
             slots,
             n,
         }
+    }
+
+    /// The mapping (shared: a robust-list entry in it keeps it mapped).
+    pub fn mapping(&self) -> &std::sync::Arc<Mapping> {
+        &self.map
     }
 
     /// The words.

@@ -19,4 +19,5 @@ pub mod notify;
 #[cfg(loom)]
 pub mod probe;
 pub mod proc;
+pub mod robust;
 pub mod timer;
