@@ -1326,6 +1326,37 @@ fn an_outside_removal_while_held_lets_a_newcomer_in() {
     }
 }
 
+/// After removing its own file, a handle reopens the path without the
+/// directory's file-system check, but still looks at what is there before
+/// opening it: a FIFO (or a directory) put at the path is refused, and once
+/// it is gone the handle locks a new file there.
+#[test]
+fn reopening_after_its_own_removal_still_refuses_a_non_file() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("f-{}.lock", flavor_name(flavor)));
+        let a = open(flavor, &p);
+        a.write().unwrap().remove_and_unlock().unwrap();
+        let st = Command::new("mkfifo").arg(&p).status().unwrap();
+        assert!(st.success());
+        let e = a.try_write().unwrap_err();
+        assert!(
+            e.to_string().contains("FIFO") || e.to_string().contains("fifo"),
+            "{flavor:?}: {e}"
+        );
+        fs::remove_file(&p).unwrap();
+        fs::create_dir(&p).unwrap();
+        assert!(a.try_write().is_err(), "{flavor:?}: a directory was locked");
+        fs::remove_dir(&p).unwrap();
+        a.write().unwrap().remove_and_unlock().unwrap();
+        a.write().unwrap().remove_and_unlock().unwrap();
+        assert!(!p.exists());
+    }
+}
+
 // ----- everything at once -----------------------------------------------------
 
 /// Checks, inside a critical section, what the lock promises, with marker

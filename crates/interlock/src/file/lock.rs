@@ -55,7 +55,7 @@
 //! file, and the offsets keep clear of the fcntl flavor's bytes.
 
 use super::hint::{self, Hint};
-use super::open::open_lock_file;
+use super::open::{open_lock_file, open_lock_file_again};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -250,7 +250,7 @@ impl FileLockOptions {
                 .with_path(given)
                 .with_kind(ErrorKind::InvalidInput)
         })?;
-        let (file, id, hint, writable) = open_file(&path, self.mode, self.hints)?;
+        let (file, id, hint, writable) = open_file(&path, self.mode, self.hints, false)?;
         if self.flavor == Flavor::Flock
             && fcntl::on_nfs(file.as_fd())
                 .map_err(|e| Error::io("stat file system", e).with_path(&path))?
@@ -298,8 +298,14 @@ type Reopened = (File, (u64, u64), Option<Hint>, bool);
 /// on the slot); the fcntl flavor's exclusive lock and the upgradable lock
 /// are refused when asked for (their fcntl write locks on the data, gate
 /// and slot bytes need a writable descriptor).
-fn open_file(path: &Path, mode: u32, hints: bool) -> Result<Reopened> {
-    let opened = open_lock_file(path, mode, "open lock file")?;
+/// `again`: this handle removed its own file at the path (see
+/// [`open_lock_file_again`]).
+fn open_file(path: &Path, mode: u32, hints: bool, again: bool) -> Result<Reopened> {
+    let opened = if again {
+        open_lock_file_again(path, mode, "open lock file")?
+    } else {
+        open_lock_file(path, mode, "open lock file")?
+    };
     let writable = opened.writable;
     if !hints {
         return Ok((opened.file, opened.id, None, writable));
@@ -1030,7 +1036,7 @@ impl FileLock {
     /// the file that is at the path (reopening it if it was replaced).
     fn take_first_shared(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         if std::mem::take(&mut st.removed) {
-            self.reopen(st)?;
+            self.reopen_after_removal(st)?;
         }
         loop {
             self.kernel_shared(&st.file, st.hint.as_ref(), a)?;
@@ -1135,7 +1141,7 @@ impl FileLock {
     /// holds `rw` exclusively.
     fn take_exclusive(&self, st: &mut State, a: &mut Attempt<'_>) -> Result<(), TryLockError> {
         if std::mem::take(&mut st.removed) {
-            self.reopen(st)?;
+            self.reopen_after_removal(st)?;
         }
         loop {
             st.writer_ofd = self.kernel_exclusive(st, a)?;
@@ -1315,7 +1321,17 @@ impl FileLock {
     /// Replaces the descriptor with a fresh open of the path (creating the
     /// file). Only when no kernel lock is held through the old one.
     fn reopen(&self, st: &mut State) -> Result<()> {
-        let (file, id, hint, writable) = open_file(&self.path, self.mode, self.hints)?;
+        self.reopen_as(st, false)
+    }
+
+    /// [`Self::reopen`] after this handle removed its own file
+    /// ([`FileWriteGuard::remove_and_unlock`]).
+    fn reopen_after_removal(&self, st: &mut State) -> Result<()> {
+        self.reopen_as(st, true)
+    }
+
+    fn reopen_as(&self, st: &mut State, again: bool) -> Result<()> {
+        let (file, id, hint, writable) = open_file(&self.path, self.mode, self.hints, again)?;
         self.read_only.store(!writable, Ordering::Relaxed);
         st.file = Arc::new(file);
         st.id = id;

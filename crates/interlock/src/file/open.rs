@@ -75,21 +75,10 @@ fn pseudo_fs(magic: i64) -> Option<&'static str> {
 /// become) a regular lock file: a non-regular file at it, or a file system
 /// of the kernel's. `op` names the operation in errors.
 pub(crate) fn check_before_open(path: &Path, op: &'static str) -> Result<()> {
+    check_type_before_open(path, op)?;
     let refuse = |kind: ErrorKind, detail: String| {
         Err(Error::new(kind, op).with_path(path).with_detail(detail))
     };
-    let bytes = path.as_os_str().as_bytes();
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => {}
-        Ok(m) => return refuse(ErrorKind::Corrupt, describe_type(m.file_type()).into()),
-        Err(_) if bytes.ends_with(b"/") => {
-            return refuse(
-                ErrorKind::InvalidInput,
-                "the path ends with a slash: a lock file needs a file name".into(),
-            )
-        }
-        Err(_) => {}
-    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -105,6 +94,24 @@ pub(crate) fn check_before_open(path: &Path, op: &'static str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The first half of [`check_before_open`]: refuses a non-regular file at
+/// the path (a FIFO, a device, a directory), and a path ending in a slash,
+/// before anything is opened.
+fn check_type_before_open(path: &Path, op: &'static str) -> Result<()> {
+    let refuse = |kind: ErrorKind, detail: String| {
+        Err(Error::new(kind, op).with_path(path).with_detail(detail))
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => refuse(ErrorKind::Corrupt, describe_type(m.file_type()).into()),
+        Err(_) if path.as_os_str().as_bytes().ends_with(b"/") => refuse(
+            ErrorKind::InvalidInput,
+            "the path ends with a slash: a lock file needs a file name".into(),
+        ),
+        Err(_) => Ok(()),
+    }
 }
 
 /// An opened lock file.
@@ -127,6 +134,20 @@ pub(crate) struct Opened {
 /// Only the permission bits of `mode` are used (see [`PERMISSION_BITS`]).
 pub(crate) fn open_lock_file(path: &Path, mode: u32, op: &'static str) -> Result<Opened> {
     check_before_open(path, op)?;
+    open_checked(path, mode, op)
+}
+
+/// [`open_lock_file`] for a handle that opened this path before and then
+/// removed the file itself: what is at the path is checked again before the
+/// open, the directory's file system is not (the handle's first open found
+/// it a real one, and its own file was there until it removed it; saves an
+/// `openat`, an `fstatfs` and a `close` per deleting acquisition).
+pub(crate) fn open_lock_file_again(path: &Path, mode: u32, op: &'static str) -> Result<Opened> {
+    check_type_before_open(path, op)?;
+    open_checked(path, mode, op)
+}
+
+fn open_checked(path: &Path, mode: u32, op: &'static str) -> Result<Opened> {
     let mode = mode & PERMISSION_BITS;
     let flags = libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
     let rw = OpenOptions::new()
