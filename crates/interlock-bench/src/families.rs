@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use interlock::pg::{ACQUIRE, RELEASE, TRY_ACQUIRE};
 use interlock::{
     ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, Lock, LockSet, Mode, PgLock, PgOptions,
     Semaphore, ShmMutex, ShmRwLock, TryLockError, Wait,
@@ -276,7 +277,8 @@ pub fn targets() -> Vec<Target> {
 /// The floor of the pg target: the statements interlock sends, raw,
 /// prepared once: the try (grant with token, one round trip), then, only
 /// if it was not granted, the blocking wait (`interlock_acquire_v1` with no
-/// time-out, one round trip); and the release.
+/// time-out, one round trip); and the release. The library's own
+/// statements (`interlock::pg`), not copies.
 struct PgFloor {
     client: postgres::Client,
     try_acquire: postgres::Statement,
@@ -285,35 +287,11 @@ struct PgFloor {
     key: i64,
 }
 
-// PgLock's try and release (crate-private in interlock's src/pg/sql.rs; a
-// unit test there keeps these copies equal).
-const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
-     END AS got), \
-   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
-     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
-     ON CONFLICT (space, key) DO UPDATE \
-     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
-     RETURNING f.token) \
-   SELECT (SELECT token FROM u), pg_backend_pid(), \
-     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
-
-const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
-     END, \
-     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
-
 impl PgFloor {
     fn connect(url: &str, name: &str) -> Result<PgFloor> {
         let mut client = postgres::Client::connect(url, postgres::NoTls)?;
         let try_acquire = client.prepare(TRY_ACQUIRE)?;
-        let acquire = client.prepare(
-            "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)",
-        )?;
+        let acquire = client.prepare(ACQUIRE)?;
         let release = client.prepare(RELEASE)?;
         let key = match interlock::PgKey::name(name) {
             interlock::PgKey::Int(k) => k,

@@ -24,6 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
+use interlock::pg::{RELEASE, TRY_ACQUIRE};
 use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 
@@ -84,36 +85,14 @@ fn bench(c: &mut Criterion) {
 }
 
 /// The floor: PgLock's own two statements (the try's grant with token,
-/// the release) sent raw over one connection, prepared once. Copies of
-/// `TRY_ACQUIRE` and `RELEASE` in src/pg/sql.rs (crate-private there);
-/// the unit test `pg::sql::tests::bench_floor_sends_these_statements`
-/// keeps them equal.
+/// the release) sent raw over one connection, prepared once: the
+/// library's own `TRY_ACQUIRE` and `RELEASE` (src/pg/sql.rs).
 struct Floor {
     raw: Client,
     acq: postgres::Statement,
     rel: postgres::Statement,
     k: i64,
 }
-
-const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
-     END AS got), \
-   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
-     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
-     ON CONFLICT (space, key) DO UPDATE \
-     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
-     RETURNING f.token) \
-   SELECT (SELECT token FROM u), pg_backend_pid(), \
-     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
-
-const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
-     END, \
-     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
 
 impl Floor {
     fn connect(url: &str, k: i64) -> Floor {

@@ -10,8 +10,12 @@ mod error;
 mod file;
 mod handle;
 mod lease;
+// Public only for the statements the benchmark floors send
+// (`interlock::pg::{TRY_ACQUIRE, ACQUIRE, RELEASE}`); the types are
+// re-exported below.
 #[cfg(feature = "postgres")]
-mod pg;
+#[doc(hidden)]
+pub mod pg;
 pub mod shm;
 #[cfg(not(loom))]
 mod sync;

@@ -56,6 +56,11 @@
 mod session;
 mod sql;
 
+/// The statements PgLock sends, for the benchmark floors (which send them
+/// raw): not a stable API.
+#[doc(hidden)]
+pub use sql::{ACQUIRE, RELEASE, TRY_ACQUIRE};
+
 use crate::handle::Handle;
 use std::fmt;
 use std::path::Path;

@@ -130,7 +130,7 @@ COMMIT;
 
 /// A blocking acquisition (`lock_timeout` set for the wait): one round
 /// trip, grant and token.
-pub(crate) const ACQUIRE: &str =
+pub const ACQUIRE: &str =
     "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)";
 
 /// A try (every acquisition starts with one): the same grant and token as
@@ -143,7 +143,7 @@ pub(crate) const ACQUIRE: &str =
 /// the lease (`idle_session_timeout`) is set if granted. A NULL token: not
 /// granted, nothing changed. `$1` space, `$2` bigint key (or the fence key
 /// of a pair), `$3`/`$4` the pair, `$5` shared, `$6` lease in ms.
-pub(crate) const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+pub const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
        CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
      ELSE \
        CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
@@ -159,7 +159,7 @@ pub(crate) const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $
 /// The release: `interlock_release_v1` as one plain statement. `$1`-`$5`
 /// as in [`TRY_ACQUIRE`], `$6` whether the session holds no other
 /// interlock lock (then the lease ends: `idle_session_timeout` back to 0).
-pub(crate) const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
+pub const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
        CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
      ELSE \
        CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
@@ -187,27 +187,39 @@ pub(crate) const LAST_TOKEN: &str =
 #[cfg(test)]
 mod tests {
     /// The floors (the pg bench's, the sqlx peer's, the harness's
-    /// floor-pg) send copies of the try and the release; they must be
-    /// these statements.
+    /// floor-pg) must send these very statements: they import them from
+    /// `interlock::pg` (the sqlx peer too, through its path dependency)
+    /// and keep no SQL literal of their own that could drift.
     #[test]
-    fn bench_floor_sends_these_statements() {
-        let lit = |src: &str, decl: &str| {
-            let i = src.find(decl).expect(decl) + decl.len();
-            let j = src[i..].find("\";").unwrap();
-            src[i..i + j].to_string()
-        };
-        let own = include_str!("sql.rs");
-        for other in [
-            include_str!("../../benches/pg.rs"),
-            include_str!("../../../interlock-bench/peers/sqlx-pg/src/main.rs"),
-            include_str!("../../../interlock-bench/src/families.rs"),
+    fn floors_send_the_library_statements() {
+        for (file, src) in [
+            ("benches/pg.rs", include_str!("../../benches/pg.rs")),
+            (
+                "peers/sqlx-pg/src/main.rs",
+                include_str!("../../../interlock-bench/peers/sqlx-pg/src/main.rs"),
+            ),
+            (
+                "interlock-bench/src/families.rs",
+                include_str!("../../../interlock-bench/src/families.rs"),
+            ),
         ] {
+            assert!(src.contains("use interlock::pg::{"), "{file} imports");
             for name in ["TRY_ACQUIRE", "RELEASE"] {
-                assert_eq!(
-                    lit(own, &format!("pub(crate) const {name}: &str = \"")),
-                    lit(other, &format!("const {name}: &str = \"")),
-                    "{name}"
+                assert!(
+                    src.contains(&format!("prepare({name})")),
+                    "{file} sends {name}"
                 );
+                assert!(
+                    !src.contains(&format!("const {name}")),
+                    "{file} has its own {name}"
+                );
+            }
+            for sql in [
+                "interlock_fence",
+                "pg_try_advisory_lock_shared",
+                "interlock_acquire_v1(",
+            ] {
+                assert!(!src.contains(sql), "{file} spells out PgLock's SQL ({sql})");
             }
         }
     }

@@ -25,34 +25,13 @@ mod pgsupport;
 
 use std::time::Instant;
 
+use interlock::pg::{RELEASE, TRY_ACQUIRE};
 use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnectOptions, PgConnection};
 use sqlx::ConnectOptions;
 
 const ROUNDS: usize = 61;
-
-// PgLock's try and release (crate-private in interlock's src/pg/sql.rs; a
-// unit test there keeps these copies equal).
-const TRY_ACQUIRE: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
-     END AS got), \
-   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
-     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
-     ON CONFLICT (space, key) DO UPDATE \
-     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
-     RETURNING f.token) \
-   SELECT (SELECT token FROM u), pg_backend_pid(), \
-     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
-
-const RELEASE: &str = "SELECT CASE WHEN $1::smallint = 1 THEN \
-       CASE WHEN $5::boolean THEN pg_advisory_unlock_shared($2::bigint) ELSE pg_advisory_unlock($2) END \
-     ELSE \
-       CASE WHEN $5 THEN pg_advisory_unlock_shared($3::integer, $4::integer) ELSE pg_advisory_unlock($3, $4) END \
-     END, \
-     CASE WHEN $6::boolean THEN set_config('idle_session_timeout', '0', false) END";
 const BATCH: u32 = 50;
 
 fn main() {
