@@ -586,40 +586,7 @@ impl Drop for PosixSem {
 // own entry layout, so that the kernel flags it FUTEX_OWNER_DIED and wakes
 // a waiter when the thread dies, next to glibc's robust pthread mutexes.
 
-/// The bit the kernel sets in a robust futex word whose owner died.
-pub const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
-/// The bit a waiter sets in a robust futex word so that the kernel wakes it.
-pub const FUTEX_WAITERS: u32 = 0x8000_0000;
-
-/// This thread's id (what the kernel compares a robust word with).
-pub fn gettid() -> u32 {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
-}
-
-/// This thread's registered robust list head (glibc's, set at thread start)
-/// and its `futex_offset`; `None` if none is registered.
-fn robust_head() -> Option<(*mut usize, isize)> {
-    let mut head: *mut usize = std::ptr::null_mut();
-    let mut len: libc::size_t = 0;
-    // SAFETY: get_robust_list(0, ...) reads this thread's registration into
-    // the two out-pointers, which are valid for writes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            0,
-            &mut head as *mut *mut usize,
-            &mut len as *mut libc::size_t,
-        )
-    };
-    if rc != 0 || head.is_null() {
-        return None;
-    }
-    // SAFETY: a registered head is a live `struct robust_list_head` of this
-    // thread: { list, futex_offset, list_op_pending }, pointer-sized fields.
-    let off = unsafe { head.add(1).read_volatile() } as isize;
-    Some((head, off))
-}
+pub use interlock::__robust::{gettid, FUTEX_OWNER_DIED, FUTEX_WAITERS};
 
 /// A robust futex word at byte `word_off` of a page, whose list entry (two
 /// pointers, `prev` then `next`, glibc's `__pthread_list_t`) sits at
@@ -639,29 +606,18 @@ impl RobustWord {
     /// it after linking (a death before that leaves 0, which the kernel
     /// skips), clear it before unlinking.
     pub fn link(page: &Arc<SharedPage>, word_off: usize) -> io::Result<RobustWord> {
-        let (head, futex_offset) = robust_head().ok_or(io::ErrorKind::Unsupported)?;
+        let (head, futex_offset) = interlock::__robust::head().ok_or(io::ErrorKind::Unsupported)?;
         let node_off = word_off as isize - futex_offset;
         if futex_offset >= 0 || node_off < 8 || node_off % 8 != 0 {
             return Err(io::ErrorKind::Unsupported.into());
         }
         let node = page.raw_at(node_off as usize - 8, 16).cast::<usize>();
-        // SAFETY: `node` is the 8-aligned 16-byte entry inside the mapping
-        // (checked by raw_at), kept mapped by the Arc held in the result.
-        // `node.add(1)` is its `next` field, the address the kernel and
-        // glibc link. `head` is this thread's live list head; the list is
-        // modified only by this thread (glibc's mutex calls and ours do not
-        // interleave), and `first - 8` is the `prev` field of the first
-        // entry, or glibc's `robust_prev` just before the head when the list
-        // is empty: the very word glibc's ENQUEUE_MUTEX writes.
-        unsafe {
-            let me = node.add(1) as usize;
-            let first = head.read_volatile();
-            ((first & !1) as *mut usize).sub(1).write_volatile(me);
-            node.add(1).write_volatile(first);
-            node.write_volatile(head as usize);
-            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-            head.write_volatile(me);
-        }
+        // SAFETY: `head` is this thread's registered head; `node` is the
+        // 8-aligned 16-byte entry inside the mapping (checked by raw_at),
+        // in no list (a fresh word's entry, or one `unlink` zeroed), kept
+        // mapped by the Arc held in the result and written only through
+        // here; `unlink` dequeues it on this thread.
+        unsafe { interlock::__robust::enqueue(head, node) };
         Ok(RobustWord {
             _page: page.clone(),
             node,
@@ -671,21 +627,9 @@ impl RobustWord {
     /// Unlinks the entry (as glibc's DEQUEUE_MUTEX does). Must run on the
     /// thread that linked it.
     pub fn unlink(self) {
-        // SAFETY: the entry is linked in this thread's list (by `link`);
-        // its neighbours' fields (an entry of ours or glibc's, or glibc's
-        // head and `robust_prev`) are live: glibc keeps its entries linked
-        // while held, and the list is only modified by this thread.
-        unsafe {
-            let me_next = self.node.add(1).read_volatile();
-            let me_prev = self.node.read_volatile();
-            ((me_next & !1) as *mut usize)
-                .sub(1)
-                .write_volatile(me_prev);
-            ((me_prev & !1) as *mut usize).write_volatile(me_next);
-            std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-            self.node.write_volatile(0);
-            self.node.add(1).write_volatile(0);
-        }
+        // SAFETY: the entry was linked by `link` on this thread (the
+        // caller's promise) and is still linked (`self` is consumed here).
+        unsafe { interlock::__robust::dequeue(self.node) };
     }
 }
 

@@ -74,6 +74,13 @@ pub mod __raw {
     pub use crate::sys::fcntl::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
 }
 
+/// The robust-list edits of `sys/robust.rs`, so that the `interlock-bench
+/// robust` probe links its word with the library's code. Not a stable API.
+#[doc(hidden)]
+pub mod __robust {
+    pub use crate::sys::robust::{dequeue, enqueue, gettid, head, FUTEX_OWNER_DIED, FUTEX_WAITERS};
+}
+
 /// The operation every lock family offers, so that generic code (the CLI,
 /// the benchmarks, user code) can drive any of them the same way.
 ///

@@ -124,32 +124,31 @@ impl Proc {
     /// missed the notice would deadlock and loom would say so); otherwise
     /// as `run_mortal`.
     fn run_mortal_covered(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
-        die_after(budget);
-        let r = catch_unwind(AssertUnwindSafe(|| f(&self)));
-        die_after(None);
-        if let Err(e) = r {
-            if e.downcast_ref::<Died>().is_none() {
-                resume_unwind(e);
-            }
-            let phase = self.world.phase.load(Ordering::SeqCst);
-            self.world.died_in.store(10 + phase, Ordering::SeqCst);
-            self.world.dead[self.pid as usize - 1].store(true, Ordering::SeqCst);
-            let l = self.world.linked.load(Ordering::SeqCst);
-            let live = (l != 0).then(|| &self.world.slots[l as usize - 1].live);
+        self.run_dying(budget, f, |p| {
+            let l = p.world.linked.load(Ordering::SeqCst);
+            let live = (l != 0).then(|| &p.world.slots[l as usize - 1].live);
             match live {
                 Some(w)
                     if w.kernel_load(interlock::sync::Ordering::SeqCst) & layout::LIVE_TID_MASK
-                        == self.tid() =>
+                        == p.tid() =>
                 {
-                    interlock::sync::futex::kernel_notice(w, self.tid())
+                    interlock::sync::futex::kernel_notice(w, p.tid())
                 }
                 _ => interlock::sync::futex::wake_all_dead(),
             }
-        }
+        });
     }
 
     /// Runs `f` as a process that may die; marks it dead if it does.
+    /// Waiters notice at their next time-out, modelled as a wake-up.
     fn run_mortal(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
+        self.run_dying(budget, f, |_| interlock::sync::futex::wake_all_dead());
+    }
+
+    /// Runs `f` with a death budget; if the process dies, records where
+    /// (`died_in`), marks it dead, then lets `tell` tell the others. Death
+    /// is final: after this nothing more is stored.
+    fn run_dying(self, budget: Option<u32>, f: impl FnOnce(&Proc), tell: impl FnOnce(&Proc)) {
         die_after(budget);
         let r = catch_unwind(AssertUnwindSafe(|| f(&self)));
         die_after(None);
@@ -157,12 +156,10 @@ impl Proc {
             if e.downcast_ref::<Died>().is_none() {
                 resume_unwind(e);
             }
-            // Death is final: after this nothing more is stored. Waiters
-            // notice at their next time-out, modelled as a wake-up.
             let phase = self.world.phase.load(Ordering::SeqCst);
             self.world.died_in.store(10 + phase, Ordering::SeqCst);
             self.world.dead[self.pid as usize - 1].store(true, Ordering::SeqCst);
-            interlock::sync::futex::wake_all_dead();
+            tell(&self);
         }
     }
 }

@@ -38,8 +38,10 @@ pub fn gettid() -> u32 {
     unsafe { libc::syscall(libc::SYS_gettid) as u32 }
 }
 
-/// This thread's registered list head and its `futex_offset`.
-fn head() -> Option<(*mut usize, isize)> {
+/// This thread's registered robust-list head (glibc's, in its thread
+/// descriptor) and its `futex_offset`; `None` if no list is registered.
+/// (Also the `interlock-bench robust` probe's, through `__robust`.)
+pub fn head() -> Option<(*mut usize, isize)> {
     let mut head: *mut usize = std::ptr::null_mut();
     let mut len: libc::size_t = 0;
     // SAFETY: get_robust_list(0, ...) writes this thread's registration
@@ -60,6 +62,58 @@ fn head() -> Option<(*mut usize, isize)> {
     // in its thread descriptor), pointer-sized fields.
     let off = unsafe { head.add(1).read_volatile() } as isize;
     Some((head, off))
+}
+
+/// Links the entry `node` (glibc's `__pthread_list_t`: `prev` at `node`,
+/// `next` at `node + 1`, the address the kernel and glibc link) at the
+/// front of the list `head`, as glibc's ENQUEUE_MUTEX does: the kernel
+/// follows only `next`, and the one store that puts the entry on the chain
+/// it follows comes last.
+///
+/// # Safety
+///
+/// `head` is the calling thread's registered head (from [`head`]); `node`
+/// is a 16-byte, 8-aligned entry, linked in no list, that stays mapped and
+/// is written by nobody else for as long as it is linked; the caller
+/// unlinks it with [`dequeue`] on this thread before that memory goes.
+pub unsafe fn enqueue(head: *mut usize, node: *mut usize) {
+    // SAFETY: (the caller's contract) the list is edited only by this
+    // thread (glibc's robust mutex calls and ours do not interleave), and
+    // `first - 8` is the `prev` field of the first entry, or glibc's
+    // `robust_prev` just before the head when the list is empty: the word
+    // glibc's ENQUEUE_MUTEX writes too.
+    unsafe {
+        let me = node.add(1) as usize;
+        let first = head.read_volatile();
+        ((first & !1) as *mut usize).sub(1).write_volatile(me);
+        node.add(1).write_volatile(first);
+        node.write_volatile(head as usize);
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        head.write_volatile(me);
+    }
+}
+
+/// Unlinks the entry `node` (as glibc's DEQUEUE_MUTEX does) and zeroes it.
+///
+/// # Safety
+///
+/// `node` was linked by [`enqueue`] on this thread and is still linked.
+pub unsafe fn dequeue(node: *mut usize) {
+    // SAFETY: (the caller's contract) its neighbours' fields (an entry of
+    // ours or glibc's, or glibc's head and `robust_prev`) are live: glibc
+    // keeps its entries linked while held, ours stay mapped while linked,
+    // and the list is edited by this thread only.
+    unsafe {
+        let me_next = node.add(1).read_volatile();
+        let me_prev = node.read_volatile();
+        ((me_next & !1) as *mut usize)
+            .sub(1)
+            .write_volatile(me_prev);
+        ((me_prev & !1) as *mut usize).write_volatile(me_next);
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        node.write_volatile(0);
+        node.add(1).write_volatile(0);
+    }
 }
 
 /// An entry linked into this thread's robust list. Not `Send`: only the
@@ -98,24 +152,13 @@ impl Linked {
             return None;
         }
         let node = node as *mut usize;
-        // SAFETY: `node` is the 8-aligned 16-byte entry inside `area`, which
-        // lives in `map` (kept mapped by the Arc stored in the result); only
-        // this thread writes it (`entry` is written through here only, by
-        // the slot's one linking thread). `head` is this thread's live list
-        // head; the list is edited only by this thread (glibc's robust
-        // mutex calls and ours do not interleave), and `first - 8` is the
-        // `prev` field of the first entry, or glibc's `robust_prev` just
-        // before the head when the list is empty: the word glibc's
-        // ENQUEUE_MUTEX writes too.
-        unsafe {
-            let me = node.add(1) as usize;
-            let first = head.read_volatile();
-            ((first & !1) as *mut usize).sub(1).write_volatile(me);
-            node.add(1).write_volatile(first);
-            node.write_volatile(head as usize);
-            std::sync::atomic::compiler_fence(Ordering::SeqCst);
-            head.write_volatile(me);
-        }
+        // SAFETY: `head` is this thread's (from `head()`); `node` is the
+        // 8-aligned 16-byte entry inside `area`, which lives in `map`, kept
+        // mapped by the Arc stored in the result; only this thread writes
+        // it (`entry` is written through here only, by the slot's one
+        // linking thread), and `unlink` dequeues it on this thread (not
+        // `Send`).
+        unsafe { enqueue(head, node) };
         word.store(tid, Ordering::SeqCst);
         Some(Linked {
             _map: Arc::clone(map),
@@ -140,21 +183,9 @@ impl Linked {
             super::futex::wake(self.word(), i32::MAX);
         }
         // SAFETY: the entry is linked in this thread's list (by `link`; not
-        // `Send`, so this is that thread); its neighbours' fields (an entry
-        // of ours or glibc's, or glibc's head and `robust_prev`) are live:
-        // glibc keeps its entries linked while held, ours stay mapped while
-        // linked (the Arc), and the list is edited by this thread only.
-        unsafe {
-            let me_next = self.node.add(1).read_volatile();
-            let me_prev = self.node.read_volatile();
-            ((me_next & !1) as *mut usize)
-                .sub(1)
-                .write_volatile(me_prev);
-            ((me_prev & !1) as *mut usize).write_volatile(me_next);
-            std::sync::atomic::compiler_fence(Ordering::SeqCst);
-            self.node.write_volatile(0);
-            self.node.add(1).write_volatile(0);
-        }
+        // `Send`, so this is that thread), and still is: only this consumes
+        // `self`.
+        unsafe { dequeue(self.node) };
     }
 }
 
