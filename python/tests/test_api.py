@@ -245,6 +245,50 @@ def test_guards_released_from_other_threads_and_executors(path):
         take(blocking=False).release()
 
 
+def test_shm_guard_objects_reused_only_when_nobody_refers_to_them():
+    """A released guard object is reused for a later acquisition through the
+    same lock object only once nothing refers to it: a guard the program
+    keeps stays released, and dropping a live guard still releases at once."""
+    for lock in (interlock.ShmRwLock(), interlock.ShmMutex()):
+        take = lock.read if hasattr(lock, "read") else lock.lock
+        excl = lock.write if hasattr(lock, "write") else lock.lock
+        kept = take()
+        kept.release()
+        g = take()
+        assert g is not kept and g.held and not kept.held
+        with pytest.raises(RuntimeError):
+            kept.release()
+        assert g.held
+        g.release()
+        ids = set()
+        for _ in range(6):
+            g = take()
+            assert g.held
+            ids.add(id(g))
+            g.release()
+            assert not g.held
+        assert len(ids) <= 3  # reused (two spare slots)
+        del g
+        with take():
+            pass
+        # A live guard dropped: released at once, not parked held.
+        h = excl()
+        del h
+        assert is_free(excl)
+        h = excl()
+        assert not is_free(excl)
+        h.release()
+        assert is_free(excl)
+    # The lock object gone, a parked guard the program kept still answers.
+    rw = interlock.ShmRwLock()
+    g = rw.read()
+    g.release()
+    del rw
+    assert not g.held
+    with pytest.raises(RuntimeError):
+        g.release()
+
+
 def test_waits_release_the_gil(path):
     """While one thread waits for the lock, another runs Python code."""
     lock = interlock.FileLock(path)

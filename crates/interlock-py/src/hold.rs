@@ -266,18 +266,27 @@ pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
 /// releasable once, from any thread.
 #[pyclass(module = "interlock._native", name = "Guard", frozen)]
 pub(crate) struct Guard {
-    shared: Arc<Shared>,
+    /// The hold (replaced only when the object is reused: see [`Spare`]).
+    shared: Mutex<Arc<Shared>>,
     released: AtomicBool,
     path: Arc<Path>,
+    /// The lock object's spare slot, which a released guard parks itself in.
+    spare: Option<Arc<SpareSlot>>,
 }
 
 impl Guard {
     pub(crate) fn new(shared: Arc<Shared>, path: Arc<Path>) -> Guard {
         Guard {
-            shared,
+            shared: Mutex::new(shared),
             released: AtomicBool::new(false),
             path,
+            spare: None,
         }
+    }
+
+    /// The hold.
+    fn shared_now(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared.lock())
     }
 
     /// Whether this guard still counts (not released, not inherited).
@@ -290,14 +299,15 @@ impl Guard {
         if !self.live() {
             return None;
         }
-        let mut h = self.shared.held.lock();
+        let s = self.shared_now();
+        let mut h = s.held.lock();
         h.as_mut().map(f)
     }
 
     /// The hold, for an upgrade: the `Shared` (if still held and not
     /// inherited).
     pub(crate) fn shared(&self) -> Option<Arc<Shared>> {
-        self.live().then(|| Arc::clone(&self.shared))
+        self.live().then(|| self.shared_now())
     }
 
     pub(crate) fn lock_path(&self) -> &Path {
@@ -310,19 +320,33 @@ impl Guard {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
-        release_shared(py, &self.shared)?;
+        let s = self.shared_now();
+        release_shared(py, &s)?;
         Ok(true)
     }
 
     /// Whether this guard was inherited across fork.
     pub(crate) fn is_inherited(&self) -> bool {
-        self.shared.gen != generation()
+        self.shared.lock().gen != generation()
+    }
+
+    /// After a release: parks this (released) object in its lock object's
+    /// spare slot, for the next acquisition to reuse.
+    fn park(slf: &Bound<'_, Self>) {
+        if let Some(slot) = &slf.get().spare {
+            let mut s = slot.0.lock();
+            if s.0 {
+                if let Some(free) = s.1.iter_mut().find(|g| g.is_none()) {
+                    *free = Some(slf.clone().unbind());
+                }
+            }
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let s = &self.shared;
+        let s = self.shared.get_mut();
         if *self.released.get_mut() || s.gen != generation() {
             return;
         }
@@ -339,11 +363,13 @@ impl Guard {
     /// Releases the lock (this guard's share of it, if reentrant). Any
     /// thread may call it. A second release raises RuntimeError. In a forked
     /// child, an inherited guard releases nothing of the parent's.
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        if self.release_inner(py)? {
+    fn release(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let me = slf.get();
+        if me.release_inner(slf.py())? {
+            Guard::park(slf);
             Ok(())
         } else {
-            Err(errors::released_twice(&self.path))
+            Err(errors::released_twice(&me.path))
         }
     }
 
@@ -351,7 +377,7 @@ impl Guard {
     /// counted twice): the one safe way for a holder to remove its lock
     /// file (the core's `remove_and_unlock`). Then as `release()`.
     fn remove_and_release(&self, py: Python<'_>) -> PyResult<()> {
-        let s = &self.shared;
+        let s = &self.shared_now();
         if self.is_inherited() {
             self.released.store(true, Ordering::Release);
             return Ok(());
@@ -423,7 +449,7 @@ impl Guard {
     /// The fencing token (a lease or PostgreSQL guard), else None.
     #[getter]
     fn token(&self) -> Option<u64> {
-        self.shared.token
+        self.shared.lock().token
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -432,13 +458,14 @@ impl Guard {
 
     #[pyo3(signature = (_t = None, _v = None, _tb = None))]
     fn __exit__(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         _t: Option<&Bound<'_, PyAny>>,
         _v: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        self.release_inner(py)?;
+        if slf.get().release_inner(slf.py())? {
+            Guard::park(slf);
+        }
         Ok(false)
     }
 
@@ -655,6 +682,87 @@ pub(crate) fn acquire(
 ) -> PyResult<Py<Guard>> {
     let path = Arc::clone(req.path);
     into_guard(py, &path, acquire_shared(py, holds, req, wait, f)?)
+}
+
+/// A lock object's spare guard objects: a guard released through
+/// `release()` or `with` parks itself here, and a later acquisition through
+/// the lock object reuses it instead of allocating one, once nothing else
+/// refers to it (its reference count is the slot's alone, checked with the
+/// GIL held, so nobody can see it change). A guard that is live is never in
+/// a slot: dropping the last reference to a held guard still releases the
+/// lock at once. Two slots, because `g = rw.read(); g.release()` in a loop
+/// still refers to the previous guard while it asks for the next.
+pub(crate) struct Spare(Arc<SpareSlot>);
+
+/// (the lock object is alive, the parked guards).
+pub(crate) struct SpareSlot(Mutex<(bool, [Option<Py<Guard>>; 2])>);
+
+impl Default for Spare {
+    fn default() -> Self {
+        Spare(Arc::new(SpareSlot(Mutex::new((true, [None, None])))))
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        // The parked guard refers to the slot: let it go (outside the lock),
+        // and let no guard park itself any more.
+        let g = {
+            let mut s = self.0 .0.lock();
+            s.0 = false;
+            std::mem::take(&mut s.1)
+        };
+        drop(g);
+    }
+}
+
+impl Spare {
+    /// The guard object of a hold, reusing the parked one when it is free
+    /// (`OwnerDied` carrying it if poisoned).
+    pub(crate) fn guard(
+        &self,
+        py: Python<'_>,
+        path: &Arc<Path>,
+        (s, poisoned): (Arc<Shared>, bool),
+    ) -> PyResult<Py<Guard>> {
+        let reuse = {
+            let mut slot = self.0 .0.lock();
+            slot.1
+                .iter_mut()
+                .find(|g| g.as_ref().is_some_and(|g| only_ref(py, g)))
+                .and_then(Option::take)
+        };
+        let g = match reuse {
+            Some(g) => {
+                let me = g.get();
+                let old = std::mem::replace(&mut *me.shared.lock(), s);
+                me.released.store(false, Ordering::Release);
+                drop(old);
+                g
+            }
+            None => Py::new(
+                py,
+                Guard {
+                    shared: Mutex::new(s),
+                    released: AtomicBool::new(false),
+                    path: Arc::clone(path),
+                    spare: Some(Arc::clone(&self.0)),
+                },
+            )?,
+        };
+        if poisoned {
+            return Err(owner_died(py, path, g));
+        }
+        Ok(g)
+    }
+}
+
+/// Whether `g` is the only reference to its object. PyO3 deprecates the
+/// count because a free-threaded interpreter's is not exact; the abi3 build
+/// never runs on one (PyO3 refuses abi3 there), and it is read with the GIL.
+#[allow(deprecated)]
+fn only_ref(py: Python<'_>, g: &Py<Guard>) -> bool {
+    g.get_refcnt(py) == 1
 }
 
 /// The guard object of a hold (`OwnerDied` carrying it if poisoned).

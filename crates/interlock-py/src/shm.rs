@@ -27,12 +27,14 @@ pub(crate) struct PyShmRwLock {
     key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
+    /// The guard object kept for reuse.
+    spare: hold::Spare,
 }
 
 impl PyShmRwLock {
     fn take(&self, py: Python<'_>, hold: ShmHold, wait: Wait) -> PyResult<Py<Guard>> {
         let r = self.take_shared(py, hold, wait)?;
-        hold::into_guard(py, &self.path, r)
+        self.spare.guard(py, &self.path, r)
     }
 
     fn take_shared(
@@ -92,6 +94,7 @@ impl PyShmRwLock {
             key,
             reentrant,
             holds: Holds::default(),
+            spare: hold::Spare::default(),
         })
     }
 
@@ -216,12 +219,14 @@ pub(crate) struct PyShmMutex {
     key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
+    /// The guard object kept for reuse.
+    spare: hold::Spare,
 }
 
 impl PyShmMutex {
     fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<Py<Guard>> {
         let r = self.take_shared(py, wait)?;
-        hold::into_guard(py, &self.path, r)
+        self.spare.guard(py, &self.path, r)
     }
 
     fn take_shared(&self, py: Python<'_>, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
@@ -271,6 +276,7 @@ impl PyShmMutex {
             key,
             reentrant,
             holds: Holds::default(),
+            spare: hold::Spare::default(),
         })
     }
 
