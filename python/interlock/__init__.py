@@ -80,15 +80,17 @@ class FileLock(_native.FileLock):
 
     def write_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for the exclusive lock, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.write, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "write", self.write, timeout))
 
     def read_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for a shared lock, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.read, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "read", self.read, timeout))
 
     def upgradable_read_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for the upgradable lock, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.upgradable_read, timeout))
+        return _aio.Pending(
+            lambda: _aio.acquire(self, "upgradable_read", self.upgradable_read, timeout)
+        )
 
 
 class ShmRwLock(_native.ShmRwLock):
@@ -99,13 +101,15 @@ class ShmRwLock(_native.ShmRwLock):
         return _decorate(self.write, self.write_async, func)
 
     def write_async(self, timeout: Optional[float] = None) -> _aio.Pending:
-        return _aio.Pending(lambda: _aio.acquire(self.write, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "write", self.write, timeout))
 
     def read_async(self, timeout: Optional[float] = None) -> _aio.Pending:
-        return _aio.Pending(lambda: _aio.acquire(self.read, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "read", self.read, timeout))
 
     def upgradable_read_async(self, timeout: Optional[float] = None) -> _aio.Pending:
-        return _aio.Pending(lambda: _aio.acquire(self.upgradable_read, timeout))
+        return _aio.Pending(
+            lambda: _aio.acquire(self, "upgradable_read", self.upgradable_read, timeout)
+        )
 
 
 class ShmMutex(_native.ShmMutex):
@@ -116,7 +120,7 @@ class ShmMutex(_native.ShmMutex):
         return _decorate(self.lock, self.lock_async, func)
 
     def lock_async(self, timeout: Optional[float] = None) -> _aio.Pending:
-        return _aio.Pending(lambda: _aio.acquire(self.lock, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "lock", self.lock, timeout))
 
 
 class LeaseLock(_native.LeaseLock):
@@ -127,7 +131,7 @@ class LeaseLock(_native.LeaseLock):
         return _decorate(self.lock, self.lock_async, func)
 
     def lock_async(self, timeout: Optional[float] = None) -> _aio.Pending:
-        return _aio.Pending(lambda: _aio.acquire(self.lock, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "lock", self.lock, timeout))
 
 
 Indices = Union[int, range, slice, "tuple[int, int]"]
@@ -210,7 +214,9 @@ class LockSet(_native.LockSet):
     ) -> _aio.Pending:
         """``async with s.locked_async(range(3, 7)):`` -- a scope, awaited."""
         start, end = _span(indices)
-        return _aio.Pending(lambda: _aio.acquire(self._scope, timeout, start, end, shared))
+        return _aio.Pending(
+            lambda: _aio.acquire(self, "scope", self._scope, timeout, start, end, shared)
+        )
 
 
 class Holder(NamedTuple):

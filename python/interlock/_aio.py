@@ -1,23 +1,27 @@
 """asyncio forms: wait without blocking the event loop and without polling.
 
 An acquisition first tries on the loop's thread without waiting (the
-uncontended case costs no thread). If the lock is held, a helper thread makes
-the blocking call (which waits in the kernel, without the GIL) and hands the
-guard to the loop with ``call_soon_threadsafe``. The hold belongs to the
-awaiting task, not to either thread: a task that asks again for a lock it
-holds gets ``AlreadyHeld`` at once, another task waits.
+uncontended case costs no thread). If the lock is held, it drives the Rust
+core's async acquisition (``interlock::Acquire``, wrapped by
+``_native.AsyncWait``): its first poll hands the blocking wait to one of the
+core's waiter threads, which sleeps in the kernel without the GIL; when the
+wait ends, the core's waker writes a byte to a socket that the loop watches
+(``add_reader``), and the task polls again to take the guard. The hold
+belongs to the awaiting task, not to any thread: a task that asks again for
+a lock it holds gets ``AlreadyHeld`` at once, another task waits.
 
-Cancellation never leaves the lock held: if the task is cancelled before the
-guard reaches it, the guard is released on the loop as soon as it arrives (or
-at once, if it had arrived); the helper's wait ends when the lock comes free
-or its timeout passes.
+Cancellation never leaves the lock held and ends the wait at once: the
+cancelled task drops the core's future, which interrupts the waiter's
+kernel wait (it leaves through its time-out path, giving back any partial
+hold) and releases a grant that raced the cancel. The waiter thread goes back
+to the core's pool; no thread or kernel wait is left behind while the lock
+stays held elsewhere. See docs/design-async.md and docs/python.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import weakref
 from collections.abc import Awaitable, Generator
 from typing import Any, Callable, Optional
@@ -50,47 +54,49 @@ def _call_as(token: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
         _native._hold_as(prev)
 
 
-async def acquire(fn: Callable[..., Any], timeout: Optional[float], *args: Any) -> Any:
-    """Calls ``fn(*args, blocking=..., timeout=...)`` for the running task."""
+async def acquire(
+    lock: Any, kind: str, fn: Callable[..., Any], timeout: Optional[float], *args: Any
+) -> Any:
+    """Calls ``fn(*args, blocking=False)`` for the running task; if the lock
+    is taken, waits for it without blocking the loop through
+    ``_native._async_wait(lock, kind, timeout, *args)`` (the core's future)."""
     token = _task_token()
     try:
         return _call_as(token, fn, *args, blocking=False)
     except WouldBlock:
         if timeout == 0:
             raise
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def deliver(guard: Any, exc: Optional[BaseException]) -> None:
-        if fut.cancelled():
-            if guard is not None:
-                guard.release()
-        elif exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(guard)
-
-    def wait() -> None:
-        try:
-            guard = _call_as(token, fn, *args, blocking=True, timeout=timeout)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            try:
-                loop.call_soon_threadsafe(deliver, None, e)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting
-            return
-        try:
-            loop.call_soon_threadsafe(deliver, guard, None)
-        except RuntimeError:
-            guard.release()  # the loop is closed: nobody will take it
-
-    threading.Thread(target=wait, name="interlock-async-wait", daemon=True).start()
+    w = _call_as(token, _native._async_wait, lock, kind, timeout, *args)
     try:
-        return await fut
-    except asyncio.CancelledError:
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            fut.result().release()
+        while True:
+            # The first poll starts the core's waiter; a later one, after
+            # the waker's byte, takes the grant (recorded for this task).
+            g = _call_as(token, w.poll)
+            if g is not None:
+                return g
+            await _readable(w.fileno())
+    except BaseException:
+        # Cancelled (or failed) before the guard reached the task: dropping
+        # the core's future ends its wait and releases a grant it holds.
+        w.cancel()
         raise
+
+
+async def _readable(fd: int) -> None:
+    """Until ``fd`` is readable (the loop's selector waits for it)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        loop.remove_reader(fd)
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
 
 
 class Pending(Awaitable[Any]):

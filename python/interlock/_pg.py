@@ -28,11 +28,11 @@ class PgLock(_native.PgLock):
 
     def write_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for the exclusive lock, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.write, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "write", self.write, timeout))
 
     def read_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for a shared lock, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.read, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "read", self.read, timeout))
 
 
 class PgMutex(_native.PgMutex):
@@ -47,4 +47,4 @@ class PgMutex(_native.PgMutex):
 
     def lock_async(self, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for the mutex, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self.lock, timeout))
+        return _aio.Pending(lambda: _aio.acquire(self, "lock", self.lock, timeout))

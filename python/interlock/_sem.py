@@ -3,8 +3,9 @@
 The permits are the Rust library's (``interlock::Semaphore``,
 ``interlock::FileSemaphore``); this module adds the asyncio forms and the
 decorator. ``async with sem:`` takes one permit for the running task; the
-wait is ``_aio``'s (a helper thread blocks in the kernel, no polling) and a
-cancelled acquisition never leaves a permit held.
+wait is ``_aio``'s (the core's async acquisition: a waiter thread blocks in
+the kernel, no polling) and a cancelled acquisition ends its wait at once,
+never leaving a permit held.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class _AsyncPermits:
 
     def acquire_async(self, n: int = 1, timeout: Optional[float] = None) -> _aio.Pending:
         """``await`` it for a Guard of ``n`` permits, or ``async with`` it."""
-        return _aio.Pending(lambda: _aio.acquire(self._take, timeout, n))
+        return _aio.Pending(lambda: _aio.acquire(self, "permits", self._take, timeout, n))
 
     def _task_guards(self) -> list[Guard]:
         tasks = self.__dict__.get("_interlock_tasks")
@@ -39,7 +40,7 @@ class _AsyncPermits:
 
     async def __aenter__(self) -> Any:
         guards = self._task_guards()
-        guards.append(await _aio.acquire(self._take, None, 1))
+        guards.append(await _aio.acquire(self, "permits", self._take, None, 1))
         return self
 
     async def __aexit__(self, *exc: Any) -> bool:

@@ -380,3 +380,43 @@ def test_a_forked_child_never_uses_or_releases_the_parents_session(pg: Cluster) 
     g.release()
     with idle.write(blocking=False):
         pass
+
+
+def test_a_cancelled_async_wait_leaves_the_queue_and_holds_nothing(pg: Cluster) -> None:
+    """The async forms drive the crate's future: cancelling the task sends
+    the server a cancel request, so the waiter leaves the server's queue at
+    once while the lock stays held, and a grant is never kept."""
+    import asyncio
+
+    name = _name("aio-cancel")
+    holder = interlock.PgLock(name, pg.url)
+    waiter = interlock.PgLock(name, pg.url)
+    g = _in_thread(holder.write)  # held on behalf of another thread
+
+    def queue() -> list:
+        return [h["waiting"] for h in holder.holders()]
+
+    async def main() -> None:
+        # No timeout: only the cancel can end these waits.
+        tasks = [asyncio.ensure_future(waiter.write_async()) for _ in range(3)]
+        # Bounded polls of the server's view: a statement's start has no
+        # handshake to wait for.
+        end = time.monotonic() + WAIT
+        while queue().count(True) < 1:
+            assert time.monotonic() < end, queue()
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        end = time.monotonic() + WAIT
+        while queue() != [False]:
+            assert time.monotonic() < end, queue()
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert not waiter.locked()
+    g.release()
+    with waiter.write(blocking=False):
+        pass

@@ -411,3 +411,54 @@ pub(crate) fn holders(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Vec<P
         })
         .collect()
 }
+
+impl PyFileLock {
+    /// The pending async acquisition of `kind` (crate::aio): the crate's
+    /// future, and on its grant the hold recorded as `take_shared` records
+    /// it.
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        kind: &str,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        use crate::aio;
+        let (kind, mode, what) = match kind {
+            "read" => (Kind::Read, Mode::Shared, "the shared lock"),
+            "upgradable_read" => (Kind::Upgradable, Mode::Shared, "the upgradable lock"),
+            "write" => (Kind::Write, Mode::Exclusive, "the exclusive lock"),
+            k => return Err(aio::bad_kind(k)),
+        };
+        let core = slf.get().core(slf.py())?;
+        let fut = match kind {
+            Kind::Read => aio::future(
+                wait,
+                || core.read_async(),
+                |t| core.read_async_until(t),
+                |g| (Held::FileRead(g), false),
+            ),
+            Kind::Upgradable => aio::future(
+                wait,
+                || core.upgradable_read_async(),
+                |t| core.upgradable_read_async_until(t),
+                |g| (Held::FileUpgradable(g), false),
+            ),
+            Kind::Write => aio::future(
+                wait,
+                || core.write_async(),
+                |t| core.write_async_until(t),
+                |g| (Held::FileWrite(g), false),
+            ),
+        };
+        let obj = slf.clone().unbind();
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, r| {
+                let me = obj.get();
+                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
+                let req = me.request(mode, what);
+                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
+                hold::into_guard(py, &me.path, s)
+            }),
+        )
+    }
+}

@@ -177,3 +177,37 @@ impl PyLeaseLock {
         )
     }
 }
+
+impl PyLeaseLock {
+    /// The pending async `lock` (crate::aio); on its grant the hold is
+    /// recorded as `take_shared` records it.
+    pub(crate) fn async_wait(slf: &Bound<'_, Self>, wait: Wait) -> PyResult<crate::aio::AsyncWait> {
+        use crate::aio;
+        let lock = &slf.get().lock;
+        let fut = aio::future(
+            wait,
+            || lock.lock_async(),
+            |t| lock.lock_async_until(t),
+            |g| (Held::Lease(g), false),
+        );
+        let obj = slf.clone().unbind();
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, r| {
+                let me = obj.get();
+                let what = "the lease";
+                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
+                let req = Request {
+                    key: Some(&me.key),
+                    reentrant: false,
+                    mode: Mode::Exclusive,
+                    path: &me.path,
+                    what,
+                    fast: Fast::Detach,
+                };
+                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
+                hold::into_guard(py, &me.path, s)
+            }),
+        )
+    }
+}

@@ -24,12 +24,17 @@
 //!   would wait for itself. Holds are recorded per thread ([`hold`]): the
 //!   second request fails at once with `AlreadyHeld`, or, on an object made
 //!   with `reentrant=True`, counts.
+//! - **asyncio without threads of its own.** A contended async acquisition
+//!   is the crate's cancel-safe future driven from the event loop
+//!   ([`aio`]): its waker writes to a socket the loop watches, and a
+//!   cancelled task drops the future, which ends the wait at once.
 //! - **fork.** A child must never release its parent's lock: guards and
 //!   lock objects remember the fork generation they were made in; in a
 //!   child an inherited guard is forgotten (releasing it releases nothing)
 //!   and a lock object reopens its lock on first use, leaking (never
 //!   closing or unlocking) the inherited one.
 
+mod aio;
 mod errors;
 mod file;
 mod hold;
@@ -49,6 +54,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     interlock::__fork::watch();
     m.add_class::<hold::Guard>()?;
     m.add_class::<hold::Ready>()?;
+    m.add_class::<aio::AsyncWait>()?;
     m.add_class::<file::PyFileLock>()?;
     m.add_class::<set::PyLockSet>()?;
     m.add_class::<shm::PyShmRwLock>()?;
@@ -60,6 +66,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sem::PyFileSemaphore>()?;
     m.add_function(wrap_pyfunction!(file::holders, m)?)?;
     m.add_function(wrap_pyfunction!(wait::_hold_as, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_async_wait, m)?)?;
+    m.add_function(wrap_pyfunction!(aio::_busy_waiters, m)?)?;
     m.add("INDEX_END", interlock::INDEX_END)?;
     m.add("SLICE_SECONDS", wait::SLICE.as_secs_f64())?;
     Ok(())

@@ -496,3 +496,95 @@ fn block_on_hearing_signals(
         }
     }
 }
+
+// ----- asyncio (crate::aio) -----------------------------------------------
+
+impl Inner {
+    /// The pending async acquisition in `mode` of the lock `obj` wraps
+    /// (`inner` finds it): the crate's future, whose drop cancels the
+    /// server-side wait (a cancel request) and releases a grant that raced
+    /// it; on its grant the hold is recorded as `take_shared` records it.
+    fn async_wait<T>(
+        obj: Py<T>,
+        inner: fn(&T) -> &Inner,
+        mode: Mode,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait>
+    where
+        T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync,
+    {
+        use crate::aio;
+        let lock = &inner(obj.get()).lock;
+        let fut = match mode {
+            Mode::Shared => aio::future(
+                wait,
+                || lock.read_async(),
+                |t| lock.read_async_until(t),
+                |g| (Held::Pg(g), false),
+            ),
+            Mode::Exclusive => aio::future(
+                wait,
+                || lock.write_async(),
+                |t| lock.write_async_until(t),
+                |g| (Held::Pg(g), false),
+            ),
+        };
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, r| {
+                let me = inner(obj.get());
+                let what = if mode == Mode::Shared {
+                    "shared lock"
+                } else {
+                    "lock"
+                };
+                let (h, _) = r.map_err(|e| aio::raise(py, &e, &me.what, what))?;
+                let req = Request {
+                    key: Some(&me.key),
+                    reentrant: false,
+                    mode,
+                    path: &me.what,
+                    what,
+                    fast: crate::wait::Fast::Detach,
+                };
+                let s = hold::acquire_custom(
+                    py,
+                    &me.holds,
+                    req,
+                    &me.key,
+                    Wait::NonBlocking,
+                    |_, _| Ok(Ok(h)),
+                )?;
+                hold::into_guard(py, &me.what, (s, false))
+            }),
+        )
+    }
+}
+
+impl PyPgLock {
+    /// The pending async `read` or `write` (crate::aio).
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        kind: &str,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        let mode = match kind {
+            "read" => Mode::Shared,
+            "write" => Mode::Exclusive,
+            k => return Err(crate::aio::bad_kind(k)),
+        };
+        Inner::async_wait(slf.clone().unbind(), |l: &Self| &l.inner, mode, wait)
+    }
+}
+
+impl PyPgMutex {
+    /// The pending async `lock` (crate::aio).
+    pub(crate) fn async_wait(slf: &Bound<'_, Self>, wait: Wait) -> PyResult<crate::aio::AsyncWait> {
+        Inner::async_wait(
+            slf.clone().unbind(),
+            |l: &Self| &l.inner,
+            Mode::Exclusive,
+            wait,
+        )
+    }
+}

@@ -380,3 +380,61 @@ permit_methods!(PyFileSemaphore, "FileSemaphore", {
             .map_err(|e| errors::from_error(py, &e))
     }
 });
+
+// ----- asyncio (crate::aio) -----------------------------------------------
+
+/// The finish step of a semaphore's async acquisition: records the permits
+/// as `take_shared` does (no per-holder record: a semaphore has none).
+fn sem_finish<T>(obj: Py<T>, k: u32) -> crate::aio::Finish
+where
+    T: Permits + pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync,
+{
+    use crate::aio;
+    Box::new(move |py, r| {
+        let c = obj.get().common();
+        let req = c.request(k);
+        let h = r.map_err(|e| aio::raise(py, &e, &c.path, req.what))?;
+        let s = hold::acquire_shared(py, &c.holds, req, Wait::NonBlocking, aio::given(h))?;
+        hold::into_guard(py, &c.path, s)
+    })
+}
+
+impl PySemaphore {
+    /// The pending async acquisition of `n` permits (crate::aio).
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        n: i64,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        let me = slf.get();
+        let k = me.c.count(n)?;
+        let sem = &me.sem;
+        let fut = crate::aio::future(
+            wait,
+            || sem.acquire_many_async(k),
+            |t| sem.acquire_many_async_until(k, t),
+            |g| (Held::Sem(g), false),
+        );
+        crate::aio::AsyncWait::new(fut, sem_finish(slf.clone().unbind(), k))
+    }
+}
+
+impl PyFileSemaphore {
+    /// The pending async acquisition of `n` permits (crate::aio).
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        n: i64,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        let me = slf.get();
+        let k = me.c.count(n)?;
+        let sem = me.core(slf.py())?;
+        let fut = crate::aio::future(
+            wait,
+            || sem.acquire_many_async(k),
+            |t| sem.acquire_many_async_until(k, t),
+            |g| (Held::FileSem(g), false),
+        );
+        crate::aio::AsyncWait::new(fut, sem_finish(slf.clone().unbind(), k))
+    }
+}

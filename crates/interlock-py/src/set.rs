@@ -244,3 +244,49 @@ fn mode_name(m: Mode) -> &'static str {
         Mode::Exclusive => "exclusive",
     }
 }
+
+impl PyLockSet {
+    /// The pending async scope of `start..end` (crate::aio), checked and,
+    /// on its grant, recorded as `_scope` does.
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        start: u64,
+        end: u64,
+        shared: bool,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        use crate::aio;
+        let py = slf.py();
+        let me = slf.get();
+        let r = range_arg(start, end)?;
+        let set = me.core(py)?;
+        let mode = mode_of(shared);
+        let holder = me.refuse_self_wait(py, &set, &r, mode, wait)?;
+        let fut = aio::future(
+            wait,
+            || set.scope_async(r.clone(), mode),
+            |t| set.scope_async_until(r.clone(), mode, t),
+            |s| (Held::Scope(s), false),
+        );
+        let obj = slf.clone().unbind();
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, got| {
+                let me = obj.get();
+                let what = Self::what(&r, shared);
+                let h = got.map_err(|e| aio::raise(py, &e, &me.path, &what))?;
+                let req = Request {
+                    key: None,
+                    reentrant: false,
+                    mode,
+                    path: &me.path,
+                    what: &what,
+                    fast: Fast::Detach,
+                };
+                let g = hold::acquire(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
+                setrecord::locked(me.file, &set, holder, r);
+                Ok(g)
+            }),
+        )
+    }
+}

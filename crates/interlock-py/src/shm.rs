@@ -361,3 +361,110 @@ impl PyShmMutex {
         format!("<interlock.ShmMutex {}>", self.path.display())
     }
 }
+
+// ----- asyncio (crate::aio) -----------------------------------------------
+
+fn shm_held(r: interlock::LockResult<interlock::ShmArcGuard>) -> (Held, bool) {
+    match r {
+        Ok(g) => (Held::Shm(g), false),
+        Err(p) => (Held::Shm(p.into_inner()), true),
+    }
+}
+
+fn mutex_held(r: interlock::LockResult<interlock::ShmMutexArcGuard>) -> (Held, bool) {
+    match r {
+        Ok(g) => (Held::Mutex(g), false),
+        Err(p) => (Held::Mutex(p.into_inner()), true),
+    }
+}
+
+impl PyShmRwLock {
+    /// The pending async acquisition of `kind`; on its grant the hold is
+    /// recorded as `take_shared` records it.
+    pub(crate) fn async_wait(
+        slf: &Bound<'_, Self>,
+        kind: &str,
+        wait: Wait,
+    ) -> PyResult<crate::aio::AsyncWait> {
+        use crate::aio;
+        let (hold, mode, what) = match kind {
+            "read" => (ShmHold::Read, Mode::Shared, "the shared lock"),
+            "upgradable_read" => (ShmHold::Upgradable, Mode::Shared, "the upgradable lock"),
+            "write" => (ShmHold::Write, Mode::Exclusive, "the exclusive lock"),
+            k => return Err(aio::bad_kind(k)),
+        };
+        let lock = &slf.get().lock;
+        let fut = match hold {
+            ShmHold::Read => aio::future(
+                wait,
+                || lock.read_async(),
+                |t| lock.read_async_until(t),
+                shm_held,
+            ),
+            ShmHold::Upgradable => aio::future(
+                wait,
+                || lock.upgradable_read_async(),
+                |t| lock.upgradable_read_async_until(t),
+                shm_held,
+            ),
+            _ => aio::future(
+                wait,
+                || lock.write_async(),
+                |t| lock.write_async_until(t),
+                shm_held,
+            ),
+        };
+        let obj = slf.clone().unbind();
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, r| {
+                let me = obj.get();
+                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
+                let req = Request {
+                    key: Some(&me.key),
+                    reentrant: me.reentrant,
+                    mode,
+                    path: &me.path,
+                    what,
+                    fast: Fast::TryFirst,
+                };
+                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
+                hold::into_guard(py, &me.path, s)
+            }),
+        )
+    }
+}
+
+impl PyShmMutex {
+    /// The pending async `lock`; on its grant the hold is recorded as
+    /// `take_shared` records it.
+    pub(crate) fn async_wait(slf: &Bound<'_, Self>, wait: Wait) -> PyResult<crate::aio::AsyncWait> {
+        use crate::aio;
+        let lock = &slf.get().lock;
+        let fut = aio::future(
+            wait,
+            || lock.lock_async(),
+            |t| lock.lock_async_until(t),
+            mutex_held,
+        );
+        let obj = slf.clone().unbind();
+        aio::AsyncWait::new(
+            fut,
+            Box::new(move |py, r| {
+                let me = obj.get();
+                let what = "the mutex";
+                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
+                let req = Request {
+                    key: Some(&me.key),
+                    reentrant: me.reentrant,
+                    mode: Mode::Exclusive,
+                    path: &me.path,
+                    what,
+                    fast: Fast::TryFirst,
+                };
+                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
+                hold::into_guard(py, &me.path, s)
+            }),
+        )
+    }
+}
