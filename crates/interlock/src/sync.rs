@@ -180,6 +180,16 @@ pub(crate) mod futex {
             _ => Woke::Maybe,
         })
     }
+
+    /// Sleeps while every `(word, expected)` of `words` holds (at most
+    /// [`crate::sys::robust::WAITV_MAX`]), at most `timeout`; `None` if the
+    /// kernel lacks `futex_waitv` (the caller polls).
+    pub(crate) fn wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> Option<Woke> {
+        Some(match crate::sys::robust::waitv(words, timeout)? {
+            sys::WaitOutcome::TimedOut => Woke::TimedOut,
+            _ => Woke::Maybe,
+        })
+    }
 }
 
 /// Loom's model of a futex: a real sleep (a loom condition variable), so
@@ -248,6 +258,25 @@ pub mod futex {
             return Some(Woke::TimedOut);
         }
         if a.kernel_load(Ordering::SeqCst) != ea || b.kernel_load(Ordering::SeqCst) != eb {
+            return Some(Woke::Maybe);
+        }
+        drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
+        Some(Woke::Maybe)
+    }
+
+    /// Sleeps while every `(word, expected)` holds, until any wake-up (the
+    /// model of `futex_waitv` on many words; always available).
+    pub fn wait_any(words: &[(&AtomicU32, u32)], _timeout: Option<Duration>) -> Option<Woke> {
+        let g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if FUTEX.deaths.load(Ordering::SeqCst) {
+            drop(g);
+            loom::thread::yield_now();
+            return Some(Woke::TimedOut);
+        }
+        if words
+            .iter()
+            .any(|(w, e)| w.kernel_load(Ordering::SeqCst) != *e)
+        {
             return Some(Woke::Maybe);
         }
         drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));

@@ -27,14 +27,31 @@ const W_OPS: usize = 1;
 const W_MARKS: usize = 2;
 const RECOVERY_BOUND: Duration = Duration::from_secs(2);
 
+/// Whether process `pid` is gone, a zombie, or so far into its exit that
+/// every one of its threads is exiting (`PF_EXITING`, 0x4, in the flags
+/// field of /proc/PID/task/TID/stat): such a process runs no more user
+/// code, and a waiter may take its permits back from that moment (the
+/// kernel's robust-futex notice comes at that point, before the process is
+/// a zombie; see docs/design-sem.md).
 fn is_dead(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let gone_or_exiting = |path: String| match std::fs::read_to_string(path) {
         Err(_) => true,
         Ok(s) => {
             let rest = &s[s.rfind(')').unwrap() + 1..];
-            matches!(rest.trim_start().as_bytes().first(), Some(b'Z' | b'X'))
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            matches!(f.first(), Some(&("Z" | "X")))
+                || f.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) & 0x4 != 0
         }
-    }
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.filter_map(|e| e.ok()).all(|e| {
+        gone_or_exiting(format!(
+            "/proc/{pid}/task/{}/stat",
+            e.file_name().to_string_lossy()
+        ))
+    })
 }
 
 struct Rng(u64);

@@ -9,7 +9,7 @@
 mod support;
 
 use interlock::shm::testing::SharedWords;
-use interlock::{ShmMutex, ShmRwLock, TryLockError};
+use interlock::{Semaphore, ShmMutex, ShmRwLock, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -58,6 +58,13 @@ fn this_tid() -> u32 {
 /// until killed).
 fn holder_role(role: &str) {
     let path = support::arg();
+    if role == "sem" {
+        // A one-permit semaphore (the parent may have created it as a
+        // version-1 file, which has no watch table).
+        let sem = Semaphore::open(&path, 1).unwrap();
+        hold_until_release(sem.acquire());
+        return;
+    }
     if role == "mutex" {
         let lock = ShmMutex::open(&path).unwrap();
         hold_until_release(lock.lock().unwrap_or_else(|p| p.into_inner()));
@@ -604,6 +611,68 @@ fn recovery_latency_after_sigkill() {
     assert!(lat.iter().all(|d| *d < RECOVERY_BOUND));
 }
 
+/// Time from SIGKILL of a process holding a semaphore's only permit to a
+/// blocked waiter's acquisition, over many kills: on a version-1 file
+/// (no watch table: the waiter polls every 5 ms, as before) and on a
+/// current one (the kernel's notice on the holder's watch slot).
+/// Run: `INTERLOCK_MEASURE=1 cargo test -p interlock --release --test shm_processes -- --nocapture recovery_latency`
+#[test]
+fn recovery_latency_after_sigkill_of_a_permit_holder() {
+    if let Some(role) = support::role() {
+        holder_role(&role);
+        return;
+    }
+    if !measuring() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for v1 in [true, false] {
+        let mut lat = Vec::new();
+        for round in 0..100 {
+            let path = d.path().join(format!("sem-{v1}-{round}"));
+            if v1 {
+                interlock::shm::testing::create_v1_semaphore(&path, 1).unwrap();
+            }
+            let arg = path.to_str().unwrap();
+            let mut c = Child::spawn(
+                "recovery_latency_after_sigkill_of_a_permit_holder",
+                "sem",
+                arg,
+            );
+            c.expect("held");
+            let (tx, blocked) = std::sync::mpsc::channel();
+            let p = path.clone();
+            let waiter = std::thread::spawn(move || {
+                let mut s = Semaphore::open(&p, 1).unwrap();
+                s.set_on_block(Some(std::sync::Arc::new(
+                    move |_: &interlock::Blocked<'_>| {
+                        let _ = tx.send(());
+                    },
+                )));
+                let g = s.try_acquire_for(Duration::from_secs(30)).unwrap();
+                let at = Instant::now();
+                drop(g);
+                at
+            });
+            blocked.recv_timeout(support::WAIT).unwrap();
+            let killed = Instant::now();
+            c.kill();
+            let got = waiter.join().unwrap();
+            lat.push(got.saturating_duration_since(killed));
+        }
+        let what = if v1 {
+            "version-1 file, polling"
+        } else {
+            "watch slot"
+        };
+        eprintln!(
+            "recovery after SIGKILL of a permit holder ({what}): {}",
+            percentiles(lat.clone())
+        );
+        assert!(lat.iter().all(|d| *d < RECOVERY_BOUND));
+    }
+}
+
 /// What this thread has cost so far: (voluntary context switches, i.e.
 /// times it went to sleep and was woken; ns on a CPU), from
 /// /proc/thread-self/status and /proc/thread-self/schedstat.
@@ -641,12 +710,21 @@ fn waiting_cost_per_second() {
         .unwrap_or(2);
     let d = tempfile::tempdir().unwrap();
     for (case, holder, waiter) in [
+        (
+            "Semaphore behind a holder, version-1 file (no watch table: polls, as before)",
+            "sem",
+            "sem-v1",
+        ),
+        ("Semaphore behind a holder (watch slot)", "sem", "sem"),
         ("mutex behind a holder", "mutex", "mutex"),
         ("rwlock writer behind a writer", "write", "write"),
         ("rwlock writer behind a reader (drain)", "read", "write"),
         ("rwlock reader behind a writer", "write", "read"),
     ] {
         let path = d.path().join(format!("{holder}-{waiter}.shm"));
+        if waiter == "sem-v1" {
+            interlock::shm::testing::create_v1_semaphore(&path, 1).unwrap();
+        }
         let arg = path.to_str().unwrap().to_owned();
         let mut c = Child::spawn("waiting_cost_per_second", holder, &arg);
         c.expect("held");
@@ -657,7 +735,11 @@ fn waiting_cost_per_second() {
             });
             let before = thread_cost();
             let t = Instant::now();
-            if waiter == "mutex" {
+            if waiter.starts_with("sem") {
+                let mut s = Semaphore::open(&arg, 1).unwrap();
+                s.set_on_block(Some(on_block));
+                drop(s.try_acquire_for(support::WAIT).unwrap());
+            } else if waiter == "mutex" {
                 let mut l = ShmMutex::open(&arg).unwrap();
                 l.set_on_block(Some(on_block));
                 drop(l.try_lock_for(support::WAIT).unwrap());

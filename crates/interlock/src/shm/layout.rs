@@ -16,14 +16,21 @@
 //! 128     128         Words: state (u32 futex word), high (u32), padding
 //! 256     128 * n     Slot[n]: owner (u64), held (u32), tid (u32), live (u32),
 //!                     spare (u32), robust-list entry (24..72), padding
+//! ...     128 * w     semaphore, version 2 only: Slot[w], the watch table
+//!                     (w = WATCH_SLOTS; see shm/permits.rs)
 //! ```
+//!
+//! Versions: 1 for every kind (a semaphore of version 1 has no watch
+//! table: its waiters poll for dead holders, and this library still opens
+//! it so); 2 for a semaphore with the watch table, which a version-1 reader
+//! refuses by its version field.
 //!
 //! Header fields (little-endian):
 //!
 //! | offset | type | field |
 //! |---|---|---|
 //! | 0 | [u8; 8] | magic `ILCKSHM\0` |
-//! | 8 | u32 | layout version ([`VERSION`]) |
+//! | 8 | u32 | layout version ([`VERSION`]; [`SEM_VERSION`] for a semaphore with a watch table) |
 //! | 12 | u32 | kind: 1 = rwlock, 2 = mutex, 3 = semaphore |
 //! | 16 | u32 | number of slots |
 //! | 20 | u32 | slot size (128) |
@@ -41,8 +48,16 @@ use crate::sync::{AtomicU32, AtomicU64};
 
 /// The magic at offset 0.
 pub const MAGIC: [u8; 8] = *b"ILCKSHM\0";
-/// The layout version this library reads and writes.
+/// The layout version this library writes for rwlocks and mutexes (and
+/// reads for every kind).
 pub const VERSION: u32 = 1;
+/// The layout version of a semaphore with a watch table (what this library
+/// creates for a semaphore).
+pub const SEM_VERSION: u32 = 2;
+/// The watch slots of a version-2 semaphore: one per process that holds
+/// permits (more processes than this go uncovered, and their permits'
+/// waiters poll).
+pub const WATCH_SLOTS: u32 = 128;
 /// Bytes of header before the words.
 pub const HEADER_LEN: usize = 128;
 /// Where [`Words`] live.
@@ -254,6 +269,9 @@ pub struct Header {
     /// The creator's PID namespace (0 = unknown): pids in the slots are
     /// only meaningful there.
     pub pid_ns: u64,
+    /// Watch slots after the slots: [`WATCH_SLOTS`] in a version-2
+    /// semaphore, else 0.
+    pub watch: u32,
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
@@ -268,14 +286,23 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 impl Header {
     /// The total length of a lock with this header.
     pub fn total_len(&self) -> usize {
-        SLOTS_OFFSET + self.slots as usize * SLOT_SIZE
+        SLOTS_OFFSET + (self.slots as usize + self.watch as usize) * SLOT_SIZE
+    }
+
+    /// The version this header is written with.
+    pub fn version(&self) -> u32 {
+        if self.watch != 0 {
+            SEM_VERSION
+        } else {
+            VERSION
+        }
     }
 
     /// The header's bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version().to_le_bytes());
         b[12..16].copy_from_slice(&(self.kind as u32).to_le_bytes());
         b[16..20].copy_from_slice(&self.slots.to_le_bytes());
         b[20..24].copy_from_slice(&(SLOT_SIZE as u32).to_le_bytes());
@@ -301,9 +328,10 @@ impl Header {
             return Err("not an interlock shared-memory lock (bad magic)".into());
         }
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && !(version == SEM_VERSION && u32_at(12) == Kind::Semaphore as u32) {
             return Err(format!(
-                "layout version {version}, this library reads version {VERSION}"
+                "layout version {version}, this library reads version {VERSION} \
+                 (and {SEM_VERSION} for a semaphore)"
             ));
         }
         if u32_at(48) != fnv1a(&b[0..48]) {
@@ -324,6 +352,11 @@ impl Header {
             kind,
             slots,
             pid_ns,
+            watch: if version == SEM_VERSION {
+                WATCH_SLOTS
+            } else {
+                0
+            },
         };
         let total = u64::from_le_bytes(b[32..40].try_into().unwrap());
         if total != h.total_len() as u64 {
@@ -349,6 +382,7 @@ mod tests {
             kind: Kind::RwLock,
             slots: 64,
             pid_ns: 4026531836,
+            watch: 0,
         };
         let b = h.encode();
         let len = h.total_len() as u64;
@@ -365,6 +399,30 @@ mod tests {
         let mut bad = b;
         bad[8] = 9;
         assert!(Header::decode(&bad, len).unwrap_err().contains("version 9"));
+        // Version 2 is a semaphore's only, and has the watch table.
+        let mut bad = b;
+        bad[8] = 2;
+        assert!(Header::decode(&bad, len).unwrap_err().contains("version 2"));
+        let sem = Header {
+            kind: Kind::Semaphore,
+            slots: 3,
+            pid_ns: 7,
+            watch: WATCH_SLOTS,
+        };
+        let sb = sem.encode();
+        assert_eq!(sb[8], 2);
+        let sl = sem.total_len() as u64;
+        assert_eq!(
+            sl,
+            (SLOTS_OFFSET + (3 + WATCH_SLOTS as usize) * SLOT_SIZE) as u64
+        );
+        assert_eq!(Header::decode(&sb, sl), Ok(sem));
+        // A version-1 semaphore (no watch table) still opens.
+        let old = Header { watch: 0, ..sem };
+        assert_eq!(
+            Header::decode(&old.encode(), old.total_len() as u64),
+            Ok(old)
+        );
         let mut bad = b;
         bad[17] ^= 1;
         assert!(Header::decode(&bad, len).unwrap_err().contains("checksum"));
@@ -382,7 +440,7 @@ mod tests {
 
         #[test]
         fn any_byte_damage_is_detected(i in 0usize..52, x in 1u8..=255) {
-            let h = Header { kind: Kind::Mutex, slots: 8, pid_ns: 7 };
+            let h = Header { kind: Kind::Mutex, slots: 8, pid_ns: 7, watch: 0 };
             let mut b = h.encode();
             b[i] ^= x;
             prop_assert!(Header::decode(&b, h.total_len() as u64).is_err());

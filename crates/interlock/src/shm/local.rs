@@ -18,6 +18,7 @@
 //! gives its own slot back to its process's pool; slots go back to the
 //! shared table only when the handle is dropped, when no guard can exist.
 
+use super::layout::Slot;
 use super::protocol::{Notify, CHECK};
 use super::Inner;
 use crate::sync::Ordering;
@@ -73,8 +74,7 @@ impl Entry {
     fn unlink(&mut self, gen: u64) {
         if let Some(l) = self.link.take() {
             if self.gen == gen {
-                l.unlink();
-                let _ = LINKS.try_with(|n| n.set(n.get().saturating_sub(1)));
+                unlink_counted(l);
             }
         }
     }
@@ -113,15 +113,27 @@ const MAX_LINKS: u32 = 64;
 
 /// Links the liveness word of own slot `s` into this thread's robust list.
 fn link_own(inner: &Inner, s: u32) -> Option<Linked> {
+    link_counted(inner.mapping(), &inner.core().slots[s as usize])
+}
+
+/// Links `slot`'s liveness word into this thread's robust list (its `tid`
+/// first, then the word), counted against this thread's [`MAX_LINKS`]
+/// (the semaphore's watch slots count too). Undo with [`unlink_counted`].
+pub(crate) fn link_counted(map: &Arc<crate::sys::mmap::Mapping>, slot: &Slot) -> Option<Linked> {
     if LINKS.try_with(Cell::get).ok()? >= MAX_LINKS {
         return None;
     }
-    let slot = &inner.core().slots[s as usize];
     let tid = gettid();
     slot.tid.store(tid, Ordering::SeqCst);
-    let l = Linked::link(inner.mapping(), &slot.live, &slot.entry, tid)?;
+    let l = Linked::link(map, &slot.live, &slot.entry, tid)?;
     let _ = LINKS.try_with(|n| n.set(n.get() + 1));
     Some(l)
+}
+
+/// Unlinks an entry of [`link_counted`] (on the thread that linked it).
+pub(crate) fn unlink_counted(l: Linked) {
+    l.unlink();
+    let _ = LINKS.try_with(|n| n.set(n.get().saturating_sub(1)));
 }
 
 /// Unlinks this thread's entries for the handle `id` (being dropped) and

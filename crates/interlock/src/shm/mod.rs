@@ -183,4 +183,24 @@ pub mod testing {
             self.map.slice(0, self.n)
         }
     }
+
+    /// Writes a layout-version-1 semaphore of `permits` permits at `path`
+    /// (which must not exist): what an older interlock created, with no
+    /// watch table, so that its waiters poll for dead holders.
+    pub fn create_v1_semaphore(path: &Path, permits: u32) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let h = super::layout::Header {
+            kind: super::layout::Kind::Semaphore,
+            slots: permits,
+            pid_ns: super::open::pid_namespace(),
+            watch: 0,
+        };
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.set_len(h.total_len() as u64)?;
+        f.write_all_at(&h.encode(), 0)
+    }
 }

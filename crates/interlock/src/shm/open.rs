@@ -241,6 +241,19 @@ impl Env for ProcEnv {
         // task directory tells about the thread: gone, a zombie or exiting.
         self.is_dead(owner) || crate::sys::robust::thread_exiting(pid, tid)
     }
+
+    fn is_dying(&self, owner: u64) -> bool {
+        let (pid, _) = layout::unpack(owner);
+        pid != 0 && (self.is_dead(owner) || crate::sys::robust::process_exiting(pid))
+    }
+}
+
+/// The watch slots a new lock of `kind` gets: a semaphore's table, or none.
+fn watch_of(kind: Kind) -> u32 {
+    match kind {
+        Kind::Semaphore => layout::WATCH_SLOTS,
+        _ => 0,
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -248,7 +261,12 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// One process's handle on one lock's memory (shared by the `ShmRwLock` or
 /// `ShmMutex` and the thread-local slot caches, which hold it weakly).
 pub(crate) struct Inner {
+    /// The slots, and after them a semaphore's watch table (if any).
     view: View<Words, Slot>,
+    /// How many of the view's slots are the lock's (the rest: watch slots).
+    cells: usize,
+    /// A semaphore's identity cache and watch-slot cover (see semaphore.rs).
+    pub(crate) cover: super::semaphore::Cover,
     /// Process-unique, never reused: the key of the thread-local caches.
     pub(crate) id: u64,
     pub(crate) path: PathBuf,
@@ -268,7 +286,7 @@ impl Inner {
     /// through its slots (a snapshot, for diagnostics).
     pub(crate) fn readers(&self) -> Vec<(crate::ProcessId, u32)> {
         let words = self.view.words();
-        let slots = self.view.slots();
+        let slots = &self.view.slots()[..self.cells];
         let high = (words.high.load(Ordering::Relaxed) as usize).min(slots.len());
         let mut out: Vec<(crate::ProcessId, u32)> = Vec::new();
         for s in &slots[..high] {
@@ -295,9 +313,11 @@ impl Inner {
     /// The semaphore protocol over this mapping (its slots are the permits).
     #[inline]
     pub(crate) fn permits(&self) -> super::permits::Permits<'_, ProcEnv> {
+        let (cells, watch) = self.view.slots().split_at(self.cells);
         super::permits::Permits {
             words: self.view.words(),
-            cells: self.view.slots(),
+            cells,
+            watch,
             env: &ProcEnv,
         }
     }
@@ -311,15 +331,22 @@ impl Inner {
     pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
         Core {
             words: self.view.words(),
-            slots: self.view.slots(),
+            slots: &self.view.slots()[..self.cells],
             env: &ProcEnv,
         }
     }
 
-    fn from_mapping(map: Mapping, slots: u32, path: PathBuf) -> Inner {
+    fn from_mapping(map: Mapping, h: &Header, path: PathBuf) -> Inner {
         crate::sys::fork::watch();
         Inner {
-            view: View::new(map, WORDS_OFFSET, SLOTS_OFFSET, slots as usize),
+            view: View::new(
+                map,
+                WORDS_OFFSET,
+                SLOTS_OFFSET,
+                h.slots as usize + h.watch as usize,
+            ),
+            cells: h.slots as usize,
+            cover: super::semaphore::Cover::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             path,
             pool: parking_lot::Mutex::new(local::Pool::default()),
@@ -348,12 +375,13 @@ impl Inner {
             kind,
             slots: opts.slots,
             pid_ns: 0,
+            watch: watch_of(kind),
         };
         let map = Mapping::shared_anonymous(h.total_len())
             .map_err(|e| Error::io("map anonymous shared memory", e))?;
         Ok(Inner::from_mapping(
             map,
-            opts.slots,
+            &h,
             PathBuf::from("(anonymous shared memory)"),
         ))
     }
@@ -364,7 +392,7 @@ impl Inner {
         let (file, header) = open_or_create(&path, kind, opts)?;
         let map = Mapping::shared_file(&file, header.total_len())
             .map_err(|e| Error::io("map shared-memory lock", e).with_path(&path))?;
-        Ok(Inner::from_mapping(map, header.slots, path))
+        Ok(Inner::from_mapping(map, &header, path))
     }
 
     /// The description the on-block callback gets.
@@ -401,7 +429,7 @@ fn network_fs(magic: i64) -> Option<&'static str> {
 
 /// This process's PID namespace (the inode of /proc/self/ns/pid), 0 if
 /// unknown.
-fn pid_namespace() -> u64 {
+pub(crate) fn pid_namespace() -> u64 {
     std::fs::read_link("/proc/self/ns/pid")
         .ok()
         .and_then(|l| {
@@ -537,6 +565,7 @@ fn create(path: &Path, kind: Kind, opts: &ShmOptions) -> Result<Option<(File, He
         kind,
         slots: opts.slots,
         pid_ns: pid_namespace(),
+        watch: watch_of(kind),
     };
     let f = OpenOptions::new()
         .read(true)

@@ -79,7 +79,7 @@ pub const BACKSTOP: Duration = Duration::from_secs(1);
 
 /// How long a waiter that got a death notice the /proc check cannot
 /// confirm yet sleeps before it looks again.
-const CONFIRM: Duration = Duration::from_micros(200);
+pub const CONFIRM: Duration = Duration::from_micros(200);
 
 /// Busy-wait rounds before sleeping: about a microsecond, enough to catch a
 /// holder that is about to release without paying for a futex sleep.
@@ -99,6 +99,12 @@ pub trait Env {
     /// dead or exiting (asked after a death notice on its liveness word).
     fn thread_exited(&self, owner: u64, tid: u32) -> bool {
         let _ = tid;
+        self.is_dead(owner)
+    }
+    /// Whether the process named by `owner` is certainly dead, or so far
+    /// into dying that none of its threads runs user code again (asked
+    /// after a death notice on one of its watch words).
+    fn is_dying(&self, owner: u64) -> bool {
         self.is_dead(owner)
     }
 }

@@ -237,3 +237,121 @@ fn forked_children_share_permits_and_a_dead_childs_return() {
     drop(held);
     drop(s.try_acquire().unwrap());
 }
+
+#[test]
+fn the_first_acquisition_links_a_watch_slot_and_its_thread_gives_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(Semaphore::open(dir.path().join("sem"), 2).unwrap());
+    let me = super::protocol::Env::me(s.inner.permits().env);
+    let watched = |s: &Semaphore| {
+        let p = s.inner.permits();
+        p.watch
+            .iter()
+            .filter(|w| w.owner.load(Ordering::SeqCst) == me)
+            .map(|w| w.live.load(Ordering::SeqCst))
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(watched(&s), Vec::<u32>::new());
+    // A thread acquires: its tid is in the process's watch slot while it
+    // lives; at its exit the slot is given back.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let s2 = Arc::clone(&s);
+    let t = std::thread::spawn(move || {
+        drop(s2.acquire());
+        tx.send(crate::sys::robust::gettid()).unwrap();
+        go_rx.recv().unwrap();
+    });
+    let tid = rx.recv().unwrap();
+    assert_eq!(watched(&s), vec![tid], "the acquiring thread links");
+    // A guard taken on another thread of the same process is covered too
+    // (the watch slot is the process's): no second link.
+    let g = s.acquire();
+    assert_eq!(watched(&s), vec![tid]);
+    drop(g);
+    go_tx.send(()).unwrap();
+    t.join().unwrap();
+    assert_eq!(watched(&s), Vec::<u32>::new(), "given back at thread exit");
+    // The next acquisition (this thread) links again.
+    drop(s.acquire());
+    assert_eq!(watched(&s), vec![crate::sys::robust::gettid()]);
+}
+
+#[test]
+fn a_waiter_behind_a_covered_holder_sleeps_until_the_death_notice() {
+    // The permit's holder is a dead impostor whose watch slot holds a
+    // (fake) tid: covered. The control: a waiter does not find it dead by
+    // polling (it sleeps until its deadline, then checks once). Then the
+    // kernel's notice (faked: OWNER_DIED in the word, a wake) lets a
+    // waiter in at once.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(Semaphore::open(dir.path().join("sem"), 1).unwrap());
+    let fake = |s: &Semaphore| {
+        let p = s.inner.permits();
+        p.cells[0].owner.store(impostor(), Ordering::SeqCst);
+        p.watch[5].owner.store(impostor(), Ordering::SeqCst);
+        p.watch[5].live.store(4_000_000, Ordering::SeqCst);
+        p.words.high.fetch_max(6, Ordering::SeqCst);
+    };
+    fake(&s);
+    let t = Instant::now();
+    drop(s.try_acquire_for(Duration::from_millis(300)).unwrap());
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "a covered dead holder was found by polling after {:?}",
+        t.elapsed()
+    );
+    fake(&s);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut s3 = Semaphore::open(dir.path().join("sem"), 1).unwrap();
+    s3.set_on_block(Some(Arc::new(move |_: &crate::Blocked<'_>| {
+        let _ = tx.send(());
+    })));
+    let waiter = std::thread::spawn(move || {
+        let g = s3.try_acquire_for(Duration::from_secs(10)).unwrap();
+        let at = Instant::now();
+        drop(g);
+        at
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let live = &s.inner.permits().watch[5].live;
+    let old = live.load(Ordering::SeqCst);
+    assert_ne!(
+        old & layout::LIVE_WAITERS,
+        0,
+        "the waiter asked to be woken"
+    );
+    let flagged = Instant::now();
+    live.store(
+        layout::LIVE_OWNER_DIED | layout::LIVE_WAITERS,
+        Ordering::SeqCst,
+    );
+    crate::sys::futex::wake(live, 1);
+    let got = waiter.join().unwrap();
+    assert!(
+        got.duration_since(flagged) < Duration::from_millis(250),
+        "the notice took {:?}",
+        got.duration_since(flagged)
+    );
+    // The dead holder's watch slot was freed with its permit.
+    assert_eq!(s.inner.permits().watch[5].owner.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_version_1_file_still_opens_and_works_without_a_watch_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sem");
+    testing::create_v1_semaphore(&p, 2).unwrap();
+    let s = Semaphore::open(&p, 2).unwrap();
+    assert!(s.inner.permits().watch.is_empty());
+    let a = s.acquire();
+    let b = s.try_acquire().unwrap();
+    assert!(matches!(s.try_acquire(), Err(TryLockError::WouldBlock)));
+    drop((a, b));
+    // A dead holder is still taken back (by polling).
+    s.inner.permits().cells[0]
+        .owner
+        .store(impostor(), Ordering::SeqCst);
+    drop(s.acquire_many(2).unwrap());
+}

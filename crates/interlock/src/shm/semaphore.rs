@@ -6,6 +6,16 @@
 //! (a cell names a pid and start time, not a thread), so unlike the other
 //! shm guards a [`SemaphoreGuard`] is `Send`: any thread of the process may
 //! release it. A guard inherited by a forked child releases nothing there.
+//!
+//! The watch slot (see `permits.rs`, "Dead holders, without polling"): the
+//! process's identity is cached per handle and fork generation in
+//! [`Cover`], and the first acquisition of a generation (the slow branch
+//! of that cache) also links the calling thread's robust list to a watch
+//! slot, once. The thread keeps the entry in a thread-local list and, at
+//! its exit (or when it drops the handle), unlinks it, gives the slot back
+//! and clears the cache, so that the next acquisition by another thread of
+//! the process links again. The fast path is the cache's one compare, as
+//! before.
 
 use super::permits::Permits;
 use super::protocol::{Env, Notify};
@@ -13,9 +23,10 @@ use super::{Inner, ShmOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handle::Handle;
 use crate::sys::fork::generation;
+use crate::sys::robust::Linked;
 use crate::wait::{Mode, OnBlock, Wait};
 use crate::{Lock, TryLockError};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,9 +65,14 @@ fn set_hint(i: u32) {
 /// on, another thread. Fork: the child shares the semaphore; a guard it
 /// inherited stays the parent's (dropping it there releases nothing).
 /// Close: guards borrow the handle. Crash: a dead holder's permits are
-/// taken back by the next process that waits for one (within a few 5 ms
-/// periods) or fails a `try_acquire`; nothing is poisoned (a semaphore
-/// protects no single datum). NFS: refused.
+/// taken back by the next process that waits for one or fails a
+/// `try_acquire`; nothing is poisoned (a semaphore protects no single
+/// datum). A waiter learns of the death from the kernel (the robust-futex
+/// notice on the holder process's watch slot, see docs/design-sem.md) and
+/// otherwise sleeps; it looks every 5 ms only while some holder is
+/// uncovered (the process's linking thread has exited while another of its
+/// threads holds the permit, or an old file, a full watch table, no
+/// `futex_waitv`). NFS: refused.
 ///
 /// ```no_run
 /// # fn main() -> interlock::Result<()> {
@@ -67,34 +83,161 @@ fn set_hint(i: u32) {
 pub struct Semaphore {
     pub(super) inner: Arc<Inner>,
     on_block: Option<OnBlock>,
-    me: Me,
 }
 
-/// This process's packed identity, cached per fork generation (reading it
-/// costs a system call: glibc does not cache the pid).
-struct Me {
+impl Drop for Semaphore {
+    fn drop(&mut self) {
+        leave_mine(&self.inner);
+    }
+}
+
+/// This process's packed identity for one semaphore handle, cached per
+/// fork generation (reading it costs a system call: glibc does not cache
+/// the pid), and which of its threads links the process's watch slot.
+pub(crate) struct Cover {
+    /// The generation `id` was computed in and a watch link tried; 0 once
+    /// the linking thread has left (the next acquisition links again).
     gen: AtomicU64,
     id: AtomicU64,
+    /// Serialises linking: `(generation, tid)` of the linking thread.
+    linker: parking_lot::Mutex<Option<(u64, u32)>>,
 }
 
-impl Me {
-    fn new() -> Me {
-        Me {
+impl Cover {
+    pub(crate) fn new() -> Cover {
+        Cover {
             gen: AtomicU64::new(0),
             id: AtomicU64::new(0),
+            linker: parking_lot::Mutex::new(None),
         }
     }
+}
 
-    #[inline]
-    fn get(&self) -> u64 {
-        let g = generation();
-        if self.gen.load(Ordering::Acquire) == g {
-            return self.id.load(Ordering::Relaxed);
+/// A watch slot linked by this thread.
+struct Watched {
+    inner: Arc<Inner>,
+    gen: u64,
+    me: u64,
+    tid: u32,
+    slot: u32,
+    link: Option<Linked>,
+}
+
+impl Watched {
+    /// Unlinks (in the generation that linked: a forked child leaves its
+    /// parent's entries alone), gives the slot back, and if this thread
+    /// was the handle's linker, clears the cover so that another thread
+    /// links next.
+    fn leave(mut self, gen: u64) {
+        let Some(l) = self.link.take() else {
+            return;
+        };
+        if self.gen != gen {
+            return;
         }
-        let id = super::open::ProcEnv.me();
-        self.id.store(id, Ordering::Relaxed);
-        self.gen.store(g, Ordering::Release);
-        id
+        super::local::unlink_counted(l);
+        let mut linker = self.inner.cover.linker.lock();
+        self.inner.permits().release_watch(self.me, self.slot);
+        if *linker == Some((self.gen, self.tid)) {
+            *linker = None;
+            self.inner.cover.gen.store(0, Ordering::Release);
+        }
+    }
+}
+
+struct Watches(Vec<Watched>);
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        let gen = generation();
+        for w in self.0.drain(..) {
+            w.leave(gen);
+        }
+    }
+}
+
+thread_local! {
+    /// The watch slots this thread linked.
+    static WATCHES: RefCell<Watches> = const { RefCell::new(Watches(Vec::new())) };
+}
+
+/// Links this thread to a watch slot of `inner` for the process `me`;
+/// returns the thread's id, or `None` (no table, none free, no robust
+/// list, the thread's link cap reached, or its thread-locals gone): the
+/// process's permits are then uncovered and their waiters poll.
+fn link_watch(inner: &Arc<Inner>, me: u64, gen: u64) -> Option<u32> {
+    // Forget entries of handles nobody else holds any more (unlinked
+    // first; their mappings were kept for this).
+    let stale: Vec<Watched> = WATCHES
+        .try_with(|w| {
+            w.try_borrow_mut()
+                .map(|mut w| {
+                    let (stale, keep) = std::mem::take(&mut w.0)
+                        .into_iter()
+                        .partition(|e| Arc::strong_count(&e.inner) == 1);
+                    w.0 = keep;
+                    stale
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    for e in stale {
+        e.leave(gen);
+    }
+    let p = inner.permits();
+    let j = p.claim_watch(me)?;
+    let slot = &p.watch[j as usize];
+    let Some(l) = super::local::link_counted(inner.mapping(), slot) else {
+        p.release_watch(me, j);
+        return None;
+    };
+    let tid = slot.tid.load(Ordering::Relaxed);
+    let entry = Watched {
+        inner: Arc::clone(inner),
+        gen,
+        me,
+        tid,
+        slot: j,
+        link: Some(l),
+    };
+    let mut entry = Some(entry);
+    let _ = WATCHES.try_with(|w| {
+        if let Ok(mut w) = w.try_borrow_mut() {
+            w.0.extend(entry.take());
+        }
+    });
+    match entry {
+        None => Some(tid),
+        // Not recorded, so it could not be unlinked later: undo now.
+        Some(mut e) => {
+            if let Some(l) = e.link.take() {
+                super::local::unlink_counted(l);
+            }
+            p.release_watch(me, j);
+            None
+        }
+    }
+}
+
+/// Unlinks this thread's watch slots of `inner` (its handle is being
+/// dropped; other threads' stay linked until they leave).
+fn leave_mine(inner: &Arc<Inner>) {
+    let gen = generation();
+    let mine: Vec<Watched> = WATCHES
+        .try_with(|w| {
+            w.try_borrow_mut()
+                .map(|mut w| {
+                    let (mine, keep) = std::mem::take(&mut w.0)
+                        .into_iter()
+                        .partition(|e| Arc::ptr_eq(&e.inner, inner));
+                    w.0 = keep;
+                    mine
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    for e in mine {
+        e.leave(gen);
     }
 }
 
@@ -112,8 +255,35 @@ impl Semaphore {
         Semaphore {
             inner: Arc::new(inner),
             on_block,
-            me: Me::new(),
         }
+    }
+
+    /// This process's identity: one compare once this generation's first
+    /// acquisition has linked the watch slot (or tried to).
+    #[inline]
+    fn me(&self) -> u64 {
+        let c = &self.inner.cover;
+        if c.gen.load(Ordering::Acquire) == generation() {
+            return c.id.load(Ordering::Relaxed);
+        }
+        self.me_slow()
+    }
+
+    #[cold]
+    fn me_slow(&self) -> u64 {
+        let c = &self.inner.cover;
+        let g = generation();
+        let mut linker = c.linker.lock();
+        if c.gen.load(Ordering::Acquire) == g {
+            return c.id.load(Ordering::Relaxed);
+        }
+        let id = super::open::ProcEnv.me();
+        c.id.store(id, Ordering::Relaxed);
+        if !matches!(*linker, Some((lg, _)) if lg == g) {
+            *linker = link_watch(&self.inner, id, g).map(|tid| (g, tid));
+        }
+        c.gen.store(g, Ordering::Release);
+        id
     }
 
     /// Opens, or creates with `permits` permits (1..=4094), the semaphore
@@ -200,7 +370,7 @@ impl Semaphore {
     #[cold]
     fn acquire_slow(&self, k: u32, wait: Wait) -> Result<SemaphoreGuard<'_>, TryLockError> {
         self.check_k(k)?;
-        let me = self.me.get();
+        let me = self.me();
         let mut cells = Vec::with_capacity(k as usize);
         let go = |n: &mut Notify<'_>, cells: &mut Vec<u32>| {
             self.core().acquire(me, hint(), k as usize, cells, &wait, n)
@@ -222,7 +392,7 @@ impl Semaphore {
     /// Blocks until it holds one permit.
     #[inline]
     pub fn acquire(&self) -> SemaphoreGuard<'_> {
-        let me = self.me.get();
+        let me = self.me();
         if let Some(i) = self.core().try_one(me, hint()) {
             set_hint(i);
             return SemaphoreGuard::one(self, me, i);

@@ -192,6 +192,10 @@ impl Linked {
 /// Whether `futex_waitv` was found missing (`ENOSYS`, Linux < 5.16).
 static NO_WAITV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The most words one `futex_waitv` call takes (the kernel's
+/// `FUTEX_WAITV_MAX`).
+pub const WAITV_MAX: usize = 128;
+
 /// `futex_waitv` on `{a == ea, b == eb}` (shared futexes), at most
 /// `timeout`. `None` if the call is not available (then poll).
 pub fn wait2(
@@ -201,10 +205,18 @@ pub fn wait2(
     eb: u32,
     timeout: Option<Duration>,
 ) -> Option<WaitOutcome> {
+    waitv(&[(a, ea), (b, eb)], timeout)
+}
+
+/// `futex_waitv` on every `(word, expected)` of `words` (shared futexes;
+/// at most [`WAITV_MAX`], the rest are left out), at most `timeout`.
+/// `None` if the call is not available (then poll).
+pub fn waitv(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> Option<WaitOutcome> {
     if NO_WAITV.load(Ordering::Relaxed) {
         return None;
     }
     #[repr(C)]
+    #[derive(Clone, Copy)]
     struct FutexWaitv {
         val: u64,
         uaddr: u64,
@@ -212,20 +224,21 @@ pub fn wait2(
         reserved: u32,
     }
     const FUTEX2_SIZE_U32: u32 = 2;
-    let v = [
-        FutexWaitv {
-            val: u64::from(ea),
-            uaddr: a.as_ptr() as u64,
+    let mut v = [FutexWaitv {
+        val: 0,
+        uaddr: 0,
+        flags: 0,
+        reserved: 0,
+    }; WAITV_MAX];
+    let n = words.len().min(WAITV_MAX);
+    for (slot, (w, e)) in v.iter_mut().zip(words) {
+        *slot = FutexWaitv {
+            val: u64::from(*e),
+            uaddr: w.as_ptr() as u64,
             flags: FUTEX2_SIZE_U32,
             reserved: 0,
-        },
-        FutexWaitv {
-            val: u64::from(eb),
-            uaddr: b.as_ptr() as u64,
-            flags: FUTEX2_SIZE_U32,
-            reserved: 0,
-        },
-    ];
+        };
+    }
     let ts = timeout.map(|d| {
         let mut now = libc::timespec {
             tv_sec: 0,
@@ -245,14 +258,14 @@ pub fn wait2(
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `v` is an array of two futex_waitv records whose addresses
-    // are live, aligned u32s borrowed for the call; `ts_ptr` is null or an
-    // absolute CLOCK_MONOTONIC time on this frame.
+    // SAFETY: `v[..n]` are futex_waitv records whose addresses are live,
+    // aligned u32s borrowed for the call; `ts_ptr` is null or an absolute
+    // CLOCK_MONOTONIC time on this frame.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_futex_waitv,
             v.as_ptr(),
-            2u32,
+            n as u32,
             0u32,
             ts_ptr,
             libc::CLOCK_MONOTONIC,
@@ -274,6 +287,33 @@ pub fn wait2(
         }
         _ => WaitOutcome::Woken,
     })
+}
+
+/// Whether every thread of process `pid` is gone, a zombie or exiting (so
+/// none of them runs user code again): what a SIGKILL leaves from the
+/// moment each thread enters its exit, before the process is a zombie.
+/// The task directory is listed twice around the checks, so that a thread
+/// started in between is not missed. False if /proc cannot tell.
+pub fn process_exiting(pid: u32) -> bool {
+    let list = || -> Option<Vec<u32>> {
+        let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        Some(v)
+    };
+    let Some(before) = list() else {
+        return false;
+    };
+    if before.is_empty() || !before.iter().all(|&t| thread_exiting(pid, t)) {
+        return false;
+    }
+    // Exiting threads leave the list; a new one would have to be added.
+    match list() {
+        Some(after) => after.iter().all(|t| before.contains(t)),
+        None => true,
+    }
 }
 
 /// Whether thread `tid` of process `pid` is gone, a zombie, or exiting
