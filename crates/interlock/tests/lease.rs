@@ -865,6 +865,82 @@ fn full_size_8x1000_with_sigkills() {
     stress(8, 1000, 80);
 }
 
+/// Batches of fencing tokens across SIGKILLs: one worker process at a time
+/// takes the lease over and over with one handle (so it issues from batches
+/// of 1, 2, 4, ... tokens without listing), and is SIGKILLed after a random
+/// number of acquisitions, often in the middle of a batch; the next worker
+/// lists, claims above the dead one's batch and continues. The tokens
+/// logged (while holding) strictly increase across every kill, within a
+/// worker's run they are consecutive (issued from its batches), and the
+/// kills burn only the rest of a batch.
+#[test]
+fn token_batches_across_sigkills_stay_strictly_increasing() {
+    const TEST: &str = "token_batches_across_sigkills_stay_strictly_increasing";
+    if let Some(role) = support::role() {
+        assert_eq!(role, "worker");
+        stress_worker(Path::new(&support::arg()), 1_000_000);
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    fs::write(dir.join("log"), b"").unwrap();
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id());
+    let mut runs = Vec::new();
+    for _ in 0..12 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let want = 3 + (rng % 60) as usize;
+        let before = log_lines(dir).len();
+        let mut c = Child::spawn(TEST, "worker", dir.to_str().unwrap());
+        c.expect("ready");
+        let start = Instant::now();
+        while log_lines(dir).len() < before + want {
+            assert!(start.elapsed() < Duration::from_secs(60), "worker stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = c.pid();
+        c.kill(); // and reaped
+        let lines = log_lines(dir);
+        runs.push(
+            lines
+                .iter()
+                .filter(|(_, p)| *p == pid)
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let lines = log_lines(dir);
+    for w in lines.windows(2) {
+        assert!(w[0].0 < w[1].0, "tokens not strictly increasing: {w:?}");
+    }
+    for run in &runs {
+        assert!(run.len() >= 3, "{run:?}");
+        for w in run.windows(2) {
+            assert_eq!(w[0] + 1, w[1], "a worker's run is consecutive: {run:?}");
+        }
+    }
+    // A kill burns at most the rest of the dead worker's last batch (as
+    // big as its run before it, and a batch may be claimed but unissued).
+    for (a, b) in runs.iter().zip(&runs[1..]) {
+        let gap = b[0] - a[a.len() - 1] - 1;
+        assert!(
+            gap as usize <= 2 * a.len(),
+            "{gap} burned after a run of {}",
+            a.len()
+        );
+    }
+    let claims = fs::read_dir(dir.join("lk.lease/tokens")).unwrap().count();
+    assert!(claims <= 2, "{claims} claims left");
+    eprintln!(
+        "batches: {} tokens in {} runs, max token {}, {} claims left",
+        lines.len(),
+        runs.len(),
+        lines.last().unwrap().0,
+        claims
+    );
+}
+
 /// With inotify off (as on a network file system), a waiter still gets the
 /// lease after a release, by its back-off poll.
 #[test]
@@ -1078,10 +1154,14 @@ fn a_timed_out_wait_keeps_its_staging_directory_for_the_next() {
     let holder = LeaseLock::new(&path, TTL).unwrap();
     let g = holder.lock().unwrap();
     let waiter = LeaseLock::new(&path, TTL).unwrap();
+    // The staging directories (stage/ also keeps released leases' records,
+    // files, for the next acquisitions).
     let names = || -> Vec<String> {
         fs::read_dir(&stage)
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.file_name().into_string().unwrap())
             .collect()
     };
     assert_eq!(
@@ -1111,4 +1191,9 @@ fn a_timed_out_wait_keeps_its_staging_directory_for_the_next() {
     drop(waiter);
     drop(holder);
     assert!(names().is_empty(), "removed with the handle: {:?}", names());
+    let left: Vec<_> = fs::read_dir(&stage).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "kept records go with their handle: {left:?}"
+    );
 }

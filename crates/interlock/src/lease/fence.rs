@@ -18,6 +18,14 @@
 //! Old claims are removed only below a newer existing claim, so the largest
 //! claim never goes down, and with `durable` the directory is fsynced after
 //! each claim so a machine crash cannot forget an issued number.
+//!
+//! Batches: a claim named N reserves for its handle the numbers up to N,
+//! and the handle issues them one per acquisition without touching the
+//! claims directory, for as long as its claim file stays linked (see
+//! [`Fence::quick`] for why that is enough). Every listing claimant removes
+//! the claims it saw before it publishes, so a batch dies the moment
+//! another handle issues a token. A crash burns the rest of a batch; the
+//! batch's claim was synced before any of its numbers was issued.
 
 use std::fs::File;
 use std::io;
@@ -25,28 +33,72 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::sys::dir::Dir;
 
+/// The largest batch of tokens one claim reserves. A handle's batches grow
+/// with its run of uninterrupted acquisitions (1, 1, 2, 4, ... up to this:
+/// claims 1, 2, 4, 8, ...),
+/// so a lock that changes hands between processes burns few numbers, and
+/// one kept by a process claims a file about once per thousand
+/// acquisitions.
+pub(crate) const MAX_BATCH: u64 = 1024;
+
 /// The claims directory of one lock.
 #[derive(Debug)]
 pub(crate) struct Fence {
     dir: Dir,
     durable: bool,
-    /// Whether the quick claim may be used: the directory is on a local
-    /// file system, where an open file's link count drops to 0 when its
-    /// name is removed (NFS renames it to `.nfsXXXX` instead).
+    /// Whether batches may be used: the directory is on a local file
+    /// system, where an open file's link count drops to 0 when its name is
+    /// removed (NFS renames it to `.nfsXXXX` instead).
     quick: bool,
-    /// The last token this handle was issued, with its claim file kept
-    /// open: the quick claim's evidence (see [`Fence::claim`]).
-    last: parking_lot::Mutex<Option<(u64, File)>>,
+    /// This handle's batch: the evidence that lets it issue without a
+    /// listing (see [`Fence::quick`]).
+    batch: parking_lot::Mutex<Option<Batch>>,
 }
 
-/// A claimed number, not yet issued.
+/// The tokens a handle reserved by its last claim and has not issued yet.
+#[derive(Debug)]
+struct Batch {
+    /// The next token to issue from the batch.
+    next: u64,
+    /// The claim's number, the batch's last token.
+    high: u64,
+    /// The claim's file, kept open: still linked means nobody else has
+    /// issued a token since this handle adopted the batch.
+    file: File,
+    /// Tokens this handle issued since its last listing claim (how big the
+    /// next batch is).
+    run: u64,
+}
+
+/// A token ready to be published: its claim is made (and, with `durable`,
+/// synced), and on the long way every older claim seen is removed.
 #[derive(Debug)]
 pub(crate) struct Claim {
     pub token: u64,
-    /// The older claims seen, removed by [`Fence::issued`].
-    older: Vec<u64>,
-    /// The claim file, kept open.
-    file: File,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// Taken from the handle's batch: nothing to do once issued.
+    FromBatch,
+    /// The first of a new batch claimed after the batch up to `old`.
+    Renewed { old: u64, high: u64, file: File },
+    /// The long way: a listing, a claim, older claims removed.
+    Listed { high: u64, file: File },
+}
+
+/// What the quick path found.
+#[derive(Debug)]
+pub(crate) enum Quick {
+    /// A token from the handle's batch, reserved.
+    Issue(Claim),
+    /// The batch is used up but its evidence holds: `token` (one above
+    /// `old`) is reserved; claim the next batch, up to `high`, with
+    /// [`Fence::renew`].
+    Renew { old: u64, token: u64, high: u64 },
+    /// No batch, or its evidence is gone: claim the long way.
+    No,
 }
 
 impl Fence {
@@ -60,102 +112,115 @@ impl Fence {
             dir,
             durable: durable && !in_memory,
             quick,
-            last: parking_lot::Mutex::new(None),
+            batch: parking_lot::Mutex::new(None),
         }
     }
 
-    /// Claims the number one above every existing claim and above `floor`
+    /// Claims a token above every token issued so far and above `floor`
     /// (the last token the caller was issued, so that its tokens never go
-    /// backwards even if the claims were removed).
-    ///
-    /// The quick claim, when this handle was issued `floor` itself and
-    /// still has its claim file open: create `floor + 1`, then check that
-    /// the file of `floor` is still linked. No listing is needed, because
-    /// then no number above `floor` can have been issued. Why: the smallest
-    /// claim above `floor` ever made is `floor + 1` (a lister claims one
-    /// above the largest it saw, and saw `floor`, which existed throughout;
-    /// a caller's own floor is at most the largest claim). If a token above
-    /// `floor` had been issued, some claim above `floor` would exist now
-    /// (the largest claim never decreases), so `floor + 1` would have been
-    /// made, and since our exclusive create of it succeeded, someone
-    /// removed it; but claims are removed only by [`Fence::issued`], in
-    /// ascending order and stopping at the first failure, by a claimant
-    /// whose listing saw it, and so saw `floor` too (which existed
-    /// throughout), and removed `floor` first. Its file would then be
-    /// unlinked: a contradiction. Nor can a quick claimant have removed
-    /// `floor + 1` after a quick claim of `floor + 2`: it was issued
-    /// `floor + 1` by a listing claim that saw `floor`, and it quick-claims
-    /// only if its trim then removed everything it saw below (`floor`
-    /// included). A removal by hand (claims reset by their owner) also
-    /// unlinks `floor`'s file, and the full claim below runs instead.
+    /// backwards even if the claims were removed). Call it with the lock
+    /// directory installed; the token is issued only if the publishing
+    /// rename that follows succeeds, and then [`Fence::issued`] is called.
     pub fn claim(&self, floor: u64) -> io::Result<Claim> {
-        if let Some((next, file)) = self.quick_start(floor)? {
-            if let Some(c) = self.quick_confirm(next, file)? {
-                return Ok(c);
+        match self.quick()? {
+            Quick::Issue(c) => return Ok(c),
+            Quick::Renew { old, token, high } => {
+                if let Some(c) = self.renew(old, token, high)? {
+                    return Ok(c);
+                }
             }
+            Quick::No => {}
         }
         loop {
-            let mut seen = self.scan()?;
-            seen.push(floor);
-            let next = next_after(&seen)?;
-            seen.pop();
-            if let Some(file) = self.try_claim(next)? {
-                return Ok(Claim {
-                    token: next,
-                    older: seen,
-                    file,
-                });
+            let seen = self.scan()?;
+            let (token, high) = long_numbers(&seen, floor)?;
+            if let Some(c) = self.try_claim(token, high)? {
+                self.trim(&seen, high)?;
+                return Ok(c);
             }
             // Someone claimed it first: look again.
         }
     }
 
-    /// The quick claim's first step: creates `floor + 1` if this handle was
-    /// issued `floor` and keeps its file; `None` if it does not apply or the
-    /// number is taken.
-    fn quick_start(&self, floor: u64) -> io::Result<Option<(u64, File)>> {
-        if !self.quick || floor == 0 {
-            return Ok(None);
+    /// The quick path: a token from this handle's batch, without a
+    /// listing, if the batch's claim file is still linked.
+    ///
+    /// Why that is enough. A batch becomes the handle's evidence only when
+    /// a token of it was issued (a publishing rename succeeded after its
+    /// claim was made), and a listing claimant removes every claim it saw
+    /// below its own *before* it publishes ([`Fence::trim`]). Another
+    /// handle that issues a token after we adopted our batch installed its
+    /// lock directory after ours was killed (ours was live when we
+    /// published), so if it listed, it saw our claim and removed it, or
+    /// the claim was gone already; and if it issued from a batch of its
+    /// own, that batch's evidence was removed by whoever issued between it
+    /// and us (by induction on the issues in time order, at most one
+    /// handle's adopted batch is linked at a time, and it is the last
+    /// issuer's). So our claim file still linked now (we are installed)
+    /// means nobody else issued since our batch was adopted, and nobody can
+    /// before our publish unless our lease is broken first, which makes
+    /// the publish fail. The link count is read from our open file, so a
+    /// claim of the same number made again (by a claimant that listed long
+    /// ago) is not mistaken for ours. Within the handle, tokens are
+    /// reserved under its lock, in the order of the publishes that can
+    /// succeed.
+    pub fn quick(&self) -> io::Result<Quick> {
+        if !self.quick {
+            return Ok(Quick::No);
         }
-        if !matches!(&*self.last.lock(), Some((n, _)) if *n == floor) {
-            return Ok(None);
+        let mut slot = self.batch.lock();
+        let Some(b) = slot.as_mut() else {
+            return Ok(Quick::No);
+        };
+        if b.file.metadata()?.nlink() == 0 {
+            *slot = None;
+            return Ok(Quick::No);
         }
-        let next = floor.checked_add(1).ok_or_else(exhausted)?;
-        match self.dir.create_empty(next.to_string(), 0o644) {
-            Ok(file) => Ok(Some((next, file))),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
+        let token = b.next;
+        b.next = token.checked_add(1).ok_or_else(exhausted)?;
+        b.run += 1;
+        if token <= b.high {
+            return Ok(Quick::Issue(Claim {
+                token,
+                kind: Kind::FromBatch,
+            }));
+        }
+        // 1, 2, 4, ...: each batch as big as the run before it.
+        let size = (b.run - 1).clamp(1, MAX_BATCH);
+        let high = b.high.checked_add(size).ok_or_else(exhausted)?;
+        Ok(Quick::Renew {
+            old: b.high,
+            token,
+            high,
+        })
+    }
+
+    /// Claims the next batch, up to `high`, for the reserved `token`:
+    /// creates the claim `high` and (with `durable`) syncs it; the batch is
+    /// adopted, and the old claim removed, once `token` is issued. `None`
+    /// if the number is taken: claim the long way (`token` is then never
+    /// issued).
+    pub fn renew(&self, old: u64, token: u64, high: u64) -> io::Result<Option<Claim>> {
+        match self.dir.create_empty(high.to_string(), 0o644) {
+            Ok(file) => {
+                if self.durable {
+                    self.dir.sync()?;
+                }
+                Ok(Some(Claim {
+                    token,
+                    kind: Kind::Renewed { old, high, file },
+                }))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                *self.batch.lock() = None;
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
 
-    /// The quick claim's second step, after the create: the claim holds if
-    /// the file of the number below is still linked; otherwise `None` says
-    /// to claim the long way. The number made is then left as it is: a
-    /// claim that is never issued, like that of an acquirer broken before
-    /// it published, which the next listing claimant above it removes.
-    fn quick_confirm(&self, next: u64, file: File) -> io::Result<Option<Claim>> {
-        let mut last = self.last.lock();
-        let linked = match &*last {
-            Some((n, f)) if *n + 1 == next => f.metadata()?.nlink() > 0,
-            _ => false,
-        };
-        if !linked {
-            *last = None;
-            return Ok(None);
-        }
-        drop(last);
-        if self.durable {
-            self.dir.sync()?;
-        }
-        Ok(Some(Claim {
-            token: next,
-            older: vec![next - 1],
-            file,
-        }))
-    }
-
     /// The claims present now.
-    fn scan(&self) -> io::Result<Vec<u64>> {
+    pub fn scan(&self) -> io::Result<Vec<u64>> {
         Ok(self
             .dir
             .names()?
@@ -164,53 +229,77 @@ impl Fence {
             .collect())
     }
 
-    /// Creates claim `n`; `Ok(None)` if it exists. With `durable`, the
-    /// directory is fsynced before returning.
-    fn try_claim(&self, n: u64) -> io::Result<Option<File>> {
-        match self.dir.create_empty(n.to_string(), 0o644) {
-            Ok(f) => {
+    /// Creates claim `high` for `token`; `Ok(None)` if it exists. With
+    /// `durable`, the directory is fsynced before returning.
+    pub fn try_claim(&self, token: u64, high: u64) -> io::Result<Option<Claim>> {
+        match self.dir.create_empty(high.to_string(), 0o644) {
+            Ok(file) => {
                 if self.durable {
                     self.dir.sync()?;
                 }
-                Ok(Some(f))
+                Ok(Some(Claim {
+                    token,
+                    kind: Kind::Listed { high, file },
+                }))
             }
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// The claim was issued (its publishing rename succeeded): removes the
-    /// older claims it saw, in ascending order, stopping at the first that
-    /// cannot be removed (so that a claim is never gone while a smaller one
-    /// this claimant saw is still there: the quick claim relies on it), and
-    /// keeps the claim's file open as the next quick claim's evidence.
-    /// Errors are otherwise ignored: leftover claims cost only listing time.
-    pub fn issued(&self, claim: Claim) {
-        let Claim {
-            token,
-            mut older,
-            file,
-        } = claim;
-        older.retain(|&n| n < token);
-        older.sort_unstable();
-        let mut all = true;
-        for n in older {
+    /// Removes the claims `seen` below our new claim `high`, before the
+    /// token is published: one of them may be another handle's batch,
+    /// whose evidence must be gone before a later token is issued (see
+    /// [`Fence::quick`]). With batches in use, a claim that cannot be
+    /// removed fails the acquisition (the token must not be issued);
+    /// without (network file systems), leftover claims cost only listing
+    /// time. The largest claim never decreases: ours exists while we
+    /// remove smaller ones.
+    pub fn trim(&self, seen: &[u64], high: u64) -> io::Result<()> {
+        for &n in seen.iter().filter(|&&n| n < high) {
             match self.dir.unlink(n.to_string()) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(_) => {
-                    all = false;
-                    break;
+                Err(e) if self.quick => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The claim was issued (its publishing rename succeeded): a new batch
+    /// becomes the handle's evidence (a renewed one only if the handle's
+    /// batch did not move on meanwhile), and a renewal's old claim is
+    /// removed (our own: nobody else's evidence, so a failure leaves only a
+    /// stale name that the next listing claimant removes).
+    pub fn issued(&self, claim: Claim) {
+        match claim.kind {
+            Kind::FromBatch => {}
+            Kind::Renewed { old, high, file } => {
+                let mut slot = self.batch.lock();
+                if let Some(b) = slot.as_mut().filter(|b| b.high == old) {
+                    b.high = high;
+                    let stale = std::mem::replace(&mut b.file, file);
+                    drop(slot);
+                    drop(stale);
+                    let _ = self.dir.unlink(old.to_string());
+                }
+            }
+            Kind::Listed { high, file } => {
+                if self.quick {
+                    *self.batch.lock() = Some(Batch {
+                        next: claim.token + 1,
+                        high,
+                        file,
+                        run: 1,
+                    });
                 }
             }
         }
-        // A quick claim later removes this claim (and nothing below it),
-        // which is sound only if everything below that this claimant saw
-        // is gone: without that, no quick claim from here.
-        *self.last.lock() = all.then_some((token, file));
     }
 
-    /// The largest claim, if any (for inspection).
+    /// The largest claim, if any (for inspection): the last token issued,
+    /// or up to the end of the batch of the handle that issued it.
     pub fn latest(&self) -> io::Result<Option<u64>> {
         Ok(self
             .dir
@@ -221,14 +310,14 @@ impl Fence {
     }
 }
 
-/// One above the largest of `seen` (1 if none).
-fn next_after(seen: &[u64]) -> io::Result<u64> {
-    seen.iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .checked_add(1)
-        .ok_or_else(exhausted)
+/// The long way's numbers, given the claims `seen`: the token (one above
+/// the largest of them and of `floor`) and the claim to create (the token
+/// itself: a listing claim reserves one, since the lock may be changing
+/// hands).
+fn long_numbers(seen: &[u64], floor: u64) -> io::Result<(u64, u64)> {
+    let m = seen.iter().copied().max().unwrap_or(0).max(floor);
+    let token = m.checked_add(1).ok_or_else(exhausted)?;
+    Ok((token, token))
 }
 
 fn exhausted() -> io::Error {
@@ -239,26 +328,34 @@ fn exhausted() -> io::Error {
 mod tests {
     use super::*;
 
+    fn names(d: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn claims_increase_and_trim_keeps_the_latest() {
         let t = tempfile::tempdir().unwrap();
         let f = Fence::new(Dir::open(t.path()).unwrap(), true);
         let a = f.claim(0).unwrap();
-        assert_eq!((a.token, a.older.len()), (1, 0));
+        assert_eq!(a.token, 1);
         drop(a); // never issued: a leftover claim
                  // A stale claimant's leftover claim above: the next claim skips it.
         std::fs::write(t.path().join("5"), b"").unwrap();
         let b = f.claim(0).unwrap();
         assert_eq!(b.token, 6);
+        // The older claims are removed before the token is published.
+        assert_eq!(names(t.path()), ["6"]);
         f.issued(b);
         assert_eq!(f.latest().unwrap(), Some(6));
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         // Junk names are ignored.
         std::fs::write(t.path().join("x"), b"").unwrap();
-        let c = f.claim(0).unwrap();
-        assert_eq!(c.token, 7);
-        drop(c);
-        // Claims removed behind our back: a caller's floor still holds.
+        // Claims removed behind our back: the batch's evidence is gone, and
+        // a caller's floor still holds.
         for n in ["5", "6", "7", "x"] {
             let _ = std::fs::remove_file(t.path().join(n));
         }
@@ -266,47 +363,43 @@ mod tests {
     }
 
     #[test]
-    fn the_quick_claim_needs_its_evidence() {
+    fn batches_grow_and_need_their_evidence() {
         let t = tempfile::tempdir().unwrap();
         let f = Fence::new(Dir::open(t.path()).unwrap(), false);
         let other = Fence::new(Dir::open(t.path()).unwrap(), false);
         assert!(f.quick, "a temporary directory is on a local file system");
-        let a = f.claim(0).unwrap();
-        f.issued(a);
-        // Issued 1 and holding its file: 2 is claimed without a listing,
-        // and 1 is then removed.
-        let (next, file) = f.quick_start(1).unwrap().expect("quick");
-        let b = f
-            .quick_confirm(next, file)
-            .unwrap()
-            .expect("evidence holds");
-        assert_eq!(b.token, 2);
-        f.issued(b);
-        let names = |d: &std::path::Path| {
-            let mut v: Vec<String> = std::fs::read_dir(d)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            v.sort();
-            v
-        };
-        assert_eq!(names(t.path()), ["2"]);
-        // Another handle issues 3 and 4 and removes 2 and 3: our evidence
-        // (2) is gone, so our create of 3 (which succeeds) is not a claim.
-        let c = other.claim(0).unwrap();
-        assert_eq!(c.token, 3);
-        other.issued(c);
-        let d = other.claim(3).unwrap();
-        assert_eq!(d.token, 4);
-        other.issued(d);
-        assert_eq!(names(t.path()), ["4"]);
-        let (next, file) = f.quick_start(2).unwrap().expect("3 is free to create");
-        assert_eq!(next, 3);
-        assert!(f.quick_confirm(next, file).unwrap().is_none(), "control");
-        // The long way then claims above 4 (3 is left, never issued).
-        assert_eq!(f.claim(2).unwrap().token, 5);
-        // A handle whose last issue is not the floor does not try.
-        assert!(other.quick_start(1).unwrap().is_none());
+        // Uninterrupted, tokens stay consecutive while the batches grow:
+        // one claim file per batch, the claim named by the batch's end.
+        let mut last = 0;
+        let mut claims_seen = Vec::new();
+        for _ in 0..40 {
+            let c = f.claim(last).unwrap();
+            assert_eq!(c.token, last + 1);
+            last = c.token;
+            f.issued(c);
+            claims_seen.push(names(t.path()));
+        }
+        assert_eq!(claims_seen[0], ["1"]);
+        assert_eq!(claims_seen[1], ["2"]);
+        assert_eq!(claims_seen[2], ["4"]);
+        assert_eq!(claims_seen[3], ["4"]);
+        assert_eq!(claims_seen[4], ["8"]);
+        assert_eq!(claims_seen[39], ["64"]);
+        // Another handle lists, claims above the batch's end and removes
+        // its claim: our next token needs the long way, above theirs.
+        let o = other.claim(0).unwrap();
+        assert_eq!(o.token, 65);
+        other.issued(o);
+        assert!(matches!(f.quick().unwrap(), Quick::No), "evidence gone");
+        let c = f.claim(last).unwrap();
+        assert_eq!(c.token, 66);
+        f.issued(c);
+        // A claim of the batch's number made again is not our evidence.
+        let o = other.claim(0).unwrap();
+        assert_eq!(o.token, 67);
+        other.issued(o);
+        std::fs::write(t.path().join("66"), b"").unwrap();
+        assert!(matches!(f.quick().unwrap(), Quick::No), "control");
     }
 
     /// The fencing argument, checked against real directories under every
@@ -328,13 +421,17 @@ mod tests {
             Staged(String),
             Installed(Dir),
             Listed(Dir, Vec<u64>),
-            /// The quick claim's create done, its check not yet.
-            QuickMade(Dir, u64, File),
+            /// A listing claim made, the older claims not yet removed.
+            Made(Dir, Vec<u64>, u64, Claim),
+            /// A renewal's token reserved, its claim not yet made.
+            Renewing(Dir, u64, u64, u64),
             Claimed(Dir, Claim),
-            Holding(Dir, Claim),
+            Holding(Dir, u64),
         }
 
         const LIVE0: &str = "lease.0.0.0";
+        /// Schedule bytes from this up are the adversary's steps.
+        const ADVERSARY: u8 = 240;
 
         fn live(t: u64) -> String {
             LeaseName {
@@ -361,12 +458,15 @@ mod tests {
             let _ = root.rmdir("lk");
         }
 
-        fn run(schedule: &[u8], procs: usize) -> Vec<u64> {
+        /// Runs `schedule` (each byte picks a process to take one step, or
+        /// the adversary: [`ADVERSARY`] and up); `skip_trim` makes listing claimants skip the
+        /// removal of older claims, which must be caught.
+        fn run(schedule: &[u8], procs: usize, skip_trim: bool) -> Vec<u64> {
             let t = tempfile::tempdir().unwrap();
             let root = Dir::open(t.path()).unwrap();
             root.mkdir("tokens", 0o755).unwrap();
             root.mkdir("stage", 0o755).unwrap();
-            // One handle per process: each has its own quick-claim state.
+            // One handle per process: each has its own batch.
             let fences: Vec<Fence> = (0..procs)
                 .map(|_| Fence::new(root.open_at("tokens").unwrap(), false))
                 .collect();
@@ -376,11 +476,14 @@ mod tests {
             let mut issued = Vec::new();
             let mut serial = 0;
             for &a in schedule {
-                let a = a as usize % (procs + 1);
-                if a == procs {
+                // One step in sixteen is the adversary's: often enough to
+                // break leases at every point, rarely enough that handles
+                // build up batches between breaks.
+                if a >= ADVERSARY {
                     kill_in_place(&root);
                     continue;
                 }
+                let a = a as usize % procs;
                 let fence = &fences[a];
                 let p = std::mem::replace(&mut ps[a], P::Idle);
                 ps[a] = match p {
@@ -402,44 +505,44 @@ mod tests {
                             Err(_) => P::Staged(name),
                         }
                     }
-                    P::Installed(d) => match fence.quick_start(floors[a]).unwrap() {
-                        Some((n, f)) => P::QuickMade(d, n, f),
-                        None => {
+                    P::Installed(d) => match fence.quick().unwrap() {
+                        Quick::Issue(c) => P::Claimed(d, c),
+                        Quick::Renew { old, token, high } => P::Renewing(d, old, token, high),
+                        Quick::No => {
                             let seen = fence.scan().unwrap();
                             P::Listed(d, seen)
                         }
                     },
-                    P::QuickMade(d, n, f) => match fence.quick_confirm(n, f).unwrap() {
-                        Some(c) => P::Claimed(d, c),
-                        None => P::Listed(d, fence.scan().unwrap()),
-                    },
-                    P::Listed(d, mut seen) => {
-                        seen.push(floors[a]);
-                        let n = next_after(&seen).unwrap();
-                        seen.pop();
-                        match fence.try_claim(n).unwrap() {
-                            Some(file) => P::Claimed(
-                                d,
-                                Claim {
-                                    token: n,
-                                    older: seen,
-                                    file,
-                                },
-                            ),
+                    P::Renewing(d, old, token, high) => {
+                        match fence.renew(old, token, high).unwrap() {
+                            Some(c) => P::Claimed(d, c),
+                            None => P::Listed(d, fence.scan().unwrap()),
+                        }
+                    }
+                    P::Listed(d, seen) => {
+                        let (token, high) = long_numbers(&seen, floors[a]).unwrap();
+                        match fence.try_claim(token, high).unwrap() {
+                            Some(c) => P::Made(d, seen, high, c),
                             None => P::Installed(d),
                         }
                     }
+                    P::Made(d, seen, high, c) => {
+                        if !skip_trim {
+                            fence.trim(&seen, high).unwrap();
+                        }
+                        P::Claimed(d, c)
+                    }
                     P::Claimed(d, c) => match d.rename(LIVE0, live(c.token)) {
                         Ok(()) => {
-                            issued.push(c.token);
-                            floors[a] = floors[a].max(c.token);
-                            P::Holding(d, c)
+                            let n = c.token;
+                            issued.push(n);
+                            floors[a] = floors[a].max(n);
+                            fence.issued(c);
+                            P::Holding(d, n)
                         }
                         Err(_) => P::Idle, // broken before publishing
                     },
-                    P::Holding(d, c) => {
-                        let n = c.token;
-                        fence.issued(c);
+                    P::Holding(d, n) => {
                         let tomb = LeaseName::parse(&live(n)).unwrap().tombstone().render();
                         if d.rename(live(n), &tomb).is_ok() {
                             let _ = d.unlink(&tomb);
@@ -452,6 +555,10 @@ mod tests {
             issued
         }
 
+        fn increasing(v: &[u64]) -> bool {
+            v.windows(2).all(|w| w[0] < w[1])
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
             #[test]
@@ -459,21 +566,58 @@ mod tests {
                 schedule in proptest::collection::vec(any::<u8>(), 0..300),
                 procs in 2usize..5,
             ) {
-                let issued = run(&schedule, procs);
-                prop_assert!(
-                    issued.windows(2).all(|w| w[0] < w[1]),
-                    "issued out of order: {:?}", issued
-                );
+                let issued = run(&schedule, procs, false);
+                prop_assert!(increasing(&issued), "issued out of order: {:?}", issued);
             }
         }
 
-        /// The case the argument has to handle: A lists the claims (none),
-        /// is broken; B issues 1; C issues 2 and trims claim 1; A now
+        /// The model is not vacuous: without the removal of older claims
+        /// before publishing, a handle's batch outlives another's issue.
+        #[test]
+        fn skipping_the_trim_is_caught() {
+            use proptest::test_runner::{Config, TestRunner};
+            let mut runner = TestRunner::new(Config {
+                cases: 2000,
+                failure_persistence: None,
+                ..Config::default()
+            });
+            let r = runner.run(
+                &(proptest::collection::vec(any::<u8>(), 0..300), 2usize..4),
+                |(schedule, procs)| {
+                    prop_assert!(increasing(&run(&schedule, procs, true)));
+                    Ok(())
+                },
+            );
+            assert!(r.is_err(), "the model should catch a missing trim");
+        }
+
+        /// The case the long way has to handle: A lists the claims (none),
+        /// is broken; B issues 1; C issues 2 and removes claim 1; A now
         /// claims 1 again (its file is gone) but cannot publish it.
         #[test]
         fn a_stale_claim_of_a_trimmed_number_is_never_issued() {
-            let schedule = [0, 0, 0, 3, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0];
-            assert_eq!(run(&schedule, 3), vec![1, 2]);
+            let mut s = vec![0u8, 0, 0, ADVERSARY];
+            s.extend([1u8; 7]); // B: issues 1, releases
+            s.extend([2u8; 7]); // C: issues 2 (removing claim 1), holds
+            s.extend([0u8; 3]); // A: claims 1, publish fails
+            assert_eq!(run(&s, 3, false), [1, 2]);
+        }
+
+        /// Batches across a takeover, the case the argument turns on: A
+        /// issues 1 to 6 (batches up to claim 8); B takes over, lists,
+        /// issues 9 and removes A's claim; A's next acquisition must not
+        /// issue 7 from its old batch. Without the removal, it does.
+        #[test]
+        fn a_batch_does_not_survive_another_issue() {
+            let mut s = Vec::new();
+            // A: a listing claim (7 steps), renewals (6), batch issues (5).
+            for n in [7, 6, 6, 5, 6, 5] {
+                s.extend(std::iter::repeat_n(0u8, n));
+            }
+            s.extend([1u8; 7]); // B: a listing claim
+            s.extend([0u8; 7]); // A again
+            assert_eq!(run(&s, 2, false), [1, 2, 3, 4, 5, 6, 9, 10]);
+            assert_eq!(run(&s, 2, true), [1, 2, 3, 4, 5, 6, 9, 7]);
         }
     }
 }

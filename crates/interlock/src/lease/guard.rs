@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use super::clock::{from_unix_nanos, nanos};
 use super::record::LeaseName;
 use super::{Inner, LeaseLock};
-use crate::sys::dir::Dir;
+use crate::sys::dir::{rename_noreplace, Dir};
 use crate::{Error, ErrorKind, Result};
 
 /// A callback told, once per guard, that its lease was lost: broken by a
@@ -136,13 +136,40 @@ impl Shared {
             return Ok(());
         }
         st.released = true;
-        let tomb = st.name.tombstone();
-        match st.dir.rename(st.name.render(), tomb.render()) {
+        // The compare-and-swap that ends the lease: moving the lease file
+        // out (to `stage/`, as the next acquisition's record) or renaming
+        // it to a tombstone; either fails if it was broken.
+        let me = crate::sys::proc::current();
+        let moved = match self.inner.record_slot(me) {
+            Some(slot) => {
+                // On any failure (the lease broken, `stage/` gone, the
+                // name taken), the tombstone rename below tells what
+                // happened.
+                rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
+                    .ok()
+                    .map(|_| slot)
+            }
+            None => None,
+        };
+        let ended = match moved {
+            Some(slot) => {
+                self.inner.keep_record(me.pid, slot);
+                Ok(())
+            }
+            None => {
+                let tomb = st.name.tombstone();
+                let r = st.dir.rename(st.name.render(), tomb.render());
+                if r.is_ok() {
+                    let _ = st.dir.unlink(tomb.render());
+                }
+                r
+            }
+        };
+        match ended {
             Ok(()) => {
-                // The directory is ours and dead now: empty it and remove it
-                // by name; `rmdir` cannot remove anyone else's lease, because
+                // The directory is ours, dead and empty now: remove it by
+                // name; `rmdir` cannot remove anyone else's lease, because
                 // a live lock directory is never empty.
-                let _ = st.dir.unlink(tomb.render());
                 let _ = self.inner.parent.rmdir(&self.inner.name);
                 if self.lost.load(Ordering::SeqCst) {
                     Err(self.lost_error(
@@ -223,7 +250,7 @@ impl Renewers {
     fn add(&self, shared: Arc<Shared>, every: Duration) -> Option<Renewer> {
         let svc = {
             let mut slot = self.svc.lock();
-            let pid = std::process::id();
+            let pid = crate::sys::fork::pid();
             match &*slot {
                 Some((p, svc)) if *p == pid => Arc::clone(svc),
                 _ => {
@@ -386,7 +413,7 @@ impl<'a> LeaseGuard<'a> {
         let mut g = LeaseGuard {
             shared,
             renewer: None,
-            pid: std::process::id(),
+            pid: crate::sys::fork::pid(),
             _lock: PhantomData,
         };
         if let Some(every) = lock.inner.opts.keep_alive {
@@ -480,7 +507,7 @@ impl<'a> LeaseGuard<'a> {
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
-        if std::process::id() != self.pid {
+        if crate::sys::fork::pid() != self.pid {
             // A forked child's copy: the lease is the parent's.
             return;
         }

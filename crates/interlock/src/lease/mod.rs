@@ -352,6 +352,11 @@ pub(crate) struct Inner {
     /// Staging directories ready for the next attempt, tagged with the pid
     /// that made them (see [`Stage::create`]).
     spare_stages: parking_lot::Mutex<Vec<Spare>>,
+    /// Lease records moved out of released lock directories into `stage/`,
+    /// tagged with the pid whose record they are, each the next
+    /// acquisition's record (one rename instead of creating, writing and
+    /// closing a file, and removing the old one).
+    spare_records: parking_lot::Mutex<Vec<(u32, String)>>,
     /// The background renewer of this handle's guards (`keep_alive`).
     renewers: guard::Renewers,
 }
@@ -412,7 +417,7 @@ fn nonce() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u32(std::process::id());
+    h.write_u32(crate::sys::fork::pid());
     h.write_u128(unix_nanos(SystemTime::now()).into());
     h.finish()
 }
@@ -499,7 +504,7 @@ impl LeaseLock {
                 .map_err(|e| io_err("create lease side directory", &side_path.join(sub), e))?;
         }
         if !opts.foreign_state {
-            let me = proc::credentials(std::process::id()).map(|c| c.uid);
+            let me = proc::credentials(crate::sys::fork::pid()).map(|c| c.uid);
             for (d, p) in [
                 (Some(&side_dir), side_path.clone()),
                 (None, side_path.join("tokens")),
@@ -549,6 +554,7 @@ impl LeaseLock {
             local_fs,
             notifiers: parking_lot::Mutex::new(Vec::new()),
             spare_stages: parking_lot::Mutex::new(Vec::new()),
+            spare_records: parking_lot::Mutex::new(Vec::new()),
             renewers: guard::Renewers::default(),
         };
         inner.sweep_stages();
@@ -628,8 +634,11 @@ impl LeaseLock {
         holder_in(&parent, name, &Locality::current()).map_err(|e| err("inspect lease lock", e))
     }
 
-    /// The largest fencing token claimed so far for this lock (the last one
-    /// issued, or a larger one a failed acquisition claimed), if any.
+    /// The largest fencing token claimed so far for this lock, if any: the
+    /// last one issued, or a larger one that a failed acquisition claimed
+    /// or that the last holder's handle reserved in its batch (tokens are
+    /// claimed in batches while one handle keeps the lock; every later
+    /// token is larger than this).
     pub fn last_token(&self) -> Result<Option<u64>> {
         self.inner
             .fence
@@ -838,6 +847,13 @@ impl<'a> Stage<'a> {
             dir: Some(dir),
             lease,
         };
+        if let Some(rec) = inner.take_record(me.pid) {
+            // The record of this process, kept from its last release.
+            if rename_noreplace(&inner.stage, &rec, st.dir(), lease.render()).is_ok() {
+                return Ok(st);
+            }
+            let _ = inner.stage.unlink(&rec);
+        }
         st.dir()
             .create_file(lease.render(), owner.render().as_bytes(), 0o644, false)
             .map_err(|e| Error::io("write lease record", e).with_path(stage_path()))?;
@@ -873,7 +889,7 @@ impl Drop for Stage<'_> {
             let mut pool = self.inner.spare_stages.lock();
             if pool.len() < SPARE_STAGES {
                 let name = std::mem::take(&mut self.name);
-                pool.push((std::process::id(), name, d, self.lease));
+                pool.push((crate::sys::fork::pid(), name, d, self.lease));
                 return;
             }
         }
@@ -886,7 +902,12 @@ impl Drop for Stage<'_> {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let me = std::process::id();
+        let me = crate::sys::fork::pid();
+        for (pid, name) in self.spare_records.get_mut().drain(..) {
+            if pid == me {
+                let _ = self.stage.unlink(&name);
+            }
+        }
         for (pid, name, d, lease) in self.spare_stages.get_mut().drain(..) {
             if pid == me {
                 let _ = d.unlink(lease.render());
@@ -896,7 +917,47 @@ impl Drop for Inner {
     }
 }
 
+/// Spare records kept per handle at most.
+const SPARE_RECORDS: usize = 4;
+
 impl Inner {
+    /// A spare record of process `pid`, if one is kept.
+    fn take_record(&self, pid: u32) -> Option<String> {
+        let mut pool = self.spare_records.lock();
+        pool.retain(|(p, _)| *p == pid);
+        pool.pop().map(|(_, n)| n)
+    }
+
+    /// A name in `stage/` for a released lease's record of process `me`,
+    /// if fewer than [`SPARE_RECORDS`] are kept; it is named like a
+    /// staging directory (tag, pid, start time), so that the sweep of dead
+    /// processes' leftovers removes it too.
+    pub(crate) fn record_slot(&self, me: ProcessId) -> Option<String> {
+        if self.spare_records.lock().len() >= SPARE_RECORDS {
+            return None;
+        }
+        // Unique within the process (pid and start time name the process).
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+        Some(format!(
+            "{}.{}.{}.r{n}",
+            self.here.tag(),
+            me.pid,
+            me.start_time
+        ))
+    }
+
+    /// Keeps a record moved to `stage/NAME` for the next acquisition.
+    pub(crate) fn keep_record(&self, pid: u32, name: String) {
+        let mut pool = self.spare_records.lock();
+        if pool.len() < SPARE_RECORDS {
+            pool.push((pid, name));
+        } else {
+            drop(pool);
+            let _ = self.stage.unlink(&name);
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         unix_nanos(self.opts.clock.now())
     }
@@ -1171,7 +1232,7 @@ impl<'a> Waiter<'a> {
     /// again before the first wait.
     fn new(inner: &'a Inner) -> Waiter<'a> {
         let notify = if inner.opts.notify {
-            let me = std::process::id();
+            let me = crate::sys::fork::pid();
             let pooled = {
                 let mut pool = inner.notifiers.lock();
                 // Instances inherited from a parent process are dropped
@@ -1263,7 +1324,10 @@ impl<'a> Waiter<'a> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         if let Some(n) = self.notify.take() {
-            self.inner.notifiers.lock().push((std::process::id(), n));
+            self.inner
+                .notifiers
+                .lock()
+                .push((crate::sys::fork::pid(), n));
         }
     }
 }

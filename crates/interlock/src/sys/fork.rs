@@ -40,6 +40,23 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
 }
 
+/// This process's id, without a syscall after the first call in a process
+/// (`getpid` each time cost a lease acquire+release six syscalls): cached
+/// with the fork generation it was read in, and read again in a child.
+pub fn pid() -> u32 {
+    // Generation (low 32 bits) << 32 | pid; 0 = not read yet.
+    static CACHED: AtomicU64 = AtomicU64::new(0);
+    watch();
+    let gen = generation() & 0xffff_ffff;
+    let v = CACHED.load(Ordering::Relaxed);
+    if v != 0 && v >> 32 == gen {
+        return v as u32;
+    }
+    let pid = std::process::id();
+    CACHED.store(gen << 32 | u64::from(pid), Ordering::Relaxed);
+    pid
+}
+
 /// Test helper: fork(2) without exec; the child runs `f` and leaves with
 /// `_exit(f())`, the parent gets the child's pid.
 ///
@@ -83,5 +100,19 @@ pub fn wait_child(pid: u32) -> std::io::Result<i32> {
         Ok(libc::WEXITSTATUS(status))
     } else {
         Ok(128 + libc::WTERMSIG(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_pid_is_the_childs_after_fork() {
+        assert_eq!(pid(), std::process::id());
+        assert_eq!(pid(), std::process::id(), "cached");
+        let child = fork_run(|| i32::from(pid() != std::process::id())).unwrap();
+        assert_eq!(wait_child(child).unwrap(), 0, "a child reads its own pid");
+        assert_eq!(pid(), std::process::id(), "the parent's is kept");
     }
 }

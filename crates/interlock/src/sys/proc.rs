@@ -85,7 +85,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
 /// because its pid differs from the cached one).
 pub fn current() -> ProcessId {
     static CACHE: OnceLock<ProcessId> = OnceLock::new();
-    let pid = std::process::id();
+    let pid = crate::sys::fork::pid();
     let cached = *CACHE.get_or_init(|| identity_of(pid));
     if cached.pid == pid {
         cached
