@@ -80,6 +80,7 @@ mod record;
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -661,6 +662,10 @@ impl LeaseLock {
         let mut waiter: Option<Waiter<'_>> = None;
         let mut told = false;
         let mut quick = 0u32;
+        // The pidfd of the holder last seen, kept across looks: a wake-up
+        // by a release that the same holder re-took then costs neither a
+        // new pidfd nor a read of /proc.
+        let mut watch: Option<Watched> = None;
         loop {
             let st = match stage.take() {
                 Some(mut s) => match s.refresh() {
@@ -669,7 +674,7 @@ impl LeaseLock {
                 },
                 None => Stage::create(inner)?,
             };
-            let observed = match inner.try_install(st)? {
+            let observed = match inner.try_install(st, &mut watch)? {
                 Step::Acquired(held) => return Ok(LeaseGuard::new(self, held)),
                 Step::Changed(s) => {
                     stage = s;
@@ -714,7 +719,7 @@ impl LeaseLock {
                     }
                 }
                 Some(w) => {
-                    w.wait(&observed, &wait);
+                    w.wait(&observed, &wait, &mut watch);
                     // Slept to the deadline: give up now. Another look
                     // (renames and a listing, a millisecond or more on a
                     // loaded disk) would only make the answer late; a
@@ -866,10 +871,18 @@ impl<'a> Stage<'a> {
             .expect("a stage's directory is taken only when it is installed")
     }
 
-    /// Gives the staged lease a full time to live from now.
+    /// Gives the staged lease a full time to live from now, unless it still
+    /// has more than half of one (the expiry only has to last from the
+    /// install to the publish, which sets a fresh one): a retry after a
+    /// wake-up then costs no rename.
     fn refresh(&mut self) -> io::Result<()> {
+        let now = self.inner.now_ns();
+        let ttl = nanos(self.inner.opts.ttl);
+        if self.lease.expiry_ns > now && self.lease.expiry_ns - now > ttl / 2 {
+            return Ok(());
+        }
         let next = LeaseName {
-            expiry_ns: self.inner.expiry_from_now(),
+            expiry_ns: now.saturating_add(ttl),
             ..self.lease
         };
         if next != self.lease {
@@ -968,7 +981,7 @@ impl Inner {
 
     /// One attempt: rename the staged directory into place, or look at the
     /// one that is there.
-    fn try_install<'a>(&'a self, st: Stage<'a>) -> Result<Step<'a>> {
+    fn try_install<'a>(&'a self, st: Stage<'a>, watch: &mut Option<Watched>) -> Result<Step<'a>> {
         match rename_noreplace(&self.stage, &st.name, &self.parent, &self.name) {
             Ok(_) => {
                 // Installed: the staging directory is now the lock directory.
@@ -976,7 +989,9 @@ impl Inner {
                 let dir = st.dir.take().expect("a stage is installed once");
                 self.publish(dir, st.lease)
             }
-            Err(e) if matches!(errno(&e), libc::EEXIST | libc::ENOTEMPTY) => self.inspect(st),
+            Err(e) if matches!(errno(&e), libc::EEXIST | libc::ENOTEMPTY) => {
+                self.inspect(st, watch)
+            }
             Err(e) if errno(&e) == libc::ENOTDIR => Err(self
                 .err("acquire lease lock", e)
                 .with_kind(ErrorKind::Corrupt)
@@ -1044,7 +1059,7 @@ impl Inner {
 
     /// Looks at the lock directory in place: busy, or stale (then breaks
     /// it), or dead (then removes it), or foreign (an error).
-    fn inspect<'a>(&'a self, st: Stage<'a>) -> Result<Step<'a>> {
+    fn inspect<'a>(&'a self, st: Stage<'a>, watch: &mut Option<Watched>) -> Result<Step<'a>> {
         let inst = match self.parent.open_at(&self.name) {
             Ok(d) => d,
             Err(e) if errno(&e) == libc::ENOENT => return Ok(Step::Changed(Some(st))),
@@ -1063,7 +1078,7 @@ impl Inner {
         // look twice before calling the directory corrupt.
         let mut second_look = false;
         let (live, dead, foreign) = loop {
-            let names = match inst.names() {
+            let names = match inst.names_direct(usize::MAX) {
                 Ok(n) => n,
                 Err(e) if matches!(errno(&e), libc::ENOENT | libc::ESTALE) => {
                     return Ok(Step::Changed(Some(st)))
@@ -1124,7 +1139,20 @@ impl Inner {
             &self.here,
             self.now_ns(),
             nanos(self.opts.max_clock_skew),
-            liveness,
+            |p| match watch {
+                // A pidfd of this very process (pid and start time checked
+                // when it was opened): it turns readable when it exits.
+                Some(w) if w.id == p => {
+                    if notify::poll_readable(&[w.fd.as_fd()], Some(Duration::ZERO)).unwrap_or(true)
+                    {
+                        *watch = None;
+                        Liveness::Dead
+                    } else {
+                        Liveness::Alive
+                    }
+                }
+                _ => liveness(p),
+            },
         );
         match verdict {
             Verdict::Live { wake_at_ns } => {
@@ -1205,14 +1233,27 @@ impl Inner {
             if liveness(ProcessId { pid, start_time }) != Liveness::Dead {
                 continue;
             }
-            if let Ok(d) = self.stage.open_at(s) {
-                for f in d.names().unwrap_or_default() {
-                    let _ = d.unlink(&f);
+            match self.stage.open_at(s) {
+                Ok(d) => {
+                    for f in d.names().unwrap_or_default() {
+                        let _ = d.unlink(&f);
+                    }
+                    let _ = self.stage.rmdir(s);
                 }
+                // A spare record (a file).
+                Err(e) if errno(&e) == libc::ENOTDIR => {
+                    let _ = self.stage.unlink(s);
+                }
+                Err(_) => {}
             }
-            let _ = self.stage.rmdir(s);
         }
     }
+}
+
+/// A pidfd of a holder, checked to be that process when opened.
+struct Watched {
+    id: ProcessId,
+    fd: PidFd,
 }
 
 /// How a blocked acquirer sleeps: in `poll` on an inotify watch of the
@@ -1256,19 +1297,29 @@ impl<'a> Waiter<'a> {
         }
     }
 
-    fn wait(&mut self, obs: &Observed, wait: &Wait) {
+    fn wait(&mut self, obs: &Observed, wait: &Wait, watch: &mut Option<Watched>) {
         let inner = self.inner;
-        let pidfd = match obs.local_owner {
-            Some(p) => match PidFd::open(p.pid) {
-                // The pidfd names whatever process has the pid now: check it
-                // is still the holder (pids are reused).
-                Ok(fd) if liveness(p) == Liveness::Alive => Some(fd),
-                Ok(_) => return,
-                Err(e) if errno(&e) == libc::ESRCH => return,
-                Err(_) => None,
-            },
-            None => None,
-        };
+        match obs.local_owner {
+            Some(p) if watch.as_ref().is_some_and(|w| w.id == p) => {}
+            Some(p) => {
+                *watch = None;
+                match PidFd::open(p.pid) {
+                    // The pidfd names whatever process has the pid now:
+                    // check it is still the holder (pids are reused).
+                    Ok(fd) if liveness(p) == Liveness::Alive => {
+                        *watch = Some(Watched { id: p, fd })
+                    }
+                    Ok(_) => return,
+                    Err(e) if errno(&e) == libc::ESRCH => return,
+                    Err(_) => {}
+                }
+            }
+            None => {}
+        }
+        let pidfd = watch
+            .as_ref()
+            .filter(|w| Some(w.id) == obs.local_owner)
+            .map(|w| &w.fd);
         let woken_by_kernel = self.notify.is_some() && inner.local_fs;
         let mut timeout = if woken_by_kernel {
             SAFETY_POLL
@@ -1284,7 +1335,6 @@ impl<'a> Waiter<'a> {
         if let Some(r) = wait.remaining() {
             timeout = timeout.min(r);
         }
-        use std::os::fd::AsFd;
         let mut fds = Vec::with_capacity(2);
         if let Some(n) = &self.notify {
             fds.push(n.as_fd());
@@ -1302,18 +1352,19 @@ impl<'a> Waiter<'a> {
         let end = Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            match notify::poll_readable(&fds, Some(left)) {
-                Ok(true) => {}
+            let ready = match notify::poll_ready(&fds, Some(left)) {
+                Ok(m) if m != 0 => m,
                 // Time-out, EINTR, or a poll error: look at the lock again.
                 _ => return,
-            }
+            };
+            // The inotify instance is fds[0] when there is one, the pidfd
+            // the last.
             let relevant = match &self.notify {
-                Some(n) => n.drain(&inner.name).unwrap_or(true),
+                Some(n) if ready & 1 != 0 => n.drain(&inner.name).unwrap_or(true),
+                Some(_) => false,
                 None => true,
             };
-            let died = pidfd.as_ref().is_some_and(|p| {
-                notify::poll_readable(&[p.as_fd()], Some(Duration::ZERO)).unwrap_or(true)
-            });
+            let died = pidfd.is_some() && ready & (1 << (fds.len() - 1)) != 0;
             if relevant || died || left.is_zero() {
                 return;
             }

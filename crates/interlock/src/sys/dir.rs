@@ -180,7 +180,9 @@ impl Dir {
         let fd = cvt(unsafe { libc::openat(self.fd.as_raw_fd(), n.as_ptr(), flags) })?;
         // SAFETY: `fd` is new and ours.
         let f = unsafe { File::from_raw_fd(fd) };
-        let mut buf = Vec::new();
+        // Room for the whole file up front: two reads (data, then end of
+        // file) rather than a 32-byte probe and doubling reads.
+        let mut buf = Vec::with_capacity(limit.min(64 * 1024) as usize + 1);
         f.take(limit).read_to_end(&mut buf)?;
         Ok(buf)
     }
@@ -265,6 +267,66 @@ impl Dir {
         // SAFETY: `dirp` is valid and closed exactly once.
         unsafe { libc::closedir(dirp) };
         result.map(|()| out)
+    }
+
+    /// As [`Dir::names_limited`], read through this descriptor itself
+    /// (`lseek` to the start, then `getdents64` until it returns 0): three
+    /// system calls for a small directory instead of seven (opening a
+    /// second descriptor for `fdopendir`, whose set-up costs a `fstat` and
+    /// two `fcntl`, and closing it). It moves this descriptor's position,
+    /// which nothing else here uses.
+    pub fn names_direct(&self, limit: usize) -> io::Result<Vec<OsString>> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid fd; lseek has no memory effects.
+        if unsafe { libc::lseek(fd, 0, libc::SEEK_SET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // 8-byte aligned, as linux_dirent64 records are.
+        let mut buf = [0u64; 512];
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: valid fd; the kernel writes at most `size_of_val(&buf)`
+            // bytes into `buf`, which we own.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    fd,
+                    buf.as_mut_ptr().cast::<u8>(),
+                    std::mem::size_of_val(&buf),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Ok(out);
+            }
+            // SAFETY: the kernel filled the first `n` bytes of `buf`; we
+            // read them as bytes only.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+            let mut at = 0;
+            // Each record: d_ino (8), d_off (8), d_reclen (2), d_type (1),
+            // then the NUL-terminated name, padded to d_reclen.
+            while at + 19 <= bytes.len() {
+                let reclen = usize::from(u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]));
+                if reclen < 19 || at + reclen > bytes.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed getdents64 record",
+                    ));
+                }
+                let name = &bytes[at + 19..at + reclen];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                if name != b"." && name != b".." {
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                    out.push(OsString::from_vec(name.to_vec()));
+                }
+                at += reclen;
+            }
+        }
     }
 
     /// `fsync` of the directory: makes the entries created in it durable.
@@ -425,6 +487,27 @@ pub fn rename_noreplace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_listing_matches_readdir() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Dir::open(t.path()).unwrap();
+        assert!(root.names_direct(usize::MAX).unwrap().is_empty());
+        // Enough entries, with long names, to need several getdents64 reads.
+        for i in 0..300 {
+            root.create_file(format!("{i:0>200}"), b"", 0o644, false)
+                .unwrap();
+        }
+        let mut a = root.names().unwrap();
+        let mut b = root.names_direct(usize::MAX).unwrap();
+        let again = root.names_direct(usize::MAX).unwrap();
+        a.sort();
+        b.sort();
+        assert_eq!(a.len(), 300);
+        assert_eq!(a, b);
+        assert_eq!(again.len(), 300, "each call lists from the start");
+        assert_eq!(root.names_direct(5).unwrap().len(), 5);
+    }
 
     #[test]
     fn fd_operations_follow_the_inode_not_the_path() {

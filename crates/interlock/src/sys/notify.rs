@@ -107,6 +107,11 @@ impl Inotify {
                 }
                 off += header + len;
             }
+            // A read that left room for another event of the longest name
+            // emptied the queue: no second read just to see EAGAIN.
+            if n + header + (libc::NAME_MAX as usize) < buf.len() {
+                return Ok(relevant);
+            }
         }
     }
 }
@@ -159,6 +164,13 @@ fn timespec_of(d: Duration) -> libc::timespec {
 /// forever). Returns whether any descriptor became readable. `EINTR` counts
 /// as an early return with nothing ready.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<bool> {
+    poll_ready(fds, timeout).map(|m| m != 0)
+}
+
+/// As [`poll_readable`], telling which: bit `i` is set if `fds[i]` is
+/// readable (or in error or hung up). At most 64 descriptors.
+pub fn poll_ready(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<u64> {
+    assert!(fds.len() <= 64, "poll_ready takes at most 64 descriptors");
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -188,11 +200,15 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINTR) {
             super::timer::note_signal();
-            return Ok(false);
+            return Ok(0);
         }
         return Err(e);
     }
-    Ok(r > 0)
+    Ok(pfds
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents != 0)
+        .fold(0, |m, (i, _)| m | 1 << i))
 }
 
 /// Whether the file system with magic number `f_type` is one where inotify
