@@ -276,8 +276,8 @@ pub fn targets() -> Vec<Target> {
 
 /// The floor of the pg target: the statements interlock sends, raw,
 /// prepared once: the try (grant with token, one round trip), then, only
-/// if it was not granted, the blocking wait (`interlock_acquire_v1` with no
-/// time-out, one round trip); and the release. The library's own
+/// if it was not granted, the blocking wait (`ACQUIRE` with no time-out,
+/// one round trip); and the release. The library's own
 /// statements (`interlock::pg`), not copies.
 struct PgFloor {
     client: postgres::Client,

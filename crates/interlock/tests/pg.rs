@@ -251,6 +251,59 @@ fn bounded_waits_time_out_and_report_blocking() {
     assert!(g.token() > 0);
 }
 
+/// A timed wait granted while a resource's transaction keeps the token row
+/// share-locked (`interlock_fence_check` with the previous holder's token)
+/// waits for that transaction, past its own deadline, and is a grant, not a
+/// time-out: the wait's `lock_timeout` ends with the wait. (If it still
+/// applied to the token's update, the statement would fail with 55P03
+/// after the grant, and the caller would be told TimedOut while its
+/// session held the lock.)
+#[test]
+fn a_wait_granted_behind_a_fence_check_is_not_a_timeout() {
+    let Some(pg) = cluster() else { return };
+    let name = unique("fenced");
+    let PgKey::Int(key) = PgKey::name(&name) else {
+        unreachable!()
+    };
+    let holder = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let waiter = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let g = holder.write().unwrap();
+    let t1 = g.token();
+    let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute(
+        "SELECT interlock_fence_check($1, $2)",
+        &[&key, &(t1 as i64)],
+    )
+    .unwrap();
+    let (budget, open) = (Duration::from_secs(2), Duration::from_secs(3));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            let r = waiter.try_write_for(budget).map(|g| g.token());
+            (r, Instant::now())
+        });
+        assert!(
+            holders_until(&holder, |h| h.iter().any(|h| !h.granted)),
+            "the waiter never queued"
+        );
+        assert!(start.elapsed() < budget, "queued too late to test");
+        // The waiter is granted now; its token update waits for `tx`, which
+        // stays open past the waiter's deadline.
+        drop(g);
+        std::thread::sleep(open.saturating_sub(start.elapsed()));
+        let committing = Instant::now();
+        tx.commit().unwrap();
+        let (r, returned) = w.join().unwrap();
+        let t2 = r.expect("granted behind the checked transaction, not timed out");
+        assert!(t2 > t1);
+        assert!(
+            returned >= committing,
+            "the grant did not wait for the checked transaction"
+        );
+    });
+}
+
 #[test]
 fn deadlock_between_two_sessions_is_reported() {
     let Some(pg) = cluster() else { return };

@@ -1,10 +1,12 @@
 //! The SQL the library installs and sends, in one place.
 //!
 //! Why it is built this way: a grant and its fencing token must come back in
-//! one round trip, and a grant must never outlive a failed statement. So the
-//! acquisition is one server-side function, `interlock_acquire`, that takes
-//! the advisory lock and then bumps the lock's token row in the same
-//! (autocommit) transaction; the client receives the token only after that
+//! one round trip, and a grant must never outlive a failed statement. So an
+//! acquisition is one statement ([`TRY_ACQUIRE`], then if that was not
+//! granted [`ACQUIRE`], which waits) that takes the advisory lock and then
+//! bumps the lock's token row in the same (autocommit) transaction (the
+//! installed function `interlock_acquire_v1` does the same, for older
+//! versions of interlock); the client receives the token only after that
 //! transaction committed (the postgres crate's row stream ends at
 //! ReadyForQuery, which the server sends after the commit). Session-level
 //! advisory locks ignore ROLLBACK, so a statement that fails *after* the
@@ -128,10 +130,32 @@ RETURNS void LANGUAGE sql AS $fn$ SELECT interlock_fence_check(1::smallint, k, t
 COMMIT;
 "#;
 
-/// A blocking acquisition (`lock_timeout` set for the wait): one round
-/// trip, grant and token.
-pub const ACQUIRE: &str =
-    "SELECT token, backend FROM interlock_acquire_v1($1, $2, $3, $4, $5, $6, $7)";
+/// A blocking acquisition (after a try that was not granted): the grant
+/// after a wait in the server, and its token, in one round trip, as one
+/// plain statement; the installed function `interlock_acquire_v1` does the
+/// same (and older versions of interlock call it), but as a PL/pgSQL call it
+/// costs the server about twice as much (docs/design-pg.md). Order within
+/// it, each materialised CTE reading the one before: `t` sets
+/// `lock_timeout` for this transaction only (`$6` ms, 0: no limit); `g`
+/// waits for the advisory lock; `r` resets `lock_timeout` to 0, so that
+/// the upsert `u` (the token, as in [`TRY_ACQUIRE`]) may wait for a row
+/// lock (an `interlock_fence_check` in flight) without a 55P03: that error
+/// can only come from the wait; then the lease. `$1`-`$5` as in
+/// [`TRY_ACQUIRE`], `$6` the wait in ms (at least 0), `$7` the lease in ms.
+pub const ACQUIRE: &str = "WITH t AS MATERIALIZED (SELECT set_config('lock_timeout', $6::integer::text, true) AS lt), \
+   g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_advisory_lock_shared($2::bigint)::text ELSE pg_advisory_lock($2)::text END \
+     ELSE \
+       CASE WHEN $5 THEN pg_advisory_lock_shared($3::integer, $4::integer)::text ELSE pg_advisory_lock($3, $4)::text END \
+     END AS got FROM t), \
+   r AS MATERIALIZED (SELECT set_config('lock_timeout', '0', true) AS lt FROM g), \
+   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
+     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM r \
+     ON CONFLICT (space, key) DO UPDATE \
+     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
+     RETURNING f.token) \
+   SELECT (SELECT token FROM u), pg_backend_pid(), \
+     set_config('idle_session_timeout', $7::integer::text, false)";
 
 /// A try (every acquisition starts with one): the same grant and token as
 /// `interlock_acquire_v1` with `wait_ms < 0`, as one plain statement, which
