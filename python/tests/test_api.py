@@ -289,6 +289,33 @@ def test_shm_guard_objects_reused_only_when_nobody_refers_to_them():
         g.release()
 
 
+def test_reused_holds_keep_reentrancy_and_close(path):
+    """A hold's record reuses released holds: reentrancy, AlreadyHeld and
+    close() stay as they were, through several lock objects of one lock."""
+    name = path + ".shm"
+    for _ in range(3):
+        a = interlock.ShmRwLock(name, reentrant=True)
+        b = interlock.ShmRwLock(name)
+        for _ in range(3):
+            g = a.write()
+            h = a.write()  # counted
+            with pytest.raises(AlreadyHeld):
+                b.read(blocking=False)
+            g.release()
+            assert not is_free(b.write)
+            h.release()
+            assert is_free(b.write)
+            assert b.acquire(shared=True)
+            with pytest.raises(AlreadyHeld):
+                a.read()
+            b.release()
+        a.acquire()
+        a.read().release()
+        a.close()
+        assert is_free(b.write)
+        del a, b, g, h
+
+
 def test_waits_release_the_gil(path):
     """While one thread waits for the lock, another runs Python code."""
     lock = interlock.FileLock(path)

@@ -110,35 +110,60 @@ pub(crate) enum Key {
 /// (`locked()`, `close()`): entries name the object they were taken
 /// through.
 pub(crate) struct KeyState {
-    /// (fork generation, [(holder, hold)]).
-    holders: Mutex<(u64, Holders)>,
+    record: Mutex<Record>,
 }
 
 /// Holds of one lock by holder (thread or task number).
 type Holders = Vec<(u64, Arc<Shared>)>;
 
+/// How many released holds a record keeps for reuse.
+const SPARES: usize = 4;
+
+struct Record {
+    /// The fork generation the holds are of.
+    gen: u64,
+    holders: Holders,
+    /// Released holds, kept so that a later hold reuses the allocation of
+    /// one that nothing refers to any more (its only `Arc` is this one),
+    /// kept only while a lock object of this lock lives (a spare refers to
+    /// the record: the last lock object's end lets them go).
+    spare: Vec<Arc<Shared>>,
+    /// The lock objects ([`Holds`]) of this lock.
+    objects: usize,
+}
+
 impl KeyState {
     /// Runs `f` on the record. `f` must not run Python code (a guard
     /// dropped by the garbage collector would re-enter the record).
     fn with<T>(&self, f: impl FnOnce(&mut Holders) -> T) -> T {
-        let mut h = self.holders.lock();
+        self.with_record(|r| f(&mut r.holders))
+    }
+
+    fn with_record<T>(&self, f: impl FnOnce(&mut Record) -> T) -> T {
+        let mut r = self.record.lock();
         let gen = generation();
-        if h.0 != gen {
+        if r.gen != gen {
             // A forked child: the holds are the parent's. Forget them (dropping
             // them would release the parent's locks).
-            std::mem::forget(std::mem::take(&mut h.1));
-            h.0 = gen;
+            std::mem::forget(std::mem::take(&mut r.holders));
+            std::mem::forget(std::mem::take(&mut r.spare));
+            r.gen = gen;
         }
-        f(&mut h.1)
+        f(&mut r)
     }
 
     fn remove(&self, thread: u64, s: &Arc<Shared>) {
-        self.with(|v| {
-            if let Some(i) = v
+        self.with_record(|r| {
+            if let Some(i) = r
+                .holders
                 .iter()
                 .position(|(t, x)| *t == thread && Arc::ptr_eq(x, s))
             {
-                v.swap_remove(i);
+                let (_, x) = r.holders.swap_remove(i);
+                // Not the last reference (the caller has `s`): no drop here.
+                if r.objects > 0 && r.spare.len() < SPARES {
+                    r.spare.push(x);
+                }
             }
         });
     }
@@ -165,7 +190,12 @@ pub(crate) fn intern(key: Key) -> Arc<KeyState> {
     }
     m.retain(|_, w| w.strong_count() > 0);
     let k = Arc::new(KeyState {
-        holders: Mutex::new((generation(), Vec::new())),
+        record: Mutex::new(Record {
+            gen: generation(),
+            holders: Vec::new(),
+            spare: Vec::new(),
+            objects: 0,
+        }),
     });
     m.insert(key, Arc::downgrade(&k));
     k
@@ -235,6 +265,34 @@ fn new_shared(held: Held, key: Option<&Arc<KeyState>>, thread: u64, owner: u64) 
         owner,
         token,
     })
+}
+
+/// [`new_shared`] in the record of `key` (locked): reuses a spare hold
+/// that nothing else refers to.
+fn new_shared_in(
+    r: &mut Record,
+    held: Held,
+    key: &Arc<KeyState>,
+    thread: u64,
+    owner: u64,
+) -> Arc<Shared> {
+    if let Some(i) = r.spare.iter().position(|s| Arc::strong_count(s) == 1) {
+        let mut s = r.spare.swap_remove(i);
+        if let Some(x) = Arc::get_mut(&mut s) {
+            x.token = match &held {
+                Held::Lease(g) => Some(g.token()),
+                Held::Pg(g) => Some(g.token()),
+                _ => None,
+            };
+            *x.held.get_mut() = Some(held);
+            *x.count.get_mut() = 1;
+            x.gen = generation();
+            x.record = Some((Arc::clone(key), thread));
+            x.owner = owner;
+            return s;
+        }
+    }
+    new_shared(held, Some(key), thread, owner)
 }
 
 /// One more guard on an existing (reentrant) hold.
@@ -585,7 +643,30 @@ impl Default for Holds {
     }
 }
 
+impl Drop for Holds {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.get() {
+            let spare = k.with_record(|r| {
+                r.objects -= 1;
+                if r.objects == 0 {
+                    std::mem::take(&mut r.spare)
+                } else {
+                    Vec::new()
+                }
+            });
+            drop(spare);
+        }
+    }
+}
+
 impl Holds {
+    /// Sets the lock's record (on the first acquisition).
+    fn set_key(&self, key: &Arc<KeyState>) {
+        if self.key.get().is_none() && self.key.set(Arc::clone(key)).is_ok() {
+            key.with_record(|r| r.objects += 1);
+        }
+    }
+
     fn add_unkeyed(&self, s: &Arc<Shared>) {
         let mut all = self.unkeyed.lock();
         if all.len() >= 32 {
@@ -861,11 +942,9 @@ pub(crate) fn acquire_shared(
     let owner = holds.id;
     let mut fast = req.fast;
     if let Some(key) = req.key {
-        if holds.key.get().is_none() {
-            let _ = holds.key.set(Arc::clone(key));
-        }
-        let decided = key.with(|v| {
-            if let Some((_, s)) = v.iter().find(|(t, _)| *t == thread) {
+        holds.set_key(key);
+        let decided = key.with_record(|r| {
+            if let Some((_, s)) = r.holders.iter().find(|(t, _)| *t == thread) {
                 return again(&req, owner, s);
             }
             if fast != Fast::TryFirst {
@@ -875,8 +954,8 @@ pub(crate) fn acquire_shared(
                 Err(TryLockError::WouldBlock) if wait.may_block() => Decided::Wait,
                 Err(e) => Decided::Failed(e),
                 Ok((held, poisoned)) => {
-                    let s = new_shared(held, Some(key), thread, owner);
-                    v.push((thread, Arc::clone(&s)));
+                    let s = new_shared_in(r, held, key, thread, owner);
+                    r.holders.push((thread, Arc::clone(&s)));
                     Decided::Taken(s, poisoned)
                 }
             }
@@ -917,9 +996,7 @@ pub(crate) fn acquire_custom(
 ) -> PyResult<Arc<Shared>> {
     let thread = crate::wait::thread_ident();
     let owner = holds.id;
-    if holds.key.get().is_none() {
-        let _ = holds.key.set(Arc::clone(key));
-    }
+    holds.set_key(key);
     let prior = key.with(|v| {
         v.iter()
             .find(|(t, _)| *t == thread)
