@@ -23,12 +23,12 @@ fn paths(d: &tempfile::TempDir) -> (PathBuf, PathBuf) {
     (d.path().join("lock.shm"), d.path().join("marks"))
 }
 
-/// Whether `pid` is gone or a zombie (what the lock itself considers dead).
 /// Whether thread `pid` (a tid: /proc/TID/stat exists for every thread)
-/// is gone, a zombie, or exiting (`PF_EXITING`, 0x4, in the flags field): a
-/// waiter may recover the lock of a holder killed by SIGKILL as soon as the
-/// kernel has flagged the holding thread exiting (or the thread is gone),
-/// before the process is a zombie, and such a thread runs no more user code.
+/// will never run user code again: gone, a zombie, exiting (`PF_EXITING`,
+/// 0x4, in the flags field) or killed (SIGKILL pending). A waiter may
+/// recover the lock of a holder killed by SIGKILL as soon as the kernel has
+/// flagged the holding thread exiting, or once the process's leader is a
+/// zombie while the holding thread still waits for a CPU to die.
 fn is_dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
@@ -37,8 +37,22 @@ fn is_dead(pid: u32) -> bool {
             let f: Vec<&str> = rest.split_whitespace().collect();
             matches!(f.first(), Some(&("Z" | "X")))
                 || f.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) & 0x4 != 0
+                || sigkill_pending(pid)
         }
     }
+}
+
+/// Whether thread `tid` has SIGKILL pending: it was killed and will never
+/// run user code again, though it may still wait for a CPU to die (the
+/// lock rightly counts its process dead once the leader is a zombie).
+fn sigkill_pending(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status")).is_ok_and(|st| {
+        st.lines().any(|l| {
+            let (k, v) = l.split_once(':').unwrap_or(("", ""));
+            (k == "SigPnd" || k == "ShdPnd")
+                && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & (1 << 8) != 0)
+        })
+    })
 }
 
 /// This thread's id, from the /proc/thread-self link ("PID/task/TID").
@@ -372,6 +386,14 @@ fn torture_child(kind: &str) {
                 drop(g);
                 words[W_OPS_READ].fetch_add(1, Ordering::SeqCst);
             }
+        } else if kind == "none" {
+            // No lock at all: the control that shows the check can fail.
+            mark.store(me | WRITING, Ordering::SeqCst);
+            check_marks(words, slot, WRITING);
+            spin_for(hold);
+            check_marks(words, slot, WRITING);
+            mark.store(0, Ordering::SeqCst);
+            words[W_OPS_WRITE].fetch_add(1, Ordering::SeqCst);
         } else if let Some(m) = &mx {
             let mut g = m.lock().unwrap_or_else(|p| {
                 words[W_POISONED].fetch_add(1, Ordering::SeqCst);
@@ -394,7 +416,8 @@ fn torture_child(kind: &str) {
     }
 }
 
-fn torture(test: &str, kind: &str, children: usize, default_secs: u64) {
+/// Runs the torture and returns the number of exclusion violations seen.
+fn torture(test: &str, kind: &str, children: usize, default_secs: u64) -> u64 {
     let d = tempfile::tempdir().unwrap();
     let (lock_path, marks_path) = paths(&d);
     let marks = SharedWords::open(&marks_path, W_MARKS + MAX_CHILDREN).unwrap();
@@ -465,11 +488,11 @@ fn torture(test: &str, kind: &str, children: usize, default_secs: u64) {
         words[W_OPS_READ].load(Ordering::SeqCst),
         words[W_POISONED].load(Ordering::SeqCst),
     );
-    assert_eq!(violations, 0);
     assert!(
         kills > 0 && kills_holding > 0,
         "the run never killed a holder"
     );
+    violations
 }
 
 #[test]
@@ -478,7 +501,10 @@ fn torture_rwlock_with_random_sigkills() {
         torture_child(&role);
         return;
     }
-    torture("torture_rwlock_with_random_sigkills", "rwlock", 4, 3);
+    assert_eq!(
+        torture("torture_rwlock_with_random_sigkills", "rwlock", 4, 3),
+        0
+    );
 }
 
 #[test]
@@ -487,7 +513,27 @@ fn torture_mutex_with_random_sigkills() {
         torture_child(&role);
         return;
     }
-    torture("torture_mutex_with_random_sigkills", "mutex", 3, 2);
+    assert_eq!(
+        torture("torture_mutex_with_random_sigkills", "mutex", 3, 2),
+        0
+    );
+}
+
+#[test]
+fn the_torture_check_catches_children_that_take_no_lock() {
+    // The control for the two tortures above: the same children, marks and
+    // kills without a lock must be seen overlapping.
+    if let Some(role) = support::role() {
+        torture_child(&role);
+        return;
+    }
+    let v = torture(
+        "the_torture_check_catches_children_that_take_no_lock",
+        "none",
+        3,
+        1,
+    );
+    assert!(v > 0, "no overlap seen without a lock: the check is blind");
 }
 
 // ---------------------------------------------------------------------

@@ -114,6 +114,10 @@ pub fn liveness(id: ProcessId) -> Liveness {
         Ok(s) if s.start_time == id.start_time && s.state != b'Z' && s.state != b'X' => {
             Liveness::Alive
         }
+        // A zombie leader: the process has ended, or is ending, unless
+        // another thread still runs (the main thread left alone, by
+        // pthread_exit or the exit system call).
+        Ok(s) if s.start_time == id.start_time && other_thread_lives(id.pid) => Liveness::Alive,
         // Visible with another start time, or a zombie: really dead.
         Ok(_) => Liveness::Dead,
         Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
@@ -126,6 +130,43 @@ pub fn liveness(id: ProcessId) -> Liveness {
         // and let the caller retry later rather than break a live lock.
         Err(_) => Liveness::Alive,
     }
+}
+
+/// Whether some thread of `pid` (whose leader is a zombie) will run user
+/// code again: one that is not a zombie, not exiting (`PF_EXITING`) and has
+/// no SIGKILL pending. A process being killed (or calling `exit`) has its
+/// leader reaped first while the other threads still wait for a CPU to
+/// die; those have SIGKILL pending and count as dead. A process whose main
+/// thread left by `pthread_exit` keeps running in its other threads, and
+/// counts as alive. If the task list cannot be read, the zombie is dead (as
+/// it always counted).
+fn other_thread_lives(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let dir = t.path();
+        let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
+            return false;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+        let exiting = matches!(f.first(), Some(&("Z" | "X")))
+            || f.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) & 0x4 != 0;
+        !exiting && fs::read_to_string(dir.join("status")).is_ok_and(|st| !sigkill_pending(&st))
+    })
+}
+
+/// Whether a /proc/.../status text shows SIGKILL pending (`SigPnd` or
+/// `ShdPnd`, hexadecimal masks whose bit 8 is signal 9).
+fn sigkill_pending(status: &str) -> bool {
+    status.lines().any(|l| {
+        let (k, v) = l.split_once(':').unwrap_or(("", ""));
+        (k == "SigPnd" || k == "ShdPnd")
+            && u64::from_str_radix(v.trim(), 16).is_ok_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0)
+    })
 }
 
 /// This boot's id (/proc/sys/kernel/random/boot_id), to tell a process of
@@ -245,6 +286,71 @@ mod tests {
         assert_eq!(parse_status("Uid:\t1\n"), None);
         let me = credentials(std::process::id()).unwrap();
         assert!(me.may_open(me.uid, me.gid, 0o600, true));
+    }
+
+    #[test]
+    fn a_process_whose_main_thread_left_is_alive_until_its_last_thread_ends() {
+        // The child's main thread leaves by pthread_exit while another
+        // thread runs on (a zombie leader, a live process): alive. When that
+        // thread ends, the process is dead. The control for the first half
+        // is the second: the same check does say "dead".
+        let (mut r, w) = std::io::pipe().unwrap();
+        let (r2, mut w2) = std::io::pipe().unwrap();
+        let w2_fd = std::os::fd::AsRawFd::as_raw_fd(&w2);
+        let pid = crate::sys::fork::fork_run(move || {
+            // SAFETY: closes the child's inherited copy of the parent's end
+            // (a number, not an object of ours), so the read below ends when
+            // the parent's copy closes, even if the parent panics.
+            unsafe { libc::close(w2_fd) };
+            let t = std::thread::spawn(move || {
+                use std::io::Read;
+                let mut b = [0u8; 1];
+                let _ = (&r2).read(&mut b);
+                // SAFETY: _exit ends the process at once (no destructors).
+                unsafe { libc::_exit(0) }
+            });
+            drop(t);
+            use std::io::Write;
+            let _ = (&w).write_all(b"x");
+            drop(w);
+            // SAFETY: the raw exit(2) system call (not exit_group) ends only
+            // this, the main, thread, without unwinding; the other thread
+            // keeps the process alive until it calls _exit.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!()
+        })
+        .unwrap();
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b).unwrap();
+        let start = read_stat(pid).unwrap().start_time;
+        let id = ProcessId {
+            pid,
+            start_time: start,
+        };
+        // Wait (bounded) until the leader is a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while read_stat(pid).unwrap().state != b'Z' {
+            assert!(std::time::Instant::now() < deadline, "leader never left");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(liveness(id), Liveness::Alive);
+        use std::io::Write;
+        w2.write_all(b"x").unwrap();
+        drop(w2);
+        assert_eq!(crate::sys::fork::wait_child(pid).unwrap(), 0);
+        assert_eq!(liveness(id), Liveness::Dead);
+    }
+
+    #[test]
+    fn sigkill_pending_is_read_from_status() {
+        assert!(sigkill_pending(
+            "Name:\tx\nSigPnd:\t0000000000000100\nShdPnd:\t0\n"
+        ));
+        assert!(sigkill_pending("ShdPnd:\t0000000000000100\n"));
+        assert!(!sigkill_pending(
+            "SigPnd:\t0000000000000200\nShdPnd:\t0000000000000000\n"
+        ));
     }
 
     #[test]
