@@ -324,8 +324,10 @@ fn check_marks(words: &[std::sync::atomic::AtomicU64], slot: usize, me: u64) {
             // before releasing, so a still-set mark of a live process is an
             // overlap).
             if m.load(Ordering::SeqCst) == v {
-                words[W_VIOLATIONS].fetch_add(1, Ordering::SeqCst);
-                eprintln!("VIOLATION: {me} in slot {slot} overlaps pid {pid} mode {mode}");
+                // (The first few are told; the no-lock control makes many.)
+                if words[W_VIOLATIONS].fetch_add(1, Ordering::SeqCst) < 5 {
+                    eprintln!("VIOLATION: {me} in slot {slot} overlaps pid {pid} mode {mode}");
+                }
             }
         }
     }
@@ -460,14 +462,16 @@ fn torture(test: &str, kind: &str, children: usize, default_secs: u64) -> u64 {
         );
         loop {
             let w_ok = words[W_OPS_WRITE].load(Ordering::SeqCst) > w0;
-            let r_ok = kind == "mutex" || words[W_OPS_READ].load(Ordering::SeqCst) > r0;
+            let r_ok = kind != "rwlock" || words[W_OPS_READ].load(Ordering::SeqCst) > r0;
             if w_ok && r_ok {
                 break;
             }
             let waited = killed.elapsed();
             assert!(
                 waited < RECOVERY_BOUND,
-                "no progress {waited:?} after killing child {victim} (holding: {was_holding})"
+                "no progress {waited:?} after killing child {victim} (holding: {was_holding}; writes {w0} -> {}, reads {r0} -> {})",
+                words[W_OPS_WRITE].load(Ordering::SeqCst),
+                words[W_OPS_READ].load(Ordering::SeqCst)
             );
             std::thread::sleep(Duration::from_micros(200));
         }
