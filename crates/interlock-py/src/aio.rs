@@ -80,6 +80,22 @@ pub(crate) fn given(
     move |_| cell.lock().take().ok_or(TryLockError::WouldBlock)
 }
 
+/// The finish step of a family whose holds are shared records: the
+/// future's outcome `r` (an error raised as the family's error, naming
+/// `req.path`), else the hold it got recorded through `holds` as a try's
+/// would be, and its guard.
+pub(crate) fn record_shared(
+    py: Python<'_>,
+    holds: &crate::hold::Holds,
+    req: crate::hold::Request<'_>,
+    r: Result<(Held, bool), TryLockError>,
+) -> PyResult<Py<Guard>> {
+    let h = r.map_err(|e| raise(py, &e, req.path, req.what))?;
+    let path = req.path;
+    let s = crate::hold::acquire_shared(py, holds, req, Wait::NonBlocking, given(h))?;
+    crate::hold::into_guard(py, path, s)
+}
+
 /// The waker: one byte to a socket the event loop watches. Both ends live
 /// as long as any waker (the crate's waiter may wake after the Python
 /// object is gone: the byte then goes nowhere, and no write fails).

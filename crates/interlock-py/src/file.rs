@@ -454,10 +454,7 @@ impl PyFileLock {
             fut,
             Box::new(move |py, r| {
                 let me = obj.get();
-                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
-                let req = me.request(mode, what);
-                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
-                hold::into_guard(py, &me.path, s)
+                aio::record_shared(py, &me.holds, me.request(mode, what), r)
             }),
         )
     }

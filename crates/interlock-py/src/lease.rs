@@ -196,7 +196,6 @@ impl PyLeaseLock {
             Box::new(move |py, r| {
                 let me = obj.get();
                 let what = "the lease";
-                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
                 let req = Request {
                     key: Some(&me.key),
                     reentrant: false,
@@ -205,8 +204,7 @@ impl PyLeaseLock {
                     what,
                     fast: Fast::Detach,
                 };
-                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
-                hold::into_guard(py, &me.path, s)
+                aio::record_shared(py, &me.holds, req, r)
             }),
         )
     }

@@ -392,10 +392,7 @@ where
     use crate::aio;
     Box::new(move |py, r| {
         let c = obj.get().common();
-        let req = c.request(k);
-        let h = r.map_err(|e| aio::raise(py, &e, &c.path, req.what))?;
-        let s = hold::acquire_shared(py, &c.holds, req, Wait::NonBlocking, aio::given(h))?;
-        hold::into_guard(py, &c.path, s)
+        aio::record_shared(py, &c.holds, c.request(k), r)
     })
 }
 

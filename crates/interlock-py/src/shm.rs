@@ -419,7 +419,6 @@ impl PyShmRwLock {
             fut,
             Box::new(move |py, r| {
                 let me = obj.get();
-                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
                 let req = Request {
                     key: Some(&me.key),
                     reentrant: me.reentrant,
@@ -428,8 +427,7 @@ impl PyShmRwLock {
                     what,
                     fast: Fast::TryFirst,
                 };
-                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
-                hold::into_guard(py, &me.path, s)
+                aio::record_shared(py, &me.holds, req, r)
             }),
         )
     }
@@ -453,7 +451,6 @@ impl PyShmMutex {
             Box::new(move |py, r| {
                 let me = obj.get();
                 let what = "the mutex";
-                let h = r.map_err(|e| aio::raise(py, &e, &me.path, what))?;
                 let req = Request {
                     key: Some(&me.key),
                     reentrant: me.reentrant,
@@ -462,8 +459,7 @@ impl PyShmMutex {
                     what,
                     fast: Fast::TryFirst,
                 };
-                let s = hold::acquire_shared(py, &me.holds, req, Wait::NonBlocking, aio::given(h))?;
-                hold::into_guard(py, &me.path, s)
+                aio::record_shared(py, &me.holds, req, r)
             }),
         )
     }

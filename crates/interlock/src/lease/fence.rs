@@ -201,20 +201,27 @@ impl Fence {
     /// if the number is taken: claim the long way (`token` is then never
     /// issued).
     pub fn renew(&self, old: u64, token: u64, high: u64) -> io::Result<Option<Claim>> {
+        let Some(file) = self.create(high)? else {
+            *self.batch.lock() = None;
+            return Ok(None);
+        };
+        Ok(Some(Claim {
+            token,
+            kind: Kind::Renewed { old, high, file },
+        }))
+    }
+
+    /// Creates claim file `high` (synced into the directory with
+    /// `durable`); `Ok(None)` if it exists.
+    fn create(&self, high: u64) -> io::Result<Option<std::fs::File>> {
         match self.dir.create_empty(high.to_string(), 0o644) {
             Ok(file) => {
                 if self.durable {
                     self.dir.sync()?;
                 }
-                Ok(Some(Claim {
-                    token,
-                    kind: Kind::Renewed { old, high, file },
-                }))
+                Ok(Some(file))
             }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                *self.batch.lock() = None;
-                Ok(None)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -232,19 +239,10 @@ impl Fence {
     /// Creates claim `high` for `token`; `Ok(None)` if it exists. With
     /// `durable`, the directory is fsynced before returning.
     pub fn try_claim(&self, token: u64, high: u64) -> io::Result<Option<Claim>> {
-        match self.dir.create_empty(high.to_string(), 0o644) {
-            Ok(file) => {
-                if self.durable {
-                    self.dir.sync()?;
-                }
-                Ok(Some(Claim {
-                    token,
-                    kind: Kind::Listed { high, file },
-                }))
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self.create(high)?.map(|file| Claim {
+            token,
+            kind: Kind::Listed { high, file },
+        }))
     }
 
     /// Removes the claims `seen` below our new claim `high`, before the
