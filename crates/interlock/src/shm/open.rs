@@ -328,6 +328,7 @@ impl Inner {
         self.view.mapping()
     }
 
+    #[inline]
     pub(crate) fn core(&self) -> Core<'_, ProcEnv> {
         Core {
             words: self.view.words(),
