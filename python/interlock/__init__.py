@@ -188,8 +188,12 @@ class LockSet(_native.LockSet):
         start, end = _span(indices)
         self._lock(start, end, shared, blocking, timeout)
 
-    def unlock(self, indices: Indices) -> None:
-        """Releases the indices (whatever of them is held)."""
+    def unlock(self, indices: Optional[Indices] = None) -> None:
+        """Releases the indices (whatever of them is held); with no
+        argument, everything this set holds (as ``unlock_all()``)."""
+        if indices is None:
+            self.unlock_all()
+            return
         start, end = _span(indices)
         self._unlock(start, end)
 

@@ -370,6 +370,12 @@ def test_lock_set(tmp_path):
     assert s.held() == [(range(5, 6), "exclusive")]
     s.unlock_all()
     assert s.held() == []
+    s.lock(range(2, 4))
+    s.lock(8, shared=True)
+    s.unlock()  # no argument: total release
+    assert s.held() == []
+    other.lock(range(0, 10), blocking=False)
+    other.unlock()
     for bad in (range(5, 5), range(0, 10, 2), -1, (3, 2), "x", 1.5, True):
         with pytest.raises((ValueError, TypeError)):
             s.lock(bad)
