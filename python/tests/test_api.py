@@ -406,6 +406,16 @@ def test_lease_token_and_holder(tmp_path):
     with lease.lock() as g:
         assert g.token > t1
     assert lease.last_token() == g.token
+    # The object's own token: its latest `with lease:` / acquire() hold.
+    assert lease.token is None
+    with lease:
+        t2 = lease.token
+        assert t2 is not None and t2 > g.token
+    assert lease.token is None
+    assert lease.acquire() is True
+    assert lease.token > t2
+    lease.release()
+    assert lease.token is None
 
 
 def test_holders(path):

@@ -179,8 +179,11 @@ def test_tokens_modes_and_the_try_and_timeout_forms(pg: Cluster) -> None:
     assert b.acquire(timeout=1.0) is True
     assert b.locked()
     b.release()
+    assert b.token is None
     with a:
         assert a.locked()
+        assert a.token is not None and a.token > r2.token
+    assert a.token is None
     assert a.last_token() is not None and a.last_token() > r2.token
 
 

@@ -730,6 +730,19 @@ impl Holds {
         self.stack.lock().pop()
     }
 
+    /// The fencing token of the latest hold of `acquire()` / `with lock:`
+    /// that is still held in this process (a lease's or a PostgreSQL
+    /// lock's; None for the others, or when nothing is held that way).
+    pub(crate) fn token(&self) -> Option<u64> {
+        let gen = generation();
+        let stack = self.stack.lock();
+        stack
+            .iter()
+            .rev()
+            .find(|s| s.gen == gen && s.held.lock().is_some())
+            .and_then(|s| s.token)
+    }
+
     /// Forgets everything (a forked child's copy of its parent's holds).
     pub(crate) fn forget(&self) {
         std::mem::forget(std::mem::take(&mut *self.stack.lock()));

@@ -153,6 +153,14 @@ impl PyLeaseLock {
         Ok(Some(d.unbind()))
     }
 
+    /// The fencing token of this object's latest hold taken by
+    /// `acquire()` or `with lock:` (None when it holds nothing that way;
+    /// a guard from `lock()` has its own `.token`).
+    #[getter]
+    fn token(&self) -> Option<u64> {
+        self.holds.token()
+    }
+
     /// The largest fencing token issued so far, if any.
     fn last_token(&self, py: Python<'_>) -> PyResult<Option<u64>> {
         py.detach(|| self.lock.last_token())

@@ -316,6 +316,13 @@ impl PyPgLock {
         self.inner.holders(py)
     }
 
+    /// The fencing token of this object's latest hold taken by
+    /// `acquire()` or `with lock:` (None when it holds nothing that way).
+    #[getter]
+    fn token(&self) -> Option<u64> {
+        self.inner.holds.token()
+    }
+
     /// The newest fencing token issued for this lock, if any.
     fn last_token(&self, py: Python<'_>) -> PyResult<Option<u64>> {
         py.detach(|| self.inner.lock.last_token())
@@ -405,6 +412,11 @@ impl PyPgMutex {
 
     fn holders(&self, py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
         self.inner.holders(py)
+    }
+
+    #[getter]
+    fn token(&self) -> Option<u64> {
+        self.inner.holds.token()
     }
 
     fn last_token(&self, py: Python<'_>) -> PyResult<Option<u64>> {
