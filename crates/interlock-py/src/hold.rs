@@ -152,12 +152,12 @@ impl KeyState {
         f(&mut r)
     }
 
-    fn remove(&self, thread: u64, s: &Arc<Shared>) {
+    fn remove(&self, thread: u64, s: &Shared) {
         self.with_record(|r| {
             if let Some(i) = r
                 .holders
                 .iter()
-                .position(|(t, x)| *t == thread && Arc::ptr_eq(x, s))
+                .position(|(t, x)| *t == thread && std::ptr::eq(Arc::as_ptr(x), s))
             {
                 let (_, x) = r.holders.swap_remove(i);
                 // Not the last reference (the caller has `s`): no drop here.
@@ -201,7 +201,7 @@ pub(crate) fn intern(key: Key) -> Arc<KeyState> {
     k
 }
 
-fn unrecord(s: &Arc<Shared>) {
+fn unrecord(s: &Shared) {
     if let Some((k, t)) = &s.record {
         k.remove(*t, s);
     }
@@ -287,7 +287,12 @@ fn new_shared_in(
             *x.held.get_mut() = Some(held);
             *x.count.get_mut() = 1;
             x.gen = generation();
-            x.record = Some((Arc::clone(key), thread));
+            // A spare of this record names it already: only the thread
+            // changes (no reference count moved).
+            x.record = match x.record.take() {
+                Some((k, _)) if Arc::ptr_eq(&k, key) => Some((k, thread)),
+                _ => Some((Arc::clone(key), thread)),
+            };
             x.owner = owner;
             return s;
         }
@@ -301,23 +306,35 @@ fn count_again(s: &Arc<Shared>) -> Arc<Shared> {
     Arc::clone(s)
 }
 
-/// Gives up one share of a hold; the last one releases the lock. In a
-/// forked child an inherited hold is left alone (nothing released).
-pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
+/// Gives up one share of a hold: the crate guard to release if it was the
+/// last one (and the record no longer lists it). In a forked child an
+/// inherited hold is left alone (nothing to release). Runs no Python code.
+fn give_up(s: &Shared) -> Option<Held> {
     if s.gen != generation() {
-        return Ok(());
+        return None;
     }
     if s.count.fetch_sub(1, Ordering::AcqRel) != 1 {
-        return Ok(());
+        return None;
     }
     unrecord(s);
-    let held = s.held.lock().take();
+    s.held.lock().take()
+}
+
+/// Releases what [`give_up`] handed over (without the GIL for the families
+/// whose release is a round trip or a system call that may wait).
+fn release_held(py: Python<'_>, held: Option<Held>) -> PyResult<()> {
     let r = match held {
         Some(h @ (Held::Lease(_) | Held::Scope(_) | Held::Pg(_))) => py.detach(|| h.release()),
         Some(h) => h.release(),
         None => Ok(()),
     };
     r.map_err(|e| errors::from_error(py, &e))
+}
+
+/// Gives up one share of a hold; the last one releases the lock. In a
+/// forked child an inherited hold is left alone (nothing released).
+pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
+    release_held(py, give_up(s))
 }
 
 /// A held lock, as Python sees it: a context manager (also `async with`),
@@ -378,8 +395,10 @@ impl Guard {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
-        let s = self.shared_now();
-        release_shared(py, &s)?;
+        // The share is given up with the guard's lock held (no `Arc` clone:
+        // `give_up` runs no Python code), the crate guard released after.
+        let held = give_up(&self.shared.lock());
+        release_held(py, held)?;
         Ok(true)
     }
 

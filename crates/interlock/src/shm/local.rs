@@ -264,17 +264,34 @@ pub(crate) fn shared_slot(
     wait: &Wait,
     notify: &mut Notify<'_>,
 ) -> Result<u32, TryLockError> {
+    use std::sync::atomic::Ordering as O;
     let gen = generation();
+    // The uncontended path: the slot published for this generation, with
+    // no lock. Within one generation the pool's shared slot is set once and
+    // never changes; it is published (under the pool's lock) slot first,
+    // then its generation with Release, so a reader that sees its own
+    // generation sees that slot. A forked child sees its parent's
+    // generation (never its own: `generation` differs in a child) and
+    // takes the pool's lock, which forgets the parent's slots.
+    if inner.shared_gen.load(O::Acquire) == gen {
+        return Ok(inner.shared_slot.load(O::Relaxed));
+    }
+    let publish = |s: u32| {
+        inner.shared_slot.store(s, O::Relaxed);
+        inner.shared_gen.store(gen, O::Release);
+    };
     loop {
         {
             let mut pool = inner.pool.lock();
             pool.refresh(gen);
             if let Some(s) = pool.shared {
+                publish(s);
                 return Ok(s);
             }
             if let Some(s) = inner.core().claim_slot() {
                 pool.claimed.push(s);
                 pool.shared = Some(s);
+                publish(s);
                 return Ok(s);
             }
         }

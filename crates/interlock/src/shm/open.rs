@@ -271,6 +271,11 @@ pub(crate) struct Inner {
     pub(crate) id: u64,
     pub(crate) path: PathBuf,
     pub(crate) pool: parking_lot::Mutex<local::Pool>,
+    /// The pool's shared slot, readable without its lock: the fork
+    /// generation it was claimed in (0: none yet) and the slot
+    /// ([`local::shared_slot`]).
+    pub(crate) shared_gen: AtomicU64,
+    pub(crate) shared_slot: std::sync::atomic::AtomicU32,
 }
 
 impl Inner {
@@ -351,6 +356,8 @@ impl Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             path,
             pool: parking_lot::Mutex::new(local::Pool::default()),
+            shared_gen: AtomicU64::new(0),
+            shared_slot: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
