@@ -22,7 +22,9 @@
 //!   fresh one: the stale owner already holds what it wanted, so nobody can
 //!   hold anything conflicting with it. Hence no false `Deadlock`.
 //! - The uncontended path never touches the registry: only an owner whose
-//!   non-blocking attempt failed publishes.
+//!   non-blocking attempt failed publishes, and only if it holds something
+//!   (nobody can wait for an owner that holds nothing, so it is on no
+//!   cycle) or its set has an on-block callback.
 //!
 //! The registry is a directory per lock file in /dev/shm (tmpfs: no disk
 //! I/O), named by the file's device and inode, holding one small text record

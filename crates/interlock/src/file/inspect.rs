@@ -9,8 +9,10 @@
 //! forking); an OFD lock shows pid -1 because it belongs to an open file
 //! description, not a process. The descriptions are findable: each process's
 //! /proc/PID/fdinfo/FD lists the locks held through that descriptor. And an
-//! OFD *waiter* is invisible there, so waiting [`crate::LockSet`]s are read
-//! from the deadlock registry, where they publish their waits.
+//! OFD *waiter* is nameless there, so waiting [`crate::LockSet`]s are read
+//! from the deadlock registry, where they publish their waits (those that
+//! hold something or have an on-block callback; a set that holds nothing
+//! skips the registry, since it cannot be on a cycle).
 //!
 //! /proc/locks is host-wide, not a consistent snapshot, and slow to read:
 //! this is for diagnostics (the CLI, an on-block message), never for
@@ -259,8 +261,10 @@ fn ofd_holders(key: FileKey) -> Vec<(u32, LockLine)> {
 /// What it cannot see or name:
 /// - OFD holders in processes this user may not inspect (other users'
 ///   processes, unless root): listed with `pid: None`.
-/// - OFD waiters that are not `LockSet`s (or whose registry is disabled):
-///   listed with `pid: None`; the kernel does not say who waits.
+/// - OFD waiters that are not `LockSet`s, whose registry is disabled, or
+///   that held nothing in their set when they blocked and have no on-block
+///   callback (such a wait skips the registry): listed with `pid: None`;
+///   the kernel does not say who waits.
 /// - An OFD lock shared by several processes (after fork) is listed once
 ///   per process that has a descriptor for it.
 /// - For flock locks the pid is the process that took the lock, which may

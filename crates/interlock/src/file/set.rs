@@ -13,8 +13,10 @@
 //! The kernel does not tell an owner what it holds, so the set keeps a
 //! mirror ([`RangeMap`]) updated after each successful call; and the kernel
 //! does no deadlock detection for OFD locks, so a set that is about to block
-//! publishes its wait in a registry first (see `deadlock.rs`). The
-//! uncontended path is one `fcntl` and a small vector update, nothing else.
+//! while it holds something publishes its wait in a registry first (see
+//! `deadlock.rs`). The uncontended path is one `fcntl` and a small vector
+//! update, nothing else; a set that holds nothing waits as a bare
+//! `F_OFD_SETLKW` does.
 
 use super::open::{open_lock_file, Opened};
 use std::fmt;
@@ -77,9 +79,14 @@ impl LockSetOptions {
 
     /// A callback told once per acquisition that is about to block (after
     /// the deadlock check passed), e.g. to print who holds the range
-    /// ([`LockSet::holders`]). It runs while the set is busy with the
-    /// acquisition, so it must not call the set's other methods (they would
-    /// wait for the acquisition, which waits for the callback).
+    /// ([`LockSet::holders`]). A set with a callback publishes every wait
+    /// in the deadlock registry before the callback, so `holders` then
+    /// names this set's wait too; without one, a set that holds nothing
+    /// blocks without publishing (it cannot be on a cycle) and shows in
+    /// `holders` as a waiter without a pid. The callback runs while the set
+    /// is busy with the acquisition, so it must not call the set's other
+    /// methods (they would wait for the acquisition, which waits for the
+    /// callback).
     pub fn on_block(&mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> &mut Self {
         self.on_block = Some(std::sync::Arc::new(f));
         self
@@ -507,8 +514,24 @@ impl LockSet {
         if wait.expired() {
             return Err(TryLockError::TimedOut);
         }
-        // Contended: publish the wait and check for a cycle first.
+        // Contended. A set that holds nothing cannot be part of a cycle
+        // (an edge leads to an owner that holds something), so unless a
+        // callback wants to look at the published wait, it skips the
+        // registry and waits in the kernel at once: a release then wakes
+        // it as it wakes a bare `F_OFD_SETLKW`, with nothing to undo after.
         let State { detection, held } = st;
+        if held.is_empty() && self.on_block.is_none() {
+            return match timer::block_until(deadline, || ofd_wait(fd, kind, br))
+                .map_err(|e| self.io_error(OP, e))?
+            {
+                Some(()) => {
+                    held.set(r, Some(mode));
+                    Ok(())
+                }
+                None => Err(TryLockError::TimedOut),
+            };
+        }
+        // Otherwise publish the wait and check for a cycle first.
         let registry = self.registry(detection);
         let _waiter = match registry {
             None => None,
