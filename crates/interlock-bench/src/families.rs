@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use interlock::pg::{ACQUIRE, RELEASE, TRY_ACQUIRE};
+use interlock::pg::{ACQUIRE, RELEASE, SESSION_ID, TRY_ACQUIRE};
 use interlock::{
     ErrorKind, FileLock, FileSemaphore, Flavor, LeaseLock, Lock, LockSet, Mode, PgLock, PgOptions,
     Semaphore, ShmMutex, ShmRwLock, TryLockError, Wait,
@@ -278,13 +278,16 @@ pub fn targets() -> Vec<Target> {
 /// prepared once: the try (grant with token, one round trip), then, only
 /// if it was not granted, the blocking wait (`ACQUIRE` with no time-out,
 /// one round trip); and the release. The library's own
-/// statements (`interlock::pg`), not copies.
+/// statements (`interlock::pg`), not copies, with a session id drawn as
+/// the library draws it and the last token passed back to the try.
 struct PgFloor {
     client: postgres::Client,
     try_acquire: postgres::Statement,
     acquire: postgres::Statement,
     release: postgres::Statement,
     key: i64,
+    sid: String,
+    last: Option<i64>,
 }
 
 impl PgFloor {
@@ -293,6 +296,7 @@ impl PgFloor {
         let try_acquire = client.prepare(TRY_ACQUIRE)?;
         let acquire = client.prepare(ACQUIRE)?;
         let release = client.prepare(RELEASE)?;
+        let sid = client.query_one(SESSION_ID, &[])?.get(0);
         let key = match interlock::PgKey::name(name) {
             interlock::PgKey::Int(k) => k,
             interlock::PgKey::Pair(..) => unreachable!(),
@@ -303,6 +307,8 @@ impl PgFloor {
             acquire,
             release,
             key,
+            sid,
+            last: None,
         })
     }
 }
@@ -313,14 +319,20 @@ impl Handle for PgFloor {
         let shared = mode == Mode::Shared;
         let got = self.client.query_one(
             &self.try_acquire,
-            &[&1i16, &k, &k1, &k2, &shared, &10_000i32],
+            &[
+                &1i16, &k, &k1, &k2, &shared, &10_000i32, &self.sid, &self.last,
+            ],
         )?;
-        if got.get::<_, Option<i64>>(0).is_none() {
-            self.client.query_one(
-                &self.acquire,
-                &[&1i16, &k, &k1, &k2, &shared, &0i32, &10_000i32],
-            )?;
-        }
+        self.last = match got.get::<_, Option<i64>>(0) {
+            Some(t) => Some(t),
+            None => self
+                .client
+                .query_one(
+                    &self.acquire,
+                    &[&1i16, &k, &k1, &k2, &shared, &0i32, &10_000i32, &self.sid],
+                )?
+                .get(0),
+        };
         body();
         self.client
             .query_one(&self.release, &[&1i16, &k, &k1, &k2, &shared, &true])?;

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
-use interlock::pg::{RELEASE, TRY_ACQUIRE};
+use interlock::pg::{RELEASE, SESSION_ID, TRY_ACQUIRE};
 use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 
@@ -86,12 +86,16 @@ fn bench(c: &mut Criterion) {
 
 /// The floor: PgLock's own two statements (the try's grant with token,
 /// the release) sent raw over one connection, prepared once: the
-/// library's own `TRY_ACQUIRE` and `RELEASE` (src/pg/sql.rs).
+/// library's own `TRY_ACQUIRE` and `RELEASE` (src/pg/sql.rs), with a
+/// session id drawn as the library draws it and the last token passed
+/// back, so that the floor takes its tokens from batches as PgLock does.
 struct Floor {
     raw: Client,
     acq: postgres::Statement,
     rel: postgres::Statement,
     k: i64,
+    sid: String,
+    last: Option<i64>,
 }
 
 impl Floor {
@@ -99,16 +103,30 @@ impl Floor {
         let mut raw = Client::connect(url, NoTls).unwrap();
         let acq = raw.prepare(TRY_ACQUIRE).unwrap();
         let rel = raw.prepare(RELEASE).unwrap();
-        Floor { raw, acq, rel, k }
+        let sid = raw.query_one(SESSION_ID, &[]).unwrap().get(0);
+        Floor {
+            raw,
+            acq,
+            rel,
+            k,
+            sid,
+            last: None,
+        }
     }
 
     fn pair(&mut self) {
         let (k, k1, k2) = (self.k, (self.k >> 32) as i32, self.k as i32);
         let r = self
             .raw
-            .query_one(&self.acq, &[&1i16, &k, &k1, &k2, &false, &10_000i32])
+            .query_one(
+                &self.acq,
+                &[
+                    &1i16, &k, &k1, &k2, &false, &10_000i32, &self.sid, &self.last,
+                ],
+            )
             .unwrap();
-        assert!(r.get::<_, Option<i64>>(0).is_some());
+        self.last = r.get::<_, Option<i64>>(0);
+        assert!(self.last.is_some());
         let r = self
             .raw
             .query_one(&self.rel, &[&1i16, &k, &k1, &k2, &false, &true])

@@ -417,8 +417,10 @@ fn holders_show_who_holds_and_who_waits() {
     assert!(!hs[1].granted && hs[1].mode == Mode::Exclusive && hs[1].since.is_some());
     let t = g.token();
     drop(g);
-    assert!(waiter.join().unwrap().unwrap() > t);
-    assert_eq!(a.last_token().unwrap(), Some(t + 1));
+    let w = waiter.join().unwrap().unwrap();
+    assert!(w > t);
+    // The waiter's session wrote the newest batch, which starts at its token.
+    assert_eq!(a.last_token().unwrap(), Some(w));
 }
 
 #[test]
@@ -588,5 +590,214 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         }
         assert!(Instant::now() < end, "never woken");
         std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+/// The number of advisory-lock requests on bigint key `k` still waiting.
+fn waiters(c: &mut postgres::Client, k: i64) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1",
+        &[&((k >> 32) as u32 as i64), &(k as u32 as i64)],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn waiters_until(c: &mut postgres::Client, k: i64, n: i64) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while waiters(c, k) < n {
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// A session's second try takes the next token of its batch without a
+/// write; another session's grant moves the batch past it.
+#[test]
+fn a_session_takes_tokens_from_its_batch_until_another_session_is_granted() {
+    let Some(pg) = cluster() else { return };
+    let name = unique("batch");
+    let a = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let b = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+    let t1 = a.try_write().unwrap().token();
+    let t2 = a.try_write().unwrap().token();
+    let t3 = a.try_read().unwrap().token();
+    assert_eq!((t2, t3), (t1 + 1, t1 + 2), "from the batch");
+    assert_eq!(
+        a.last_token().unwrap(),
+        Some(t1),
+        "no write since the first"
+    );
+    let tb = b.try_write().unwrap().token();
+    assert_eq!(tb, t1 + interlock::pg::BATCH as u64, "the batch's end");
+    let t4 = a.try_write().unwrap().token();
+    assert_eq!(
+        t4,
+        tb + interlock::pg::BATCH as u64,
+        "a new batch after b's"
+    );
+}
+
+/// The try reads the token row under a snapshot taken before its grant. A
+/// wait makes that window wide and deterministic: the try's statement with
+/// `pg_try_advisory_lock` replaced by `pg_advisory_lock` (a test-only
+/// variant of the library's own statement) queues behind another session
+/// that is granted, writes a new batch, commits and releases while the
+/// first waits. The token must still be above the other session's. The
+/// control, the same statement without the `xmax = 0` test, reads the
+/// stale row and issues a lower token: the check catches a stale read.
+#[test]
+fn a_try_granted_after_another_sessions_batch_never_reads_the_stale_row() {
+    let Some(pg) = cluster() else { return };
+    let widened = interlock::pg::TRY_ACQUIRE.replace(
+        "ELSE pg_try_advisory_lock($2) END",
+        "ELSE pg_advisory_lock($2)::text = '' END",
+    );
+    assert_ne!(widened, interlock::pg::TRY_ACQUIRE);
+    let stale = widened.replace("AND f.xmax = '0'::xid ", "");
+    assert_ne!(stale, widened);
+    for (sql, control) in [(&widened, false), (&stale, true)] {
+        let name = unique(if control { "stale-control" } else { "stale" });
+        let PgKey::Int(k) = PgKey::name(&name) else {
+            unreachable!()
+        };
+        let (k1, k2) = ((k >> 32) as i32, k as i32);
+        // Connected first: it installs the schema if no test did yet.
+        let t = PgLock::with_options(&name, opts(&pg.url())).unwrap();
+        let mut s = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        let sid: String = s.query_one(interlock::pg::SESSION_ID, &[]).unwrap().get(0);
+        let try_ = s.prepare(interlock::pg::TRY_ACQUIRE).unwrap();
+        let wide = s.prepare(sql).unwrap();
+        let rel = s.prepare(interlock::pg::RELEASE).unwrap();
+        let grant = |s: &mut postgres::Client, st: &postgres::Statement, last: Option<i64>| {
+            let t: Option<i64> = s
+                .query_one(st, &[&1i16, &k, &k1, &k2, &false, &10_000i32, &sid, &last])
+                .unwrap()
+                .get(0);
+            assert!(s
+                .query_one(&rel, &[&1i16, &k, &k1, &k2, &false, &true])
+                .unwrap()
+                .get::<_, bool>(0));
+            t.unwrap()
+        };
+        // The session owns a batch and takes its next token from it.
+        let first = grant(&mut s, &try_, None);
+        let prev = grant(&mut s, &try_, Some(first));
+        assert_eq!(prev, first + 1);
+        // Another application holds the key; a PgLock queues behind it,
+        // then the session's statement behind the PgLock.
+        let mut other = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        other.execute("SELECT pg_advisory_lock($1)", &[&k]).unwrap();
+        let mut watch = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        let (theirs, ours) = std::thread::scope(|sc| {
+            let tw = sc.spawn(|| t.write().unwrap().token());
+            assert!(waiters_until(&mut watch, k, 1), "the PgLock never queued");
+            let sw = sc.spawn(move || grant(&mut s, &wide, Some(prev)));
+            assert!(waiters_until(&mut watch, k, 2), "the session never queued");
+            other
+                .execute("SELECT pg_advisory_unlock($1)", &[&k])
+                .unwrap();
+            (tw.join().unwrap() as i64, sw.join().unwrap())
+        });
+        assert!(theirs > prev);
+        if control {
+            assert!(
+                ours < theirs,
+                "the control was meant to read the stale row: {ours} after {theirs}"
+            );
+        } else {
+            assert!(ours > theirs, "stale token {ours} after {theirs}");
+        }
+    }
+}
+
+/// An older interlock (schema version 1: its try bumps `token` by one) on
+/// the same database gets a token above every token of the current batch,
+/// and ends that batch; and the fence check then refuses the batch's
+/// tokens. In a database of its own, which interlock installs itself on.
+/// The control: with `token` holding the batch's first token instead of
+/// its top, the older interlock repeats a token the batch's owner had.
+#[test]
+fn an_older_interlock_on_the_same_database_gets_tokens_above_the_batch() {
+    let Some(pg) = cluster() else { return };
+    // Version 1's try, as older interlocks send it.
+    const V1_TRY: &str = "WITH g AS MATERIALIZED (SELECT CASE WHEN $1::smallint = 1 THEN \
+       CASE WHEN $5::boolean THEN pg_try_advisory_lock_shared($2::bigint) ELSE pg_try_advisory_lock($2) END \
+     ELSE \
+       CASE WHEN $5 THEN pg_try_advisory_lock_shared($3::integer, $4::integer) ELSE pg_try_advisory_lock($3, $4) END \
+     END AS got), \
+   u AS (INSERT INTO interlock_fence AS f (space, key, token, granted_at, holder_pid) \
+     SELECT $1, $2, 1, clock_timestamp(), pg_backend_pid() FROM g WHERE g.got \
+     ON CONFLICT (space, key) DO UPDATE \
+     SET token = f.token + 1, granted_at = clock_timestamp(), holder_pid = pg_backend_pid() \
+     RETURNING f.token) \
+   SELECT (SELECT token FROM u), pg_backend_pid(), \
+     CASE WHEN (SELECT got FROM g) THEN set_config('idle_session_timeout', $6::integer::text, false) END";
+    let db = format!("compat_{}", std::process::id());
+    pg.psql(&format!("CREATE DATABASE {db}"));
+    let url = format!("{}/{db}", pg.url().rsplit_once('/').unwrap().0);
+    for control in [false, true] {
+        let name = unique(if control { "v1-control" } else { "v1" });
+        let PgKey::Int(k) = PgKey::name(&name) else {
+            unreachable!()
+        };
+        let (k1, k2) = ((k >> 32) as i32, k as i32);
+        let lock = PgLock::with_options(&name, opts(&url)).unwrap();
+        let t1 = lock.try_write().unwrap().token();
+        let t2 = lock.try_write().unwrap().token();
+        assert_eq!(t2, t1 + 1);
+        let mut old = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        if control {
+            old.execute(
+                "UPDATE interlock_fence SET token = lo WHERE space = 1 AND key = $1",
+                &[&k],
+            )
+            .unwrap();
+        }
+        let v1: i64 = old
+            .query_one(V1_TRY, &[&1i16, &k, &k1, &k2, &false, &10_000i32])
+            .unwrap()
+            .get(0);
+        old.execute("SELECT pg_advisory_unlock($1)", &[&k]).unwrap();
+        if control {
+            assert!(
+                v1 as u64 <= t2,
+                "the control was meant to repeat a token: {v1} after {t2}"
+            );
+            continue;
+        }
+        assert_eq!(
+            v1 as u64,
+            t1 + interlock::pg::BATCH as u64,
+            "the batch's end"
+        );
+        // The installed version 1 function too.
+        let f1: i64 = old
+            .query_one(
+                "SELECT token FROM interlock_acquire_v1($1, $2, $3, $4, false, -1, 10000)",
+                &[&1i16, &k, &k1, &k2],
+            )
+            .unwrap()
+            .get(0);
+        old.execute("SELECT pg_advisory_unlock($1)", &[&k]).unwrap();
+        assert_eq!(f1, v1 + 1);
+        assert_eq!(lock.last_token().unwrap(), Some(f1 as u64));
+        let err = old
+            .execute("SELECT interlock_fence_check($1, $2)", &[&k, &(t2 as i64)])
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("IL001"));
+        old.execute("SELECT interlock_fence_check($1, $2)", &[&k, &f1])
+            .unwrap();
+        // The newer interlock writes a new batch above them, and takes the
+        // next token from it without a write (the checks' row locks left
+        // nothing in the new version).
+        let t3 = lock.try_write().unwrap().token();
+        assert_eq!(t3 as i64, f1 + 1);
+        let t4 = lock.try_write().unwrap().token();
+        assert_eq!(t4, t3 + 1);
     }
 }

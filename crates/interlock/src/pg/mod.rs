@@ -19,7 +19,10 @@
 //!    holder may therefore lose its lock without having done anything, and
 //!    a resource must be able to refuse it: every grant carries a token,
 //!    strictly increasing per lock, kept in the table `interlock_fence` and
-//!    issued by the same statement that takes the lock (see `sql.rs`).
+//!    issued by the same statement that takes the lock (see `sql.rs`). A
+//!    session taking a key again, with no other session granted since,
+//!    takes the next token of its own batch without a write, so the
+//!    uncontended lock and unlock commit nothing.
 //! 3. *Loss is never silent.* A heartbeat while held, and server-side
 //!    session settings so that a cut-off holder's session is ended (and its
 //!    lock released) within the lease; see `session.rs` for the argument.
@@ -59,7 +62,7 @@ mod sql;
 /// The statements PgLock sends, for the benchmark floors (which send them
 /// raw): not a stable API.
 #[doc(hidden)]
-pub use sql::{ACQUIRE, RELEASE, TRY_ACQUIRE};
+pub use sql::{ACQUIRE, BATCH, RELEASE, SESSION_ID, TRY_ACQUIRE};
 
 use crate::handle::Handle;
 use std::fmt;
@@ -488,8 +491,10 @@ pub struct PgHolder {
     pub mode: Mode,
     /// Held (`true`) or waiting.
     pub granted: bool,
-    /// Since when: the grant (for the newest holder of each lock; older
-    /// shared holders show `None`) or the start of the wait.
+    /// Since when: the grant (for the holder whose session wrote the
+    /// lock's newest token batch; other shared holders show `None`; a
+    /// session that released and took the lock again from its batch shows
+    /// its first grant of the batch) or the start of the wait.
     pub since: Option<SystemTime>,
 }
 
@@ -849,7 +854,11 @@ impl PgLock {
             .collect())
     }
 
-    /// The newest fencing token issued for this lock, if any.
+    /// The lowest fencing token `interlock_fence_check` accepts for this
+    /// lock now, if any was issued: the first token of the newest batch.
+    /// The session that wrote that batch may have issued later tokens from
+    /// it (up to 999 more) without a write; every other session's next
+    /// token is above all of them.
     pub fn last_token(&self) -> Result<Option<u64>> {
         let (s, _) = self.take_session()?;
         let r = s.with_client(|c| {
@@ -947,7 +956,8 @@ impl PgMutex {
         self.inner.holders()
     }
 
-    /// The newest fencing token issued for it.
+    /// The lowest fencing token the fence check accepts for it now (see
+    /// [`PgLock::last_token`]).
     pub fn last_token(&self) -> Result<Option<u64>> {
         self.inner.last_token()
     }
@@ -979,11 +989,16 @@ pub struct PgGuard<'a> {
 
 impl PgGuard<'_> {
     /// The fencing token of this grant: strictly greater than every earlier
-    /// grant's of the same key, across holders, crashes and server restarts.
+    /// grant's of the same key, across holders, crashes and server restarts
+    /// (two shared holds that overlap may get theirs in either order).
     /// Give it to the resource the lock protects; in PostgreSQL, call
     /// `interlock_fence_check(key, token)` in the writing transaction, or
     /// keep the token in the resource's rows and write
-    /// `... WHERE fence <= $token` (see docs/design-pg.md).
+    /// `... WHERE fence <= $token` (see docs/design-pg.md). The fence check
+    /// refuses every token issued before the last grant by another session
+    /// (so every token of a lost holder), but not one of an earlier,
+    /// released hold on the same session with no check in between: do not
+    /// use a token after unlock.
     pub fn token(&self) -> u64 {
         self.token
     }

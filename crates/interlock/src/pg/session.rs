@@ -30,6 +30,9 @@ use postgres::{Client, NoTls, Statement};
 use super::{pg_error, sql, PgKey as Key, PgOptions};
 use crate::{Error, ErrorKind, Mode, Result};
 
+/// How many keys' last tokens a session remembers.
+const LAST_KEYS: usize = 32;
+
 /// What a held guard and the heartbeat thread share.
 pub(crate) struct Held {
     pub(crate) lost: AtomicBool,
@@ -112,6 +115,13 @@ pub(crate) struct Session {
     link: Arc<Link>,
     thread: Option<JoinHandle<()>>,
     backend: i32,
+    /// This session's id for token batches (drawn by the server at
+    /// connect; see `sql.rs`).
+    sid: String,
+    /// The last token this session got for each key it has locked: a try
+    /// passes it back, and the server issues the next one without a write
+    /// while the key's batch is still this session's.
+    last: Mutex<Vec<(Key, i64)>>,
     acquire: Statement,
     try_acquire: Statement,
     release: Statement,
@@ -135,6 +145,7 @@ impl Session {
             .map_err(|e| pg_error("connect to PostgreSQL", what, &e))?;
         let backend: i32 = row.get(0);
         let installed: bool = row.get(1);
+        let sid: String = row.get(2);
         if !installed {
             let key = super::name_key(sql::SCHEMA_KEY_NAME);
             client
@@ -178,6 +189,8 @@ impl Session {
             link,
             thread: Some(thread),
             backend,
+            sid,
+            last: Mutex::new(Vec::new()),
             acquire,
             try_acquire,
             release,
@@ -202,9 +215,19 @@ impl Session {
         let shared = mode == Mode::Shared;
         let mut client = self.link.client.lock();
         let row = if wait_ms < 0 {
+            let prev = self.last_token(key);
             client.query_one(
                 &self.try_acquire,
-                &[&key.space(), &key.fence_key(), &k1, &k2, &shared, &lease_ms],
+                &[
+                    &key.space(),
+                    &key.fence_key(),
+                    &k1,
+                    &k2,
+                    &shared,
+                    &lease_ms,
+                    &self.sid,
+                    &prev,
+                ],
             )?
         } else {
             client.query_one(
@@ -217,6 +240,7 @@ impl Session {
                     &shared,
                     &wait_ms,
                     &lease_ms,
+                    &self.sid,
                 ],
             )?
         };
@@ -224,12 +248,35 @@ impl Session {
         let token: Option<i64> = row.get(0);
         let backend: i32 = row.get(1);
         Ok(match token {
-            Some(t) => Grant::Granted {
-                token: t as u64,
-                backend,
-            },
+            Some(t) => {
+                self.set_last_token(key, t);
+                Grant::Granted {
+                    token: t as u64,
+                    backend,
+                }
+            }
             None => Grant::NotGranted,
         })
+    }
+
+    fn last_token(&self, key: &Key) -> Option<i64> {
+        let last = self.last.lock();
+        last.iter().find(|(k, _)| k == key).map(|&(_, t)| t)
+    }
+
+    fn set_last_token(&self, key: &Key, token: i64) {
+        let mut last = self.last.lock();
+        match last.iter_mut().find(|(k, _)| k == key) {
+            Some(e) => e.1 = token,
+            None => {
+                // A PgSession may lock many keys: remember the newest few
+                // (a forgotten key's next try only writes a new batch).
+                if last.len() == LAST_KEYS {
+                    last.remove(0);
+                }
+                last.push((*key, token));
+            }
+        }
     }
 
     /// Sends the release; `Ok(false)` if the session did not hold it.

@@ -25,7 +25,7 @@ mod pgsupport;
 
 use std::time::Instant;
 
-use interlock::pg::{RELEASE, TRY_ACQUIRE};
+use interlock::pg::{RELEASE, SESSION_ID, TRY_ACQUIRE};
 use interlock::{PgKey, PgLock, PgOptions};
 use postgres::{Client, NoTls};
 use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnectOptions, PgConnection};
@@ -82,6 +82,10 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
     let rel = raw.prepare(RELEASE).unwrap();
     let try_ = raw.prepare("SELECT pg_try_advisory_lock($1)").unwrap();
     let unl = raw.prepare("SELECT pg_advisory_unlock($1)").unwrap();
+    // The floor draws a session id as the library does and passes its last
+    // token back, so that it takes tokens from batches as PgLock does.
+    let sid: String = raw.query_one(SESSION_ID, &[]).unwrap().get(0);
+    let mut last: Option<i64> = None;
     // Other keys than PgLock's: sqlx's dropped guard releases late.
     let (kb, ks, kd) = (k ^ 1, k ^ 2, k ^ 3);
     let mut conn: Option<PgConnection> = Some(
@@ -119,9 +123,13 @@ fn run(rt: &tokio::runtime::Runtime, url: &str, opts: PgConnectOptions, over: &s
     let mut side = |i: usize| match i {
         0 => {
             let r = raw
-                .query_one(&acq, &[&1i16, &k, &k1, &k2, &false, &10_000i32])
+                .query_one(
+                    &acq,
+                    &[&1i16, &k, &k1, &k2, &false, &10_000i32, &sid, &last],
+                )
                 .unwrap();
-            assert!(r.get::<_, Option<i64>>(0).is_some());
+            last = r.get::<_, Option<i64>>(0);
+            assert!(last.is_some());
             let r = raw
                 .query_one(&rel, &[&1i16, &k, &k1, &k2, &false, &true])
                 .unwrap();
