@@ -421,5 +421,14 @@ def test_a_cancelled_async_wait_leaves_the_queue_and_holds_nothing(pg: Cluster) 
     asyncio.run(main())
     assert not waiter.locked()
     g.release()
+    # A cancelled waiter whose statement had not reached the server yet
+    # (still connecting under load) may be granted once the holder lets go;
+    # its waiter thread then releases that grant as its acquisition
+    # returns (docs/design-async.md). Once no waiter thread is busy, the
+    # lock must be free.
+    end = time.monotonic() + WAIT
+    while interlock._native._busy_waiters():
+        assert time.monotonic() < end, "a waiter thread never returned"
+        time.sleep(0.001)
     with waiter.write(blocking=False):
         pass
