@@ -499,6 +499,24 @@ impl LockSet {
         let kind = kind_of(mode);
         let br = bytes(&r);
         let fd = self.file.as_fd();
+        // A set that holds nothing and waits as long as it takes makes one
+        // blocking call (granted at once if the range is free), as a bare
+        // OFD lock does; see below why it needs no registry.
+        if matches!(wait, Wait::Forever)
+            && st.held.is_empty()
+            && self.on_block.is_none()
+            && !wait.expired()
+        {
+            return match timer::block_until(None, || ofd_wait(fd, kind, br))
+                .map_err(|e| self.io_error(OP, e))?
+            {
+                Some(()) => {
+                    st.held.set(r, Some(mode));
+                    Ok(())
+                }
+                None => Err(TryLockError::TimedOut),
+            };
+        }
         // The uncontended path: one non-blocking call, no registry.
         if ofd_try(fd, kind, br).map_err(|e| self.io_error(OP, e))? {
             st.held.set(r, Some(mode));
