@@ -246,8 +246,8 @@ def test_guards_released_from_other_threads_and_executors(path):
 
 
 def test_shm_guard_objects_reused_only_when_nobody_refers_to_them():
-    """A released guard object is reused for a later acquisition through the
-    same lock object only once nothing refers to it: a guard the program
+    """A released guard object is reused for a later acquisition of the
+    same lock only once nothing refers to it: a guard the program
     keeps stays released, and dropping a live guard still releases at once."""
     for lock in (interlock.ShmRwLock(), interlock.ShmMutex()):
         take = lock.read if hasattr(lock, "read") else lock.lock
@@ -287,6 +287,55 @@ def test_shm_guard_objects_reused_only_when_nobody_refers_to_them():
     assert not g.held
     with pytest.raises(RuntimeError):
         g.release()
+
+
+def test_shm_parked_guards_serve_every_lock_object_of_the_lock(path):
+    """A guard object parked by a release through one lock object may be
+    reused by an acquisition through another lock object of the same lock
+    (guards park in the lock's per-process record): the hold it then
+    carries is that object's (locked() and close() see it), and the end of
+    the object that parked it releases nothing. A guard released by another
+    thread parks and is reused the same way."""
+    name = path + ".shm"
+    for kind in ("rw", "mutex"):
+        make = interlock.ShmRwLock if kind == "rw" else interlock.ShmMutex
+        a, b = make(name + kind), make(name + kind)
+        take_a = a.write if kind == "rw" else a.lock
+        take_b = b.write if kind == "rw" else b.lock
+        parked = set()
+        for _ in range(3):
+            g = take_a()
+            parked.add(id(g))
+            g.release()
+        del g
+        ids = set()
+        for _ in range(3):
+            h = take_b()
+            ids.add(id(h))
+            assert b.locked() and not a.locked() and not is_free(take_a)
+            h.release()
+            assert is_free(take_a)
+        assert ids & parked  # a's guard objects served b
+        h = take_b()
+        del a, take_a
+        assert h.held and b.locked()
+        assert not is_free(make(name + kind).write if kind == "rw" else make(name + kind).lock)
+        b.close()
+        assert not b.locked()
+        assert is_free(take_b)
+        del h
+        # Released by another thread: parked, reused, still one holder.
+        g = take_b()
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            ex.submit(g.release).result(10)
+        del g
+        g = take_b()
+        assert g.held
+        with pytest.raises(AlreadyHeld):
+            take_b(blocking=False)
+        g.release()
+        assert is_free(take_b)
+        del b, take_b, g
 
 
 def test_reused_holds_keep_reentrancy_and_close(path):

@@ -119,6 +119,11 @@ type Holders = Vec<(u64, Arc<Shared>)>;
 /// How many released holds a record keeps for reuse.
 const SPARES: usize = 4;
 
+/// How many released guard objects a record keeps for reuse: two, because
+/// `g = rw.read(); g.release()` in a loop still refers to the previous
+/// guard while it asks for the next.
+const GUARDS: usize = 2;
+
 struct Record {
     /// The fork generation the holds are of.
     gen: u64,
@@ -128,6 +133,12 @@ struct Record {
     /// kept only while a lock object of this lock lives (a spare refers to
     /// the record: the last lock object's end lets them go).
     spare: Vec<Arc<Shared>>,
+    /// Released guard objects of this lock (ShmRwLock / ShmMutex), parked
+    /// by their `release()` or `with` exit for a later acquisition through
+    /// any lock object of this lock to reuse, once nothing else refers to
+    /// one (see [`take_parked`]); kept, like `spare`, only while a lock
+    /// object of this lock lives.
+    guards: Vec<Py<Guard>>,
     /// The lock objects ([`Holds`]) of this lock.
     objects: usize,
 }
@@ -147,12 +158,15 @@ impl KeyState {
             // them would release the parent's locks).
             std::mem::forget(std::mem::take(&mut r.holders));
             std::mem::forget(std::mem::take(&mut r.spare));
+            std::mem::forget(std::mem::take(&mut r.guards));
             r.gen = gen;
         }
         f(&mut r)
     }
 
-    fn remove(&self, thread: u64, s: &Shared) {
+    /// Takes the hold `s` of `thread` off the record; `park`: the released
+    /// guard object to keep for reuse.
+    fn remove(&self, thread: u64, s: &Shared, park: Option<&Bound<'_, Guard>>) {
         self.with_record(|r| {
             if let Some(i) = r
                 .holders
@@ -163,6 +177,11 @@ impl KeyState {
                 // Not the last reference (the caller has `s`): no drop here.
                 if r.objects > 0 && r.spare.len() < SPARES {
                     r.spare.push(x);
+                }
+                if let Some(g) = park {
+                    if r.objects > 0 && r.guards.len() < GUARDS {
+                        r.guards.push(g.clone().unbind());
+                    }
                 }
             }
         });
@@ -194,6 +213,7 @@ pub(crate) fn intern(key: Key) -> Arc<KeyState> {
             gen: generation(),
             holders: Vec::new(),
             spare: Vec::new(),
+            guards: Vec::new(),
             objects: 0,
         }),
     });
@@ -201,9 +221,9 @@ pub(crate) fn intern(key: Key) -> Arc<KeyState> {
     k
 }
 
-fn unrecord(s: &Shared) {
+fn unrecord(s: &Shared, park: Option<&Bound<'_, Guard>>) {
     if let Some((k, t)) = &s.record {
-        k.remove(*t, s);
+        k.remove(*t, s, park);
     }
 }
 
@@ -279,25 +299,72 @@ fn new_shared_in(
     if let Some(i) = r.spare.iter().position(|s| Arc::strong_count(s) == 1) {
         let mut s = r.spare.swap_remove(i);
         if let Some(x) = Arc::get_mut(&mut s) {
-            x.token = match &held {
-                Held::Lease(g) => Some(g.token()),
-                Held::Pg(g) => Some(g.token()),
-                _ => None,
-            };
-            *x.held.get_mut() = Some(held);
-            *x.count.get_mut() = 1;
-            x.gen = generation();
-            // A spare of this record names it already: only the thread
-            // changes (no reference count moved).
-            x.record = match x.record.take() {
-                Some((k, _)) if Arc::ptr_eq(&k, key) => Some((k, thread)),
-                _ => Some((Arc::clone(key), thread)),
-            };
-            x.owner = owner;
+            refill(x, held, key, thread, owner);
             return s;
         }
     }
     new_shared(held, Some(key), thread, owner)
+}
+
+/// A released hold that nothing else refers to, made the new hold.
+fn refill(x: &mut Shared, held: Held, key: &Arc<KeyState>, thread: u64, owner: u64) {
+    x.token = match &held {
+        Held::Lease(g) => Some(g.token()),
+        Held::Pg(g) => Some(g.token()),
+        _ => None,
+    };
+    *x.held.get_mut() = Some(held);
+    *x.count.get_mut() = 1;
+    x.gen = generation();
+    // A spare of this record names it already: only the thread changes (no
+    // reference count moved).
+    x.record = match x.record.take() {
+        Some((k, _)) if Arc::ptr_eq(&k, key) => Some((k, thread)),
+        _ => Some((Arc::clone(key), thread)),
+    };
+    x.owner = owner;
+}
+
+/// A parked guard object of the record that nothing else refers to (its
+/// reference count is the record's alone, read with the GIL held, so nobody
+/// can see it change), taken out of the record.
+fn take_parked(py: Python<'_>, r: &mut Record) -> Option<Py<Guard>> {
+    let i = r.guards.iter().position(|g| only_ref(py, g))?;
+    Some(r.guards.swap_remove(i))
+}
+
+/// The new hold `held` in the parked guard object `g` (the record locked):
+/// its previous hold is reused when nothing but `g` and the record's spares
+/// refer to it, else a hold is made as [`new_shared_in`] makes one.
+fn hold_in_parked(
+    r: &mut Record,
+    g: &Guard,
+    held: Held,
+    key: &Arc<KeyState>,
+    thread: u64,
+    owner: u64,
+) -> Arc<Shared> {
+    let mut gs = g.shared.lock();
+    if let Some(i) = r.spare.iter().position(|x| Arc::ptr_eq(x, &gs)) {
+        // Not the last reference (the guard has one): no drop of the hold.
+        drop(r.spare.swap_remove(i));
+    }
+    let s = match Arc::get_mut(&mut gs) {
+        Some(x) => {
+            refill(x, held, key, thread, owner);
+            Arc::clone(&gs)
+        }
+        None => {
+            let s = new_shared_in(r, held, key, thread, owner);
+            // Not the last reference of the old hold if another guard or
+            // the record has it; if it is, the hold is released already
+            // (nothing held): no Python code runs.
+            drop(std::mem::replace(&mut *gs, Arc::clone(&s)));
+            s
+        }
+    };
+    g.released.store(false, Ordering::Release);
+    s
 }
 
 /// One more guard on an existing (reentrant) hold.
@@ -309,14 +376,14 @@ fn count_again(s: &Arc<Shared>) -> Arc<Shared> {
 /// Gives up one share of a hold: the crate guard to release if it was the
 /// last one (and the record no longer lists it). In a forked child an
 /// inherited hold is left alone (nothing to release). Runs no Python code.
-fn give_up(s: &Shared) -> Option<Held> {
+fn give_up(s: &Shared, park: Option<&Bound<'_, Guard>>) -> Option<Held> {
     if s.gen != generation() {
         return None;
     }
     if s.count.fetch_sub(1, Ordering::AcqRel) != 1 {
         return None;
     }
-    unrecord(s);
+    unrecord(s, park);
     s.held.lock().take()
 }
 
@@ -334,19 +401,20 @@ fn release_held(py: Python<'_>, held: Option<Held>) -> PyResult<()> {
 /// Gives up one share of a hold; the last one releases the lock. In a
 /// forked child an inherited hold is left alone (nothing released).
 pub(crate) fn release_shared(py: Python<'_>, s: &Arc<Shared>) -> PyResult<()> {
-    release_held(py, give_up(s))
+    release_held(py, give_up(s, None))
 }
 
 /// A held lock, as Python sees it: a context manager (also `async with`),
 /// releasable once, from any thread.
 #[pyclass(module = "interlock._native", name = "Guard", frozen)]
 pub(crate) struct Guard {
-    /// The hold (replaced only when the object is reused: see [`Spare`]).
+    /// The hold (replaced only when the object is reused: see
+    /// [`Record`]'s `guards`).
     shared: Mutex<Arc<Shared>>,
     released: AtomicBool,
     path: Arc<Path>,
-    /// The lock object's spare slot, which a released guard parks itself in.
-    spare: Option<Arc<SpareSlot>>,
+    /// Whether its release parks it in the lock's record for reuse.
+    parks: bool,
 }
 
 impl Guard {
@@ -355,7 +423,7 @@ impl Guard {
             shared: Mutex::new(shared),
             released: AtomicBool::new(false),
             path,
-            spare: None,
+            parks: false,
         }
     }
 
@@ -390,14 +458,21 @@ impl Guard {
     }
 
     /// Releases this guard's share of the hold. `Ok(false)` if it was
-    /// released already.
-    fn release_inner(&self, py: Python<'_>) -> PyResult<bool> {
+    /// released already. `park`: this object, to be parked in the lock's
+    /// record for reuse (if it parks: a ShmRwLock / ShmMutex guard) when
+    /// the hold's last share goes.
+    fn release_inner(&self, py: Python<'_>, park: Option<&Bound<'_, Self>>) -> PyResult<bool> {
         if self.released.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
         // The share is given up with the guard's lock held (no `Arc` clone:
         // `give_up` runs no Python code), the crate guard released after.
-        let held = give_up(&self.shared.lock());
+        // The record is locked inside (to take the hold off it and park this
+        // object); an acquisition locks a parked guard's lock inside the
+        // record's, but only of one nothing else refers to, never this one
+        // (its caller refers to it).
+        let park = park.filter(|_| self.parks);
+        let held = give_up(&self.shared.lock(), park);
         release_held(py, held)?;
         Ok(true)
     }
@@ -405,19 +480,6 @@ impl Guard {
     /// Whether this guard was inherited across fork.
     pub(crate) fn is_inherited(&self) -> bool {
         self.shared.lock().gen != generation()
-    }
-
-    /// After a release: parks this (released) object in its lock object's
-    /// spare slot, for the next acquisition to reuse.
-    fn park(slf: &Bound<'_, Self>) {
-        if let Some(slot) = &slf.get().spare {
-            let mut s = slot.0.lock();
-            if s.0 {
-                if let Some(free) = s.1.iter_mut().find(|g| g.is_none()) {
-                    *free = Some(slf.clone().unbind());
-                }
-            }
-        }
     }
 }
 
@@ -428,7 +490,7 @@ impl Drop for Guard {
             return;
         }
         if s.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            unrecord(s);
+            unrecord(s, None);
             let held = s.held.lock().take();
             drop(held);
         }
@@ -442,8 +504,7 @@ impl Guard {
     /// child, an inherited guard releases nothing of the parent's.
     fn release(slf: &Bound<'_, Self>) -> PyResult<()> {
         let me = slf.get();
-        if me.release_inner(slf.py())? {
-            Guard::park(slf);
+        if me.release_inner(slf.py(), Some(slf))? {
             Ok(())
         } else {
             Err(errors::released_twice(&me.path))
@@ -478,7 +539,7 @@ impl Guard {
                 self.path.display()
             )));
         }
-        unrecord(s);
+        unrecord(s, None);
         let held = s.held.lock().take();
         let r = match held {
             Some(Held::FileWrite(g)) => g.remove_and_unlock(),
@@ -540,9 +601,7 @@ impl Guard {
         _v: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        if slf.get().release_inner(slf.py())? {
-            Guard::park(slf);
-        }
+        slf.get().release_inner(slf.py(), Some(slf))?;
         Ok(false)
     }
 
@@ -558,7 +617,7 @@ impl Guard {
         py: Python<'_>,
         _args: &Bound<'_, pyo3::types::PyTuple>,
     ) -> PyResult<Ready> {
-        self.release_inner(py)?;
+        self.release_inner(py, None)?;
         Ok(Ready {
             value: Mutex::new(Some(
                 false.into_pyobject(py)?.to_owned().into_any().unbind(),
@@ -665,12 +724,14 @@ impl Default for Holds {
 impl Drop for Holds {
     fn drop(&mut self) {
         if let Some(k) = self.key.get() {
+            // Let the spares go outside the record's lock (a parked guard's
+            // end drops its hold, which refers to the record).
             let spare = k.with_record(|r| {
                 r.objects -= 1;
                 if r.objects == 0 {
-                    std::mem::take(&mut r.spare)
+                    (std::mem::take(&mut r.spare), std::mem::take(&mut r.guards))
                 } else {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 }
             });
             drop(spare);
@@ -725,7 +786,7 @@ impl Holds {
         self.unkeyed.lock().clear();
         let mut first = None;
         for s in all {
-            unrecord(&s);
+            unrecord(&s, None);
             let held = s.held.lock().take();
             if let Some(h) = held {
                 if let Err(e) = py.detach(|| h.release()) {
@@ -797,79 +858,6 @@ pub(crate) fn acquire(
     into_guard(py, &path, acquire_shared(py, holds, req, wait, f)?)
 }
 
-/// A lock object's spare guard objects: a guard released through
-/// `release()` or `with` parks itself here, and a later acquisition through
-/// the lock object reuses it instead of allocating one, once nothing else
-/// refers to it (its reference count is the slot's alone, checked with the
-/// GIL held, so nobody can see it change). A guard that is live is never in
-/// a slot: dropping the last reference to a held guard still releases the
-/// lock at once. Two slots, because `g = rw.read(); g.release()` in a loop
-/// still refers to the previous guard while it asks for the next.
-pub(crate) struct Spare(Arc<SpareSlot>);
-
-/// (the lock object is alive, the parked guards).
-pub(crate) struct SpareSlot(Mutex<(bool, [Option<Py<Guard>>; 2])>);
-
-impl Default for Spare {
-    fn default() -> Self {
-        Spare(Arc::new(SpareSlot(Mutex::new((true, [None, None])))))
-    }
-}
-
-impl Drop for Spare {
-    fn drop(&mut self) {
-        // The parked guard refers to the slot: let it go (outside the lock),
-        // and let no guard park itself any more.
-        let g = {
-            let mut s = self.0 .0.lock();
-            s.0 = false;
-            std::mem::take(&mut s.1)
-        };
-        drop(g);
-    }
-}
-
-impl Spare {
-    /// The guard object of a hold, reusing the parked one when it is free
-    /// (`OwnerDied` carrying it if poisoned).
-    pub(crate) fn guard(
-        &self,
-        py: Python<'_>,
-        path: &Arc<Path>,
-        (s, poisoned): (Arc<Shared>, bool),
-    ) -> PyResult<Py<Guard>> {
-        let reuse = {
-            let mut slot = self.0 .0.lock();
-            slot.1
-                .iter_mut()
-                .find(|g| g.as_ref().is_some_and(|g| only_ref(py, g)))
-                .and_then(Option::take)
-        };
-        let g = match reuse {
-            Some(g) => {
-                let me = g.get();
-                let old = std::mem::replace(&mut *me.shared.lock(), s);
-                me.released.store(false, Ordering::Release);
-                drop(old);
-                g
-            }
-            None => Py::new(
-                py,
-                Guard {
-                    shared: Mutex::new(s),
-                    released: AtomicBool::new(false),
-                    path: Arc::clone(path),
-                    spare: Some(Arc::clone(&self.0)),
-                },
-            )?,
-        };
-        if poisoned {
-            return Err(owner_died(py, path, g));
-        }
-        Ok(g)
-    }
-}
-
 /// Whether `g` is the only reference to its object. PyO3 deprecates the
 /// count because a free-threaded interpreter's is not exact; the abi3 build
 /// never runs on one (PyO3 refuses abi3 there), and it is read with the GIL.
@@ -929,6 +917,8 @@ enum Decided {
     Counted(Arc<Shared>),
     /// Taken by the try with the GIL held, and recorded.
     Taken(Arc<Shared>, bool),
+    /// The same, the hold put in a parked guard object taken for reuse.
+    Reused(Py<Guard>, bool),
     /// Refused at once: the thread holds it already (the detail).
     AlreadyHeld(String),
     /// The try failed without waiting.
@@ -968,6 +958,64 @@ pub(crate) fn acquire_shared(
     wait: interlock::Wait,
     f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
 ) -> PyResult<(Arc<Shared>, bool)> {
+    match acquire_got::<false>(py, holds, req, wait, f)? {
+        (Got::Hold(s), poisoned) => Ok((s, poisoned)),
+        // Not asked for: only when `GUARD`.
+        (Got::Guard(g), poisoned) => Ok((g.get().shared_now(), poisoned)),
+    }
+}
+
+/// [`acquire`] for a lock whose guard objects park in its record
+/// (ShmRwLock, ShmMutex): on the uncontended path a parked guard object
+/// that nothing refers to any more is reused (with its hold, when nothing
+/// else refers to that either), taken in the same lock of the record as
+/// the try; otherwise a new one that parks on release. `OwnerDied`
+/// carries the guard if the lock came poisoned.
+pub(crate) fn acquire_guard(
+    py: Python<'_>,
+    holds: &Holds,
+    req: Request<'_>,
+    wait: interlock::Wait,
+    f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
+) -> PyResult<Py<Guard>> {
+    let path = Arc::clone(req.path);
+    let (g, poisoned) = match acquire_got::<true>(py, holds, req, wait, f)? {
+        (Got::Guard(g), poisoned) => (g, poisoned),
+        (Got::Hold(s), poisoned) => (
+            Py::new(
+                py,
+                Guard {
+                    shared: Mutex::new(s),
+                    released: AtomicBool::new(false),
+                    path: Arc::clone(&path),
+                    parks: true,
+                },
+            )?,
+            poisoned,
+        ),
+    };
+    if poisoned {
+        return Err(owner_died(py, &path, g));
+    }
+    Ok(g)
+}
+
+/// What [`acquire_got`] hands out.
+enum Got {
+    Hold(Arc<Shared>),
+    /// A parked guard object, reused, holding the new hold.
+    Guard(Py<Guard>),
+}
+
+/// The acquisition of [`acquire_shared`] (`GUARD` false) and
+/// [`acquire_guard`] (true: a parked guard object may be reused).
+fn acquire_got<const GUARD: bool>(
+    py: Python<'_>,
+    holds: &Holds,
+    req: Request<'_>,
+    wait: interlock::Wait,
+    f: impl Fn(interlock::Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync,
+) -> PyResult<(Got, bool)> {
     use crate::wait::Fast;
     use interlock::{TryLockError, Wait};
     let thread = crate::wait::thread_ident();
@@ -986,6 +1034,11 @@ pub(crate) fn acquire_shared(
                 Err(TryLockError::WouldBlock) if wait.may_block() => Decided::Wait,
                 Err(e) => Decided::Failed(e),
                 Ok((held, poisoned)) => {
+                    if let Some(g) = GUARD.then(|| take_parked(py, r)).flatten() {
+                        let s = hold_in_parked(r, g.get(), held, key, thread, owner);
+                        r.holders.push((thread, s));
+                        return Decided::Reused(g, poisoned);
+                    }
                     let s = new_shared_in(r, held, key, thread, owner);
                     r.holders.push((thread, Arc::clone(&s)));
                     Decided::Taken(s, poisoned)
@@ -993,8 +1046,9 @@ pub(crate) fn acquire_shared(
             }
         });
         match decided {
-            Decided::Counted(s) => return Ok((s, false)),
-            Decided::Taken(s, poisoned) => return Ok((s, poisoned)),
+            Decided::Counted(s) => return Ok((Got::Hold(s), false)),
+            Decided::Taken(s, poisoned) => return Ok((Got::Hold(s), poisoned)),
+            Decided::Reused(g, poisoned) => return Ok((Got::Guard(g), poisoned)),
             Decided::AlreadyHeld(detail) => {
                 return Err(errors::already_held(py, req.path, &detail))
             }
@@ -1011,7 +1065,7 @@ pub(crate) fn acquire_shared(
         Some(k) => k.with(|v| v.push((thread, Arc::clone(&s)))),
         None => holds.add_unkeyed(&s),
     }
-    Ok((s, poisoned))
+    Ok((Got::Hold(s), poisoned))
 }
 
 /// [`acquire_shared`] for a family that waits its own way (PostgreSQL:

@@ -27,14 +27,12 @@ pub(crate) struct PyShmRwLock {
     key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
-    /// The guard object kept for reuse.
-    spare: hold::Spare,
 }
 
 impl PyShmRwLock {
     fn take(&self, py: Python<'_>, hold: ShmHold, wait: Wait) -> PyResult<Py<Guard>> {
-        let r = self.take_shared(py, hold, wait)?;
-        self.spare.guard(py, &self.path, r)
+        let (req, f) = self.request(hold);
+        hold::acquire_guard(py, &self.holds, req, wait, f)
     }
 
     fn take_shared(
@@ -43,6 +41,20 @@ impl PyShmRwLock {
         hold: ShmHold,
         wait: Wait,
     ) -> PyResult<(Arc<hold::Shared>, bool)> {
+        let (req, f) = self.request(hold);
+        hold::acquire_shared(py, &self.holds, req, wait, f)
+    }
+
+    /// The acquisition of `hold` (for [`hold::acquire_guard`] and
+    /// [`hold::acquire_shared`]).
+    #[allow(clippy::type_complexity)]
+    fn request(
+        &self,
+        hold: ShmHold,
+    ) -> (
+        Request<'_>,
+        impl Fn(Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync + '_,
+    ) {
         let (mode, what) = match hold {
             ShmHold::Read => (Mode::Shared, "the shared lock"),
             ShmHold::Upgradable => (Mode::Shared, "the upgradable lock"),
@@ -57,7 +69,7 @@ impl PyShmRwLock {
             fast: Fast::TryFirst,
         };
         let lock = &self.lock;
-        hold::acquire_shared(py, &self.holds, req, wait, |w| {
+        (req, move |w| {
             Ok(match lock.acquire_arc(hold, w)? {
                 Ok(g) => (Held::Shm(g), false),
                 Err(p) => (Held::Shm(p.into_inner()), true),
@@ -94,7 +106,6 @@ impl PyShmRwLock {
             key,
             reentrant,
             holds: Holds::default(),
-            spare: hold::Spare::default(),
         })
     }
 
@@ -219,17 +230,28 @@ pub(crate) struct PyShmMutex {
     key: Arc<hold::KeyState>,
     reentrant: bool,
     holds: Holds,
-    /// The guard object kept for reuse.
-    spare: hold::Spare,
 }
 
 impl PyShmMutex {
     fn take(&self, py: Python<'_>, wait: Wait) -> PyResult<Py<Guard>> {
-        let r = self.take_shared(py, wait)?;
-        self.spare.guard(py, &self.path, r)
+        let (req, f) = self.request();
+        hold::acquire_guard(py, &self.holds, req, wait, f)
     }
 
     fn take_shared(&self, py: Python<'_>, wait: Wait) -> PyResult<(Arc<hold::Shared>, bool)> {
+        let (req, f) = self.request();
+        hold::acquire_shared(py, &self.holds, req, wait, f)
+    }
+
+    /// The acquisition (for [`hold::acquire_guard`] and
+    /// [`hold::acquire_shared`]).
+    #[allow(clippy::type_complexity)]
+    fn request(
+        &self,
+    ) -> (
+        Request<'_>,
+        impl Fn(Wait) -> Result<(Held, bool), interlock::TryLockError> + Send + Sync + '_,
+    ) {
         let req = Request {
             key: Some(&self.key),
             reentrant: self.reentrant,
@@ -239,7 +261,7 @@ impl PyShmMutex {
             fast: Fast::TryFirst,
         };
         let lock = &self.lock;
-        hold::acquire_shared(py, &self.holds, req, wait, |w| {
+        (req, move |w| {
             Ok(match lock.lock_arc(w)? {
                 Ok(g) => (Held::Mutex(g), false),
                 Err(p) => (Held::Mutex(p.into_inner()), true),
@@ -276,7 +298,6 @@ impl PyShmMutex {
             key,
             reentrant,
             holds: Holds::default(),
-            spare: hold::Spare::default(),
         })
     }
 
