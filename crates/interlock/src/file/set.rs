@@ -479,6 +479,27 @@ impl LockSet {
         }
     }
 
+    /// Blocks in `F_OFD_SETLKW` for `r` until granted (recorded in
+    /// `held`) or `deadline`.
+    fn wait_in_kernel(
+        &self,
+        held: &mut RangeMap,
+        r: Range<u64>,
+        mode: Mode,
+        deadline: Option<Instant>,
+    ) -> Result<(), TryLockError> {
+        let (fd, kind, br) = (self.file.as_fd(), kind_of(mode), bytes(&r));
+        match timer::block_until(deadline, || ofd_wait(fd, kind, br))
+            .map_err(|e| self.io_error("lock set range", e))?
+        {
+            Some(()) => {
+                held.set(r, Some(mode));
+                Ok(())
+            }
+            None => Err(TryLockError::TimedOut),
+        }
+    }
+
     fn acquire_locked(
         &self,
         st: &mut State,
@@ -499,23 +520,15 @@ impl LockSet {
         let kind = kind_of(mode);
         let br = bytes(&r);
         let fd = self.file.as_fd();
-        // A set that holds nothing and waits as long as it takes makes one
-        // blocking call (granted at once if the range is free), as a bare
-        // OFD lock does; see below why it needs no registry.
-        if matches!(wait, Wait::Forever)
-            && st.held.is_empty()
-            && self.on_block.is_none()
-            && !wait.expired()
-        {
-            return match timer::block_until(None, || ofd_wait(fd, kind, br))
-                .map_err(|e| self.io_error(OP, e))?
-            {
-                Some(()) => {
-                    st.held.set(r, Some(mode));
-                    Ok(())
-                }
-                None => Err(TryLockError::TimedOut),
-            };
+        // A set that holds nothing cannot be part of a cycle (an edge leads
+        // to an owner that holds something), so unless a callback wants to
+        // look at a published wait, it waits in the kernel without the
+        // registry, as a bare `F_OFD_SETLKW` does. Waiting as long as it
+        // takes, it makes that one blocking call at once (granted at once
+        // if the range is free).
+        let bare = st.held.is_empty() && self.on_block.is_none();
+        if bare && matches!(wait, Wait::Forever) && !wait.expired() {
+            return self.wait_in_kernel(&mut st.held, r, mode, None);
         }
         // The uncontended path: one non-blocking call, no registry.
         if ofd_try(fd, kind, br).map_err(|e| self.io_error(OP, e))? {
@@ -532,24 +545,12 @@ impl LockSet {
         if wait.expired() {
             return Err(TryLockError::TimedOut);
         }
-        // Contended. A set that holds nothing cannot be part of a cycle
-        // (an edge leads to an owner that holds something), so unless a
-        // callback wants to look at the published wait, it skips the
-        // registry and waits in the kernel at once: a release then wakes
-        // it as it wakes a bare `F_OFD_SETLKW`, with nothing to undo after.
+        // Contended.
         let State { detection, held } = st;
-        if held.is_empty() && self.on_block.is_none() {
-            return match timer::block_until(deadline, || ofd_wait(fd, kind, br))
-                .map_err(|e| self.io_error(OP, e))?
-            {
-                Some(()) => {
-                    held.set(r, Some(mode));
-                    Ok(())
-                }
-                None => Err(TryLockError::TimedOut),
-            };
+        if bare {
+            return self.wait_in_kernel(held, r, mode, deadline);
         }
-        // Otherwise publish the wait and check for a cycle first.
+        // Publish the wait and check for a cycle first.
         let registry = self.registry(detection);
         let _waiter = match registry {
             None => None,
@@ -588,15 +589,7 @@ impl LockSet {
                 range: Some((r.start, r.end)),
             });
         }
-        let got = timer::block_until(deadline, || ofd_wait(fd, kind, br))
-            .map_err(|e| self.io_error(OP, e))?;
-        match got {
-            Some(()) => {
-                held.set(r, Some(mode));
-                Ok(())
-            }
-            None => Err(TryLockError::TimedOut),
-        }
+        self.wait_in_kernel(held, r, mode, deadline)
         // `_waiter` is dropped here, removing the record.
     }
 
