@@ -9,7 +9,6 @@ Every wait for an answer is bounded, and children are killed at teardown.
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from childio import read_line
 
 WAIT = 20.0  # seconds: a bound that only catches a hang
 
@@ -94,10 +94,9 @@ class Child:
 
     def read(self, timeout: float = WAIT) -> str:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
+        line = read_line(self.proc.stdout, timeout)
+        if line is None:
             raise AssertionError(f"child gave no answer within {timeout} s")
-        line = self.proc.stdout.readline()
         if not line:
             raise AssertionError(f"child exited ({self.proc.wait(WAIT)})")
         return line.strip()

@@ -21,6 +21,7 @@ import sys
 import textwrap
 
 import pytest
+from childio import read_line
 
 N = 50
 WAIT = 20.0
@@ -155,11 +156,8 @@ def test_cancelled_acquisitions_leave_no_threads_and_the_lock_stays_usable(
         lines = []
 
         def expect(prefix):
-            import select
-
             assert p.stdout is not None
-            ready, _, _ = select.select([p.stdout], [], [], 3 * WAIT)
-            line = p.stdout.readline().strip() if ready else ""
+            line = (read_line(p.stdout, 3 * WAIT) or "").strip()
             if not line.startswith(prefix):
                 p.kill()
                 _, err = p.communicate(timeout=WAIT)

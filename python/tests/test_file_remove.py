@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from childio import read_line
 
 import interlock
 
@@ -108,7 +109,7 @@ def clashes(tmp_path, how, rounds):
     ]
     try:
         for k in kids:
-            assert k.stdout.readline().strip() == "ready"
+            assert (read_line(k.stdout, WAIT) or "").strip() == "ready"
         for k in kids:
             k.stdin.write("go\n")
             k.stdin.flush()

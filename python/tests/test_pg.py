@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+from childio import read_line
 
 import interlock
 
@@ -258,8 +259,8 @@ def test_processes_exclude_each_other_and_a_killed_holder_releases(pg: Cluster) 
         text=True,
     )
     try:
-        line = child.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("held"), line
+        line = read_line(child.stdout, WAIT)
+        assert line is not None and line.startswith("held"), line
         tok = int(line.split()[1])
         lock = interlock.PgLock(name, pg.url)
         with pytest.raises(interlock.WouldBlock):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from childio import read_line
 
 import interlock
 from interlock import OwnerDied, WouldBlock
@@ -47,11 +48,9 @@ def spawn(code: str, *args: str) -> subprocess.Popen:
 
 
 def readline(p: subprocess.Popen, timeout: float = WAIT) -> str:
-    import select
-
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    assert ready, "child gave no answer in time"
-    return p.stdout.readline().strip()
+    line = read_line(p.stdout, timeout)
+    assert line is not None, "child gave no answer in time"
+    return line.strip()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import asyncio
 import multiprocessing
 import os
 import pickle
-import select
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import threading
 import time
 
 import pytest
+from childio import read_line
 
 import interlock
 from interlock import Timeout, WouldBlock
@@ -216,9 +216,9 @@ def test_control_a_semaphore_of_too_many_permits_fails_the_check(tmp_path, kind,
 
 def readline(p):
     """The child's next line, or a failure after WAIT seconds."""
-    ready, _, _ = select.select([p.stdout], [], [], WAIT)
-    assert ready, f"the child said nothing within {WAIT} s"
-    return p.stdout.readline().strip()
+    line = read_line(p.stdout, WAIT)
+    assert line is not None, f"the child said nothing within {WAIT} s"
+    return line.strip()
 
 
 DIE = """

@@ -10,12 +10,12 @@ killed.
 """
 
 import os
-import select
 import subprocess
 import sys
 import time
 
 import pytest
+from childio import read_line
 
 #: How long any single handshake may take before the test fails.
 HANDSHAKE_S = 20.0
@@ -46,9 +46,8 @@ class Child:
             if left <= 0:
                 self.kill()
                 pytest.fail(f"child gave no line within {timeout} s")
-            ready, _, _ = select.select([out], [], [], left)
-            if ready:
-                text = out.readline()
+            text = read_line(out, left)
+            if text is not None:
                 if not text:
                     self.proc.wait(5)
                     pytest.fail(
