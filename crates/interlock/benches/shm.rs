@@ -133,6 +133,20 @@ fn floor(a: &AtomicU32) {
     black_box(a).store(0, Ordering::Release);
 }
 
+/// The atomics of a read pair alone, as `ShmRwLock` does them on a thread's
+/// own slot: a SeqCst increment of the slot's counter and a load of the
+/// state word (the writer check), then a load and a Release store of the
+/// counter and a load of the state word (the drain check). What the lock
+/// adds beyond this part is bookkeeping (the thread's slot, the fork
+/// generation, the guard).
+fn reader_atomics(held: &AtomicU32, state: &AtomicU32) {
+    black_box(held).fetch_add(1, Ordering::SeqCst);
+    let _ = black_box(black_box(state).load(Ordering::SeqCst));
+    let h = black_box(held).load(Ordering::Relaxed);
+    black_box(held).store(h.wrapping_sub(1), Ordering::Release);
+    let _ = black_box(black_box(state).load(Ordering::SeqCst));
+}
+
 fn uncontended(c: &mut Criterion) {
     let shm = ShmRwLock::anonymous().unwrap();
     let shm_mutex = ShmMutex::anonymous().unwrap();
@@ -159,6 +173,10 @@ fn uncontended(c: &mut Criterion) {
         b.iter(|| drop(black_box(pl.read())))
     });
     g.bench_function("shm/floor/CAS + store/read", |b| b.iter(|| floor(&atom)));
+    let (held, state) = (AtomicU32::new(0), AtomicU32::new(0));
+    g.bench_function("shm/part/the read pair's atomics alone/read", |b| {
+        b.iter(|| reader_atomics(&held, &state))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("write_pair");
