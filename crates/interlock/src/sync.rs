@@ -166,6 +166,12 @@ pub(crate) mod futex {
         sys::wake(word, i32::MAX);
     }
 
+    /// Wakes at most one sleeper on `word` (the longest-sleeping of those
+    /// of the highest priority: the kernel's queue order).
+    pub(crate) fn wake_one(word: &AtomicU32) {
+        sys::wake(word, 1);
+    }
+
     /// Sleeps while `a == ea` and `b == eb` (`futex_waitv`), at most
     /// `timeout`; `None` if the kernel lacks the call (the caller polls).
     pub(crate) fn wait2(
@@ -195,22 +201,38 @@ pub(crate) mod futex {
 /// Loom's model of a futex: a real sleep (a loom condition variable), so
 /// the model has no spinning waiters and loom can tell a deadlock.
 ///
+/// Each sleeper is queued with the words it sleeps on, in arrival order.
+/// [`wake_one`] wakes exactly the first sleeper of its word, as the kernel
+/// does, so a protocol that wakes one waiter and relies on it to pass the
+/// wake-up on is checked for lost wake-ups. [`wake_all`] wakes every
+/// sleeper of *any* word (a spurious wake-up is harmless, and it keeps the
+/// state space small where exactness does not matter).
+///
 /// Two things end a production sleep that no other thread's action does:
 /// its time-out, which lets a waiter notice that the holder died, and the
 /// drain's short slice (see `Core::read_exit`). The model stands for them
 /// with explicit wake-ups: a death wakes every sleeper (`wake_all_dead`,
 /// and after a death no wait sleeps, as a waiter's next time-out would find
 /// the corpse), and the protocol's own-slot reader release wakes under
-/// loom. Every wake-up is reported as a time-out, so woken waiters also run
-/// the liveness check, exploring recovery racing with normal progress.
+/// loom. Every wake-up of [`wait`] is reported as a time-out, so woken
+/// waiters also run the liveness check, exploring recovery racing with
+/// normal progress.
 #[cfg(loom)]
 pub mod futex {
     use super::{AtomicU32, Ordering, Woke};
-    use loom::sync::{Condvar, Mutex};
+    use loom::sync::{Condvar, Mutex, MutexGuard};
     use std::time::Duration;
 
+    /// The sleepers, in arrival order.
+    #[derive(Default)]
+    struct Queue {
+        next: u64,
+        /// (sleeper, the addresses of the words it sleeps on).
+        sleeping: Vec<(u64, Vec<usize>)>,
+    }
+
     struct Futex {
-        lock: Mutex<()>,
+        queue: Mutex<Queue>,
         cv: Condvar,
         /// Someone died: waits no longer sleep.
         deaths: loom::sync::atomic::AtomicBool,
@@ -218,32 +240,61 @@ pub mod futex {
 
     loom::lazy_static! {
         static ref FUTEX: Futex = Futex {
-            lock: Mutex::new(()),
+            queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             deaths: loom::sync::atomic::AtomicBool::new(false),
         };
     }
 
-    /// Sleeps while `word == expected`, until any wake-up.
-    pub fn wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) -> Woke {
+    fn lock() -> MutexGuard<'static, Queue> {
         // (A model thread that "dies" while holding the lock poisons it; the
         // lock itself stays sound, so poison is ignored.)
-        let g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        FUTEX.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn addr(word: &AtomicU32) -> usize {
+        word as *const AtomicU32 as usize
+    }
+
+    /// Sleeps while every `(word, expected)` holds, until woken: `None` if a
+    /// death ended sleeping (a time-out), `Some(false)` if a word had
+    /// changed, `Some(true)` if woken.
+    fn sleep(words: &[(&AtomicU32, u32)]) -> Option<bool> {
+        let mut g = lock();
         // Checked under the lock, as `wake_all_dead` sets it under the lock.
         if FUTEX.deaths.load(Ordering::SeqCst) {
             drop(g);
             loom::thread::yield_now();
-            return Woke::TimedOut;
+            return None;
         }
-        if word.kernel_load(Ordering::SeqCst) != expected {
-            return Woke::Maybe;
+        if words
+            .iter()
+            .any(|(w, e)| w.kernel_load(Ordering::SeqCst) != *e)
+        {
+            return Some(false);
         }
-        drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
-        Woke::TimedOut
+        let id = g.next;
+        g.next += 1;
+        g.sleeping
+            .push((id, words.iter().map(|(w, _)| addr(w)).collect()));
+        loop {
+            g = FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            if !g.sleeping.iter().any(|(s, _)| *s == id) {
+                return Some(true);
+            }
+        }
     }
 
-    /// Sleeps while `a == ea` and `b == eb`, until any wake-up (the model
-    /// of `futex_waitv`; always available).
+    /// Sleeps while `word == expected`, until a wake-up.
+    pub fn wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) -> Woke {
+        match sleep(&[(word, expected)]) {
+            Some(false) => Woke::Maybe,
+            _ => Woke::TimedOut,
+        }
+    }
+
+    /// Sleeps while `a == ea` and `b == eb`, until a wake-up (the model of
+    /// `futex_waitv`; always available).
     pub fn wait2(
         a: &AtomicU32,
         ea: u32,
@@ -251,72 +302,77 @@ pub mod futex {
         eb: u32,
         _timeout: Option<Duration>,
     ) -> Option<Woke> {
-        let g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if FUTEX.deaths.load(Ordering::SeqCst) {
-            drop(g);
-            loom::thread::yield_now();
-            return Some(Woke::TimedOut);
-        }
-        if a.kernel_load(Ordering::SeqCst) != ea || b.kernel_load(Ordering::SeqCst) != eb {
-            return Some(Woke::Maybe);
-        }
-        drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
-        Some(Woke::Maybe)
+        Some(match sleep(&[(a, ea), (b, eb)]) {
+            None => Woke::TimedOut,
+            Some(_) => Woke::Maybe,
+        })
     }
 
-    /// Sleeps while every `(word, expected)` holds, until any wake-up (the
+    /// Sleeps while every `(word, expected)` holds, until a wake-up (the
     /// model of `futex_waitv` on many words; always available).
     pub fn wait_any(words: &[(&AtomicU32, u32)], _timeout: Option<Duration>) -> Option<Woke> {
-        let g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if FUTEX.deaths.load(Ordering::SeqCst) {
-            drop(g);
-            loom::thread::yield_now();
-            return Some(Woke::TimedOut);
+        Some(match sleep(words) {
+            None => Woke::TimedOut,
+            Some(_) => Woke::Maybe,
+        })
+    }
+
+    /// Wakes the first sleeper of `word`, if any (under the lock).
+    fn wake_first(g: &mut Queue, word: usize) -> bool {
+        match g.sleeping.iter().position(|(_, a)| a.contains(&word)) {
+            Some(k) => {
+                g.sleeping.remove(k);
+                FUTEX.cv.notify_all();
+                true
+            }
+            None => false,
         }
-        if words
-            .iter()
-            .any(|(w, e)| w.kernel_load(Ordering::SeqCst) != *e)
-        {
-            return Some(Woke::Maybe);
-        }
-        drop(FUTEX.cv.wait(g).unwrap_or_else(|e| e.into_inner()));
-        Some(Woke::Maybe)
     }
 
     /// The kernel's robust-list walk at the death of thread `tid`, for one
     /// linked liveness word: if it holds `tid`, flag it `OWNER_DIED`
-    /// (keeping `FUTEX_WAITERS`) and wake its sleepers. Unlike
-    /// [`wake_all_dead`], later waits still sleep: a covered death must be
-    /// noticed through the word alone, with no time-out.
-    pub fn kernel_notice(word: &AtomicU32, tid: u32) {
+    /// (keeping `FUTEX_WAITERS`) and, if `FUTEX_WAITERS` was set, wake one
+    /// sleeper of the word. Unlike [`wake_all_dead`], later waits still
+    /// sleep: a covered death must be noticed through the word alone, with
+    /// no time-out.
+    /// Returns whether it woke a sleeper.
+    pub fn kernel_notice(word: &AtomicU32, tid: u32) -> bool {
         const OWNER_DIED: u32 = 0x4000_0000;
         const WAITERS: u32 = 0x8000_0000;
-        let _g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock();
         // An atomic read-modify-write, as the kernel's cmpxchg loop: it
         // reads the latest value (a waiter's FUTEX_WAITERS included).
         let mut w = word.kernel_load(Ordering::SeqCst);
         loop {
             if w & 0x3fff_ffff != tid {
-                return;
+                return false;
             }
             match word.kernel_compare_exchange(w, (w & WAITERS) | OWNER_DIED) {
                 Ok(_) => break,
                 Err(actual) => w = actual,
             }
         }
-        FUTEX.cv.notify_all();
+        w & WAITERS != 0 && wake_first(&mut g, addr(word))
     }
 
     /// Wakes every sleeper (of any word: a spurious wake-up is harmless).
     pub fn wake_all(_word: &AtomicU32) {
-        let _g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock();
+        g.sleeping.clear();
         FUTEX.cv.notify_all();
+    }
+
+    /// Wakes exactly the first sleeper of `word`, as `FUTEX_WAKE` with 1.
+    pub fn wake_one(word: &AtomicU32) {
+        let mut g = lock();
+        wake_first(&mut g, addr(word));
     }
 
     /// A process died: wake every sleeper, and sleep no more.
     pub fn wake_all_dead() {
-        let _g = FUTEX.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock();
         FUTEX.deaths.store(true, Ordering::SeqCst);
+        g.sleeping.clear();
         FUTEX.cv.notify_all();
     }
 }

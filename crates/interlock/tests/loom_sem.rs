@@ -162,7 +162,7 @@ impl Proc {
                     if w.kernel_load(interlock::sync::Ordering::SeqCst) & LIVE_TID_MASK
                         == p.tid() =>
                 {
-                    interlock::sync::futex::kernel_notice(w, p.tid())
+                    interlock::sync::futex::kernel_notice(w, p.tid());
                 }
                 _ => interlock::sync::futex::wake_all_dead(),
             }

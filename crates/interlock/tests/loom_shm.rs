@@ -118,12 +118,34 @@ impl Proc {
         s
     }
 
+    /// Claims a slot and links its liveness word, as `claim_linked`, for a
+    /// process that is not the victim (`linked` keeps naming the victim's).
+    fn claim_linked_quiet(&self) -> u32 {
+        let s = self.claim();
+        let slot = &self.world.slots[s as usize];
+        slot.tid
+            .store(self.tid(), interlock::sync::Ordering::SeqCst);
+        slot.live
+            .store(self.tid(), interlock::sync::Ordering::SeqCst);
+        s
+    }
+
     /// Runs `f` as a process that may die. If it dies with a linked
     /// liveness word holding its tid, only the kernel's notice tells the
     /// others (no time-out: later waits still sleep, so a waiter that
     /// missed the notice would deadlock and loom would say so); otherwise
     /// as `run_mortal`.
     fn run_mortal_covered(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
+        self.run_covered(budget, false, f);
+    }
+
+    /// As `run_mortal_covered`; with `backstop`, a death *before the
+    /// victim's acquisition returned* (phase 0) whose notice woke nobody
+    /// falls back to the modelled time-outs: that is the window between
+    /// taking the token and waking a sleeper to watch the new holder, which
+    /// production covers with `BACKSTOP`. A death in the critical section
+    /// (phase 1) or later must be noticed through the notice alone.
+    fn run_covered(self, budget: Option<u32>, backstop: bool, f: impl FnOnce(&Proc)) {
         self.run_dying(budget, f, |p| {
             let l = p.world.linked.load(Ordering::SeqCst);
             let live = (l != 0).then(|| &p.world.slots[l as usize - 1].live);
@@ -132,7 +154,10 @@ impl Proc {
                     if w.kernel_load(interlock::sync::Ordering::SeqCst) & layout::LIVE_TID_MASK
                         == p.tid() =>
                 {
-                    interlock::sync::futex::kernel_notice(w, p.tid())
+                    let woke = interlock::sync::futex::kernel_notice(w, p.tid());
+                    if !woke && backstop && p.world.phase.load(Ordering::SeqCst) == 0 {
+                        interlock::sync::futex::wake_all_dead();
+                    }
                 }
                 _ => interlock::sync::futex::wake_all_dead(),
             }
@@ -143,6 +168,23 @@ impl Proc {
     /// Waiters notice at their next time-out, modelled as a wake-up.
     fn run_mortal(self, budget: Option<u32>, f: impl FnOnce(&Proc)) {
         self.run_dying(budget, f, |_| interlock::sync::futex::wake_all_dead());
+    }
+
+    /// Whether the token names a slot this process owns.
+    fn holds_token(&self) -> bool {
+        let idx = self
+            .world
+            .words
+            .state
+            .load(interlock::sync::Ordering::SeqCst)
+            & INDEX_MASK;
+        idx != 0
+            && unpack(
+                self.world.slots[idx as usize - 1]
+                    .owner
+                    .load(interlock::sync::Ordering::SeqCst),
+            )
+            .0 == self.pid
     }
 
     /// Runs `f` with a death budget; if the process dies, records where
@@ -156,7 +198,12 @@ impl Proc {
             if e.downcast_ref::<Died>().is_none() {
                 resume_unwind(e);
             }
-            let phase = self.world.phase.load(Ordering::SeqCst);
+            let mut phase = self.world.phase.load(Ordering::SeqCst);
+            // A writer that died in its release after the CAS that freed
+            // the token (waking a waiter) did release: count it as phase 2.
+            if phase == 1 && !self.holds_token() {
+                phase = 2;
+            }
             self.world.died_in.store(10 + phase, Ordering::SeqCst);
             self.world.dead[self.pid as usize - 1].store(true, Ordering::SeqCst);
             tell(&self);
@@ -275,7 +322,7 @@ fn upgrade_is_atomic_and_excludes_readers() {
 /// The most atomic operations any victim below performs (claim + acquire +
 /// release); budgets run from 0 to past it, so the last run is a victim
 /// that completes.
-const MAX_STEPS: u32 = 18;
+const MAX_STEPS: u32 = 26;
 
 #[test]
 fn a_writer_killed_at_any_step_is_recovered_and_poison_tells() {
@@ -500,4 +547,200 @@ fn a_covered_holder_killed_at_any_step_is_noticed_without_time_outs() {
             });
         }
     }
+}
+
+/// Three processes take a mutex in turn: each release wakes one token
+/// waiter (not all), so the others must be woken later by whoever takes
+/// the token next. With `broken`, the woken waiter takes the token without
+/// waking another: the last waiter sleeps on with TOKEN_SLEEP clear, nobody
+/// wakes it, and loom reports the deadlock.
+fn three_writers_take_turns(broken: u32) {
+    interlock::shm::protocol::set_broken(broken);
+    let r = catch_unwind(|| {
+        model(2, || {
+            let w = World::new(3);
+            let hs: Vec<_> = (1..=3)
+                .map(|pid| {
+                    let p = Proc::new(&w, pid);
+                    loom::thread::spawn(move || {
+                        let s = p.claim();
+                        let c = p.core();
+                        c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
+                        p.write_cs();
+                        assert!(c.token_exit(s, layout::WRITER, false));
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            assert_eq!(w.data.get(), 3);
+            assert_eq!(w.words.state.load(Ordering::SeqCst) & INDEX_MASK, 0);
+        })
+    });
+    interlock::shm::protocol::set_broken(0);
+    if let Err(e) = r {
+        resume_unwind(e);
+    }
+}
+
+#[test]
+fn a_release_wakes_one_writer_and_each_passes_the_turn_on() {
+    three_writers_take_turns(0);
+}
+
+/// Runs the test `name` of this binary again in a child process with
+/// `INTERLOCK_LOOM_BROKEN` naming it, and asserts that loom reported a
+/// deadlock there. (A deadlocked loom model aborts the process while
+/// unwinding, so `should_panic` cannot catch it.)
+fn expect_deadlock(name: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("INTERLOCK_LOOM_BROKEN", name)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{name}: the broken protocol passed");
+    assert!(
+        err.contains("deadlock"),
+        "{name}: failed, but not by a deadlock:\n{err}"
+    );
+}
+
+/// Whether this process is the child of [`expect_deadlock`] for `name`.
+fn broken_run(name: &str) -> bool {
+    std::env::var("INTERLOCK_LOOM_BROKEN").is_ok_and(|v| v == name)
+}
+
+#[test]
+fn the_model_catches_a_woken_writer_that_forgets_the_others() {
+    expect_deadlock("broken_three_writers");
+}
+
+#[test]
+fn broken_three_writers() {
+    if broken_run("broken_three_writers") {
+        three_writers_take_turns(interlock::shm::protocol::BREAK_RETARGET);
+    }
+}
+
+/// A holder H releases to a covered victim V that then dies at any step,
+/// while a third waiter W slept behind H (so it watched H's liveness
+/// word, not V's). V, having slept, wakes one more waiter to watch it, so
+/// V's death is told to W by the kernel's notice on V's word alone. Only a
+/// death inside V's acquisition (before that wake-up) may fall back to
+/// the time-out, as production's BACKSTOP. With `broken`, V does not wake
+/// a watcher: W then misses V's death in the critical section, and loom
+/// reports the deadlock.
+fn a_stale_watcher_learns_of_the_new_holders_death(broken: u32, ks: std::ops::RangeInclusive<u32>) {
+    quiet_deaths();
+    interlock::shm::protocol::set_broken(broken);
+    let r = catch_unwind(move || {
+        for k in ks.clone() {
+            model(2, move || {
+                let w = World::new(3);
+                // H takes the lock before the others start.
+                let h = Proc::new(&w, 3);
+                let hs = h.claim_linked_quiet();
+                h.core()
+                    .write(hs, false, &FOREVER, &mut Notify::none())
+                    .unwrap();
+                let v = {
+                    let p = Proc::new(&w, 1);
+                    loom::thread::spawn(move || {
+                        p.run_covered(Some(k), true, |p| {
+                            let s = p.claim_linked();
+                            let c = p.core();
+                            c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
+                            p.world.phase.store(1, Ordering::SeqCst);
+                            p.write_cs();
+                            c.token_exit(s, layout::WRITER, false);
+                            p.world.phase.store(2, Ordering::SeqCst);
+                        })
+                    })
+                };
+                let waiter = {
+                    let p = Proc::new(&w, 2);
+                    loom::thread::spawn(move || {
+                        let s = p.claim();
+                        let c = p.core();
+                        let poisoned = c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
+                        p.write_cs();
+                        assert!(c.token_exit(s, layout::WRITER, poisoned));
+                    })
+                };
+                h.write_cs();
+                assert!(h.core().token_exit(hs, layout::WRITER, false));
+                v.join().unwrap();
+                waiter.join().unwrap();
+            });
+        }
+    });
+    interlock::shm::protocol::set_broken(0);
+    if let Err(e) = r {
+        resume_unwind(e);
+    }
+}
+
+#[test]
+fn a_stale_watcher_learns_of_the_new_holders_death_by_the_notice() {
+    a_stale_watcher_learns_of_the_new_holders_death(0, 0..=32);
+}
+
+#[test]
+fn the_model_catches_a_new_holder_that_nobody_watches() {
+    expect_deadlock("broken_stale_watcher");
+}
+
+#[test]
+fn broken_stale_watcher() {
+    if broken_run("broken_stale_watcher") {
+        a_stale_watcher_learns_of_the_new_holders_death(
+            interlock::shm::protocol::BREAK_RETARGET,
+            0..=32,
+        );
+    }
+}
+
+/// A writer, an upgradable reader that upgrades, and a reader contend:
+/// token waiters are woken one at a time, readers all at once, and an
+/// upgrade or a release in any order leaves nobody asleep.
+#[test]
+fn a_writer_an_upgrader_and_a_reader_all_finish() {
+    model(2, || {
+        let w = World::new(3);
+        let writer = {
+            let p = Proc::new(&w, 1);
+            loom::thread::spawn(move || {
+                let s = p.claim();
+                let c = p.core();
+                c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                p.write_cs();
+                assert!(c.token_exit(s, layout::WRITER, false));
+            })
+        };
+        let upgrader = {
+            let p = Proc::new(&w, 2);
+            loom::thread::spawn(move || {
+                let s = p.claim();
+                let c = p.core();
+                c.upgradable(s, &FOREVER, &mut Notify::none()).unwrap();
+                p.read_cs();
+                c.upgrade(s, &FOREVER, &mut Notify::none()).unwrap();
+                p.write_cs();
+                assert!(c.token_exit(s, layout::WRITER, false));
+            })
+        };
+        let p = Proc::new(&w, 3);
+        let s = p.claim();
+        let c = p.core();
+        c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+        p.read_cs();
+        assert!(c.read_exit(s, true));
+        writer.join().unwrap();
+        upgrader.join().unwrap();
+        assert_eq!(w.data.get(), 2);
+        assert_eq!(w.words.state.load(Ordering::SeqCst) & INDEX_MASK, 0);
+    });
 }

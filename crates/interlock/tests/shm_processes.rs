@@ -159,6 +159,131 @@ fn holders_in_other_processes_exclude_and_release() {
     drop(lock.try_write_for(Duration::from_secs(5)).unwrap().unwrap());
 }
 
+/// Every thread of process `pid`: (all asleep, voluntary context switches
+/// summed over them).
+fn sleep_and_switches(pid: u32) -> (bool, u64) {
+    let mut asleep = true;
+    let mut switches = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+        let state = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+            .to_owned();
+        asleep &= state == "S";
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (asleep, switches)
+}
+
+/// Waits (at most 10 s) until every process of `pids` is asleep and its
+/// switch count did not move over 50 ms; returns the counts.
+fn settled(pids: &[u32]) -> Vec<u64> {
+    let t = Instant::now();
+    let mut last: Option<Vec<u64>> = None;
+    loop {
+        let now: Vec<(bool, u64)> = pids.iter().map(|&p| sleep_and_switches(p)).collect();
+        let counts: Vec<u64> = now.iter().map(|x| x.1).collect();
+        if now.iter().all(|x| x.0) && last.as_ref() == Some(&counts) {
+            return counts;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "waiters never settled"
+        );
+        last = Some(counts);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child that blocks on the mutex (saying `blocked` when it does), says
+/// `got` once it holds it and releases it when told `release`.
+fn queued_role() {
+    let mut lock = ShmMutex::open(support::arg()).unwrap();
+    lock.set_on_block(Some(std::sync::Arc::new(|_: &interlock::Blocked<'_>| {
+        support::say("blocked")
+    })));
+    let g = lock.lock().unwrap_or_else(|p| p.into_inner());
+    support::say("got");
+    while let Some(line) = support::hear() {
+        if line == "release" {
+            drop(g);
+            return;
+        }
+    }
+}
+
+/// Four processes sleep behind the mutex this process holds; it releases
+/// once. Returns how many of the three that did not get the lock woke up
+/// (their threads' voluntary context switches moved) by the time all were
+/// asleep again. With `herd`, every token waiter is also woken, as a
+/// release that wakes every waiter would.
+fn woken_by_one_release(test: &str, herd: bool) -> usize {
+    let d = tempfile::tempdir().unwrap();
+    let (path, _) = paths(&d);
+    let lock = ShmMutex::open(&path).unwrap();
+    let arg = path.to_str().unwrap();
+    let g = lock.lock().unwrap();
+    let mut kids: Vec<Child> = (0..4).map(|_| Child::spawn(test, "queued", arg)).collect();
+    for k in &mut kids {
+        k.expect("blocked");
+    }
+    let pids: Vec<u32> = kids.iter().map(Child::pid).collect();
+    let before = settled(&pids);
+    drop(g);
+    let t = Instant::now();
+    let winner = 'found: loop {
+        for (i, k) in kids.iter_mut().enumerate() {
+            if let Some(l) = k.try_recv_within(Duration::from_millis(5)) {
+                assert_eq!(l, "got");
+                break 'found i;
+            }
+        }
+        assert!(t.elapsed() < support::WAIT, "nobody got the lock");
+    };
+    if herd {
+        interlock::shm::testing::wake_every_token_waiter(&path).unwrap();
+    }
+    let others: Vec<usize> = (0..4).filter(|&i| i != winner).collect();
+    let after = settled(&others.iter().map(|&i| pids[i]).collect::<Vec<_>>());
+    let woken = others
+        .iter()
+        .zip(&after)
+        .filter(|(&i, &a)| a > before[i])
+        .count();
+    for k in &mut kids {
+        k.send("release");
+    }
+    for k in &mut kids {
+        k.wait_within(support::WAIT);
+    }
+    woken
+}
+
+/// A release wakes one waiting writer, not every waiter: of three other
+/// processes asleep behind the mutex, at most one wakes (the one the new
+/// holder wakes to watch it, see `Core::token`), where a release that
+/// woke all would wake the three (the control shows the count sees that).
+#[test]
+fn a_release_wakes_one_waiting_writer_not_every_waiter() {
+    if support::role().is_some() {
+        queued_role();
+        return;
+    }
+    let name = "a_release_wakes_one_waiting_writer_not_every_waiter";
+    let woken = woken_by_one_release(name, false);
+    assert!(woken <= 1, "{woken} of 3 waiters woke at one release");
+    let herd = woken_by_one_release(name, true);
+    assert_eq!(herd, 3, "the control: a herd wakes all three");
+}
+
 #[test]
 fn a_killed_writer_process_poisons_and_a_blocked_waiter_recovers() {
     if let Some(role) = support::role() {

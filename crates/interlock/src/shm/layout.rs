@@ -13,7 +13,8 @@
 //! ```text
 //! offset  size        what
 //! 0       128         header (immutable after creation; see `Header`)
-//! 128     128         Words: state (u32 futex word), high (u32), padding
+//! 128     128         Words: state (u32 futex word), high (u32), token
+//!                     queue (u32 futex word), padding
 //! 256     128 * n     Slot[n]: owner (u64), held (u32), tid (u32), live (u32),
 //!                     spare (u32), robust-list entry (24..72), padding
 //! ...     128 * w     semaphore, version 2 only: Slot[w], the watch table
@@ -81,6 +82,7 @@ pub const MIN_SLOTS: u32 = 1;
 // | 14     | POISON      | a writer died holding the lock; kept until cleared by a writer |
 // | 15     | WAITERS     | someone sleeps on the state word: wake on release |
 // | 16     | DRAIN_SLEEP | the writer sleeps on a slot's `held`: readers leaving must wake it |
+// | 17     | TOKEN_SLEEP | a token waiter (writer, upgradable reader) sleeps on `Words::queue` |
 //
 // Combinations: index == 0 implies neither WRITER nor UPGRADABLE (the token
 // is free). WRITER and UPGRADABLE are never both set. POISON may be set with
@@ -98,6 +100,9 @@ pub const POISON: u32 = 1 << 14;
 pub const WAITERS: u32 = 1 << 15;
 /// A writer sleeps on some slot's `held` word.
 pub const DRAIN_SLEEP: u32 = 1 << 16;
+/// A token waiter (writer or upgradable reader) sleeps on [`Words::queue`]:
+/// a release must wake one.
+pub const TOKEN_SLEEP: u32 = 1 << 17;
 
 // ---- The liveness word (`Slot::live`), a robust futex word: the linking
 // thread's tid, `LIVE_WAITERS` set by a sleeper, `LIVE_OWNER_DIED` set by
@@ -118,6 +123,10 @@ pub struct Words {
     pub state: AtomicU32,
     /// One past the highest slot ever claimed: writers scan slots below it.
     pub high: AtomicU32,
+    /// The token queue (offset 8): a sequence number that token waiters
+    /// sleep on and that a release bumps before it wakes one of them (0 in
+    /// files of versions that did not have it, which never used it).
+    pub queue: AtomicU32,
 }
 
 /// One owner slot: claimed by a thread (or shared by a process's threads
@@ -151,6 +160,7 @@ pub struct Slot {
 const _: () = {
     assert!(std::mem::size_of::<Words>() == SLOTS_OFFSET - WORDS_OFFSET);
     assert!(std::mem::size_of::<Slot>() == SLOT_SIZE);
+    assert!(std::mem::offset_of!(Words, queue) == 8);
     assert!(std::mem::offset_of!(Slot, live) == 16);
     assert!(std::mem::offset_of!(Slot, entry) == 24);
 };
@@ -161,6 +171,7 @@ impl Words {
         Words {
             state: AtomicU32::new(0),
             high: AtomicU32::new(0),
+            queue: AtomicU32::new(0),
         }
     }
 }

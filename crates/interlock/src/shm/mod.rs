@@ -184,6 +184,18 @@ pub mod testing {
         }
     }
 
+    /// Wakes every thread asleep on the token queue of the rwlock or mutex
+    /// file at `path` without changing anything, as a release that woke
+    /// every waiter would: the control of the test that a release wakes
+    /// one. Returns how many it woke.
+    pub fn wake_every_token_waiter(path: &Path) -> io::Result<usize> {
+        use super::layout::{Words, WORDS_OFFSET};
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        let map = Mapping::shared_file(&f, WORDS_OFFSET + std::mem::size_of::<Words>())?;
+        let words: &Words = map.get(WORDS_OFFSET);
+        Ok(crate::sys::futex::wake(&words.queue, i32::MAX))
+    }
+
     /// Writes a layout-version-1 semaphore of `permits` permits at `path`
     /// (which must not exist): what an older interlock created, with no
     /// watch table, so that its waiters poll for dead holders.

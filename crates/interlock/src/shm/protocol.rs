@@ -54,7 +54,7 @@
 
 use super::layout::{
     Slot, Words, DRAIN_SLEEP, INDEX_MASK, LIVE_OWNER_DIED, LIVE_TID_MASK, LIVE_WAITERS, POISON,
-    RECLAIMING, UPGRADABLE, WAITERS, WRITER,
+    RECLAIMING, TOKEN_SLEEP, UPGRADABLE, WAITERS, WRITER,
 };
 use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
 use crate::wait::Wait;
@@ -87,6 +87,32 @@ pub const CONFIRM: Duration = Duration::from_micros(200);
 const SPIN: u32 = 64;
 #[cfg(loom)]
 const SPIN: u32 = 0;
+
+/// Model checks only: leave out a part of the wake-one protocol, so that a
+/// model test can show it catches the lost wake-up this would cause
+/// ([`BREAK_RETARGET`]: a waiter that slept takes the token without waking
+/// another). Per OS thread: loom runs a model's threads on the test's
+/// thread, and tests run in parallel. Not in real builds.
+#[cfg(loom)]
+pub fn set_broken(parts: u32) {
+    BREAK.with(|b| b.set(parts));
+}
+#[cfg(loom)]
+std::thread_local! {
+    static BREAK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+/// A part of the protocol that a model check may leave out (loom builds
+/// only; see `set_broken` there).
+#[doc(hidden)]
+pub const BREAK_RETARGET: u32 = 1;
+
+#[inline]
+fn broken(_part: u32) -> bool {
+    #[cfg(loom)]
+    return BREAK.with(|b| b.get()) & _part != 0;
+    #[cfg(not(loom))]
+    false
+}
 
 /// Who we are and who is alive: the process-identity oracle.
 pub trait Env {
@@ -238,8 +264,9 @@ impl<'a, E: Env> Core<'a, E> {
         let mut ws = self.state().load(Ordering::SeqCst);
         while ws & INDEX_MASK == Self::token_of(i) {
             // Keep POISON; add it if the dead holder was (or was becoming)
-            // a writer: the data may be inconsistent. Clear WAITERS: we wake
-            // everyone, and those still blocked set it again.
+            // a writer: the data may be inconsistent. Clear WAITERS and
+            // TOKEN_SLEEP: we wake everyone, and those still blocked set
+            // them again.
             let mut new = ws & POISON;
             if ws & WRITER != 0 {
                 new |= POISON;
@@ -251,6 +278,12 @@ impl<'a, E: Env> Core<'a, E> {
                 Ok(_) => {
                     if ws & WAITERS != 0 {
                         futex::wake_all(self.state());
+                    }
+                    // Every token waiter looks again (a recovery is rare;
+                    // the ones still blocked watch the next holder).
+                    if ws & TOKEN_SLEEP != 0 {
+                        self.words.queue.fetch_add(1, Ordering::SeqCst);
+                        futex::wake_all(&self.words.queue);
                     }
                     break;
                 }
@@ -289,7 +322,10 @@ impl<'a, E: Env> Core<'a, E> {
     // ---------------------------------------------------------------
     // Waiting on the state word.
 
-    /// Waits until `blocked(state)` is false; returns the last state seen.
+    /// Waits until `blocked(state)` is false (readers: until no writer);
+    /// returns the last state seen. Readers sleep on the state word itself,
+    /// and a release wakes them all: once a writer leaves, every one of
+    /// them may enter.
     fn wait_state(
         &self,
         blocked: impl Fn(u32) -> bool,
@@ -338,25 +374,104 @@ impl<'a, E: Env> Core<'a, E> {
                 continue;
             }
             notify.fire();
-            self.sleep_state(ws, wait);
+            self.sleep_on(self.state(), ws, ws, wait);
             ws = self.state().load(Ordering::SeqCst);
         }
     }
 
-    /// One sleep on the state word while it holds `ws`. Behind a covered
-    /// token holder (its slot's liveness word holds a tid) the sleep is
-    /// also on that word, whose death notice the kernel delivers, so no
-    /// periodic check is needed (only [`BACKSTOP`]); behind an uncovered
-    /// one (0: the shared slot, an old file, no robust list) or without
-    /// `futex_waitv`, it polls every [`CHECK`] as before.
-    fn sleep_state(&self, ws: u32, wait: &Wait) {
+    /// Waits until the token looks free (writers, upgradable readers and the
+    /// mutex); returns the last state seen. Token waiters sleep on the queue
+    /// word, and a release wakes one of them (see [`Core::token`] for how
+    /// the wake-up is passed on). `slept` is set once this waiter has slept:
+    /// from then on it may be the one a release woke, so if it gives up it
+    /// wakes another in its place.
+    fn wait_token(
+        &self,
+        wait: &Wait,
+        notify: &mut Notify<'_>,
+        slept: &mut bool,
+    ) -> Result<u32, TryLockError> {
+        let mut ws = self.state().load(Ordering::SeqCst);
+        let mut spins = SPIN;
+        let mut checked = false;
+        loop {
+            if ws & INDEX_MASK == 0 {
+                return Ok(ws);
+            }
+            if !wait.may_block() || wait.expired() {
+                if !checked {
+                    checked = true;
+                    self.check_token_holder(ws);
+                    ws = self.state().load(Ordering::SeqCst);
+                    continue;
+                }
+                if *slept {
+                    self.wake_token_one();
+                }
+                return Err(wait.gave_up());
+            }
+            // Announce ourselves, then spin (as `wait_state`).
+            if ws & TOKEN_SLEEP == 0 {
+                if let Err(actual) = self.state().compare_exchange(
+                    ws,
+                    ws | TOKEN_SLEEP,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    ws = actual;
+                    continue;
+                }
+                ws |= TOKEN_SLEEP;
+            }
+            if spins > 0 {
+                spins -= 1;
+                spin_hint();
+                ws = self.state().load(Ordering::Relaxed);
+                continue;
+            }
+            notify.fire();
+            // The queue's number first, then the state word again: a
+            // releaser frees the state word and then bumps the number
+            // (SeqCst RMW), so if this load of the state word still shows
+            // the holder, the release has not bumped the number we read,
+            // and the kernel either sees it changed or queues us before the
+            // release's wake-up.
+            let q = &self.words.queue;
+            let seq = q.load(Ordering::SeqCst);
+            let now = self.state().load(Ordering::SeqCst);
+            if now != ws {
+                ws = now;
+                continue;
+            }
+            self.sleep_on(q, seq, ws, wait);
+            *slept = true;
+            ws = self.state().load(Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes one token waiter: bumps the queue's number (a waiter about to
+    /// sleep then sees it changed) and wakes the longest sleeper.
+    fn wake_token_one(&self) {
+        let q = &self.words.queue;
+        q.fetch_add(1, Ordering::SeqCst);
+        futex::wake_one(q);
+    }
+
+    /// One sleep on `word` while it holds `expected`, blocked by the holder
+    /// named in `ws`. Behind a covered token holder (its slot's liveness
+    /// word holds a tid) the sleep is also on that word, whose death notice
+    /// the kernel delivers, so no periodic check is needed (only
+    /// [`BACKSTOP`]); behind an uncovered one (0: the shared slot, an old
+    /// file, no robust list) or without `futex_waitv`, it polls every
+    /// [`CHECK`] as before.
+    fn sleep_on(&self, word: &crate::sync::AtomicU32, expected: u32, ws: u32, wait: &Wait) {
         let idx = ws & INDEX_MASK;
         if idx != 0 && (idx as usize) <= self.slots.len() {
             let i = idx - 1;
             let live = &self.slots[i as usize].live;
             let mut lw = live.load(Ordering::SeqCst);
             if lw & LIVE_OWNER_DIED != 0 {
-                self.death_notice(i, Some(ws), wait);
+                self.death_notice(i, Some((word, expected)), wait);
                 return;
             }
             if lw & LIVE_TID_MASK != 0 {
@@ -372,9 +487,9 @@ impl<'a, E: Env> Core<'a, E> {
                     lw |= LIVE_WAITERS;
                 }
                 let nap = Some(wait.remaining().map_or(BACKSTOP, |r| r.min(BACKSTOP)));
-                if let Some(woke) = futex::wait2(self.state(), ws, live, lw, nap) {
+                if let Some(woke) = futex::wait2(word, expected, live, lw, nap) {
                     if live.load(Ordering::SeqCst) & LIVE_OWNER_DIED != 0 {
-                        self.death_notice(i, Some(ws), wait);
+                        self.death_notice(i, Some((word, expected)), wait);
                     } else if woke == Woke::TimedOut {
                         self.check_token_holder(self.state().load(Ordering::SeqCst));
                     }
@@ -382,7 +497,7 @@ impl<'a, E: Env> Core<'a, E> {
                 }
             }
         }
-        if futex::wait(self.state(), ws, slice(wait)) == Woke::TimedOut {
+        if futex::wait(word, expected, slice(wait)) == Woke::TimedOut {
             self.check_token_holder(self.state().load(Ordering::SeqCst));
         }
     }
@@ -390,9 +505,10 @@ impl<'a, E: Env> Core<'a, E> {
     /// Slot `i`'s liveness word says its thread died: pass the notice on
     /// (the kernel wakes one sleeper), confirm the death (a notice is a
     /// reason to look, not proof) and reclaim the slot. If /proc cannot
-    /// confirm it yet, sleeps briefly on the state word before the caller
-    /// looks again.
-    fn death_notice(&self, i: u32, ws: Option<u32>, wait: &Wait) {
+    /// confirm it yet, sleeps briefly on `nap_on` (the word the caller
+    /// sleeps on and the value it saw; `None`: a draining writer, which
+    /// naps on the slot's `held`) before the caller looks again.
+    fn death_notice(&self, i: u32, nap_on: Option<(&crate::sync::AtomicU32, u32)>, wait: &Wait) {
         let slot = &self.slots[i as usize];
         futex::wake_all(&slot.live);
         let o = slot.owner.load(Ordering::Acquire);
@@ -407,9 +523,9 @@ impl<'a, E: Env> Core<'a, E> {
             return;
         }
         let nap = Some(wait.remaining().map_or(CONFIRM, |r| r.min(CONFIRM)));
-        match ws {
-            Some(ws) => {
-                futex::wait(self.state(), ws, nap);
+        match nap_on {
+            Some((word, v)) => {
+                futex::wait(word, v, nap);
             }
             None => {
                 let h = slot.held.load(Ordering::SeqCst);
@@ -525,22 +641,39 @@ impl<'a, E: Env> Core<'a, E> {
         // the cache line away from the holder, slowing its release. The CAS
         // (SeqCst: acquires the last release, and WRITER's role in Dekker's
         // pattern) is tried only when the token looks free.
+        //
+        // Wake-one. A release clears TOKEN_SLEEP and wakes one sleeper on
+        // the queue; the others sleep on, and the one woken answers for
+        // them. If it takes the token, it wakes one more, which sleeps
+        // again behind the new holder: it sets TOKEN_SLEEP again (so the
+        // new holder's release wakes the next) and watches the new
+        // holder's liveness word (the others still watch the word of the
+        // holder they slept behind, so without it the new holder's death
+        // would wake nobody). If it finds the token taken, it sets
+        // TOKEN_SLEEP and sleeps behind the new holder itself; if it gives
+        // up, it wakes one in its place (`wait_token`).
+        let mut slept = false;
         let mut ws = self.state().load(Ordering::Relaxed);
         loop {
             if ws & INDEX_MASK == 0 {
-                let new = (ws & (POISON | WAITERS)) | want;
+                let new = (ws & (POISON | WAITERS | TOKEN_SLEEP)) | want;
                 match self
                     .state()
                     .compare_exchange(ws, new, Ordering::SeqCst, Ordering::SeqCst)
                 {
-                    Ok(_) => return Ok(ws & POISON != 0),
+                    Ok(_) => {
+                        if slept && !broken(BREAK_RETARGET) {
+                            self.wake_token_one();
+                        }
+                        return Ok(ws & POISON != 0);
+                    }
                     Err(actual) => {
                         ws = actual;
                         continue;
                     }
                 }
             }
-            ws = self.wait_state(|ws| ws & INDEX_MASK != 0, wait, notify)?;
+            ws = self.wait_token(wait, notify, &mut slept)?;
         }
     }
 
@@ -746,8 +879,13 @@ impl<'a, E: Env> Core<'a, E> {
             }
             match st.compare_exchange(ws, keep, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => {
+                    // Readers all (a writer left: each may enter), token
+                    // waiters one (only one can take it; see `token`).
                     if ws & WAITERS != 0 {
                         futex::wake_all(st);
+                    }
+                    if ws & TOKEN_SLEEP != 0 {
+                        self.wake_token_one();
                     }
                     return true;
                 }
