@@ -41,11 +41,17 @@
 //!   identity flagged `RECLAIMING`, which the next waiter reclaims again;
 //!   every step is idempotent.
 //!
+//! * **A release wakes one writer.** Readers sleep on the state word and a
+//!   writer's release wakes them all (each may enter); token waiters sleep
+//!   on a queue word of their own and a release wakes one, which passes the
+//!   wake-up on (see [`Core::token`]).
+//!
 //! Fairness: writers are preferred over readers (see above); among writers
-//! and among readers there is no queue: a release wakes every sleeper and
-//! they race (as every futex lock and glibc's do), so one writer can in
-//! principle be overtaken by another many times; readers can be held off by
-//! a continuous stream of writers.
+//! there is no strict queue: the one woken is the kernel's longest sleeper,
+//! but a thread that was not asleep may take the token first (barging, as
+//! with every futex lock and glibc's), so one writer can in principle be
+//! overtaken many times; readers can be held off by a continuous stream of
+//! writers.
 //!
 //! The same code runs in production (std atomics on a shared mapping) and
 //! under the loom model checker (see [`crate::sync`]); death is modelled by
