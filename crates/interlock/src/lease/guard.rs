@@ -137,21 +137,24 @@ impl Shared {
         }
         st.released = true;
         // The compare-and-swap that ends the lease: moving the lease file
-        // out (to `stage/`, as the next acquisition's record) or renaming
-        // it to a tombstone; either fails if it was broken.
+        // out (into an empty staging directory as the next acquisition's
+        // staged lease, or else to `stage/` as its record) or renaming it
+        // to a tombstone; each fails if it was broken. On any failure of
+        // a move (the lease broken, `stage/` gone, the name taken), the
+        // tombstone rename below tells what happened.
+        let staged = matches!(self.inner.release_into_stage(&st.dir, &st.name), Ok(true));
         let me = crate::sys::proc::current();
-        let moved = match self.inner.record_slot(me) {
-            Some(slot) => {
-                // On any failure (the lease broken, `stage/` gone, the
-                // name taken), the tombstone rename below tells what
-                // happened.
-                rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
+        let moved = match staged {
+            true => None,
+            false => match self.inner.record_slot(me) {
+                Some(slot) => rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
                     .ok()
-                    .map(|_| slot)
-            }
-            None => None,
+                    .map(|_| slot),
+                None => None,
+            },
         };
         let ended = match moved {
+            _ if staged => Ok(()),
             Some(slot) => {
                 self.inner.keep_record(me.pid, slot);
                 Ok(())

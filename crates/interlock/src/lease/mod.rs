@@ -343,6 +343,8 @@ pub(crate) struct Inner {
     fence: Fence,
     opts: LeaseOptions,
     here: Locality,
+    /// `here.tag()`, computed once: it names every staging directory.
+    tag: String,
     local_fs: bool,
     /// Inotify instances watching the parent, kept for reuse: closing one
     /// costs an SRCU grace period in the kernel (4-16 ms measured here),
@@ -353,6 +355,10 @@ pub(crate) struct Inner {
     /// Staging directories ready for the next attempt, tagged with the pid
     /// that made them (see [`Stage::create`]).
     spare_stages: parking_lot::Mutex<Vec<Spare>>,
+    /// Empty staging directories, made before an install so that the
+    /// release can move the lease file straight into one (see
+    /// [`Inner::empty_stage`]), tagged with the pid that made them.
+    empty_stages: parking_lot::Mutex<Vec<(u32, String, Dir)>>,
     /// Lease records moved out of released lock directories into `stage/`,
     /// tagged with the pid whose record they are, each the next
     /// acquisition's record (one rename instead of creating, writing and
@@ -542,6 +548,7 @@ impl LeaseLock {
             .open_at("stage")
             .map_err(|e| io_err("open lease staging directory", &side_path.join("stage"), e))?;
         let local_fs = parent.fs_type().map(notify::fs_is_local).unwrap_or(false);
+        let here = Locality::current();
         let inner = Inner {
             last_token: AtomicU64::new(0),
             fence: Fence::new(tokens, opts.durable),
@@ -551,10 +558,12 @@ impl LeaseLock {
             parent,
             stage,
             opts,
-            here: Locality::current(),
+            tag: here.tag(),
+            here,
             local_fs,
             notifiers: parking_lot::Mutex::new(Vec::new()),
             spare_stages: parking_lot::Mutex::new(Vec::new()),
+            empty_stages: parking_lot::Mutex::new(Vec::new()),
             spare_records: parking_lot::Mutex::new(Vec::new()),
             renewers: guard::Renewers::default(),
         };
@@ -666,6 +675,7 @@ impl LeaseLock {
         // by a release that the same holder re-took then costs neither a
         // new pidfd nor a read of /proc.
         let mut watch: Option<Watched> = None;
+        let mut prepared = false;
         loop {
             let st = match stage.take() {
                 Some(mut s) => match s.refresh() {
@@ -674,6 +684,12 @@ impl LeaseLock {
                 },
                 None => Stage::create(inner)?,
             };
+            if !prepared {
+                // The directory the release will move the lease file
+                // into, made now, outside the time the lock is held.
+                prepared = true;
+                inner.prepare_empty_stage();
+            }
             let observed = match inner.try_install(st, &mut watch)? {
                 Step::Acquired(held) => return Ok(LeaseGuard::new(self, held)),
                 Step::Changed(s) => {
@@ -785,8 +801,9 @@ const SPARE_STAGES: usize = 4;
 impl<'a> Stage<'a> {
     fn create(inner: &'a Inner) -> Result<Stage<'a>> {
         let me = proc::current();
-        // A staging directory a timed-out or failed attempt of this process
-        // left ready: one rename instead of four directory operations.
+        // A staging directory a release, or a timed-out or failed attempt,
+        // of this process left ready: no directory operation at all, or
+        // one rename.
         loop {
             let spare = {
                 let mut pool = inner.spare_stages.lock();
@@ -809,28 +826,14 @@ impl<'a> Stage<'a> {
             // again: the refresh failure marks it).
             st.lease.dead = true;
         }
-        let name = format!(
-            "{}.{}.{}.{:016x}",
-            inner.here.tag(),
-            me.pid,
-            me.start_time,
-            nonce()
-        );
         let stage_path = || {
             inner
                 .parent_path
                 .join(format!("{}.lease/stage", inner.name.to_string_lossy()))
         };
-        inner
-            .stage
-            .mkdir(&name, inner.opts.dir_mode)
-            .map_err(|e| Error::io("create lease staging directory", e).with_path(stage_path()))?;
-        let dir = match inner.stage.open_at(&name) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = inner.stage.rmdir(&name);
-                return Err(Error::io("open lease staging directory", e).with_path(stage_path()));
-            }
+        let (name, dir) = match inner.take_empty_stage(me.pid) {
+            Some(e) => e,
+            None => inner.make_stage_dir(me)?,
         };
         let owner = Owner {
             host: inner.here.host.clone(),
@@ -840,12 +843,7 @@ impl<'a> Stage<'a> {
             nonce: nonce(),
             ttl_ns: nanos(inner.opts.ttl),
         };
-        let lease = LeaseName {
-            dead: false,
-            version: 0,
-            token: 0,
-            expiry_ns: inner.expiry_from_now(),
-        };
+        let lease = inner.staged_name();
         let st = Stage {
             inner,
             name,
@@ -871,19 +869,42 @@ impl<'a> Stage<'a> {
             .expect("a stage's directory is taken only when it is installed")
     }
 
-    /// Gives the staged lease a full time to live from now, unless it still
-    /// has more than half of one (the expiry only has to last from the
-    /// install to the publish, which sets a fresh one): a retry after a
-    /// wake-up then costs no rename.
+    /// Brings the staged lease's name up to date before an install: the
+    /// token the handle's batch would issue next, and a fresh expiry.
+    ///
+    /// With a predicted token the install is also the publish (the name
+    /// is not renamed again when the token is confirmed), so the lease
+    /// must start with nearly a full time to live: the name is renamed if
+    /// its expiry is more than 1/32 of a time to live old. Without one the
+    /// publish sets a fresh expiry, and the staged one only has to last
+    /// from the install to the publish: renamed only when less than half
+    /// a time to live is left. A retry after a wake-up then costs no
+    /// rename.
     fn refresh(&mut self) -> io::Result<()> {
         let now = self.inner.now_ns();
         let ttl = nanos(self.inner.opts.ttl);
-        if self.lease.expiry_ns > now && self.lease.expiry_ns - now > ttl / 2 {
+        let predicted = self.inner.fence.predict();
+        let left = self.lease.expiry_ns.saturating_sub(now);
+        let current = if predicted != 0 {
+            self.lease.token == predicted && self.lease.version == 1 && left >= ttl - ttl / 32
+        } else {
+            left > ttl / 2
+        };
+        if current {
             return Ok(());
         }
-        let next = LeaseName {
-            expiry_ns: now.saturating_add(ttl),
-            ..self.lease
+        let next = if predicted != 0 {
+            LeaseName {
+                dead: false,
+                version: 1,
+                token: predicted,
+                expiry_ns: now.saturating_add(ttl),
+            }
+        } else {
+            LeaseName {
+                expiry_ns: now.saturating_add(ttl),
+                ..self.lease
+            }
         };
         if next != self.lease {
             self.dir().rename(self.lease.render(), next.render())?;
@@ -927,13 +948,128 @@ impl Drop for Inner {
                 let _ = self.stage.rmdir(&name);
             }
         }
+        for (pid, name, _) in self.empty_stages.get_mut().drain(..) {
+            if pid == me {
+                let _ = self.stage.rmdir(&name);
+            }
+        }
     }
 }
 
 /// Spare records kept per handle at most.
 const SPARE_RECORDS: usize = 4;
 
+/// Empty staging directories kept per handle at most.
+const EMPTY_STAGES: usize = 2;
+
 impl Inner {
+    /// The name a lease is staged under: version 1 and the token the
+    /// handle's batch would issue next, if it has one (then the install
+    /// is the publish), else version 0 and token 0; a full time to live.
+    fn staged_name(&self) -> LeaseName {
+        let predicted = self.fence.predict();
+        LeaseName {
+            dead: false,
+            version: u64::from(predicted != 0),
+            token: predicted,
+            expiry_ns: self.expiry_from_now(),
+        }
+    }
+
+    /// Makes and opens a new staging directory of process `me`.
+    fn make_stage_dir(&self, me: ProcessId) -> Result<(String, Dir)> {
+        let name = format!("{}.{}.{}.{:016x}", self.tag, me.pid, me.start_time, nonce());
+        let stage_path = || {
+            self.parent_path
+                .join(format!("{}.lease/stage", self.name.to_string_lossy()))
+        };
+        self.stage
+            .mkdir(&name, self.opts.dir_mode)
+            .map_err(|e| Error::io("create lease staging directory", e).with_path(stage_path()))?;
+        match self.stage.open_at(&name) {
+            Ok(d) => Ok((name, d)),
+            Err(e) => {
+                let _ = self.stage.rmdir(&name);
+                Err(Error::io("open lease staging directory", e).with_path(stage_path()))
+            }
+        }
+    }
+
+    /// An empty staging directory of process `pid`, if one is kept.
+    fn take_empty_stage(&self, pid: u32) -> Option<(String, Dir)> {
+        let mut pool = self.empty_stages.lock();
+        pool.retain(|(p, ..)| *p == pid);
+        pool.pop().map(|(_, n, d)| (n, d))
+    }
+
+    /// Makes an empty staging directory for the release of the coming
+    /// acquisition, unless one is kept already or the kept staged leases
+    /// leave no room for another. Failures are left to the release, which
+    /// then keeps the record the older way.
+    fn prepare_empty_stage(&self) {
+        let me = proc::current();
+        {
+            let mut pool = self.empty_stages.lock();
+            pool.retain(|(p, ..)| *p == me.pid);
+            if !pool.is_empty() {
+                return;
+            }
+        }
+        if self.spare_stages.lock().len() >= SPARE_STAGES {
+            return;
+        }
+        if let Ok((name, d)) = self.make_stage_dir(me) {
+            self.keep_empty_stage(me.pid, name, d);
+        }
+    }
+
+    /// Keeps an empty staging directory, or removes it if enough are kept.
+    fn keep_empty_stage(&self, pid: u32, name: String, d: Dir) {
+        let mut pool = self.empty_stages.lock();
+        if pool.len() < EMPTY_STAGES {
+            pool.push((pid, name, d));
+        } else {
+            drop(pool);
+            drop(d);
+            let _ = self.stage.rmdir(&name);
+        }
+    }
+
+    /// The release's fast way: moves the lease file `from` out of the lock
+    /// directory `dir`, through its descriptor, straight into an empty
+    /// staging directory, renamed as the next acquisition's staged lease
+    /// (a compare-and-swap like every other change of the name: it fails
+    /// if the lease was broken). `Ok(false)` if no empty staging directory
+    /// is kept or no staged lease could be kept beside it; an error of the
+    /// rename otherwise, the directory kept for another time.
+    pub(crate) fn release_into_stage(&self, dir: &Dir, from: &LeaseName) -> io::Result<bool> {
+        let me = crate::sys::fork::pid();
+        if self.spare_stages.lock().len() >= SPARE_STAGES {
+            return Ok(false);
+        }
+        let Some((name, d)) = self.take_empty_stage(me) else {
+            return Ok(false);
+        };
+        let next = self.staged_name();
+        match rename_noreplace(dir, from.render(), &d, next.render()) {
+            Ok(_) => {
+                let mut pool = self.spare_stages.lock();
+                if pool.len() < SPARE_STAGES {
+                    pool.push((me, name, d, next));
+                } else {
+                    drop(pool);
+                    let _ = d.unlink(next.render());
+                    let _ = self.stage.rmdir(&name);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.keep_empty_stage(me, name, d);
+                Err(e)
+            }
+        }
+    }
+
     /// A spare record of process `pid`, if one is kept.
     fn take_record(&self, pid: u32) -> Option<String> {
         let mut pool = self.spare_records.lock();
@@ -952,12 +1088,7 @@ impl Inner {
         // Unique within the process (pid and start time name the process).
         static SERIAL: AtomicU64 = AtomicU64::new(0);
         let n = SERIAL.fetch_add(1, Ordering::Relaxed);
-        Some(format!(
-            "{}.{}.{}.r{n}",
-            self.here.tag(),
-            me.pid,
-            me.start_time
-        ))
+        Some(format!("{}.{}.{}.r{n}", self.tag, me.pid, me.start_time))
     }
 
     /// Keeps a record moved to `stage/NAME` for the next acquisition.
@@ -1023,6 +1154,14 @@ impl Inner {
             }
         };
         let token = claim.token;
+        if claim.from_batch() && token != 0 && lease.token == token {
+            // Staged under the very token the batch issues: the install
+            // was the publish, and the claim, still linked after it, is
+            // the evidence (docs/design-lease.md, "Why tokens increase").
+            self.last_token.fetch_max(token, Ordering::Relaxed);
+            self.fence.issued(claim);
+            return Ok(Step::Acquired(Held { dir, name: lease }));
+        }
         let published = LeaseName {
             dead: false,
             version: lease.version + 1,
@@ -1218,7 +1357,7 @@ impl Inner {
         let Ok(names) = self.stage.names() else {
             return;
         };
-        let tag = self.here.tag();
+        let tag = &self.tag;
         for n in names {
             let Some(s) = n.to_str() else { continue };
             let mut parts = s.split('.');

@@ -25,8 +25,35 @@ pub struct Dir {
     fd: OwnedFd,
 }
 
-fn cstr(name: &[u8]) -> io::Result<CString> {
+/// A name as a C string: on the stack when it fits, as every name within
+/// one directory does (`NAME_MAX` is 255); a heap copy for longer paths.
+/// A lease cycle passes about ten names to the kernel, and an allocation
+/// for each was a measurable part of it.
+enum CName {
+    Stack([u8; 256]),
+    Heap(CString),
+}
+
+impl CName {
+    fn as_ptr(&self) -> *const libc::c_char {
+        match self {
+            CName::Stack(b) => b.as_ptr().cast(),
+            CName::Heap(c) => c.as_ptr(),
+        }
+    }
+}
+
+fn cstr(name: &[u8]) -> io::Result<CName> {
+    if name.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"));
+    }
+    if name.len() < 256 {
+        let mut b = [0u8; 256];
+        b[..name.len()].copy_from_slice(name);
+        return Ok(CName::Stack(b));
+    }
     CString::new(name.to_vec())
+        .map(CName::Heap)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
 }
 
