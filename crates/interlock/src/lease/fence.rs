@@ -25,7 +25,11 @@
 //! [`Fence::quick`] for why that is enough). Every listing claimant removes
 //! the claims it saw before it publishes, so a batch dies the moment
 //! another handle issues a token. A crash burns the rest of a batch; the
-//! batch's claim was synced before any of its numbers was issued.
+//! batch's claim was synced before any of its numbers was issued. A lease
+//! staged under its batch's next number ([`Fence::predict`]) is issued it by
+//! the check after the install, without a publishing rename: an issuer after
+//! that check was live when it listed, so it listed after our install, when
+//! the batch's claim (made by an earlier acquisition) existed already.
 
 use std::fs::File;
 use std::io;
@@ -83,7 +87,7 @@ impl Claim {
     /// created before this acquisition's install and was found still
     /// linked after it: then the token may be issued without a publishing
     /// rename, if the installed lease already carries it.
-    pub fn from_batch(&self) -> bool {
+    pub fn is_from_batch(&self) -> bool {
         matches!(self.kind, Kind::FromBatch)
     }
 }
@@ -209,7 +213,7 @@ impl Fence {
     /// its batch, if it has one with numbers left (0 if not), without
     /// reserving it or touching the file system. The acquisition stages its
     /// lease under that token, and [`Fence::claim`] after the install
-    /// confirms it: a claim taken [`Claim::from_batch`] with the same token
+    /// confirms it: a claim taken [`Claim::is_from_batch`] with the same token
     /// is issued without a publishing rename (see [`Fence::quick`] and
     /// docs/design-lease.md, "Why tokens increase").
     pub fn predict(&self) -> u64 {
@@ -487,8 +491,8 @@ mod tests {
                 let n = n.to_str().unwrap().to_string();
                 if let Some(l) = LeaseName::parse(&n) {
                     let tomb = l.tombstone().render();
-                    if l.dead || inst.rename(&n, &tomb).is_ok() {
-                        let _ = inst.unlink(&tomb);
+                    if l.dead || inst.rename(&n, tomb).is_ok() {
+                        let _ = inst.unlink(tomb);
                     }
                 }
             }
@@ -564,7 +568,7 @@ mod tests {
                         // Staged under this very token: the install was the
                         // publish, and the claim checked after it is the
                         // evidence (as `Inner::publish`).
-                        Quick::Issue(c) if c.from_batch() && c.token == lease.token => {
+                        Quick::Issue(c) if c.is_from_batch() && c.token == lease.token => {
                             issued.push(c.token);
                             floors[a] = floors[a].max(c.token);
                             fence.issued(c);
@@ -617,8 +621,8 @@ mod tests {
                     }
                     P::Holding(d, held) => {
                         let tomb = held.tombstone().render();
-                        if d.rename(held.render(), &tomb).is_ok() {
-                            let _ = d.unlink(&tomb);
+                        if d.rename(held.render(), tomb).is_ok() {
+                            let _ = d.unlink(tomb);
                             let _ = root.rmdir("lk");
                         }
                         P::Idle

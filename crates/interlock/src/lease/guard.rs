@@ -144,14 +144,14 @@ impl Shared {
         // tombstone rename below tells what happened.
         let staged = matches!(self.inner.release_into_stage(&st.dir, &st.name), Ok(true));
         let me = crate::sys::proc::current();
-        let moved = match staged {
-            true => None,
-            false => match self.inner.record_slot(me) {
-                Some(slot) => rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
+        let moved = if staged {
+            None
+        } else {
+            self.inner.record_slot(me).and_then(|slot| {
+                rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
                     .ok()
-                    .map(|_| slot),
-                None => None,
-            },
+                    .map(|_| slot)
+            })
         };
         let ended = match moved {
             _ if staged => Ok(()),

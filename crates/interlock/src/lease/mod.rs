@@ -42,12 +42,16 @@
 //!   stage/TAG.PID.START.NONCE/   an acquirer's private staging directory
 //! ```
 //!
-//! Acquiring: build `stage/X/lease.0.0.EXPIRY` with the owner record; rename
-//! `stage/X` to `DIR/NAME` refusing to replace (`RENAME_NOREPLACE`; where
-//! the file system lacks it, plain `rename`, which can replace only an empty
-//! directory, and an empty lock directory is dead); claim a fencing token;
-//! publish it by the compare-and-swap rename `lease.0.0.E` →
+//! Acquiring: build `stage/X/lease.0.0.EXPIRY` with the owner record (or
+//! take the `stage/X/` that the last release left, holding the record);
+//! rename `stage/X` to `DIR/NAME` refusing to replace (`RENAME_NOREPLACE`;
+//! where the file system lacks it, plain `rename`, which can replace only an
+//! empty directory, and an empty lock directory is dead); claim a fencing
+//! token; publish it by the compare-and-swap rename `lease.0.0.E` →
 //! `lease.1.TOKEN.E'`. Only after that rename succeeds is the token issued.
+//! The exception: a lease staged as `lease.1.P.E` under the next number P of
+//! its handle's batch is issued P by the claim check after the install (the
+//! batch's claim file still linked), with no rename (see `fence.rs`).
 //!
 //! Why tokens increase: a token `t` is issued at the moment its holder's
 //! publishing rename succeeds, so its lock directory was live then. A later
@@ -257,7 +261,10 @@ pub struct LeaseHolder {
     pub process: Option<ProcessId>,
     /// Whether the holder runs on this host, boot and pid namespace.
     pub local: bool,
-    /// The fencing token, or 0 while the holder is still being issued one.
+    /// The fencing token. While the holder is still being issued one: 0,
+    /// or the number its lease was staged under, issued to it unless its
+    /// batch turns out to be gone (then the name changes before its
+    /// acquisition returns).
     pub token: u64,
     /// When the lease runs out unless renewed.
     pub expires: SystemTime,
@@ -357,7 +364,7 @@ pub(crate) struct Inner {
     spare_stages: parking_lot::Mutex<Vec<Spare>>,
     /// Empty staging directories, made before an install so that the
     /// release can move the lease file straight into one (see
-    /// [`Inner::empty_stage`]), tagged with the pid that made them.
+    /// [`Inner::release_into_stage`]), tagged with the pid that made them.
     empty_stages: parking_lot::Mutex<Vec<(u32, String, Dir)>>,
     /// Lease records moved out of released lock directories into `stage/`,
     /// tagged with the pid whose record they are, each the next
@@ -1154,7 +1161,7 @@ impl Inner {
             }
         };
         let token = claim.token;
-        if claim.from_batch() && token != 0 && lease.token == token {
+        if claim.is_from_batch() && token != 0 && lease.token == token {
             // Staged under the very token the batch issues: the install
             // was the publish, and the claim, still linked after it, is
             // the evidence (docs/design-lease.md, "Why tokens increase").

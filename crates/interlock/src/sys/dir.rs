@@ -29,6 +29,7 @@ pub struct Dir {
 /// one directory does (`NAME_MAX` is 255); a heap copy for longer paths.
 /// A lease cycle passes about ten names to the kernel, and an allocation
 /// for each was a measurable part of it.
+#[allow(clippy::large_enum_variant)] // the point: the name on the stack
 enum CName {
     Stack([u8; 256]),
     Heap(CString),
