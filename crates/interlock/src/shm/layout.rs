@@ -214,7 +214,9 @@ impl Default for Slot {
 // | bits   | field |
 // |--------|-------|
 // | 0      | RECLAIMING: the named process is freeing this slot |
-// | 1      | reserved (0) |
+// | 1      | MEMBARRIER: the process is registered for membarrier's |
+// |        | GLOBAL_EXPEDITED barriers (0 in files of older versions, |
+// |        | and when registration was refused: "unknown, poll") |
 // | 2..24  | pid (22 bits; Linux's PID_MAX_LIMIT is 2^22) |
 // | 24..64 | start time in clock ticks (40 bits: 348 years at 100 Hz) |
 //
@@ -222,6 +224,13 @@ impl Default for Slot {
 
 /// Flag: the owner field names a reclaimer, not an owner.
 pub const RECLAIMING: u64 = 1;
+/// Flag: the owning process is registered for
+/// `MEMBARRIER_CMD_GLOBAL_EXPEDITED` barriers (`sys::membarrier`), so a
+/// draining writer's barrier orders its threads' own-slot releases and the
+/// writer may sleep behind them until woken. Older versions never set it
+/// (the bit was reserved, always 0) and ignore it (`unpack`): 0 means
+/// "unknown: keep the drain's short slice".
+pub const MEMBARRIER: u64 = 2;
 const PID_BITS: u32 = 22;
 const START_BITS: u32 = 40;
 

@@ -196,6 +196,15 @@ pub mod testing {
         Ok(crate::sys::futex::wake(&words.queue, i32::MAX))
     }
 
+    /// Makes this process behave as one whose membarrier registration was
+    /// refused (a seccomp profile, an old kernel) or as an older interlock:
+    /// the slots it claims from now on do not say `MEMBARRIER`, so writers
+    /// draining behind its readers keep the short slice. Call before
+    /// opening any lock.
+    pub fn refuse_membarrier() {
+        crate::sys::membarrier::refuse();
+    }
+
     /// Writes a layout-version-1 semaphore of `permits` permits at `path`
     /// (which must not exist): what an older interlock created, with no
     /// watch table, so that its waiters poll for dead holders.

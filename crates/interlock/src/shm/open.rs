@@ -220,7 +220,16 @@ pub(crate) struct ProcEnv;
 impl Env for ProcEnv {
     fn me(&self) -> u64 {
         let id = crate::sys::proc::current();
-        layout::pack(id.pid, id.start_time)
+        // The MEMBARRIER flag says, in every slot this process claims,
+        // whether draining writers may rely on their barrier behind its
+        // readers (registered once per process and fork generation, so a
+        // forked child answers for itself).
+        let fenced = if crate::sys::membarrier::register() {
+            layout::MEMBARRIER
+        } else {
+            0
+        };
+        layout::pack(id.pid, id.start_time) | fenced
     }
 
     fn is_dead(&self, owner: u64) -> bool {
@@ -344,6 +353,10 @@ impl Inner {
 
     fn from_mapping(map: Mapping, h: &Header, path: PathBuf) -> Inner {
         crate::sys::fork::watch();
+        // Register for membarrier now (once per process), before any slot
+        // of this lock is claimed with our identity, which carries the
+        // answer (see `ProcEnv::me`).
+        crate::sys::membarrier::register();
         Inner {
             view: View::new(
                 map,

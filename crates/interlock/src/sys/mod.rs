@@ -14,6 +14,7 @@ pub mod dir;
 pub mod fcntl;
 pub mod fork;
 pub mod futex;
+pub mod membarrier;
 pub mod mmap;
 pub mod notify;
 #[cfg(loom)]
