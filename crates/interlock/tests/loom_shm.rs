@@ -59,11 +59,15 @@ impl World {
 struct Proc {
     world: Arc<World>,
     pid: u32,
+    /// Registered for membarrier: its identity says MEMBARRIER, so its
+    /// own-slot releases rely on a draining writer's barrier (modelled by
+    /// SeqCst fences on both sides) instead of the drain's bounded sleep.
+    fenced: bool,
 }
 
 impl Env for Proc {
     fn me(&self) -> u64 {
-        pack(self.pid, 0)
+        pack(self.pid, 0) | if self.fenced { layout::MEMBARRIER } else { 0 }
     }
     fn is_dead(&self, owner: u64) -> bool {
         let (pid, _) = unpack(owner);
@@ -76,6 +80,15 @@ impl Proc {
         Proc {
             world: world.clone(),
             pid,
+            fenced: false,
+        }
+    }
+
+    /// A process registered for membarrier (see `fenced`).
+    fn fenced(world: &Arc<World>, pid: u32) -> Proc {
+        Proc {
+            fenced: true,
+            ..Proc::new(world, pid)
         }
     }
 
@@ -264,6 +277,42 @@ fn readers_and_a_writer_exclude() {
         assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
         r1.join().unwrap();
         r2.join().unwrap();
+        assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
+    });
+}
+
+#[test]
+fn a_writer_sleeping_behind_registered_readers_is_woken_without_a_slice() {
+    // Every process registered for membarrier: an own-slot release wakes a
+    // draining writer only if it sees DRAIN_SLEEP (no modelled slice), so a
+    // release whose plain store and load of the state word straddle the
+    // writer's flag without being seen would leave the writer asleep for
+    // good, and loom would report the deadlock. (Removing the reader's
+    // `membarrier::light` fence, the model of the barrier's effect on it,
+    // makes loom find exactly that.)
+    model(3, || {
+        let w = World::new(3);
+        let readers: Vec<_> = (1..=2)
+            .map(|pid| {
+                let p = Proc::fenced(&w, pid);
+                loom::thread::spawn(move || {
+                    let s = p.claim();
+                    let c = p.core();
+                    c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                    p.read_cs();
+                    assert!(c.read_exit(s, true));
+                })
+            })
+            .collect();
+        let p = Proc::fenced(&w, 3);
+        let s = p.claim();
+        let c = p.core();
+        assert!(!c.write(s, true, &FOREVER, &mut Notify::none()).unwrap());
+        p.write_cs();
+        assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+        for r in readers {
+            r.join().unwrap();
+        }
         assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
     });
 }

@@ -59,16 +59,20 @@
 //! that then reports it dead.
 
 use super::layout::{
-    Slot, Words, DRAIN_SLEEP, INDEX_MASK, LIVE_OWNER_DIED, LIVE_TID_MASK, LIVE_WAITERS, POISON,
-    RECLAIMING, TOKEN_SLEEP, UPGRADABLE, WAITERS, WRITER,
+    Slot, Words, DRAIN_SLEEP, INDEX_MASK, LIVE_OWNER_DIED, LIVE_TID_MASK, LIVE_WAITERS, MEMBARRIER,
+    POISON, RECLAIMING, TOKEN_SLEEP, UPGRADABLE, WAITERS, WRITER,
 };
 use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
+use crate::sys::membarrier;
 use crate::wait::Wait;
 use crate::TryLockError;
 use std::time::Duration;
 
 /// The longest a draining writer sleeps on a reader's counter before it
-/// looks again (see [`Core::read_exit`] for why it may need to).
+/// looks again, behind a reader whose process is not registered for
+/// membarrier (an older version, a refused registration): see
+/// [`Core::read_exit`] for why it must. Behind a registered one it sleeps
+/// until woken (or [`BACKSTOP`]/[`CHECK`] for the liveness check).
 pub const DRAIN_SLICE: Duration = Duration::from_millis(1);
 
 /// How long a waiter sleeps before it checks that the holder is alive.
@@ -571,12 +575,20 @@ impl<'a, E: Env> Core<'a, E> {
     /// Release store, which costs no locked instruction: nobody else writes
     /// the counter (a reclaimer only touches slots of dead processes). The
     /// store publishes the critical section to the writer that then loads
-    /// the counter (Release/SeqCst-load). The price: the store and the
-    /// following load of `state` are not ordered (store→load), so a writer
-    /// that announces DRAIN_SLEEP at that very instant may not be woken and
-    /// instead notices the zero when its bounded sleep ends (a latency of at
-    /// most [`DRAIN_SLICE`], never a loss of exclusion or a hang). A shared
-    /// slot uses a SeqCst decrement, which closes that window.
+    /// the counter (Release/SeqCst-load). The store and the following load
+    /// of `state` are not ordered by the CPU (store→load), so a writer that
+    /// announces DRAIN_SLEEP at that very instant could miss our zero while
+    /// we miss its flag. The writer closes that window from its side: if
+    /// our process is registered for membarrier (our slot's owner says
+    /// `MEMBARRIER`), it runs `membarrier(GLOBAL_EXPEDITED)` between its flag
+    /// and its sleep, which puts a full barrier into this thread somewhere
+    /// in that interval: our store is then seen by its futex check, or our
+    /// load comes after the barrier and sees its flag. Here only the
+    /// compiler must keep the two in order ([`membarrier::light`], no
+    /// instruction). Behind a process that is not registered the writer
+    /// keeps its bounded sleep, so the race costs at most [`DRAIN_SLICE`]
+    /// of latency, never exclusion or a hang. A shared slot uses a SeqCst
+    /// decrement, which closes the window by itself.
     #[inline]
     pub fn read_exit(&self, s: u32, own: bool) -> bool {
         let slot = &self.slots[s as usize];
@@ -584,6 +596,7 @@ impl<'a, E: Env> Core<'a, E> {
             let h = slot.held.load(Ordering::Relaxed);
             if h != 0 {
                 slot.held.store(h - 1, Ordering::Release);
+                membarrier::light();
             }
             h
         } else {
@@ -601,10 +614,13 @@ impl<'a, E: Env> Core<'a, E> {
         if prev == 0 {
             return false;
         }
-        // (Under loom an own-slot release always wakes: that stands for the
-        // drain's bounded sleep, see `sync::futex`.)
+        // (Under loom an own-slot release of an unregistered process always
+        // wakes: that stands for the drain's bounded sleep, see
+        // `sync::futex`. A registered one relies on the barrier alone, so a
+        // lost wake-up would be a deadlock the model reports.)
         if prev == 1
-            && ((cfg!(loom) && own) || self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0)
+            && ((cfg!(loom) && own && self.env.me() & MEMBARRIER == 0)
+                || self.state().load(Ordering::SeqCst) & DRAIN_SLEEP != 0)
         {
             futex::wake_all(&slot.held);
         }
@@ -721,12 +737,38 @@ impl<'a, E: Env> Core<'a, E> {
                 self.state().fetch_or(DRAIN_SLEEP, Ordering::SeqCst);
                 dekker();
                 notify.fire();
-                let nap = slice(wait).map(|d| d.min(DRAIN_SLICE));
+                // Can a release of this slot still go unseen? A shared-slot
+                // release cannot (a SeqCst RMW, then the load of state). An
+                // own-slot release (a plain store, then the load) can, unless
+                // every thread that may release here runs a full barrier
+                // between our RMW above and the futex's check below: that is
+                // membarrier's promise for registered processes. The owner,
+                // read after our RMW, is at least as new as any reader whose
+                // release could miss DRAIN_SLEEP (that reader's increment
+                // preceded our RMW, and its claim preceded its increment);
+                // a later owner's releases are covered if it is registered
+                // too. So: if the owner says MEMBARRIER, we are registered
+                // (a refused registration keeps the old behaviour for our
+                // writers) and the barrier ran, the sleep needs no slice:
+                // it ends when woken, at the deadline, or for a liveness
+                // check (BACKSTOP behind a covered slot, CHECK otherwise).
+                // Otherwise (an older version's reader, a refused
+                // registration) the slice bounds the race as before.
+                let fenced = self.slots[i].owner.load(Ordering::SeqCst) & MEMBARRIER != 0
+                    && self.env.me() & MEMBARRIER != 0
+                    && membarrier::heavy();
+                let nap = |covered: bool| {
+                    if fenced {
+                        let every = if covered { BACKSTOP } else { CHECK };
+                        Some(wait.remaining().map_or(every, |r| r.min(every)))
+                    } else {
+                        slice(wait).map(|d| d.min(DRAIN_SLICE))
+                    }
+                };
                 // A covered reader slot (its liveness word linked): sleep on
-                // that word too, so its death wakes us at once; the slice
-                // stays (it bounds the own-slot release race, see
-                // `read_exit`), but the periodic /proc check is only a
-                // backstop. An uncovered one: check about once per CHECK.
+                // that word too, so its death wakes us at once, and the
+                // periodic /proc check is only a backstop. An uncovered one:
+                // check about once per CHECK.
                 let mut lw = slot.live.load(Ordering::SeqCst);
                 if lw & LIVE_OWNER_DIED != 0 {
                     self.death_notice(i as u32, None, wait);
@@ -746,25 +788,31 @@ impl<'a, E: Env> Core<'a, E> {
                     lw |= LIVE_WAITERS;
                 }
                 let woke = if covered {
-                    futex::wait2(&slot.held, h, &slot.live, lw, nap)
+                    futex::wait2(&slot.held, h, &slot.live, lw, nap(true))
                 } else {
                     None
                 };
                 let (woke, covered) = match woke {
                     Some(w) => (w, true),
-                    None => (futex::wait(&slot.held, h, nap), false),
+                    None => (futex::wait(&slot.held, h, nap(false)), false),
                 };
                 if covered && slot.live.load(Ordering::SeqCst) & LIVE_OWNER_DIED != 0 {
                     self.death_notice(i as u32, None, wait);
                     continue;
                 }
                 if woke == Woke::TimedOut {
-                    slept += 1;
-                    // Check liveness about once per CHECK, not per nap (a
-                    // covered slot: once per BACKSTOP).
-                    let every = if covered { BACKSTOP } else { CHECK };
-                    if slept % (every.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32 == 0 {
+                    if fenced {
+                        // The nap was the liveness period itself.
                         self.check_slot(i as u32);
+                    } else {
+                        slept += 1;
+                        // Check liveness about once per CHECK, not per
+                        // slice (a covered slot: once per BACKSTOP).
+                        let every = if covered { BACKSTOP } else { CHECK };
+                        let n = (every.as_millis() / DRAIN_SLICE.as_millis()).max(1) as u32;
+                        if slept % n == 0 {
+                            self.check_slot(i as u32);
+                        }
                     }
                 }
             }
