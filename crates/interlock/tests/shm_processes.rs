@@ -84,6 +84,11 @@ fn holder_role(role: &str) {
         hold_until_release(lock.lock().unwrap_or_else(|p| p.into_inner()));
         return;
     }
+    if role == "read-unregistered" {
+        // As an older interlock, or a process whose membarrier
+        // registration a seccomp profile refused.
+        interlock::shm::testing::refuse_membarrier();
+    }
     let lock = ShmRwLock::open(&path).unwrap();
     let guard = match role {
         "write" => {
@@ -665,6 +670,85 @@ fn the_torture_check_catches_children_that_take_no_lock() {
     assert!(v > 0, "no overlap seen without a lock: the check is blind");
 }
 
+/// The state letter of thread `tid` of this process (/proc/self/task/TID/stat).
+fn thread_state(tid: u32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    s[s.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .chars()
+        .next()
+        .unwrap()
+}
+
+/// A writer draining behind a reader in another process sleeps until that
+/// reader leaves and is then woken by the release: behind a reader whose
+/// process registered for membarrier there is no periodic wake-up (the
+/// waiting thread's voluntary context switches stay at a handful however
+/// long the handshake takes; at most one more per 5 ms, in case the
+/// child's slot is not covered by a liveness word); behind an unregistered
+/// one (an older version, a refused registration) it still gets the lock.
+#[test]
+fn a_writer_behind_a_reader_in_another_process_is_woken_by_its_release() {
+    if let Some(role) = support::role() {
+        holder_role(&role);
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for role in ["read", "read-unregistered"] {
+        let path = d.path().join(format!("{role}.shm"));
+        let arg = path.to_str().unwrap().to_owned();
+        let mut c = Child::spawn(
+            "a_writer_behind_a_reader_in_another_process_is_woken_by_its_release",
+            role,
+            &arg,
+        );
+        c.expect("held");
+        let lock = ShmRwLock::open(&arg).unwrap();
+        // The exclusion this test relies on: the child's read keeps writers out.
+        assert!(matches!(lock.try_write(), Err(TryLockError::WouldBlock)));
+        let (tx, blocked) = std::sync::mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            let tid = this_tid();
+            let on_block = std::sync::Arc::new(move |_: &interlock::Blocked<'_>| {
+                let _ = tx.send((tid, thread_cost().0));
+            });
+            let mut h = ShmRwLock::open(&arg).unwrap();
+            h.set_on_block(Some(on_block));
+            let g = h.try_write_for(support::WAIT);
+            let after = thread_cost().0;
+            (g.map(drop).is_ok(), after)
+        });
+        let (tid, before) = blocked.recv_timeout(support::WAIT).unwrap();
+        // Bounded: until the waiter is asleep (it may run a little first).
+        let t = Instant::now();
+        while thread_state(tid) != 'S' {
+            assert!(t.elapsed() < support::WAIT, "the writer never slept");
+            std::thread::yield_now();
+        }
+        let asleep = Instant::now();
+        c.send("release");
+        c.expect("released");
+        let (got, after) = waiting.join().unwrap();
+        let elapsed = asleep.elapsed();
+        assert!(got, "{role}: the writer did not get the lock");
+        let wakeups = after - before;
+        eprintln!(
+            "{role}: writer woke {wakeups} times in {:.1} ms of waiting",
+            elapsed.as_secs_f64() * 1e3
+        );
+        if role == "read" {
+            let bound = 4 + elapsed.as_millis() as u64 / 5;
+            assert!(
+                wakeups <= bound,
+                "{wakeups} wake-ups (more than {bound}): the drain still polls"
+            );
+        }
+        c.join();
+    }
+}
+
 // ---------------------------------------------------------------------
 // Measurements: skipped unless INTERLOCK_MEASURE=1 (they take a while,
 // assert only hang bounds, and print figures for docs/design-shm.md). Not
@@ -894,6 +978,11 @@ fn waiting_cost_per_second() {
         ("mutex behind a holder", "mutex", "mutex"),
         ("rwlock writer behind a writer", "write", "write"),
         ("rwlock writer behind a reader (drain)", "read", "write"),
+        (
+            "rwlock writer behind an unregistered reader (drain, 1 ms slice kept)",
+            "read-unregistered",
+            "write",
+        ),
         ("rwlock reader behind a writer", "write", "read"),
     ] {
         let path = d.path().join(format!("{holder}-{waiter}.shm"));
