@@ -12,14 +12,16 @@
 //! Each loom thread plays a process. The kernel's lock table is a loom
 //! `Mutex` (the kernel serialises lock requests on an inode under a
 //! spinlock, which orders them like a mutex); the hint words are loom
-//! atomics with the orderings the code uses. Blocking kernel waits are
+//! atomics with the orderings the code uses, and no fence between a grant
+//! and the hint loads after it (the code has none: the kernel's lock orders
+//! them, see `hint::after_grant`). Blocking kernel waits are
 //! modelled as non-blocking tries that give up, which keeps the state space
 //! finite and loses no interleaving of the steps that matter. Each check was
 //! seen to fail with its ordering broken (announcing after the step it must
 //! precede, or bumping after the release).
 #![cfg(loom)]
 
-use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 
@@ -31,6 +33,8 @@ struct Kernel {
     exclusive: bool,
     gate: bool,
     slot: bool,
+    /// Model-only: a writer's data request has been made.
+    data_requested: bool,
 }
 
 #[derive(Default)]
@@ -100,7 +104,8 @@ fn a_reader_after_the_announcement_takes_the_gated_path() {
         };
         let seen_before = w.announced.load(SeqCst);
         if try_shared(&w) {
-            fence(SeqCst);
+            // No fence: the kernel's lock orders the grant before the load
+            // (see `hint::after_grant`).
             let fast = w.gate_count.load(SeqCst) == 0;
             assert!(
                 !(seen_before && fast),
@@ -110,6 +115,57 @@ fn a_reader_after_the_announcement_takes_the_gated_path() {
         }
         writer.join().unwrap();
     });
+}
+
+/// The ordering that replaces a fence: a reader whose data lock is granted
+/// after a writer's data request (in the kernel's order of requests on the
+/// inode, here the mutex's) sees the announcement the writer made before
+/// that request, with no fence between the grant and its load. With
+/// `announce_late`, the writer announces after its request instead, and the
+/// check fails: the model can tell.
+fn granted_after_the_request_sees_the_announcement(announce_late: bool) {
+    loom::model(move || {
+        let w = Arc::new(World::default());
+        let writer = {
+            let w = w.clone();
+            thread::spawn(move || {
+                w.kernel.lock().unwrap().gate = true;
+                if !announce_late {
+                    w.gate_count.fetch_add(1, SeqCst);
+                }
+                {
+                    let mut k = w.kernel.lock().unwrap();
+                    k.data_requested = true;
+                }
+                if announce_late {
+                    w.gate_count.fetch_add(1, SeqCst);
+                }
+            })
+        };
+        let after = {
+            let mut k = w.kernel.lock().unwrap();
+            k.shared += 1;
+            k.data_requested
+        };
+        let fast = w.gate_count.load(SeqCst) == 0;
+        assert!(
+            !(after && fast),
+            "a reader granted after the writer's request missed its announcement"
+        );
+        unlock_shared(&w);
+        writer.join().unwrap();
+    });
+}
+
+#[test]
+fn a_reader_granted_after_the_writers_request_sees_its_announcement() {
+    granted_after_the_request_sees_the_announcement(false);
+}
+
+#[test]
+#[should_panic(expected = "missed its announcement")]
+fn the_model_catches_an_announcement_after_the_request() {
+    granted_after_the_request_sees_the_announcement(true);
 }
 
 /// flock flavor: a writer whose `LOCK_EX` was granted inside an upgrader's
@@ -156,9 +212,9 @@ fn a_fast_flock_writer_never_writes_inside_an_upgrade() {
                 k.slot = false;
             })
         };
-        // The fast-path writer: LOCK_EX|LOCK_NB, a fence, the hints.
+        // The fast-path writer: LOCK_EX|LOCK_NB, then the hints (no fence:
+        // the kernel's lock orders them, see `hint::after_grant`).
         if try_exclusive(&w) {
-            fence(SeqCst);
             if w.gate_count.load(SeqCst) == 0 && w.slot_count.load(SeqCst) == 0 {
                 w.version.fetch_add(1, SeqCst);
             }

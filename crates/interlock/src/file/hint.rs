@@ -11,7 +11,8 @@
 //!
 //! - `gate`: how many holders of the gate byte (writers past the gate, an
 //!   upgrade in progress) announced themselves. A reader that finds it zero
-//!   *after* its data lock was granted (with a full fence in between) knows
+//!   *after* its data lock was granted (the kernel's lock on the inode
+//!   orders the two, see [`after_grant`]) knows
 //!   that any writer that shuts the gate later will find it holding the data
 //!   and wait for it, which is what the `F_OFD_GETLK` look told it before.
 //! - `slot`: the same for the slot byte (flock flavor: an upgradable reader
@@ -93,8 +94,8 @@ impl Hint {
     }
 
     /// Whether no gate holder announced itself. The caller has just been
-    /// granted its data lock and issues the fence that orders that grant
-    /// before this load (see [`after_grant`]).
+    /// granted its data lock, which the kernel orders before this load (see
+    /// [`after_grant`]).
     #[inline]
     pub fn gate_clear(&self) -> bool {
         self.gate_word().load(Ordering::SeqCst) == 0
@@ -160,14 +161,24 @@ fn dec(w: &AtomicU32) {
     let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
 }
 
-/// The fence between a kernel grant and the hint load that follows it: the
-/// kernel's record of our lock (a store) must be visible before we read the
-/// announcements that writers make before their own kernel requests (the
-/// store-load pattern of Dekker's algorithm; a system call's return is not
-/// a full barrier).
+/// What orders a kernel grant before the hint loads that follow it: the
+/// kernel itself. Every lock request on an inode (a try, a blocking request
+/// when it is granted or queued, a test with `F_OFD_GETLK`, an unlock, for
+/// flock and fcntl locks alike) runs under that inode's lock-context
+/// spinlock, so the kernel's critical sections on one file are totally
+/// ordered, each acquiring what the previous released. A writer announces
+/// (a SeqCst RMW on the hint) *before* its own request on the file; a reader
+/// loads the hint *after* its grant. If the reader's grant came after the
+/// writer's request, the writer's release of the kernel's lock made the
+/// announcement visible to the reader's acquisition of it, so the load sees
+/// it; if it came before, the writer's request sees the reader's lock and
+/// waits for it. Either way, no store-load fence is needed in user space
+/// (loom checks the three hint protocols with the kernel as a mutex and no
+/// fence: `tests/loom_file_hint.rs`). The system call is opaque to the
+/// compiler; the compiler fence only says so.
 #[inline]
 pub fn after_grant() {
-    std::sync::atomic::fence(Ordering::SeqCst);
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
 /// The hint for a lock file with this (dev, ino), owner and mode, or `None`
