@@ -177,6 +177,16 @@ fn slice(wait: &Wait) -> Option<Duration> {
     })
 }
 
+/// Who waits on the state word's account, and so where it sleeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sleeper {
+    /// A reader, blocked by a writer: sleeps on the state word.
+    Reader,
+    /// A writer, an upgradable reader or the mutex, blocked by the token
+    /// holder: sleeps on the queue word.
+    Token,
+}
+
 /// One lock: its words, its slot table and the identity oracle.
 pub struct Core<'a, E: Env> {
     /// The state and high-water words.
@@ -332,21 +342,31 @@ impl<'a, E: Env> Core<'a, E> {
     // ---------------------------------------------------------------
     // Waiting on the state word.
 
-    /// Waits until `blocked(state)` is false (readers: until no writer);
-    /// returns the last state seen. Readers sleep on the state word itself,
-    /// and a release wakes them all: once a writer leaves, every one of
-    /// them may enter.
-    fn wait_state(
+    /// Waits until `who` is no longer blocked: a reader until no writer, a
+    /// token waiter (writers, upgradable readers, the mutex) until the
+    /// token looks free; returns the last state seen. Readers sleep on the
+    /// state word itself, and a writer's release wakes them all (each may
+    /// enter then). Token waiters sleep on the queue word, and a release
+    /// wakes one of them (see [`Core::token`] for how the wake-up is passed
+    /// on). `slept` is set once this waiter has slept: a token waiter may
+    /// from then on be the one a release woke, so if it gives up it wakes
+    /// another in its place.
+    fn wait_for(
         &self,
-        blocked: impl Fn(u32) -> bool,
+        who: Sleeper,
         wait: &Wait,
         notify: &mut Notify<'_>,
+        slept: &mut bool,
     ) -> Result<u32, TryLockError> {
+        let (blocking, announce) = match who {
+            Sleeper::Reader => (WRITER, WAITERS),
+            Sleeper::Token => (INDEX_MASK, TOKEN_SLEEP),
+        };
         let mut ws = self.state().load(Ordering::SeqCst);
         let mut spins = SPIN;
         let mut checked = false;
         loop {
-            if !blocked(ws) {
+            if ws & blocking == 0 {
                 return Ok(ws);
             }
             if !wait.may_block() || wait.expired() {
@@ -358,80 +378,27 @@ impl<'a, E: Env> Core<'a, E> {
                     ws = self.state().load(Ordering::SeqCst);
                     continue;
                 }
-                return Err(wait.gave_up());
-            }
-            // Announce ourselves first, then spin: a releaser that sees
-            // WAITERS takes its slow path (a wake-up), which also gives a
-            // spinning waiter the chance to take the lock before the
-            // releaser takes it straight back (barging), as glibc's mutex
-            // does.
-            if ws & WAITERS == 0 {
-                if let Err(actual) = self.state().compare_exchange(
-                    ws,
-                    ws | WAITERS,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                ) {
-                    ws = actual;
-                    continue;
-                }
-                ws |= WAITERS;
-            }
-            if spins > 0 {
-                spins -= 1;
-                spin_hint();
-                ws = self.state().load(Ordering::Relaxed);
-                continue;
-            }
-            notify.fire();
-            self.sleep_on(self.state(), ws, ws, wait);
-            ws = self.state().load(Ordering::SeqCst);
-        }
-    }
-
-    /// Waits until the token looks free (writers, upgradable readers and the
-    /// mutex); returns the last state seen. Token waiters sleep on the queue
-    /// word, and a release wakes one of them (see [`Core::token`] for how
-    /// the wake-up is passed on). `slept` is set once this waiter has slept:
-    /// from then on it may be the one a release woke, so if it gives up it
-    /// wakes another in its place.
-    fn wait_token(
-        &self,
-        wait: &Wait,
-        notify: &mut Notify<'_>,
-        slept: &mut bool,
-    ) -> Result<u32, TryLockError> {
-        let mut ws = self.state().load(Ordering::SeqCst);
-        let mut spins = SPIN;
-        let mut checked = false;
-        loop {
-            if ws & INDEX_MASK == 0 {
-                return Ok(ws);
-            }
-            if !wait.may_block() || wait.expired() {
-                if !checked {
-                    checked = true;
-                    self.check_token_holder(ws);
-                    ws = self.state().load(Ordering::SeqCst);
-                    continue;
-                }
-                if *slept {
+                if *slept && who == Sleeper::Token {
                     self.wake_token_one();
                 }
                 return Err(wait.gave_up());
             }
-            // Announce ourselves, then spin (as `wait_state`).
-            if ws & TOKEN_SLEEP == 0 {
+            // Announce ourselves first, then spin: a releaser that sees the
+            // bit takes its slow path (a wake-up), which also gives a
+            // spinning waiter the chance to take the lock before the
+            // releaser takes it straight back (barging), as glibc's mutex
+            // does.
+            if ws & announce == 0 {
                 if let Err(actual) = self.state().compare_exchange(
                     ws,
-                    ws | TOKEN_SLEEP,
+                    ws | announce,
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 ) {
                     ws = actual;
                     continue;
                 }
-                ws |= TOKEN_SLEEP;
+                ws |= announce;
             }
             if spins > 0 {
                 spins -= 1;
@@ -440,20 +407,25 @@ impl<'a, E: Env> Core<'a, E> {
                 continue;
             }
             notify.fire();
-            // The queue's number first, then the state word again: a
-            // releaser frees the state word and then bumps the number
-            // (SeqCst RMW), so if this load of the state word still shows
-            // the holder, the release has not bumped the number we read,
-            // and the kernel either sees it changed or queues us before the
-            // release's wake-up.
-            let q = &self.words.queue;
-            let seq = q.load(Ordering::SeqCst);
-            let now = self.state().load(Ordering::SeqCst);
-            if now != ws {
-                ws = now;
-                continue;
+            match who {
+                Sleeper::Reader => self.sleep_on(self.state(), ws, ws, wait),
+                Sleeper::Token => {
+                    // The queue's number first, then the state word again: a
+                    // releaser frees the state word and then bumps the
+                    // number (SeqCst RMW), so if this load of the state word
+                    // still shows the holder, the release has not bumped the
+                    // number we read, and the kernel either sees it changed
+                    // or queues us before the release's wake-up.
+                    let q = &self.words.queue;
+                    let seq = q.load(Ordering::SeqCst);
+                    let now = self.state().load(Ordering::SeqCst);
+                    if now != ws {
+                        ws = now;
+                        continue;
+                    }
+                    self.sleep_on(q, seq, ws, wait);
+                }
             }
-            self.sleep_on(q, seq, ws, wait);
             *slept = true;
             ws = self.state().load(Ordering::SeqCst);
         }
@@ -640,7 +612,7 @@ impl<'a, E: Env> Core<'a, E> {
             match self.read_enter(s, own) {
                 Ok(p) => return Ok(p),
                 Err(_) => {
-                    self.wait_state(|ws| ws & WRITER != 0, wait, notify)?;
+                    self.wait_for(Sleeper::Reader, wait, notify, &mut false)?;
                 }
             }
         }
@@ -673,7 +645,7 @@ impl<'a, E: Env> Core<'a, E> {
         // holder they slept behind, so without it the new holder's death
         // would wake nobody). If it finds the token taken, it sets
         // TOKEN_SLEEP and sleeps behind the new holder itself; if it gives
-        // up, it wakes one in its place (`wait_token`).
+        // up, it wakes one in its place (`wait_for`).
         let mut slept = false;
         let mut ws = self.state().load(Ordering::Relaxed);
         loop {
@@ -695,7 +667,7 @@ impl<'a, E: Env> Core<'a, E> {
                     }
                 }
             }
-            ws = self.wait_token(wait, notify, &mut slept)?;
+            ws = self.wait_for(Sleeper::Token, wait, notify, &mut slept)?;
         }
     }
 
