@@ -714,6 +714,25 @@ fn status_shows_shm_holders() {
     let _ = std::fs::remove_file(&shm_file);
 }
 
+/// Every path below `dir` with its size and modification time, sorted: what
+/// a command that writes nothing leaves as it was.
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// `status` on a lease writes nothing; `run --kind lease` never takes over
 /// (or deletes) a directory it did not make, and leaves nothing beside a
 /// file; run and status agree on a symbolic link.
@@ -723,17 +742,15 @@ fn lease_inspection_writes_nothing_and_foreign_directories_are_left_alone() {
     let path = dir.path().join("job");
     let p = path.to_str().unwrap();
     let holder = Holder::interlock(&["--kind", "lease", "--ttl", "30"], &path);
-    std::fs::remove_dir(path.with_file_name("job.lease/stage")).unwrap();
+    let lease_dir = path.with_file_name("job.lease");
+    let before = tree(&lease_dir);
     let o = interlock(&["status", p]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("exclusive lease"),
         "{}",
         stderr_of(&o)
     );
-    assert!(
-        !path.with_file_name("job.lease/stage").exists(),
-        "status wrote"
-    );
+    assert_eq!(tree(&lease_dir), before, "status wrote");
     holder.release();
 
     let mine = dir.path().join("d");
