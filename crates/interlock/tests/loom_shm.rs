@@ -112,6 +112,31 @@ impl Proc {
         self.world.data.get()
     }
 
+    /// Takes a read hold through slot `s` (`own`: as its only thread),
+    /// reads the data, and lets go.
+    fn read_once(&self, s: u32, own: bool) {
+        let c = self.core();
+        c.read(s, own, &FOREVER, &mut Notify::none()).unwrap();
+        self.read_cs();
+        assert!(c.read_exit(s, own));
+    }
+
+    /// Takes the lock exclusively through slot `s` (`drain`: as an rwlock
+    /// writer, else as the mutex), writes the data, and lets go; returns
+    /// whether it was poisoned.
+    fn write_once(&self, s: u32, drain: bool) -> bool {
+        let c = self.core();
+        let poisoned = c.write(s, drain, &FOREVER, &mut Notify::none()).unwrap();
+        self.write_cs();
+        assert!(c.token_exit(s, layout::WRITER, false));
+        poisoned
+    }
+
+    /// Runs `f` as this process in a new model thread.
+    fn spawn(self, f: impl FnOnce(&Proc) + Send + 'static) -> loom::thread::JoinHandle<()> {
+        loom::thread::spawn(move || f(&self))
+    }
+
     /// The victim's thread id in the model (what its liveness word holds).
     fn tid(&self) -> u32 {
         100 + self.pid
@@ -248,33 +273,11 @@ const FOREVER: Wait = Wait::Forever;
 fn readers_and_a_writer_exclude() {
     model(3, || {
         let w = World::new(3);
-        let r1 = {
-            let p = Proc::new(&w, 1);
-            loom::thread::spawn(move || {
-                let s = p.claim();
-                let c = p.core();
-                c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
-                p.read_cs();
-                assert!(c.read_exit(s, true));
-            })
-        };
-        let r2 = {
-            let p = Proc::new(&w, 2);
-            loom::thread::spawn(move || {
-                let s = p.claim();
-                let c = p.core();
-                // A shared slot (atomic release) this time.
-                c.read(s, false, &FOREVER, &mut Notify::none()).unwrap();
-                p.read_cs();
-                assert!(c.read_exit(s, false));
-            })
-        };
+        let r1 = Proc::new(&w, 1).spawn(|p| p.read_once(p.claim(), true));
+        // A shared slot (atomic release) this time.
+        let r2 = Proc::new(&w, 2).spawn(|p| p.read_once(p.claim(), false));
         let p = Proc::new(&w, 3);
-        let s = p.claim();
-        let c = p.core();
-        assert!(!c.write(s, true, &FOREVER, &mut Notify::none()).unwrap());
-        p.write_cs();
-        assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+        assert!(!p.write_once(p.claim(), true));
         r1.join().unwrap();
         r2.join().unwrap();
         assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
@@ -293,23 +296,10 @@ fn a_writer_sleeping_behind_registered_readers_is_woken_without_a_slice() {
     model(3, || {
         let w = World::new(3);
         let readers: Vec<_> = (1..=2)
-            .map(|pid| {
-                let p = Proc::fenced(&w, pid);
-                loom::thread::spawn(move || {
-                    let s = p.claim();
-                    let c = p.core();
-                    c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
-                    p.read_cs();
-                    assert!(c.read_exit(s, true));
-                })
-            })
+            .map(|pid| Proc::fenced(&w, pid).spawn(|p| p.read_once(p.claim(), true)))
             .collect();
         let p = Proc::fenced(&w, 3);
-        let s = p.claim();
-        let c = p.core();
-        assert!(!c.write(s, true, &FOREVER, &mut Notify::none()).unwrap());
-        p.write_cs();
-        assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+        assert!(!p.write_once(p.claim(), true));
         for r in readers {
             r.join().unwrap();
         }
@@ -323,13 +313,8 @@ fn writers_exclude_as_a_mutex() {
         let w = World::new(2);
         let hs: Vec<_> = (1..=2)
             .map(|pid| {
-                let p = Proc::new(&w, pid);
-                loom::thread::spawn(move || {
-                    let s = p.claim();
-                    let c = p.core();
-                    c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
-                    p.write_cs();
-                    assert!(c.token_exit(s, interlock::shm::layout::WRITER, false));
+                Proc::new(&w, pid).spawn(|p| {
+                    p.write_once(p.claim(), false);
                 })
             })
             .collect();
@@ -610,13 +595,8 @@ fn three_writers_take_turns(broken: u32) {
             let w = World::new(3);
             let hs: Vec<_> = (1..=3)
                 .map(|pid| {
-                    let p = Proc::new(&w, pid);
-                    loom::thread::spawn(move || {
-                        let s = p.claim();
-                        let c = p.core();
-                        c.write(s, false, &FOREVER, &mut Notify::none()).unwrap();
-                        p.write_cs();
-                        assert!(c.token_exit(s, layout::WRITER, false));
+                    Proc::new(&w, pid).spawn(|p| {
+                        p.write_once(p.claim(), false);
                     })
                 })
                 .collect();
@@ -759,34 +739,20 @@ fn broken_stale_watcher() {
 fn a_writer_an_upgrader_and_a_reader_all_finish() {
     model(2, || {
         let w = World::new(3);
-        let writer = {
-            let p = Proc::new(&w, 1);
-            loom::thread::spawn(move || {
-                let s = p.claim();
-                let c = p.core();
-                c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
-                p.write_cs();
-                assert!(c.token_exit(s, layout::WRITER, false));
-            })
-        };
-        let upgrader = {
-            let p = Proc::new(&w, 2);
-            loom::thread::spawn(move || {
-                let s = p.claim();
-                let c = p.core();
-                c.upgradable(s, &FOREVER, &mut Notify::none()).unwrap();
-                p.read_cs();
-                c.upgrade(s, &FOREVER, &mut Notify::none()).unwrap();
-                p.write_cs();
-                assert!(c.token_exit(s, layout::WRITER, false));
-            })
-        };
+        let writer = Proc::new(&w, 1).spawn(|p| {
+            p.write_once(p.claim(), true);
+        });
+        let upgrader = Proc::new(&w, 2).spawn(|p| {
+            let s = p.claim();
+            let c = p.core();
+            c.upgradable(s, &FOREVER, &mut Notify::none()).unwrap();
+            p.read_cs();
+            c.upgrade(s, &FOREVER, &mut Notify::none()).unwrap();
+            p.write_cs();
+            assert!(c.token_exit(s, layout::WRITER, false));
+        });
         let p = Proc::new(&w, 3);
-        let s = p.claim();
-        let c = p.core();
-        c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
-        p.read_cs();
-        assert!(c.read_exit(s, true));
+        p.read_once(p.claim(), true);
         writer.join().unwrap();
         upgrader.join().unwrap();
         assert_eq!(w.data.get(), 2);
