@@ -59,6 +59,7 @@ use super::open::{open_lock_file, open_lock_file_again};
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{
     ArcRwLockReadGuard, ArcRwLockUpgradableReadGuard, ArcRwLockWriteGuard, Mutex, MutexGuard,
-    RawRwLock, RwLock,
+    RawRwLock, RwLock, RwLockReadGuard, RwLockUpgradableReadGuard, RwLockWriteGuard,
 };
 
 use crate::sys::fcntl::{self, ByteRange, FlockOp, RangeLock};
@@ -468,9 +469,126 @@ impl fmt::Debug for FileLock {
     }
 }
 
-type ReadRw = ArcRwLockReadGuard<RawRwLock, Mutex<State>>;
-type WriteRw = ArcRwLockWriteGuard<RawRwLock, Mutex<State>>;
-type UpgRw = ArcRwLockUpgradableReadGuard<RawRwLock, Mutex<State>>;
+/// The in-process lock a guard holds, by a borrow (the `&self` API) or by
+/// a clone of its `Arc` (the `*_arc` API). The borrow is the uncontended
+/// read or write pair's cheaper half: an `Arc` guard adds a reference-count
+/// increment and decrement, two locked instructions, to the lock's own.
+enum ReadRw<'a> {
+    Borrowed(RwLockReadGuard<'a, Mutex<State>>),
+    Owned(ArcRwLockReadGuard<RawRwLock, Mutex<State>>),
+}
+
+/// See [`ReadRw`].
+enum WriteRw<'a> {
+    Borrowed(RwLockWriteGuard<'a, Mutex<State>>),
+    Owned(ArcRwLockWriteGuard<RawRwLock, Mutex<State>>),
+}
+
+/// See [`ReadRw`].
+enum UpgRw<'a> {
+    Borrowed(RwLockUpgradableReadGuard<'a, Mutex<State>>),
+    Owned(ArcRwLockUpgradableReadGuard<RawRwLock, Mutex<State>>),
+}
+
+impl Deref for ReadRw<'_> {
+    type Target = Mutex<State>;
+
+    #[inline]
+    fn deref(&self) -> &Mutex<State> {
+        match self {
+            ReadRw::Borrowed(g) => g,
+            ReadRw::Owned(g) => g,
+        }
+    }
+}
+
+impl Deref for WriteRw<'_> {
+    type Target = Mutex<State>;
+
+    #[inline]
+    fn deref(&self) -> &Mutex<State> {
+        match self {
+            WriteRw::Borrowed(g) => g,
+            WriteRw::Owned(g) => g,
+        }
+    }
+}
+
+impl DerefMut for WriteRw<'_> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Mutex<State> {
+        match self {
+            WriteRw::Borrowed(g) => g,
+            WriteRw::Owned(g) => g,
+        }
+    }
+}
+
+impl Deref for UpgRw<'_> {
+    type Target = Mutex<State>;
+
+    #[inline]
+    fn deref(&self) -> &Mutex<State> {
+        match self {
+            UpgRw::Borrowed(g) => g,
+            UpgRw::Owned(g) => g,
+        }
+    }
+}
+
+impl<'a> WriteRw<'a> {
+    fn downgrade(self) -> ReadRw<'a> {
+        match self {
+            WriteRw::Borrowed(g) => ReadRw::Borrowed(RwLockWriteGuard::downgrade(g)),
+            WriteRw::Owned(g) => ReadRw::Owned(ArcRwLockWriteGuard::downgrade(g)),
+        }
+    }
+
+    fn downgrade_to_upgradable(self) -> UpgRw<'a> {
+        match self {
+            WriteRw::Borrowed(g) => UpgRw::Borrowed(RwLockWriteGuard::downgrade_to_upgradable(g)),
+            WriteRw::Owned(g) => UpgRw::Owned(ArcRwLockWriteGuard::downgrade_to_upgradable(g)),
+        }
+    }
+}
+
+impl<'a> UpgRw<'a> {
+    fn try_upgrade(self) -> Result<WriteRw<'a>, Self> {
+        match self {
+            UpgRw::Borrowed(g) => RwLockUpgradableReadGuard::try_upgrade(g)
+                .map(WriteRw::Borrowed)
+                .map_err(UpgRw::Borrowed),
+            UpgRw::Owned(g) => ArcRwLockUpgradableReadGuard::try_upgrade(g)
+                .map(WriteRw::Owned)
+                .map_err(UpgRw::Owned),
+        }
+    }
+
+    fn try_upgrade_until(self, t: Instant) -> Result<WriteRw<'a>, Self> {
+        match self {
+            UpgRw::Borrowed(g) => RwLockUpgradableReadGuard::try_upgrade_until(g, t)
+                .map(WriteRw::Borrowed)
+                .map_err(UpgRw::Borrowed),
+            UpgRw::Owned(g) => ArcRwLockUpgradableReadGuard::try_upgrade_until(g, t)
+                .map(WriteRw::Owned)
+                .map_err(UpgRw::Owned),
+        }
+    }
+
+    fn upgrade(self) -> WriteRw<'a> {
+        match self {
+            UpgRw::Borrowed(g) => WriteRw::Borrowed(RwLockUpgradableReadGuard::upgrade(g)),
+            UpgRw::Owned(g) => WriteRw::Owned(ArcRwLockUpgradableReadGuard::upgrade(g)),
+        }
+    }
+
+    fn downgrade(self) -> ReadRw<'a> {
+        match self {
+            UpgRw::Borrowed(g) => ReadRw::Borrowed(RwLockUpgradableReadGuard::downgrade(g)),
+            UpgRw::Owned(g) => ReadRw::Owned(ArcRwLockUpgradableReadGuard::downgrade(g)),
+        }
+    }
+}
 
 /// How a guard reaches its lock (see `crate::handle`).
 type Handle<'a> = crate::handle::Handle<'a, FileLock>;
@@ -802,28 +920,46 @@ impl FileLock {
 
     /// A shared lock, waiting as `wait` allows.
     pub fn read_with(&self, wait: Wait) -> Result<FileReadGuard<'_>, TryLockError> {
-        let rw = self.read_rw(wait)?;
+        let rw = self.read_rw(wait, |a| {
+            a.park(
+                || self.rw.try_read(),
+                || self.rw.read(),
+                |t| self.rw.try_read_until(t),
+            )
+        })?;
         Ok(FileReadGuard {
             lock: Handle::Borrowed(self),
-            rw: Some(rw),
+            rw: Some(ReadRw::Borrowed(rw)),
         })
     }
 
     /// The exclusive lock, waiting as `wait` allows.
     pub fn write_with(&self, wait: Wait) -> Result<FileWriteGuard<'_>, TryLockError> {
-        let rw = self.write_rw(wait)?;
+        let rw = self.write_rw(wait, |a| {
+            a.park(
+                || self.rw.try_write(),
+                || self.rw.write(),
+                |t| self.rw.try_write_until(t),
+            )
+        })?;
         Ok(FileWriteGuard {
             lock: Handle::Borrowed(self),
-            rw: Some(rw),
+            rw: Some(WriteRw::Borrowed(rw)),
         })
     }
 
     /// An upgradable shared lock, waiting as `wait` allows.
     pub fn upgradable_with(&self, wait: Wait) -> Result<FileUpgradableGuard<'_>, TryLockError> {
-        let rw = self.upgradable_rw(wait)?;
+        let rw = self.upgradable_rw(wait, |a| {
+            a.park(
+                || self.rw.try_upgradable_read(),
+                || self.rw.upgradable_read(),
+                |t| self.rw.try_upgradable_read_until(t),
+            )
+        })?;
         Ok(FileUpgradableGuard {
             lock: Handle::Borrowed(self),
-            rw: Some(rw),
+            rw: Some(UpgRw::Borrowed(rw)),
         })
     }
 
@@ -838,10 +974,16 @@ impl FileLock {
     /// As [`FileLock::read_with`], returning a guard that owns a reference
     /// to the lock.
     pub fn read_arc(self: &Arc<Self>, wait: Wait) -> Result<FileReadGuard<'static>, TryLockError> {
-        let rw = self.read_rw(wait)?;
+        let rw = self.read_rw(wait, |a| {
+            a.park(
+                || self.rw.try_read_arc(),
+                || self.rw.read_arc(),
+                |t| self.rw.try_read_arc_until(t),
+            )
+        })?;
         Ok(FileReadGuard {
             lock: Handle::Owned(Arc::clone(self)),
-            rw: Some(rw),
+            rw: Some(ReadRw::Owned(rw)),
         })
     }
 
@@ -851,10 +993,16 @@ impl FileLock {
         self: &Arc<Self>,
         wait: Wait,
     ) -> Result<FileWriteGuard<'static>, TryLockError> {
-        let rw = self.write_rw(wait)?;
+        let rw = self.write_rw(wait, |a| {
+            a.park(
+                || self.rw.try_write_arc(),
+                || self.rw.write_arc(),
+                |t| self.rw.try_write_arc_until(t),
+            )
+        })?;
         Ok(FileWriteGuard {
             lock: Handle::Owned(Arc::clone(self)),
-            rw: Some(rw),
+            rw: Some(WriteRw::Owned(rw)),
         })
     }
 
@@ -864,25 +1012,37 @@ impl FileLock {
         self: &Arc<Self>,
         wait: Wait,
     ) -> Result<FileUpgradableGuard<'static>, TryLockError> {
-        let rw = self.upgradable_rw(wait)?;
+        let rw = self.upgradable_rw(wait, |a| {
+            a.park(
+                || self.rw.try_upgradable_read_arc(),
+                || self.rw.upgradable_read_arc(),
+                |t| self.rw.try_upgradable_read_arc_until(t),
+            )
+        })?;
         Ok(FileUpgradableGuard {
             lock: Handle::Owned(Arc::clone(self)),
-            rw: Some(rw),
+            rw: Some(UpgRw::Owned(rw)),
         })
     }
 
-    fn read_rw(&self, wait: Wait) -> Result<ReadRw, TryLockError> {
+    /// A shared lock: `park` takes the in-process read guard (borrowed or
+    /// owned), then this joins the in-process readers.
+    fn read_rw<G: Deref<Target = Mutex<State>>>(
+        &self,
+        wait: Wait,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
         let mut a = Attempt::new(self, wait, Mode::Shared);
-        let got = self.read_attempt(&mut a);
+        let got = self.read_attempt(&mut a, park);
         a.finish(got)
     }
 
-    fn read_attempt(&self, a: &mut Attempt<'_>) -> Result<ReadRw, TryLockError> {
-        let rw = a.park(
-            || self.rw.try_read_arc(),
-            || self.rw.read_arc(),
-            |t| self.rw.try_read_arc_until(t),
-        )?;
+    fn read_attempt<G: Deref<Target = Mutex<State>>>(
+        &self,
+        a: &mut Attempt<'_>,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
+        let rw = park(a)?;
         self.join_shared(&rw, a)?;
         Ok(rw)
     }
@@ -901,7 +1061,13 @@ impl FileLock {
         Ok(())
     }
 
-    fn write_rw(&self, wait: Wait) -> Result<WriteRw, TryLockError> {
+    /// The exclusive lock: `park` takes the in-process write guard
+    /// (borrowed or owned), then this takes the kernel's.
+    fn write_rw<G: DerefMut<Target = Mutex<State>>>(
+        &self,
+        wait: Wait,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
         // flock(LOCK_EX) works on a read-only descriptor, and the flock
         // flavor's writer then needs no fcntl write lock (see
         // `kernel_exclusive`); the fcntl flavor's exclusive lock is an fcntl
@@ -910,16 +1076,16 @@ impl FileLock {
             self.needs_write()?;
         }
         let mut a = Attempt::new(self, wait, Mode::Exclusive);
-        let got = self.write_attempt(&mut a);
+        let got = self.write_attempt(&mut a, park);
         a.finish(got)
     }
 
-    fn write_attempt(&self, a: &mut Attempt<'_>) -> Result<WriteRw, TryLockError> {
-        let rw = a.park(
-            || self.rw.try_write_arc(),
-            || self.rw.write_arc(),
-            |t| self.rw.try_write_arc_until(t),
-        )?;
+    fn write_attempt<G: DerefMut<Target = Mutex<State>>>(
+        &self,
+        a: &mut Attempt<'_>,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
+        let rw = park(a)?;
         // With `rw` held exclusively no other thread of ours touches the
         // kernel side: no mutex needed.
         let mut rw = rw;
@@ -927,19 +1093,26 @@ impl FileLock {
         Ok(rw)
     }
 
-    fn upgradable_rw(&self, wait: Wait) -> Result<UpgRw, TryLockError> {
+    /// An upgradable shared lock: `park` takes the in-process upgradable
+    /// guard (borrowed or owned), then this takes the slot and joins the
+    /// readers.
+    fn upgradable_rw<G: Deref<Target = Mutex<State>>>(
+        &self,
+        wait: Wait,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
         self.needs_write()?;
         let mut a = Attempt::new(self, wait, Mode::Shared);
-        let got = self.upgradable_attempt(&mut a);
+        let got = self.upgradable_attempt(&mut a, park);
         a.finish(got)
     }
 
-    fn upgradable_attempt(&self, a: &mut Attempt<'_>) -> Result<UpgRw, TryLockError> {
-        let rw = a.park(
-            || self.rw.try_upgradable_read_arc(),
-            || self.rw.upgradable_read_arc(),
-            |t| self.rw.try_upgradable_read_arc_until(t),
-        )?;
+    fn upgradable_attempt<G: Deref<Target = Mutex<State>>>(
+        &self,
+        a: &mut Attempt<'_>,
+        park: impl FnOnce(&mut Attempt<'_>) -> Result<G, TryLockError>,
+    ) -> Result<G, TryLockError> {
+        let rw = park(a)?;
         loop {
             let file = self.lock_state(&rw, a)?.file.clone();
             // The slot, without the state mutex: in-process readers must be
@@ -1529,7 +1702,7 @@ fn clone_file(lock: &FileLock, st: &State) -> Result<File> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileReadGuard<'a> {
     lock: Handle<'a>,
-    rw: Option<ReadRw>,
+    rw: Option<ReadRw<'a>>,
 }
 
 impl FileReadGuard<'_> {
@@ -1575,7 +1748,7 @@ impl fmt::Debug for FileReadGuard<'_> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileWriteGuard<'a> {
     lock: Handle<'a>,
-    rw: Option<WriteRw>,
+    rw: Option<WriteRw<'a>>,
 }
 
 impl<'a> FileWriteGuard<'a> {
@@ -1665,7 +1838,7 @@ impl<'a> FileWriteGuard<'a> {
         st.readers = 1;
         Ok(FileReadGuard {
             lock,
-            rw: Some(ArcRwLockWriteGuard::downgrade(rw)),
+            rw: Some(rw.downgrade()),
         })
     }
 }
@@ -1692,7 +1865,7 @@ impl fmt::Debug for FileWriteGuard<'_> {
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct FileUpgradableGuard<'a> {
     lock: Handle<'a>,
-    rw: Option<UpgRw>,
+    rw: Option<UpgRw<'a>>,
 }
 
 impl<'a> FileUpgradableGuard<'a> {
@@ -1761,13 +1934,13 @@ impl<'a> FileUpgradableGuard<'a> {
     ) -> Result<FileWriteGuard<'a>, UpgradeFailed<'a>> {
         let lock = self.lock.clone();
         let u = self.rw.take().expect("upgradable guard holds its lock");
-        let w = match ArcRwLockUpgradableReadGuard::try_upgrade(u) {
+        let w = match u.try_upgrade() {
             Ok(w) => Ok(w),
             Err(u) if wait == Wait::NonBlocking => Err(u),
             Err(u) => match (a.about_to_block(), wait) {
                 (Err(_), _) => Err(u),
-                (Ok(()), Wait::Until(t)) => ArcRwLockUpgradableReadGuard::try_upgrade_until(u, t),
-                (Ok(()), _) => Ok(ArcRwLockUpgradableReadGuard::upgrade(u)),
+                (Ok(()), Wait::Until(t)) => u.try_upgrade_until(t),
+                (Ok(()), _) => Ok(u.upgrade()),
             },
         };
         let mut w = match w {
@@ -1787,7 +1960,7 @@ impl<'a> FileUpgradableGuard<'a> {
                 Ok(FileWriteGuard { lock, rw: Some(w) })
             }
             Err(UpgradeErr::Restored(error)) => {
-                self.rw = Some(ArcRwLockWriteGuard::downgrade_to_upgradable(w));
+                self.rw = Some(w.downgrade_to_upgradable());
                 Err(UpgradeFailed {
                     guard: Some(self),
                     error,
@@ -1813,7 +1986,7 @@ impl<'a> FileUpgradableGuard<'a> {
         let err = r.map_err(|e| lock.io_err("downgrade", e));
         let g = FileReadGuard {
             lock,
-            rw: Some(ArcRwLockUpgradableReadGuard::downgrade(u)),
+            rw: Some(u.downgrade()),
         };
         err.map(|()| g)
     }
