@@ -447,8 +447,9 @@ pub struct FileLock {
     /// held across a blocking kernel call only when no in-process holder
     /// needs it to leave (`readers == 0`).
     ///
-    /// It sits in an `Arc` so that guards hold it without a borrow (the
-    /// owned guards of [`FileLock::write_arc`] and friends).
+    /// It sits in an `Arc` so that the owned guards of
+    /// [`FileLock::write_arc`] and friends hold it without a borrow; the
+    /// guards of `read()`, `write()` and friends borrow it (see [`ReadRw`]).
     rw: Arc<RwLock<Mutex<State>>>,
     /// Set while a thread holding the state mutex is blocked in the kernel, so that a
     /// `try_*` in another thread answers WouldBlock instead of waiting.
