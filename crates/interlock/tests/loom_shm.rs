@@ -307,11 +307,12 @@ fn a_writer_sleeping_behind_registered_readers_is_woken_without_a_slice() {
     });
 }
 
-#[test]
-fn writers_exclude_as_a_mutex() {
-    model(3, || {
-        let w = World::new(2);
-        let hs: Vec<_> = (1..=2)
+/// `n` processes each take the mutex once (preemption bound `bound`): they
+/// exclude each other, and every one finishes (nobody is left asleep).
+fn writers_take_turns(n: u32, bound: usize) {
+    model(bound, move || {
+        let w = World::new(n as usize);
+        let hs: Vec<_> = (1..=n)
             .map(|pid| {
                 Proc::new(&w, pid).spawn(|p| {
                     p.write_once(p.claim(), false);
@@ -321,8 +322,14 @@ fn writers_exclude_as_a_mutex() {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(w.data.get(), 2);
+        assert_eq!(w.data.get(), n);
+        assert_eq!(w.words.state.load(Ordering::SeqCst) & INDEX_MASK, 0);
     });
+}
+
+#[test]
+fn writers_exclude_as_a_mutex() {
+    writers_take_turns(2, 3);
 }
 
 #[test]
@@ -590,23 +597,7 @@ fn a_covered_holder_killed_at_any_step_is_noticed_without_time_outs() {
 /// wakes it, and loom reports the deadlock.
 fn three_writers_take_turns(broken: u32) {
     interlock::shm::protocol::set_broken(broken);
-    let r = catch_unwind(|| {
-        model(2, || {
-            let w = World::new(3);
-            let hs: Vec<_> = (1..=3)
-                .map(|pid| {
-                    Proc::new(&w, pid).spawn(|p| {
-                        p.write_once(p.claim(), false);
-                    })
-                })
-                .collect();
-            for h in hs {
-                h.join().unwrap();
-            }
-            assert_eq!(w.data.get(), 3);
-            assert_eq!(w.words.state.load(Ordering::SeqCst) & INDEX_MASK, 0);
-        })
-    });
+    let r = catch_unwind(|| writers_take_turns(3, 2));
     interlock::shm::protocol::set_broken(0);
     if let Err(e) = r {
         resume_unwind(e);
