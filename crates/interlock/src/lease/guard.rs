@@ -142,30 +142,28 @@ impl Shared {
         // to a tombstone; each fails if it was broken. On any failure of
         // a move (the lease broken, `stage/` gone, the name taken), the
         // tombstone rename below tells what happened.
-        let staged = matches!(self.inner.release_into_stage(&st.dir, &st.name), Ok(true));
-        let me = crate::sys::proc::current();
-        let moved = if staged {
-            None
+        let ended = if matches!(self.inner.release_into_stage(&st.dir, &st.name), Ok(true)) {
+            Ok(())
         } else {
-            self.inner.record_slot(me).and_then(|slot| {
+            let me = crate::sys::proc::current();
+            let moved = self.inner.record_slot(me).and_then(|slot| {
                 rename_noreplace(&st.dir, st.name.render(), &self.inner.stage, &slot)
                     .ok()
                     .map(|_| slot)
-            })
-        };
-        let ended = match moved {
-            _ if staged => Ok(()),
-            Some(slot) => {
-                self.inner.keep_record(me.pid, slot);
-                Ok(())
-            }
-            None => {
-                let tomb = st.name.tombstone();
-                let r = st.dir.rename(st.name.render(), tomb.render());
-                if r.is_ok() {
-                    let _ = st.dir.unlink(tomb.render());
+            });
+            match moved {
+                Some(slot) => {
+                    self.inner.keep_record(me.pid, slot);
+                    Ok(())
                 }
-                r
+                None => {
+                    let tomb = st.name.tombstone();
+                    let r = st.dir.rename(st.name.render(), tomb.render());
+                    if r.is_ok() {
+                        let _ = st.dir.unlink(tomb.render());
+                    }
+                    r
+                }
             }
         };
         match ended {

@@ -40,16 +40,18 @@ impl LeaseName {
     /// acquisition, and an allocation plus `format!` each time was a
     /// measurable part of an uncontended cycle.
     pub fn render(&self) -> NameBuf {
-        let mut b = NameBuf {
-            len: 0,
-            buf: [0; NAME_BUF],
-        };
-        b.push(if self.dead { DEAD } else { LIVE }.as_bytes());
-        for n in [self.version, self.token, self.expiry_ns] {
-            b.push(b".");
-            b.push_u64(n);
-        }
-        b
+        use std::io::Write;
+        let mut buf = [0; NAME_BUF];
+        let mut rest = &mut buf[..];
+        let prefix = if self.dead { DEAD } else { LIVE };
+        // Always fits: NAME_BUF has room for the longest name.
+        let _ = write!(
+            rest,
+            "{prefix}.{}.{}.{}",
+            self.version, self.token, self.expiry_ns
+        );
+        let len = NAME_BUF - rest.len();
+        NameBuf { len, buf }
     }
 
     /// Parses a name; `None` for anything not in the format (decimal
@@ -100,27 +102,6 @@ const NAME_BUF: usize = 72;
 pub(crate) struct NameBuf {
     len: usize,
     buf: [u8; NAME_BUF],
-}
-
-impl NameBuf {
-    fn push(&mut self, s: &[u8]) {
-        self.buf[self.len..self.len + s.len()].copy_from_slice(s);
-        self.len += s.len();
-    }
-
-    fn push_u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
-    }
 }
 
 impl std::ops::Deref for NameBuf {

@@ -302,8 +302,7 @@ impl<'a, E: Env> Core<'a, E> {
                     // Every token waiter looks again (a recovery is rare;
                     // the ones still blocked watch the next holder).
                     if ws & TOKEN_SLEEP != 0 {
-                        self.words.queue.fetch_add(1, Ordering::SeqCst);
-                        futex::wake_all(&self.words.queue);
+                        self.wake_tokens(true);
                     }
                     break;
                 }
@@ -379,7 +378,7 @@ impl<'a, E: Env> Core<'a, E> {
                     continue;
                 }
                 if *slept && who == Sleeper::Token {
-                    self.wake_token_one();
+                    self.wake_tokens(false);
                 }
                 return Err(wait.gave_up());
             }
@@ -431,12 +430,17 @@ impl<'a, E: Env> Core<'a, E> {
         }
     }
 
-    /// Wakes one token waiter: bumps the queue's number (a waiter about to
-    /// sleep then sees it changed) and wakes the longest sleeper.
-    fn wake_token_one(&self) {
+    /// Wakes token waiters: bumps the queue's number (a waiter about to
+    /// sleep then sees it changed) and wakes the longest sleeper (with
+    /// `all`, every sleeper).
+    fn wake_tokens(&self, all: bool) {
         let q = &self.words.queue;
         q.fetch_add(1, Ordering::SeqCst);
-        futex::wake_one(q);
+        if all {
+            futex::wake_all(q);
+        } else {
+            futex::wake_one(q);
+        }
     }
 
     /// One sleep on `word` while it holds `expected`, blocked by the holder
@@ -657,7 +661,7 @@ impl<'a, E: Env> Core<'a, E> {
                 {
                     Ok(_) => {
                         if slept && !broken(BREAK_RETARGET) {
-                            self.wake_token_one();
+                            self.wake_tokens(false);
                         }
                         return Ok(ws & POISON != 0);
                     }
@@ -911,7 +915,7 @@ impl<'a, E: Env> Core<'a, E> {
                         futex::wake_all(st);
                     }
                     if ws & TOKEN_SLEEP != 0 {
-                        self.wake_token_one();
+                        self.wake_tokens(false);
                     }
                     return true;
                 }
