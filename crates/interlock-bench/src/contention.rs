@@ -369,6 +369,26 @@ pub struct Row {
 }
 
 impl Row {
+    /// One row from the rounds of one target in one scenario: the round
+    /// with the median throughput (the lower middle of an even count), with
+    /// the latency histograms and dead-holder counts of every round. A
+    /// failed round fails the row.
+    pub fn median_round(mut rounds: Vec<Row>) -> Row {
+        if let Some(i) = rounds.iter().position(|r| r.error.is_some()) {
+            return rounds.swap_remove(i);
+        }
+        rounds.sort_by(|a, b| a.acq_per_s.total_cmp(&b.acq_per_s));
+        let mid = (rounds.len() - 1) / 2;
+        let mut row = rounds.swap_remove(mid);
+        for r in &rounds {
+            row.handoff.merge(&r.handoff);
+            row.wait_ex.merge(&r.wait_ex);
+            row.wait_sh.merge(&r.wait_sh);
+            row.owner_died += r.owner_died;
+        }
+        row
+    }
+
     fn failed(target: &str, scenario: Scenario, e: String) -> Row {
         Row {
             target: target.to_string(),

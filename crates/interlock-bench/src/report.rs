@@ -24,6 +24,8 @@ pub struct ReportCtx {
     pub command: String,
     /// Seconds per phase.
     pub secs_per_phase: f64,
+    /// Rounds per scenario (targets interleaved).
+    pub rounds: usize,
     /// Wall time of the measurements.
     pub elapsed: Duration,
     /// Skips and caveats.
@@ -580,9 +582,12 @@ pub fn write_markdown(path: &Path, rows: &[Row], ts: &[Target], c: &ReportCtx) -
     let _ = writeln!(
         s,
         "- Each scenario: a {:.2} s throughput phase (no clock reads in the loop) then a {:.2} s latency phase \
-         (every acquisition timed) on the same processes; {} measurements took {:.0} s.",
+         (every acquisition timed) on the same processes, in {} rounds: each round runs every target of \
+         the scenario once, in a rotated order, and a row gives the median round's throughput and the \
+         latencies of all its rounds; {} rows took {:.0} s.",
         c.secs_per_phase,
         c.secs_per_phase,
+        c.rounds,
         rows.len(),
         c.elapsed.as_secs_f64()
     );

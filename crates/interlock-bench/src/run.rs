@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// Seconds per phase (throughput, then latency) of each scenario.
     #[arg(long)]
     pub phase_seconds: Option<f64>,
+    /// Rounds per scenario (default 3, `--quick` 1): every target of the
+    /// scenario runs once per round, the rounds interleaved and each in a
+    /// rotated order; a row reports the median round's throughput and the
+    /// latencies of all rounds.
+    #[arg(long)]
+    pub rounds: Option<usize>,
     /// Only these targets (comma-separated names; see `list`). Floors and
     /// peers needed for ratios are not added automatically.
     #[arg(long, value_delimiter = ',')]
@@ -202,8 +208,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         throughput: Duration::from_secs_f64(secs),
         latency: Duration::from_secs_f64(secs),
     };
+    let rounds = a.rounds.unwrap_or(if a.quick { 1 } else { 3 });
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let m = matrix(&a, &all)?;
-    let total: usize = m.iter().map(|(_, ts)| ts.len()).sum();
+    let total: usize = m.iter().map(|(_, ts)| ts.len() * rounds).sum();
     let mut prog = Progress {
         tty: std::io::stderr().is_terminal(),
         total,
@@ -211,7 +221,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         start: Instant::now(),
     };
     eprintln!(
-        "interlock-bench: {} scenarios x targets, {:.2} s per phase, {} CPUs",
+        "interlock-bench: {} scenarios x targets x rounds, {:.2} s per phase, {} CPUs",
         total,
         secs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -220,21 +230,30 @@ pub fn run(a: RunArgs) -> Result<()> {
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
     for (s, ts) in &m {
-        for t in ts {
-            let r = run_scenario(t, *s, d, py.env.as_ref());
-            let what = format!(
-                "{:<22} {:>8} hold {:>6} ns {} procs{}",
-                t.name,
-                s.mix.name(),
-                s.hold_ns,
-                s.procs,
-                r.error
-                    .as_ref()
-                    .map_or(String::new(), |e| format!("  FAILED: {e}"))
-            );
-            prog.step(&what);
-            rows.push(r);
+        let mut runs: Vec<Vec<Row>> = vec![Vec::new(); ts.len()];
+        for round in 0..rounds {
+            // Each round starts one target later, so no target always runs
+            // first (on a cold page cache) or last.
+            for k in 0..ts.len() {
+                let i = (round + k) % ts.len();
+                let t = &ts[i];
+                let r = run_scenario(t, *s, d, py.env.as_ref());
+                let what = format!(
+                    "{:<22} {:>8} hold {:>6} ns {} procs, round {}{}",
+                    t.name,
+                    s.mix.name(),
+                    s.hold_ns,
+                    s.procs,
+                    round + 1,
+                    r.error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!("  FAILED: {e}"))
+                );
+                prog.step(&what);
+                runs[i].push(r);
+            }
         }
+        rows.extend(runs.into_iter().map(Row::median_round));
     }
     // The semaphores' waiting cost, when a semaphore is in the run.
     let sem_wait = if all.iter().any(|t| t.capacity > 1) {
@@ -301,6 +320,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let ctx = report::ReportCtx {
         command: report::command_line(),
         secs_per_phase: secs,
+        rounds,
         elapsed,
         notes,
         py_libs: py.libs.clone(),
