@@ -205,6 +205,10 @@ fn child() -> bool {
             mixer();
             true
         }
+        Some("hammer") => {
+            hammer();
+            true
+        }
         Some(r) => panic!("unknown role {r}"),
     }
 }
@@ -399,6 +403,94 @@ fn a_read_only_flock_writer_excludes_and_waits_for_an_upgrader() {
     ro.send("release");
     ro.expect("ok");
     quit(&mut ro);
+}
+
+/// A child that opens `ARG = "<path> <counter file>"` (flock flavor) and,
+/// until a line arrives on stdin, takes the write lock with `try_write` as
+/// fast as it can, adding one to the counter each time it gets it; then
+/// says how many times it got in.
+fn hammer() {
+    let arg = support::arg();
+    let (path, counter) = arg.split_once(' ').unwrap();
+    let lock = open(Flavor::Flock, Path::new(path));
+    let stop = Arc::new(AtomicUsize::new(0));
+    let stopper = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let _ = support::hear();
+            stop.store(1, Ordering::SeqCst);
+        })
+    };
+    support::say("ready");
+    let mut got = 0u64;
+    while stop.load(Ordering::SeqCst) == 0 {
+        if let Ok(g) = lock.try_write() {
+            let n: u64 = fs::read_to_string(counter).unwrap().parse().unwrap();
+            fs::write(counter, (n + 1).to_string()).unwrap();
+            got += 1;
+            drop(g);
+        }
+    }
+    stopper.join().unwrap();
+    support::say(format!("got {got}"));
+}
+
+/// flock flavor: a writer that keeps trying while an upgrade waits for a
+/// reader never gets in between the upgrader's read and its write, though
+/// the kernel drops the upgrader's `LOCK_SH` while it waits (flock
+/// conversion is not atomic) and the writer's `LOCK_EX|LOCK_NB` can then be
+/// granted: the writer finds the upgrader's slot announcement and makes
+/// way. Control: with that check removed by hand (the fast path trusting
+/// any grant), this test failed in 3 of 3 runs.
+#[test]
+fn a_flock_writer_never_gets_in_during_an_upgrade() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("up.lock");
+    let counter = dir.path().join("counter");
+    fs::write(&counter, "0").unwrap();
+    let mut w = Child::spawn(
+        "a_flock_writer_never_gets_in_during_an_upgrade",
+        "hammer",
+        &format!("{} {}", path.display(), counter.display()),
+    );
+    w.expect("ready");
+    let mine = open(Flavor::Flock, &path);
+    let other = open(Flavor::Flock, &path);
+    let waiting = || {
+        interlock::holders(&path)
+            .unwrap()
+            .iter()
+            .any(|h| h.waiting && h.pid == Some(std::process::id()))
+    };
+    let read = || -> u64 { fs::read_to_string(&counter).unwrap().parse().unwrap() };
+    for _ in 0..50 {
+        let u = mine.upgradable_read().unwrap();
+        let r = other.read().unwrap();
+        let before = read();
+        thread::scope(|sc| {
+            let up = sc.spawn(move || u.try_upgrade_for(HANG).ok());
+            // The upgrade waits for our reader in LOCK_EX, holding nothing.
+            let t = Instant::now();
+            while !waiting() && !up.is_finished() {
+                assert!(t.elapsed() < HANG, "the upgrade never waited");
+                thread::sleep(Duration::from_millis(1));
+            }
+            drop(r);
+            let g = up.join().unwrap().expect("upgrade failed");
+            assert_eq!(read(), before, "a writer got in during an upgrade");
+            drop(g);
+        });
+    }
+    w.send("stop");
+    let got = w.recv();
+    w.join();
+    // Control: the writer was trying all along and got in between rounds.
+    let n: u64 = got.strip_prefix("got ").unwrap().parse().unwrap();
+    assert!(n > 0, "the writer never got in: {got}");
+    assert_eq!(read(), n);
 }
 
 #[test]

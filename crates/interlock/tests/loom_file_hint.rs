@@ -212,10 +212,11 @@ fn a_fast_flock_writer_never_writes_inside_an_upgrade() {
                 k.slot = false;
             })
         };
-        // The fast-path writer: LOCK_EX|LOCK_NB, then the hints (no fence:
-        // the kernel's lock orders them, see `hint::after_grant`).
+        // The fast-path writer: LOCK_EX|LOCK_NB, then the slot count alone
+        // (it passes writers queued at the gate; no fence: the kernel's
+        // lock orders the load, see `hint::after_grant`).
         if try_exclusive(&w) {
-            if w.gate_count.load(SeqCst) == 0 && w.slot_count.load(SeqCst) == 0 {
+            if w.slot_count.load(SeqCst) == 0 {
                 w.version.fetch_add(1, SeqCst);
             }
             unlock_exclusive(&w);

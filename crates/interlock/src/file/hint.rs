@@ -15,10 +15,11 @@
 //!   orders the two, see [`after_grant`]) knows
 //!   that any writer that shuts the gate later will find it holding the data
 //!   and wait for it, which is what the `F_OFD_GETLK` look told it before.
-//! - `slot`: the same for the slot byte (flock flavor: an upgradable reader
-//!   or a slow-path writer). A flock-flavor writer that got `LOCK_EX` and
-//!   finds both counts zero knows no upgrader is inside its non-atomic
-//!   conversion.
+//! - `slot`: how many upgradable readers announced themselves (flock
+//!   flavor; slow-path writers hold the slot byte but do not announce it).
+//!   A flock-flavor writer that got `LOCK_EX` and finds it zero knows no
+//!   upgrader is inside its non-atomic conversion, and keeps the lock even
+//!   while writers wait at the gate.
 //! - `removed`: bumped by `remove_and_unlock` after the unlink, before the
 //!   release; and one table-wide count of lock-file opens (a newcomer that
 //!   opens the path after some other removal makes a new file there). An
@@ -101,10 +102,13 @@ impl Hint {
         self.gate_word().load(Ordering::SeqCst) == 0
     }
 
-    /// Whether neither a gate nor a slot holder announced itself.
+    /// Whether no upgradable reader announced itself (flock flavor: only
+    /// upgradable readers announce the slot, from before their shared lock
+    /// until after their upgrade or release). The caller has just been
+    /// granted `LOCK_EX`, which the kernel orders before this load.
     #[inline]
-    pub fn gate_and_slot_clear(&self) -> bool {
-        self.gate_clear() && self.slot_word().load(Ordering::SeqCst) == 0
+    pub fn no_upgrader(&self) -> bool {
+        self.slot_word().load(Ordering::SeqCst) == 0
     }
 
     /// Announces a gate holder (the caller holds the gate, or is about to

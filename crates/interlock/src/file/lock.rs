@@ -1337,8 +1337,12 @@ impl FileLock {
         use RangeLock::Write;
         match self.flavor {
             Flavor::Fcntl => {
-                // Fast path: slot, gate and data in one request.
-                if Req::Ofd(Write, ALL)
+                // Fast path: the data alone. It passes writers queued at the
+                // slot and gate (they hold those, not the data), as a kernel
+                // lock lets its releaser take it straight back; readers are
+                // kept out by the data lock itself, and an upgrader holds
+                // the data shared through its (atomic) conversion.
+                if Req::Ofd(Write, DATA)
                     .try_on(&st.file)
                     .map_err(|e| self.io_err("lock", e))?
                 {
@@ -1365,9 +1369,14 @@ impl FileLock {
             }
             Flavor::Flock => {
                 // Fast path: the data, then make sure no upgrader is in the
-                // middle of its (non-atomic) flock conversion and no writer
-                // is queued at the gate; if one is, make way. The hints say
-                // so without a system call when no one holds either byte.
+                // middle of its (non-atomic) flock conversion; if one may
+                // be, make way. The hints say so without a system call when
+                // no upgradable reader announced itself: then the writer
+                // keeps the lock even if writers are queued at the gate (it
+                // passes them, as a kernel lock lets its releaser take it
+                // straight back). Without hints the kernel cannot tell a
+                // queued writer's slot from an upgrader's, and the writer
+                // makes way for both.
                 let f = &*st.file;
                 if Req::Flock(FlockOp::Exclusive)
                     .try_on(f)
@@ -1375,7 +1384,7 @@ impl FileLock {
                 {
                     if let Some(h) = &st.hint {
                         hint::after_grant();
-                        if h.gate_and_slot_clear() {
+                        if h.no_upgrader() {
                             return Ok(false);
                         }
                     }
@@ -1413,12 +1422,11 @@ impl FileLock {
                     }
                     return Ok(false);
                 }
+                // The slot is not announced in the hints: only upgraders
+                // are, so that fast-path writers can pass this one.
                 let got = a
                     .block(&f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| {
-                        st.enter_slot();
-                        a.block(&f, Req::Ofd(Write, self.gate()), true)
-                    })
+                    .and_then(|()| a.block(&f, Req::Ofd(Write, self.gate()), true))
                     .and_then(|()| {
                         st.enter_gate();
                         a.block(&f, Req::Flock(FlockOp::Exclusive), true)
@@ -1427,7 +1435,6 @@ impl FileLock {
                     Ok(()) => Ok(true),
                     Err(e) => {
                         st.leave_gate();
-                        st.leave_slot();
                         let _ = unlock_ofd(&f, self.gate_slot());
                         Err(e)
                     }
