@@ -614,7 +614,7 @@ impl Req {
     }
 
     /// Without sleeping: one try and, if it conflicts and the caller may
-    /// wait, [`SPIN_TRIES`] more. Under contention with short holds the
+    /// still wait (not a `try_*`, no deadline passed), [`SPIN_TRIES`] more. Under contention with short holds the
     /// holder is often gone a microsecond later, and a later try then saves
     /// two sleeps and wake-ups (ours, and that of whoever would queue
     /// behind us); with long holds it costs a few microseconds of calls
@@ -623,7 +623,7 @@ impl Req {
         if self.try_on(f)? {
             return Ok(true);
         }
-        if wait == Wait::NonBlocking {
+        if wait.expired() {
             return Ok(false);
         }
         for _ in 0..SPIN_TRIES {
