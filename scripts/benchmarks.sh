@@ -5,7 +5,7 @@
 # plots), whose report starts with a "how fast is interlock" summary, records
 # the machine's load before and after, and includes the criterion tables.
 #
-#   scripts/benchmarks.sh                 # everything (~20 min on 2 CPUs)
+#   scripts/benchmarks.sh                 # everything (3 rounds per scenario; ~30 min on 2 CPUs with --procs 1,2,4,8 --holds 0,100000)
 #   scripts/benchmarks.sh --no-criterion  # keep the criterion results in target/criterion
 #   scripts/benchmarks.sh --quick         # harness smoke run (~1 min); the report says so
 #   scripts/benchmarks.sh --procs 2,8 --holds 0 --no-python   # narrower harness scope

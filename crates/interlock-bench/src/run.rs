@@ -4,8 +4,11 @@
 //! Why it is built this way: machines drift (FACTS.md measured ±20% between
 //! runs here), so the run is scenario-major: for each scenario every target
 //! runs back to back, and rows are compared within a scenario, never
-//! across runs. Durations are chosen so the default run fits in about ten
-//! minutes on a 2-CPU machine and `--quick` in about one.
+//! across runs. Each scenario runs in rounds (every target once per round,
+//! in a rotated order), and a row is its median round, so a target whose
+//! workers got little CPU in one phase does not decide its ratio. With 3
+//! rounds, `--procs 1,2,4,8 --holds 0,100000` took 22 minutes on a 2-CPU
+//! machine; `--quick` (1 round) takes about one.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
