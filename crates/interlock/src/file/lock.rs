@@ -357,8 +357,9 @@ struct State {
     removed: bool,
     /// The bucket whose gate count this handle raised (it holds the gate).
     gate_held: Option<Hint>,
-    /// The bucket whose slot count this handle raised (flock flavor: it
-    /// holds the slot).
+    /// The bucket whose slot count this handle raised (flock flavor: an
+    /// upgradable reader, or the writer it became, holds the slot; writers
+    /// that queue at the slot do not raise it).
     slot_held: Option<Hint>,
 }
 
@@ -614,11 +615,12 @@ impl Req {
     }
 
     /// Without sleeping: one try and, if it conflicts and the caller may
-    /// still wait (not a `try_*`, no deadline passed), [`SPIN_TRIES`] more. Under contention with short holds the
-    /// holder is often gone a microsecond later, and a later try then saves
-    /// two sleeps and wake-ups (ours, and that of whoever would queue
-    /// behind us); with long holds it costs a few microseconds of calls
-    /// before the caller sleeps as before.
+    /// still wait (not a `try_*`, no deadline passed), [`SPIN_TRIES`] more.
+    /// Under contention with short holds the holder is often gone a
+    /// microsecond later, and a later try then saves two sleeps and
+    /// wake-ups (ours, and that of whoever would queue behind us); with long
+    /// holds it costs a few microseconds of calls before the caller sleeps
+    /// as before.
     fn try_spinning(self, f: &File, wait: Wait) -> io::Result<bool> {
         if self.try_on(f)? {
             return Ok(true);
