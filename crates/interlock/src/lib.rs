@@ -31,7 +31,8 @@ pub use error::{Error, ErrorKind, Result, TryLockError};
 pub use file::{
     holders, Fairness, FileLock, FileLockGuard, FileLockOptions, FileReadGuard, FileSemaphore,
     FileSemaphoreGuard, FileUpgradableGuard, FileWriteGuard, Flavor, Holder, IndexRange, LockKind,
-    LockSet, LockSetOptions, Scope, UpgradeFailed, INDEX_END, REGISTRY_DIR_ENV,
+    LockSet, LockSetOptions, Scope, UpgradeFailed, DEFAULT_WRITER_PATIENCE, INDEX_END,
+    REGISTRY_DIR_ENV,
 };
 pub use lease::{
     Clock, LeaseGuard, LeaseHolder, LeaseLock, LeaseOptions, ManualClock, OnLost, SystemClock,

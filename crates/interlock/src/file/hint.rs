@@ -20,6 +20,11 @@
 //!   A flock-flavor writer that got `LOCK_EX` and finds it zero knows no
 //!   upgrader is inside its non-atomic conversion, and keeps the lock even
 //!   while writers wait at the gate.
+//! - `slot`'s high 16 bits: how many readers announced that they wait
+//!   (behind a writer, both flavors; see [`Hint::enter_queue`]). A writer
+//!   that got the data at once and finds them nonzero gives it back to them
+//!   if the kernel confirms they wait (their shared lock on the queue byte).
+//!   This count only decides who goes first, never who may enter.
 //! - `removed`: bumped by `remove_and_unlock` after the unlink, before the
 //!   release; and one table-wide count of lock-file opens (a newcomer that
 //!   opens the path after some other removal makes a new file there). An
@@ -54,7 +59,8 @@ use crate::sys::proc::euid;
 /// Buckets in a table; the last one is not a file's: its third word counts
 /// the opens of lock files.
 const BUCKETS: usize = 4096;
-/// Bytes per bucket: gate (u32), slot (u32), removed (u64).
+/// Bytes per bucket: gate (u32), slot (u32: upgraders in the low half,
+/// queued readers in the high half), removed (u64).
 const BUCKET_LEN: usize = 16;
 /// The table's exact size.
 pub const LEN: usize = BUCKETS * BUCKET_LEN;
@@ -102,13 +108,42 @@ impl Hint {
         self.gate_word().load(Ordering::SeqCst) == 0
     }
 
-    /// Whether no upgradable reader announced itself (flock flavor: only
-    /// upgradable readers announce the slot, from before their shared lock
-    /// until after their upgrade or release). The caller has just been
-    /// granted `LOCK_EX`, which the kernel orders before this load.
+    /// The slot word: see [`upgraders`] and [`queued`]. The caller has
+    /// just been granted `LOCK_EX` or the data, which the kernel orders
+    /// before this load.
     #[inline]
-    pub fn no_upgrader(&self) -> bool {
-        self.slot_word().load(Ordering::SeqCst) == 0
+    pub fn slot_announced(&self) -> u32 {
+        self.slot_word().load(Ordering::SeqCst)
+    }
+
+    /// Announces a reader about to wait behind a writer; the caller holds a
+    /// shared lock on the queue byte from before this until after
+    /// [`Hint::leave_queue`], which is what a writer asks the kernel about.
+    pub fn enter_queue(&self) {
+        self.slot_word().fetch_add(QUEUED_ONE, Ordering::SeqCst);
+    }
+
+    /// Takes a queued reader's announcement back (never below zero, never
+    /// touching the upgraders' half).
+    pub fn leave_queue(&self) {
+        let _ = self
+            .slot_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                v.checked_sub(QUEUED_ONE)
+            });
+    }
+
+    /// Forgets queued readers that the kernel says are not there (each left
+    /// by a reader killed while it waited), if the word is still `seen`. A
+    /// live reader whose announcement this erases is only not given way to
+    /// this once.
+    pub fn forget_queue(&self, seen: u32) {
+        let _ = self.slot_word().compare_exchange(
+            seen,
+            seen & UPGRADERS,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        );
     }
 
     /// Announces a gate holder (the caller holds the gate, or is about to
@@ -123,14 +158,27 @@ impl Hint {
         dec(self.gate_word());
     }
 
-    /// Announces a slot holder.
+    /// Announces an upgradable reader. The low half saturates: once 65,535
+    /// announcements are left raised (upgraders killed before they took
+    /// theirs back), it stays full, which costs writers a system call but
+    /// never lets one miss an upgrader.
     pub fn enter_slot(&self) {
-        self.slot_word().fetch_add(1, Ordering::SeqCst);
+        let _ = self
+            .slot_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                (v & UPGRADERS != UPGRADERS).then_some(v + 1)
+            });
     }
 
-    /// Takes a slot announcement back.
+    /// Takes an upgradable reader's announcement back (never below zero,
+    /// never from a full low half).
     pub fn leave_slot(&self) {
-        dec(self.slot_word());
+        let _ = self
+            .slot_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                let up = v & UPGRADERS;
+                (up != 0 && up != UPGRADERS).then(|| v - 1)
+            });
     }
 
     fn opens_word(&self) -> &AtomicU64 {
@@ -159,6 +207,23 @@ impl Hint {
     pub fn bump_removed(&self) {
         self.removed_word().fetch_add(1, Ordering::SeqCst);
     }
+}
+
+/// The slot word's half that counts upgradable readers.
+pub const UPGRADERS: u32 = 0xFFFF;
+/// One queued reader in the slot word's high half.
+const QUEUED_ONE: u32 = 1 << 16;
+
+/// Whether a slot word says an upgradable reader may be converting.
+#[inline]
+pub fn upgraders(slot: u32) -> bool {
+    slot & UPGRADERS != 0
+}
+
+/// Whether a slot word says readers wait behind a writer.
+#[inline]
+pub fn queued(slot: u32) -> bool {
+    slot >= QUEUED_ONE
 }
 
 fn dec(w: &AtomicU32) {

@@ -11,9 +11,17 @@
 //!   the gate go at once (flock flavor: takes the data, then looks at the
 //!   gate with `F_OFD_GETLK` and backs off if it is shut), so a reader
 //!   arriving while a writer waits queues behind the writer instead of
-//!   overtaking it. A thread joining readers of its own process looks at
-//!   the gate too, or one process's overlapping threads would starve
-//!   another's writer.
+//!   overtaking it. A writer shuts the gate only after it has waited its
+//!   *patience* (1 ms) for the readers to leave by themselves, so readers
+//!   that overlap are not drained for every write. A thread joining
+//!   readers of its own process looks at the gate too, or one process's
+//!   overlapping threads would starve another's writer.
+//! - **Kernel locks let a releaser take the lock straight back**, before
+//!   the waiters it woke have run, so a writer that asks again at once
+//!   keeps readers out for as long as it likes. A reader that must sleep
+//!   behind a writer therefore *queues* (a shared lock on a queue byte and
+//!   a count in the hints), and a writer that finds readers queued gives
+//!   the data back and waits until they are in.
 //! - **flock conversion is not atomic**: the kernel drops the shared lock
 //!   before it waits for the exclusive one. So a flock-flavor writer that got
 //!   the data without waiting still checks that no upgrader holds the slot
@@ -79,8 +87,12 @@ use crate::{Blocked, Error, ErrorKind, Lock, Mode, OnBlock, Result, TryLockError
 const DATA: ByteRange = ByteRange { start: 0, len: 1 };
 const GATE: ByteRange = ByteRange { start: 1, len: 1 };
 const SLOT: ByteRange = ByteRange { start: 2, len: 1 };
+/// Held shared by readers while they wait behind a writer (with hints), so
+/// that a writer coming back can tell that they really wait.
+const QUEUE: ByteRange = ByteRange { start: 3, len: 1 };
 const DATA_GATE: ByteRange = ByteRange { start: 0, len: 2 };
 const ALL: ByteRange = ByteRange { start: 0, len: 3 };
+const ALL_QUEUE: ByteRange = ByteRange { start: 0, len: 4 };
 /// The flock flavor's gate and slot: far from the fcntl flavor's bytes, so
 /// that a file used by both flavors (or by byte-range users of its first
 /// bytes) sees no interference between them.
@@ -93,6 +105,11 @@ const RECHECK_EVERY: u32 = 64;
 /// The creation mode of a new lock file unless [`FileLockOptions::mode`]
 /// says otherwise (the process umask applies, as with open(2)).
 pub const DEFAULT_MODE: u32 = 0o644;
+
+/// How long a writer on its slow path waits for the readers to leave by
+/// themselves before it shuts the gate, unless
+/// [`FileLockOptions::writer_patience`] says otherwise.
+pub const DEFAULT_WRITER_PATIENCE: Duration = Duration::from_millis(1);
 
 /// Which kernel lock family holds the data lock.
 ///
@@ -119,9 +136,12 @@ pub enum Flavor {
 /// Whether readers make way for a waiting writer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Fairness {
-    /// A reader does not overtake a writer that is waiting (the default). An
-    /// uncontended read costs the kernel floor's calls when hints are in use
-    /// ([`FileLockOptions::hints`]), one more without them.
+    /// A reader does not overtake a writer that has waited
+    /// [`FileLockOptions::writer_patience`] (default 1 ms; the default
+    /// policy): a stream of overlapping readers holds a writer up for about
+    /// that long, never for ever. An uncontended read costs the kernel
+    /// floor's calls when hints are in use ([`FileLockOptions::hints`]), one
+    /// more without them.
     #[default]
     PreferWriters,
     /// Readers take the kernel lock directly, at the kernel's floor cost;
@@ -137,6 +157,7 @@ pub struct FileLockOptions {
     mode: u32,
     flavor: Flavor,
     fairness: Fairness,
+    writer_patience: Duration,
     verify_path: bool,
     hints: bool,
     on_block: Option<OnBlock>,
@@ -148,6 +169,7 @@ impl Default for FileLockOptions {
             mode: DEFAULT_MODE,
             flavor: Flavor::default(),
             fairness: Fairness::default(),
+            writer_patience: DEFAULT_WRITER_PATIENCE,
             verify_path: true,
             hints: true,
             on_block: None,
@@ -161,6 +183,7 @@ impl fmt::Debug for FileLockOptions {
             .field("mode", &format_args!("{:#o}", self.mode))
             .field("flavor", &self.flavor)
             .field("fairness", &self.fairness)
+            .field("writer_patience", &self.writer_patience)
             .field("verify_path", &self.verify_path)
             .field("hints", &self.hints)
             .field("on_block", &self.on_block.is_some())
@@ -187,6 +210,25 @@ impl FileLockOptions {
     /// The reader policy (default [`Fairness::PreferWriters`]).
     pub fn fairness(&mut self, fairness: Fairness) -> &mut Self {
         self.fairness = fairness;
+        self
+    }
+
+    /// How long a blocked writer lets readers come and go before it stops
+    /// new ones (default [`DEFAULT_WRITER_PATIENCE`], 1 ms).
+    ///
+    /// A writer that finds the lock busy first waits for the data alone,
+    /// as a kernel lock waits: readers still enter, and if they all happen
+    /// to leave, the writer gets in without having stopped anyone. Once it
+    /// has waited this long (counted from its first blocking step), it
+    /// shuts the gate: new readers queue behind it and it waits for the
+    /// readers inside to leave. A shorter patience serves writers sooner; a
+    /// longer one keeps more readers going in a read-heavy load (each time
+    /// the gate shuts, the readers drain and wait out the writer's hold).
+    /// `Duration::ZERO` shuts the gate at once. Upgrades always shut it at
+    /// once. This applies to the writers of this handle, whatever the
+    /// reader policy ([`Fairness`]).
+    pub fn writer_patience(&mut self, patience: Duration) -> &mut Self {
+        self.writer_patience = patience;
         self
     }
 
@@ -267,6 +309,7 @@ impl FileLockOptions {
             mode: self.mode,
             flavor: self.flavor,
             fairness: self.fairness,
+            writer_patience: self.writer_patience,
             verify_path: self.verify_path,
             hints: self.hints,
             on_block: self.on_block.clone(),
@@ -411,8 +454,9 @@ impl State {
 ///   own, and processes all exclude each other. It is not reentrant: a thread
 ///   that asks again for a lock it holds may deadlock.
 /// - **Writers first:** under [`Fairness::PreferWriters`] a reader arriving
-///   while a writer waits queues behind it (between processes through the
-///   gate byte, between threads through the in-process lock).
+///   once a writer has waited [`FileLockOptions::writer_patience`] (1 ms)
+///   queues behind it, between processes through the gate byte; between
+///   threads of one handle at once, through the in-process lock.
 /// - **close:** closing any other descriptor of the file releases nothing
 ///   (OFD locks and flock belong to the open file description).
 /// - **crash:** the kernel releases the locks when the last descriptor of
@@ -438,6 +482,8 @@ pub struct FileLock {
     mode: u32,
     flavor: Flavor,
     fairness: Fairness,
+    /// See [`FileLockOptions::writer_patience`].
+    writer_patience: Duration,
     verify_path: bool,
     hints: bool,
     on_block: Option<OnBlock>,
@@ -790,6 +836,43 @@ impl<'a> Attempt<'a> {
     }
 }
 
+impl Attempt<'_> {
+    /// Like [`Attempt::block`], but gives up at `by` if that comes before
+    /// the deadline: `Ok(true)` holds, `Ok(false)` means `by` passed first
+    /// (the caller's deadline has not). `None`: no such limit. Used for a
+    /// writer's patience, so never for a try (`Wait::NonBlocking` takes
+    /// nothing here).
+    fn block_by(
+        &mut self,
+        f: &File,
+        req: Req,
+        under_state: bool,
+        by: Option<Instant>,
+    ) -> Result<bool, TryLockError> {
+        let by = match (self.wait, by) {
+            (Wait::NonBlocking, _) => return Ok(false),
+            (_, None) => return self.block(f, req, under_state).map(|()| true),
+            (Wait::Until(t), Some(by)) if t <= by => {
+                return self.block(f, req, under_state).map(|()| true)
+            }
+            (_, Some(by)) => by,
+        };
+        if Instant::now() >= by {
+            return Ok(false);
+        }
+        let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
+        self.about_to_block()?;
+        match timer::block_until(Some(by), || req.wait_on(f)) {
+            Ok(Some(())) => Ok(true),
+            // Cancelled (an async wait dropped) or a signal that ends waits:
+            // the acquisition gives up, as `block` does.
+            Ok(None) if timer::cancelled() => Err(TryLockError::TimedOut),
+            Ok(None) => Ok(false),
+            Err(e) => Err(self.lock.io_err("wait for lock", e).into()),
+        }
+    }
+}
+
 /// Raises `kernel_blocked` until dropped (also if the callback panics).
 struct BlockedFlag<'a>(&'a AtomicBool);
 
@@ -863,10 +946,27 @@ impl FileLock {
         }
     }
 
+    fn queue(&self) -> ByteRange {
+        match self.flavor {
+            Flavor::Fcntl => QUEUE,
+            Flavor::Flock => ByteRange {
+                start: FLOCK_BASE + QUEUE.start,
+                len: 1,
+            },
+        }
+    }
+
     fn gate_slot(&self) -> ByteRange {
         ByteRange {
             start: self.gate().start,
             len: 2,
+        }
+    }
+
+    fn gate_slot_queue(&self) -> ByteRange {
+        ByteRange {
+            start: self.gate().start,
+            len: 3,
         }
     }
 
@@ -1281,7 +1381,12 @@ impl FileLock {
                 }
                 // Data and gate in one request: while a writer holds the
                 // gate, this waits; then let the gate go at once.
-                a.kernel(f, Req::Ofd(Read, DATA_GATE), true)?;
+                if !Req::Ofd(Read, DATA_GATE)
+                    .try_on(f)
+                    .map_err(|e| self.io_err("lock", e))?
+                {
+                    self.wait_queued(f, hint, a, Req::Ofd(Read, DATA_GATE))?;
+                }
                 if let Err(e) = unlock_ofd(f, self.gate()) {
                     let _ = unlock_ofd(f, DATA_GATE);
                     return Err(self.io_err("unlock", e).into());
@@ -1317,10 +1422,19 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 // Slow path: through the gate, then the data.
-                a.block(f, Req::Ofd(Read, self.gate()), true)?;
-                let got = a.block(f, Req::Flock(FlockOp::Shared), true);
-                let ungated = unlock_ofd(f, self.gate());
+                let queued = self.enter_queue(f, hint);
+                let got = a
+                    .block(f, Req::Ofd(Read, self.gate()), true)
+                    .and_then(|()| {
+                        let got = a.block(f, Req::Flock(FlockOp::Shared), true);
+                        if got.is_err() {
+                            let _ = unlock_ofd(f, self.gate());
+                        }
+                        got
+                    });
+                self.leave_queue(f, queued);
                 got?;
+                let ungated = unlock_ofd(f, self.gate());
                 if let Err(e) = ungated {
                     let _ = unlock_flock(f);
                     return Err(self.io_err("unlock", e).into());
@@ -1328,6 +1442,75 @@ impl FileLock {
                 Ok(())
             }
         }
+    }
+
+    /// Waits for `req` as a reader queued behind a writer: announced while
+    /// it waits (see [`FileLock::enter_queue`]).
+    fn wait_queued(
+        &self,
+        f: &File,
+        hint: Option<&Hint>,
+        a: &mut Attempt<'_>,
+        req: Req,
+    ) -> Result<(), TryLockError> {
+        let queued = self.enter_queue(f, hint);
+        let got = a.block(f, req, true);
+        self.leave_queue(f, queued);
+        got
+    }
+
+    /// Announces a reader that is about to wait behind a writer: a shared
+    /// lock on the queue byte (which never waits: only a foreign whole-file
+    /// lock can refuse it, and then the reader just waits unannounced), then
+    /// the count in the hints. A writer that gets the data at once and sees
+    /// the count asks the kernel whether the queue byte is held and, if so,
+    /// gives the data back to the readers (see `kernel_exclusive`). Without
+    /// hints nothing is announced and writers never give way.
+    fn enter_queue<'h>(&self, f: &File, hint: Option<&'h Hint>) -> Option<&'h Hint> {
+        let h = hint?;
+        match fcntl::ofd_try(f.as_fd(), RangeLock::Read, self.queue()) {
+            Ok(true) => {
+                h.enter_queue();
+                Some(h)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes [`FileLock::enter_queue`]'s announcement back: the count first,
+    /// so that a raised count always has the byte behind it.
+    fn leave_queue(&self, f: &File, queued: Option<&Hint>) {
+        if let Some(h) = queued {
+            h.leave_queue();
+            let _ = unlock_ofd(f, self.queue());
+        }
+    }
+
+    /// After a writer got the data at once: whether readers wait behind it
+    /// (announced in the hints, and confirmed by the kernel: one of them
+    /// holds the queue byte), so that it should give the data back and
+    /// queue. `slot` is the bucket's slot word as read after the grant.
+    /// Never for a try or a passed deadline (it takes what it got). A count
+    /// the kernel does not confirm is forgotten (readers killed while they
+    /// waited).
+    fn readers_queued(
+        &self,
+        f: &File,
+        hint: Option<&Hint>,
+        slot: u32,
+        wait: Wait,
+    ) -> io::Result<bool> {
+        let Some(h) = hint else {
+            return Ok(false);
+        };
+        if !hint::queued(slot) || wait.expired() {
+            return Ok(false);
+        }
+        if fcntl::ofd_get(f.as_fd(), RangeLock::Write, self.queue())?.is_some() {
+            return Ok(true);
+        }
+        h.forget_queue(slot);
+        Ok(false)
     }
 
     /// Releases the kernel's shared data lock (the last in-process reader).
@@ -1368,21 +1551,41 @@ impl FileLock {
                 // slot and gate (they hold those, not the data), as a kernel
                 // lock lets its releaser take it straight back; readers are
                 // kept out by the data lock itself, and an upgrader holds
-                // the data shared through its (atomic) conversion.
+                // the data shared through its (atomic) conversion. Readers
+                // that wait behind a writer are let in first, though.
+                let mut deferred = false;
                 if Req::Ofd(Write, DATA)
                     .try_spinning(&st.file, a.wait)
                     .map_err(|e| self.io_err("lock", e))?
                 {
-                    return Ok(false);
+                    let slot = st.hint.as_ref().map_or(0, |h| {
+                        hint::after_grant();
+                        h.slot_announced()
+                    });
+                    match self.readers_queued(&st.file, st.hint.as_ref(), slot, a.wait) {
+                        Ok(false) => return Ok(false),
+                        Ok(true) => deferred = true,
+                        Err(e) => {
+                            let _ = unlock_ofd(&st.file, DATA);
+                            return Err(self.io_err("test lock", e).into());
+                        }
+                    }
+                    unlock_ofd(&st.file, DATA).map_err(|e| self.io_err("unlock", e))?;
                 }
                 if a.wait == Wait::NonBlocking {
                     return Err(TryLockError::WouldBlock);
                 }
                 let f = st.file.clone();
+                let by = self.patience_ends();
                 let got = a
                     .block(&f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| a.block(&f, Req::Ofd(Write, self.gate()), true))
-                    .and_then(|()| {
+                    .and_then(|()| self.let_queued_in(&f, a, deferred, by))
+                    .and_then(|()| a.block_by(&f, Req::Ofd(Write, DATA), true, by))
+                    .and_then(|patient| {
+                        if patient {
+                            return Ok(());
+                        }
+                        a.block(&f, Req::Ofd(Write, self.gate()), true)?;
                         // Past the gate: readers that look at the hints
                         // must now queue at the gate too.
                         st.enter_gate();
@@ -1390,7 +1593,7 @@ impl FileLock {
                     });
                 if got.is_err() {
                     st.leave_gate();
-                    let _ = unlock_ofd(&f, ALL);
+                    let _ = unlock_ofd(&f, ALL_QUEUE);
                 }
                 got.map(|()| false)
             }
@@ -1405,22 +1608,42 @@ impl FileLock {
                 // queued writer's slot from an upgrader's, and the writer
                 // makes way for both.
                 let f = &*st.file;
+                let mut deferred = false;
                 if Req::Flock(FlockOp::Exclusive)
                     .try_spinning(f, a.wait)
                     .map_err(|e| self.io_err("lock", e))?
                 {
-                    if let Some(h) = &st.hint {
+                    let slot = st.hint.as_ref().map(|h| {
                         hint::after_grant();
-                        if h.no_upgrader() {
-                            return Ok(false);
+                        h.slot_announced()
+                    });
+                    let converting = if slot.is_none_or(hint::upgraders) {
+                        match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
+                            Ok(held) => held.is_some(),
+                            Err(e) => {
+                                let _ = unlock_flock(f);
+                                return Err(self.io_err("test lock", e).into());
+                            }
                         }
-                    }
-                    match fcntl::ofd_get(f.as_fd(), Write, self.gate_slot()) {
-                        Ok(None) => return Ok(false),
-                        Ok(Some(_)) => {}
-                        Err(e) => {
-                            let _ = unlock_flock(f);
-                            return Err(self.io_err("test lock", e).into());
+                    } else {
+                        false
+                    };
+                    if !converting {
+                        // Readers queued behind a writer go first (not for a
+                        // read-only descriptor's writer: it cannot wait for
+                        // them on the queue byte, see below).
+                        let queued = if self.read_only.load(Ordering::Relaxed) {
+                            Ok(false)
+                        } else {
+                            self.readers_queued(f, st.hint.as_ref(), slot.unwrap_or(0), a.wait)
+                        };
+                        match queued {
+                            Ok(false) => return Ok(false),
+                            Ok(true) => deferred = true,
+                            Err(e) => {
+                                let _ = unlock_flock(f);
+                                return Err(self.io_err("test lock", e).into());
+                            }
                         }
                     }
                     unlock_flock(f).map_err(|e| self.io_err("unlock", e))?;
@@ -1450,11 +1673,20 @@ impl FileLock {
                     return Ok(false);
                 }
                 // The slot is not announced in the hints: only upgraders
-                // are, so that fast-path writers can pass this one.
+                // are, so that fast-path writers can pass this one. Holding
+                // the slot, this writer waits for the data without the gate
+                // first (no upgrader can be converting meanwhile: it would
+                // hold the slot).
+                let by = self.patience_ends();
                 let got = a
                     .block(&f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| a.block(&f, Req::Ofd(Write, self.gate()), true))
-                    .and_then(|()| {
+                    .and_then(|()| self.let_queued_in(&f, a, deferred, by))
+                    .and_then(|()| a.block_by(&f, Req::Flock(FlockOp::Exclusive), true, by))
+                    .and_then(|patient| {
+                        if patient {
+                            return Ok(());
+                        }
+                        a.block(&f, Req::Ofd(Write, self.gate()), true)?;
                         st.enter_gate();
                         a.block(&f, Req::Flock(FlockOp::Exclusive), true)
                     });
@@ -1462,12 +1694,36 @@ impl FileLock {
                     Ok(()) => Ok(true),
                     Err(e) => {
                         st.leave_gate();
-                        let _ = unlock_ofd(&f, self.gate_slot());
+                        let _ = unlock_ofd(&f, self.gate_slot_queue());
                         Err(e)
                     }
                 }
             }
         }
+    }
+
+    /// A writer that gave the data back to queued readers (`deferred`),
+    /// holding the slot: waits (within its patience) until they have been
+    /// granted and let go of the queue byte, so that it does not take the
+    /// data straight back before they wake.
+    fn let_queued_in(
+        &self,
+        f: &File,
+        a: &mut Attempt<'_>,
+        deferred: bool,
+        by: Option<Instant>,
+    ) -> Result<(), TryLockError> {
+        if deferred && a.block_by(f, Req::Ofd(RangeLock::Write, self.queue()), true, by)? {
+            unlock_ofd(f, self.queue()).map_err(|e| self.io_err("unlock", e))?;
+        }
+        Ok(())
+    }
+
+    /// When a writer starting its slow path now stops waiting for the
+    /// readers to leave by themselves and shuts the gate (`None`: never, a
+    /// patience too long to represent).
+    fn patience_ends(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.writer_patience)
     }
 
     /// Releases the writer's kernel locks.

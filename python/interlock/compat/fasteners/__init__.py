@@ -28,8 +28,9 @@ What differs from fasteners, on purpose:
   ``ValueError``) and otherwise ignored; ``sleep_func`` is used only by a
   subclass that overrides ``trylock()`` (fasteners' loop runs around it).
 - **Writers are not starved.** fasteners' reader-writer lock lets a stream
-  of readers keep a writer out for ever; here a waiting writer stops new
-  readers.
+  of readers keep a writer out for ever; here a writer that has waited
+  1 ms stops new readers (and readers that waited behind a writer go in
+  before it takes the lock again).
 - **Reentrancy is defined.** The same thread acquiring a lock it holds
   (through the same or another object on the same path) counts and must
   release as often; a read inside a write or a read, or a write inside a

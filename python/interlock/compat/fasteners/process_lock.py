@@ -291,8 +291,10 @@ class InterProcessLock(_FileBacked):
 
 class InterProcessReaderWriterLock(_FileBacked):
     """A reader-writer lock between processes, and between threads, on the
-    file at ``path``. Waiting writers are served before new readers (none is
-    starved), and waits are in the kernel, without polling.
+    file at ``path``. A writer that has waited 1 ms is served before new
+    readers, and readers that waited behind a writer before it takes the
+    lock again (neither side is starved); waits are in the kernel, without
+    polling.
 
     The same thread asking again counts: a read inside a read or a write, a
     write inside a write. A thread that holds a read lock and asks for the
