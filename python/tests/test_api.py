@@ -483,3 +483,17 @@ def test_close_releases_everything(path):
     assert not lock.locked()
     assert is_free(interlock.FileLock(path).write)
     lock.write().release()  # reopens
+
+
+def test_file_lock_writer_patience(path):
+    assert interlock.FileLock(path).writer_patience == pytest.approx(0.001)
+    assert interlock.FileLock(path, writer_patience=0).writer_patience == 0
+    assert interlock.FileLock(path, writer_patience=0.25).writer_patience == pytest.approx(0.25)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="writer_patience"):
+            interlock.FileLock(path, writer_patience=bad)
+    with pytest.raises(TypeError):
+        interlock.FileLock(path, writer_patience="1ms")
+    lock = interlock.FileLock(path, writer_patience=1e300)  # never shuts the gate
+    with lock.write(timeout=1):
+        pass

@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A path argument: `str` or `os.PathLike`.
 pub(crate) fn path_arg(p: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
@@ -77,6 +78,7 @@ pub(crate) struct PyFileLock {
     path: Arc<std::path::Path>,
     flavor: Flavor,
     mode: u32,
+    writer_patience: Duration,
     reentrant: bool,
     key: Arc<hold::KeyState>,
     lock: PerProcess<FileLock>,
@@ -84,14 +86,30 @@ pub(crate) struct PyFileLock {
 }
 
 impl PyFileLock {
-    fn open(path: &PathBuf, flavor: Flavor, mode: u32) -> interlock::Result<FileLock> {
-        FileLock::options().flavor(flavor).mode(mode).open(path)
+    fn open(
+        path: &PathBuf,
+        flavor: Flavor,
+        mode: u32,
+        patience: Duration,
+    ) -> interlock::Result<FileLock> {
+        FileLock::options()
+            .flavor(flavor)
+            .mode(mode)
+            .writer_patience(patience)
+            .open(path)
     }
 
     fn core(&self, py: Python<'_>) -> PyResult<Arc<FileLock>> {
         self.lock
             .get(
-                || Self::open(&self.path.to_path_buf(), self.flavor, self.mode),
+                || {
+                    Self::open(
+                        &self.path.to_path_buf(),
+                        self.flavor,
+                        self.mode,
+                        self.writer_patience,
+                    )
+                },
                 || self.holds.forget(),
             )
             .map_err(|e| errors::from_error(py, &e))
@@ -153,6 +171,20 @@ pub(crate) fn flavor_arg(flavor: &str) -> PyResult<Flavor> {
     }
 }
 
+/// `writer_patience=` in seconds: `None` for the default (1 ms); a
+/// non-negative number, too large to represent meaning never.
+fn patience_arg(seconds: Option<f64>) -> PyResult<Duration> {
+    let Some(t) = seconds else {
+        return Ok(interlock::DEFAULT_WRITER_PATIENCE);
+    };
+    if t.is_nan() || t < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "writer_patience must be a non-negative number of seconds, not {t}"
+        )));
+    }
+    Ok(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
+}
+
 pub(crate) fn mode_arg(mode: i64) -> PyResult<u32> {
     if !(0..=0o7777).contains(&mode) {
         return Err(PyValueError::new_err(format!(
@@ -165,19 +197,21 @@ pub(crate) fn mode_arg(mode: i64) -> PyResult<u32> {
 #[pymethods]
 impl PyFileLock {
     #[new]
-    #[pyo3(signature = (path, *, flavor = "fcntl", mode = 0o644, reentrant = false))]
+    #[pyo3(signature = (path, *, flavor = "fcntl", mode = 0o644, reentrant = false, writer_patience = None))]
     fn py_new(
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
         flavor: &str,
         mode: i64,
         reentrant: bool,
+        writer_patience: Option<f64>,
     ) -> PyResult<Self> {
         let path = path_arg(path)?;
         let flavor = flavor_arg(flavor)?;
         let mode = mode_arg(mode)?;
+        let patience = patience_arg(writer_patience)?;
         let lock = py
-            .detach(|| Self::open(&path, flavor, mode))
+            .detach(|| Self::open(&path, flavor, mode, patience))
             .map_err(|e| errors::from_error(py, &e))?;
         let path = lock.path().to_path_buf();
         let meta = std::fs::metadata(&path).map_err(|e| {
@@ -191,6 +225,7 @@ impl PyFileLock {
             path: path.into(),
             flavor,
             mode,
+            writer_patience: patience,
             reentrant,
             key,
             lock: PerProcess::new(lock),
@@ -291,6 +326,13 @@ impl PyFileLock {
     #[getter]
     fn reentrant(&self) -> bool {
         self.reentrant
+    }
+
+    /// Seconds a blocked writer lets readers come and go before it stops
+    /// new ones.
+    #[getter]
+    fn writer_patience(&self) -> f64 {
+        self.writer_patience.as_secs_f64()
     }
 
     fn __repr__(&self) -> String {
