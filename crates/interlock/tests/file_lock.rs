@@ -998,14 +998,7 @@ fn a_writer_coming_back_lets_a_waiting_reader_in_first() {
         let p = dir.path().join(format!("q-{}.lock", flavor_name(flavor)));
         let w = open(flavor, &p);
         let (tx, rx) = mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let r = FileLock::options()
-            .flavor(flavor)
-            .on_block(move |_| {
-                let _ = tx.lock().unwrap().send(());
-            })
-            .open(&p)
-            .unwrap();
+        let r = telling(flavor, &p, interlock::DEFAULT_WRITER_PATIENCE, tx);
         let read = AtomicBool::new(false);
         let held = w.write().unwrap();
         thread::scope(|s| {
@@ -1031,9 +1024,9 @@ fn a_writer_coming_back_lets_a_waiting_reader_in_first() {
     }
 }
 
-/// A writer blocked behind `a`'s read hold, with `patience`; `on_block`
-/// tells `tx` when it is about to wait.
-fn patient_writer(flavor: Flavor, p: &Path, patience: Duration, tx: mpsc::Sender<()>) -> FileLock {
+/// A handle whose writers have `patience` and whose `on_block` tells `tx`
+/// when an acquisition is about to wait.
+fn telling(flavor: Flavor, p: &Path, patience: Duration, tx: mpsc::Sender<()>) -> FileLock {
     let tx = std::sync::Mutex::new(tx);
     FileLock::options()
         .flavor(flavor)
@@ -1061,7 +1054,7 @@ fn a_patient_writer_lets_readers_in_until_its_patience_runs_out() {
         // `a_waiting_writer_stops_new_readers`, and the second half here.)
         let held = a.read().unwrap();
         let (tx, rx) = mpsc::channel();
-        let b = patient_writer(flavor, &p, Duration::from_secs(3600), tx);
+        let b = telling(flavor, &p, Duration::from_secs(3600), tx);
         thread::scope(|s| {
             let writer = s.spawn(|| b.write().unwrap().unlock().unwrap());
             rx.recv_timeout(HANG)
@@ -1091,7 +1084,7 @@ fn a_patient_writer_lets_readers_in_until_its_patience_runs_out() {
         // new readers are turned away while the old one still holds.
         let held = a.read().unwrap();
         let (tx, rx) = mpsc::channel();
-        let b = patient_writer(flavor, &p, Duration::from_millis(50), tx);
+        let b = telling(flavor, &p, Duration::from_millis(50), tx);
         thread::scope(|s| {
             let writer = s.spawn(|| b.write().unwrap().unlock().unwrap());
             rx.recv_timeout(HANG)
@@ -1108,7 +1101,7 @@ fn a_patient_writer_lets_readers_in_until_its_patience_runs_out() {
         // gives up at the deadline and leaves nothing held.
         let held = a.read().unwrap();
         let (tx, _rx) = mpsc::channel();
-        let b = patient_writer(flavor, &p, Duration::from_secs(3600), tx);
+        let b = telling(flavor, &p, Duration::from_secs(3600), tx);
         let t = Instant::now();
         let r = b.try_write_for(Duration::from_millis(50));
         assert!(matches!(r, Err(TryLockError::TimedOut)), "{r:?}");

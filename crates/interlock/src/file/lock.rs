@@ -802,10 +802,23 @@ impl<'a> Attempt<'a> {
     /// says the caller holds the state mutex, so other threads' `try_*`
     /// should not wait for it.
     fn block(&mut self, f: &File, req: Req, under_state: bool) -> Result<(), TryLockError> {
+        self.block_by(f, req, under_state, None).map(drop)
+    }
+
+    /// [`Attempt::block`], cut short at `by` (a writer's patience) if that
+    /// comes before the deadline: `Ok(true)` holds, `Ok(false)` means `by`
+    /// passed first. With `by` = `None` it never answers `Ok(false)`.
+    fn block_by(
+        &mut self,
+        f: &File,
+        req: Req,
+        under_state: bool,
+        by: Option<Instant>,
+    ) -> Result<bool, TryLockError> {
         let deadline = match self.wait {
             Wait::NonBlocking => {
                 return if req.try_on(f).map_err(|e| self.lock.io_err("lock", e))? {
-                    Ok(())
+                    Ok(true)
                 } else {
                     Err(TryLockError::WouldBlock)
                 }
@@ -815,7 +828,7 @@ impl<'a> Attempt<'a> {
                 if Instant::now() >= t {
                     // Past the deadline, a free lock is still taken.
                     return if req.try_on(f).map_err(|e| self.lock.io_err("lock", e))? {
-                        Ok(())
+                        Ok(true)
                     } else {
                         Err(TryLockError::TimedOut)
                     };
@@ -823,51 +836,20 @@ impl<'a> Attempt<'a> {
                 Some(t)
             }
         };
+        let by = by.filter(|b| deadline.is_none_or(|t| *b < t));
+        if by.is_some_and(|b| Instant::now() >= b) {
+            return Ok(false);
+        }
         let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
         // After the flag: a callback that asks this same lock for a try_*
         // gets WouldBlock instead of waiting for the mutex we hold.
         self.about_to_block()?;
-        let got = timer::block_until(deadline, || req.wait_on(f));
-        match got {
-            Ok(Some(())) => Ok(()),
-            Ok(None) => Err(TryLockError::TimedOut),
-            Err(e) => Err(self.lock.io_err("wait for lock", e).into()),
-        }
-    }
-}
-
-impl Attempt<'_> {
-    /// Like [`Attempt::block`], but gives up at `by` if that comes before
-    /// the deadline: `Ok(true)` holds, `Ok(false)` means `by` passed first
-    /// (the caller's deadline has not). `None`: no such limit. Used for a
-    /// writer's patience, so never for a try (`Wait::NonBlocking` takes
-    /// nothing here).
-    fn block_by(
-        &mut self,
-        f: &File,
-        req: Req,
-        under_state: bool,
-        by: Option<Instant>,
-    ) -> Result<bool, TryLockError> {
-        let by = match (self.wait, by) {
-            (Wait::NonBlocking, _) => return Ok(false),
-            (_, None) => return self.block(f, req, under_state).map(|()| true),
-            (Wait::Until(t), Some(by)) if t <= by => {
-                return self.block(f, req, under_state).map(|()| true)
-            }
-            (_, Some(by)) => by,
-        };
-        if Instant::now() >= by {
-            return Ok(false);
-        }
-        let _flag = under_state.then(|| BlockedFlag::raise(&self.lock.kernel_blocked));
-        self.about_to_block()?;
-        match timer::block_until(Some(by), || req.wait_on(f)) {
+        match timer::block_until(by.or(deadline), || req.wait_on(f)) {
             Ok(Some(())) => Ok(true),
-            // Cancelled (an async wait dropped) or a signal that ends waits:
-            // the acquisition gives up, as `block` does.
-            Ok(None) if timer::cancelled() => Err(TryLockError::TimedOut),
-            Ok(None) => Ok(false),
+            // `by` passed; a cancelled wait (an async acquisition dropped, a
+            // signal that ends waits) gives up as at the deadline.
+            Ok(None) if by.is_some() && !timer::cancelled() => Ok(false),
+            Ok(None) => Err(TryLockError::TimedOut),
             Err(e) => Err(self.lock.io_err("wait for lock", e).into()),
         }
     }
@@ -1381,12 +1363,7 @@ impl FileLock {
                 }
                 // Data and gate in one request: while a writer holds the
                 // gate, this waits; then let the gate go at once.
-                if !Req::Ofd(Read, DATA_GATE)
-                    .try_on(f)
-                    .map_err(|e| self.io_err("lock", e))?
-                {
-                    self.wait_queued(f, hint, a, Req::Ofd(Read, DATA_GATE))?;
-                }
+                self.kernel_queued(f, hint, a, Req::Ofd(Read, DATA_GATE))?;
                 if let Err(e) = unlock_ofd(f, self.gate()) {
                     let _ = unlock_ofd(f, DATA_GATE);
                     return Err(self.io_err("unlock", e).into());
@@ -1444,15 +1421,18 @@ impl FileLock {
         }
     }
 
-    /// Waits for `req` as a reader queued behind a writer: announced while
-    /// it waits (see [`FileLock::enter_queue`]).
-    fn wait_queued(
+    /// A reader's [`Attempt::kernel`]: if `req` has to wait, the reader
+    /// waits queued behind the writer (see [`FileLock::enter_queue`]).
+    fn kernel_queued(
         &self,
         f: &File,
         hint: Option<&Hint>,
         a: &mut Attempt<'_>,
         req: Req,
     ) -> Result<(), TryLockError> {
+        if req.try_on(f).map_err(|e| self.io_err("lock", e))? {
+            return Ok(());
+        }
         let queued = self.enter_queue(f, hint);
         let got = a.block(f, req, true);
         self.leave_queue(f, queued);
@@ -1576,21 +1556,7 @@ impl FileLock {
                     return Err(TryLockError::WouldBlock);
                 }
                 let f = st.file.clone();
-                let by = self.patience_ends();
-                let got = a
-                    .block(&f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| self.let_queued_in(&f, a, deferred, by))
-                    .and_then(|()| a.block_by(&f, Req::Ofd(Write, DATA), true, by))
-                    .and_then(|patient| {
-                        if patient {
-                            return Ok(());
-                        }
-                        a.block(&f, Req::Ofd(Write, self.gate()), true)?;
-                        // Past the gate: readers that look at the hints
-                        // must now queue at the gate too.
-                        st.enter_gate();
-                        a.block(&f, Req::Ofd(Write, DATA), true)
-                    });
+                let got = self.exclusive_slow(st, a, &f, Req::Ofd(Write, DATA), deferred);
                 if got.is_err() {
                     st.leave_gate();
                     let _ = unlock_ofd(&f, ALL_QUEUE);
@@ -1674,22 +1640,10 @@ impl FileLock {
                 }
                 // The slot is not announced in the hints: only upgraders
                 // are, so that fast-path writers can pass this one. Holding
-                // the slot, this writer waits for the data without the gate
-                // first (no upgrader can be converting meanwhile: it would
+                // the slot, this writer may wait for the data without the
+                // gate (no upgrader can be converting meanwhile: it would
                 // hold the slot).
-                let by = self.patience_ends();
-                let got = a
-                    .block(&f, Req::Ofd(Write, self.slot()), true)
-                    .and_then(|()| self.let_queued_in(&f, a, deferred, by))
-                    .and_then(|()| a.block_by(&f, Req::Flock(FlockOp::Exclusive), true, by))
-                    .and_then(|patient| {
-                        if patient {
-                            return Ok(());
-                        }
-                        a.block(&f, Req::Ofd(Write, self.gate()), true)?;
-                        st.enter_gate();
-                        a.block(&f, Req::Flock(FlockOp::Exclusive), true)
-                    });
+                let got = self.exclusive_slow(st, a, &f, Req::Flock(FlockOp::Exclusive), deferred);
                 match got {
                     Ok(()) => Ok(true),
                     Err(e) => {
@@ -1702,28 +1656,36 @@ impl FileLock {
         }
     }
 
-    /// A writer that gave the data back to queued readers (`deferred`),
-    /// holding the slot: waits (within its patience) until they have been
-    /// granted and let go of the queue byte, so that it does not take the
-    /// data straight back before they wake.
-    fn let_queued_in(
+    /// The writer's slow path, both flavors (`data` is the flavor's data
+    /// request): X slot; if the fast path gave the data back to queued
+    /// readers (`deferred`), X on the queue byte, i.e. until they have all
+    /// been granted, so that it does not take the data straight back before
+    /// they wake; then the data for up to the writer's patience, counted
+    /// from here, while readers still come and go; then X gate (new readers
+    /// queue) and the data. On error the caller releases what was taken.
+    fn exclusive_slow(
         &self,
-        f: &File,
+        st: &mut State,
         a: &mut Attempt<'_>,
+        f: &File,
+        data: Req,
         deferred: bool,
-        by: Option<Instant>,
     ) -> Result<(), TryLockError> {
-        if deferred && a.block_by(f, Req::Ofd(RangeLock::Write, self.queue()), true, by)? {
+        use RangeLock::Write;
+        // `None`: a patience too long to represent, never shut the gate.
+        let by = Instant::now().checked_add(self.writer_patience);
+        a.block(f, Req::Ofd(Write, self.slot()), true)?;
+        if deferred && a.block_by(f, Req::Ofd(Write, self.queue()), true, by)? {
             unlock_ofd(f, self.queue()).map_err(|e| self.io_err("unlock", e))?;
         }
-        Ok(())
-    }
-
-    /// When a writer starting its slow path now stops waiting for the
-    /// readers to leave by themselves and shuts the gate (`None`: never, a
-    /// patience too long to represent).
-    fn patience_ends(&self) -> Option<Instant> {
-        Instant::now().checked_add(self.writer_patience)
+        if a.block_by(f, data, true, by)? {
+            return Ok(());
+        }
+        a.block(f, Req::Ofd(Write, self.gate()), true)?;
+        // Past the gate: readers that look at the hints must now queue at
+        // the gate too.
+        st.enter_gate();
+        a.block(f, data, true)
     }
 
     /// Releases the writer's kernel locks.
