@@ -209,6 +209,10 @@ fn child() -> bool {
             hammer();
             true
         }
+        Some("patient_writer") => {
+            patient_writer();
+            true
+        }
         Some(r) => panic!("unknown role {r}"),
     }
 }
@@ -1110,6 +1114,131 @@ fn a_patient_writer_lets_readers_in_until_its_patience_runs_out() {
         drop(b.try_write().unwrap());
         drop(c.try_upgradable_read().unwrap());
     }
+}
+
+/// In a child: `ARG = "<flavor> <patience ms> <path>"`. Says "blocked"
+/// when its write has to wait, "in" once it holds the lock, then releases
+/// on the next line and says "out".
+fn patient_writer() {
+    let arg = support::arg();
+    let mut words = arg.splitn(3, ' ');
+    let flavor = match words.next().unwrap() {
+        "flock" => Flavor::Flock,
+        _ => Flavor::Fcntl,
+    };
+    let ms: u64 = words.next().unwrap().parse().unwrap();
+    let path = Path::new(words.next().unwrap());
+    let lock = FileLock::options()
+        .flavor(flavor)
+        .writer_patience(Duration::from_millis(ms))
+        .on_block(|_| support::say("blocked"))
+        .open(path)
+        .unwrap();
+    let g = lock.write().unwrap();
+    support::say("in");
+    let _ = support::hear();
+    g.unlock().unwrap();
+    support::say("out");
+}
+
+/// Whether a thread of the process is asleep in a lock call (fcntl or
+/// flock), from /proc/PID/task/TID/syscall (its first field is the system
+/// call being made; the test runs on a thread of its own).
+fn asleep_in_lock_call(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let s = fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        let nr = s
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<i64>().ok());
+        nr == Some(libc::SYS_fcntl) || nr == Some(libc::SYS_flock)
+    })
+}
+
+#[test]
+fn readers_stop_coming_in_when_the_patience_ends_even_if_the_writer_cannot_run() {
+    if child() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for flavor in FLAVORS {
+        let p = dir.path().join(format!("t-{}.lock", flavor_name(flavor)));
+        // Each attempt needs its first checks done well inside the writer's
+        // 1 s patience; a machine that stalls longer gets another attempt.
+        let in_time = (0..3).any(|_| stopped_writer_attempt(flavor, &p));
+        assert!(
+            in_time,
+            "{flavor:?}: the checks never ran inside the writer's patience"
+        );
+    }
+}
+
+/// One attempt of the test above: `false` if the check during the
+/// patience came too late to mean anything.
+fn stopped_writer_attempt(flavor: Flavor, p: &Path) -> bool {
+    let a = open(flavor, p);
+    let c = open(flavor, p);
+    let blind = FileLock::options()
+        .flavor(flavor)
+        .hints(false)
+        .open(p)
+        .unwrap();
+    let held = a.read().unwrap();
+    // A patience as long as a stamp can stand for, so that the checks
+    // below fit inside it with a wide margin.
+    let mut w = Child::spawn(
+        "readers_stop_coming_in_when_the_patience_ends_even_if_the_writer_cannot_run",
+        "patient_writer",
+        &format!("{} 1000 {}", flavor_name(flavor), p.display()),
+    );
+    w.expect("blocked");
+    let told = Instant::now();
+    // The writer shuts the gate in the kernel before its patience (a
+    // writer that shuts it only when its patience ends makes this attempt
+    // late): a reader that does not look at the hints is turned away...
+    eventually("the gate is shut", || {
+        matches!(blind.try_read(), Err(TryLockError::WouldBlock))
+    });
+    // ...and once it sleeps waiting for the data it has placed its stamp.
+    eventually("the writer sleeps in its lock call", || {
+        asleep_in_lock_call(w.pid())
+    });
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &w.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    // Stopped, the writer's own timer cannot end its patience.
+    signal("-STOP");
+    // Readers that look at the hints still come in during the patience.
+    let during = c.try_read().map(drop);
+    let in_time = told.elapsed() < Duration::from_millis(500);
+    if in_time {
+        assert!(
+            during.is_ok(),
+            "{flavor:?}: a reader is turned away during the patience: {during:?}"
+        );
+    }
+    // Once it has passed, they are turned away by the stamp alone.
+    eventually("a reader is turned away after the patience", || {
+        matches!(c.try_read(), Err(TryLockError::WouldBlock))
+    });
+    signal("-CONT");
+    drop(held);
+    w.expect("in");
+    w.send("release");
+    w.expect("out");
+    w.join();
+    // Nothing is left behind: the stamp went with the writer.
+    drop(c.try_read().unwrap());
+    drop(blind.try_write().unwrap());
+    in_time
 }
 
 /// In a child: reads in a loop, holding each read lock for 2 ms, until the

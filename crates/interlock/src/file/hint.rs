@@ -9,12 +9,21 @@
 //! itself. Most of the time the answer is "nothing changed", and memory
 //! that every user of the file maps can say so for the price of a load:
 //!
-//! - `gate`: how many holders of the gate byte (writers past the gate, an
-//!   upgrade in progress) announced themselves. A reader that finds it zero
-//!   *after* its data lock was granted (the kernel's lock on the inode
-//!   orders the two, see [`after_grant`]) knows
+//! - `gate`'s low 16 bits: how many holders of the gate byte (writers past
+//!   the gate, an upgrade in progress) announced themselves. A reader that
+//!   finds it zero *after* its data lock was granted (the kernel's lock on
+//!   the inode orders the two, see [`after_grant`]) knows
 //!   that any writer that shuts the gate later will find it holding the data
 //!   and wait for it, which is what the `F_OFD_GETLK` look told it before.
+//! - `gate`'s high 16 bits: a patient writer's *stamp*, the end of its
+//!   patience on this host's monotonic clock (in units of 2^16 ns, modulo
+//!   2^16). Such a writer holds the gate in the kernel already; readers that
+//!   look at the hints still come in until the stamp passes, and then treat
+//!   it as an announced gate holder, so they stop coming in the moment the
+//!   patience ends instead of when the waiting writer is next scheduled
+//!   (see [`Hint::place_stamp`]). The stamp only decides *when* readers stop
+//!   entering; a writer still announces itself in the count when its own
+//!   timer says the patience is over.
 //! - `slot`: how many upgradable readers announced themselves (flock
 //!   flavor; slow-path writers hold the slot byte but do not announce it).
 //!   A flock-flavor writer that got `LOCK_EX` and finds it zero knows no
@@ -59,7 +68,8 @@ use crate::sys::proc::euid;
 /// Buckets in a table; the last one is not a file's: its third word counts
 /// the opens of lock files.
 const BUCKETS: usize = 4096;
-/// Bytes per bucket: gate (u32), slot (u32: upgraders in the low half,
+/// Bytes per bucket: gate (u32: gate holders in the low half, a patient
+/// writer's stamp in the high half), slot (u32: upgraders in the low half,
 /// queued readers in the high half), removed (u64).
 const BUCKET_LEN: usize = 16;
 /// The table's exact size.
@@ -103,9 +113,12 @@ impl Hint {
     /// Whether no gate holder announced itself. The caller has just been
     /// granted its data lock, which the kernel orders before this load (see
     /// [`after_grant`]).
+    /// A patient writer's stamp that has not passed yet does not count (it
+    /// lets readers in); one that has passed does.
     #[inline]
     pub fn gate_clear(&self) -> bool {
-        self.gate_word().load(Ordering::SeqCst) == 0
+        let w = self.gate_word().load(Ordering::SeqCst);
+        w == 0 || (w & GATE_COUNT == 0 && !stamp_passed(w >> STAMP_SHIFT))
     }
 
     /// The slot word: see [`upgraders`] and [`queued`]. The caller has
@@ -148,14 +161,68 @@ impl Hint {
 
     /// Announces a gate holder (the caller holds the gate, or is about to
     /// convert under it). Undo with [`Hint::leave_gate`].
+    /// The count saturates at 65,535 (stale announcements of killed
+    /// writers), as the upgraders' count does, and never reaches the stamp.
     pub fn enter_gate(&self) {
-        self.gate_word().fetch_add(1, Ordering::SeqCst);
+        let _ = self
+            .gate_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                (v & GATE_COUNT != GATE_COUNT).then_some(v + 1)
+            });
     }
 
     /// Takes an announcement back (never below zero: a count that a
-    /// hostile or buggy writer lowered must not wrap to "always busy").
+    /// hostile or buggy writer lowered must not wrap to "always busy";
+    /// never from a full count; never touching the stamp).
     pub fn leave_gate(&self) {
-        dec(self.gate_word());
+        let _ = self
+            .gate_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                let n = v & GATE_COUNT;
+                (n != 0 && n != GATE_COUNT).then(|| v - 1)
+            });
+    }
+
+    /// A patient writer that holds the gate in the kernel (and the slot, so
+    /// it is the only one of its file) says until when readers that look at
+    /// the hints may still come in: `deadline_ns` on
+    /// [`monotonic_ns`](crate::sys::timer::monotonic_ns). Returns the stamp
+    /// to take back with [`Hint::clear_stamp`], or `None` if the bucket
+    /// holds another stamp (a file that hashes to the same bucket, or one
+    /// left by a writer killed while it waited): then readers of this file
+    /// are let in until the writer's own timer announces it at the gate.
+    pub fn place_stamp(&self, deadline_ns: u64) -> Option<u32> {
+        // Rounded up, so that no reader stops early; 0 means "no stamp".
+        let stamp = ((deadline_ns.div_ceil(STAMP_UNIT_NS)) as u32 & STAMP_MASK).max(1);
+        self.gate_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                (v >> STAMP_SHIFT == 0).then_some(v | stamp << STAMP_SHIFT)
+            })
+            .ok()
+            .map(|_| stamp)
+    }
+
+    /// Takes a stamp back, if it is still the one placed.
+    pub fn clear_stamp(&self, stamp: u32) {
+        let _ = self
+            .gate_word()
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                (v >> STAMP_SHIFT == stamp).then_some(v & GATE_COUNT)
+            });
+    }
+
+    /// Clears a stamp that has passed, for a reader that holds the gate
+    /// shared (so no writer of its file is past the gate): the stamp is
+    /// another file's or a killed writer's, and it would otherwise send
+    /// every reader of the bucket down the slow path. A live writer of
+    /// another file whose stamp this erases still shuts its readers out
+    /// when its own timer runs out.
+    pub fn forget_passed_stamp(&self) {
+        let w = self.gate_word().load(Ordering::SeqCst);
+        let stamp = w >> STAMP_SHIFT;
+        if stamp != 0 && stamp_passed(stamp) {
+            self.clear_stamp(stamp);
+        }
     }
 
     /// Announces an upgradable reader. The low half saturates: once 65,535
@@ -209,6 +276,27 @@ impl Hint {
     }
 }
 
+/// The gate word's half that counts announced gate holders.
+const GATE_COUNT: u32 = 0xFFFF;
+/// Where the gate word's stamp starts, and its width.
+const STAMP_SHIFT: u32 = 16;
+const STAMP_MASK: u32 = 0xFFFF;
+/// One tick of a stamp: 2^16 ns, so stamps wrap every 4.3 s and one is
+/// "passed" for 2.1 s after its time, then "not yet" for 2.1 s.
+const STAMP_UNIT_NS: u64 = 1 << 16;
+/// The longest patience a stamp stands for (well inside half the wrap);
+/// a longer one is left to the writer's timer alone.
+pub const STAMPED_PATIENCE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the stamp's time has come (a clock read; only when a patient
+/// writer waits). Modular: within 2.1 s after it, yes; within 2.1 s
+/// before it, no.
+#[cold]
+fn stamp_passed(stamp: u32) -> bool {
+    let now = (crate::sys::timer::monotonic_ns() / STAMP_UNIT_NS) as u32 & STAMP_MASK;
+    now.wrapping_sub(stamp) & STAMP_MASK < 0x8000
+}
+
 /// The slot word's half that counts upgradable readers.
 pub const UPGRADERS: u32 = 0xFFFF;
 /// One queued reader in the slot word's high half.
@@ -224,10 +312,6 @@ pub fn upgraders(slot: u32) -> bool {
 #[inline]
 pub fn queued(slot: u32) -> bool {
     slot >= QUEUED_ONE
-}
-
-fn dec(w: &AtomicU32) {
-    let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
 }
 
 /// What orders a kernel grant before the hint loads that follow it: the
@@ -381,5 +465,89 @@ fn create_table(owner: u32, path: &PathBuf) -> io::Result<Option<File>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket() -> Hint {
+        let map = Mapping::shared_anonymous(LEN).unwrap();
+        Hint {
+            table: Arc::new(Table { map }),
+            at: 0,
+        }
+    }
+
+    fn now() -> u64 {
+        crate::sys::timer::monotonic_ns()
+    }
+
+    #[test]
+    fn a_stamp_lets_readers_in_until_it_passes_then_counts_as_a_gate_holder() {
+        let h = bucket();
+        assert!(h.gate_clear());
+        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        assert!(h.gate_clear(), "before its time a stamp lets readers in");
+        // One stamp per bucket: a second writer (another file) gets none.
+        assert_eq!(h.place_stamp(now()), None);
+        h.clear_stamp(s);
+        let s = h.place_stamp(now().saturating_sub(1_000_000)).unwrap();
+        assert!(!h.gate_clear(), "a stamp that has passed shuts readers out");
+        // Clearing someone else's stamp does nothing; the placer's does.
+        h.clear_stamp(s ^ 1);
+        assert!(!h.gate_clear());
+        h.clear_stamp(s);
+        assert!(h.gate_clear());
+    }
+
+    #[test]
+    fn the_gate_count_and_the_stamp_never_touch_each_other() {
+        let h = bucket();
+        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        h.enter_gate();
+        assert!(
+            !h.gate_clear(),
+            "an announced gate holder shuts readers out"
+        );
+        h.leave_gate();
+        h.leave_gate(); // never below zero, never borrowing from the stamp
+        assert!(h.gate_clear());
+        assert_eq!(h.gate_word().load(Ordering::SeqCst) >> STAMP_SHIFT, s);
+        // A full count stays full (stale announcements), below the stamp.
+        h.gate_word()
+            .store(s << STAMP_SHIFT | (GATE_COUNT - 1), Ordering::SeqCst);
+        h.enter_gate();
+        h.enter_gate();
+        h.leave_gate();
+        assert_eq!(
+            h.gate_word().load(Ordering::SeqCst),
+            s << STAMP_SHIFT | GATE_COUNT
+        );
+    }
+
+    #[test]
+    fn only_a_passed_stamp_is_forgotten() {
+        let h = bucket();
+        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        h.forget_passed_stamp();
+        assert_eq!(h.gate_word().load(Ordering::SeqCst) >> STAMP_SHIFT, s);
+        h.clear_stamp(s);
+        h.place_stamp(now().saturating_sub(1_000_000)).unwrap();
+        h.enter_gate();
+        h.forget_passed_stamp();
+        assert_eq!(h.gate_word().load(Ordering::SeqCst), 1, "the count stays");
+    }
+
+    #[test]
+    fn stamps_compare_modulo_their_wrap() {
+        let tick = |ns: u64| ((ns / STAMP_UNIT_NS) as u32) & STAMP_MASK;
+        let t = tick(now());
+        // Just behind now: passed. Just ahead: not yet. Half a wrap
+        // behind still counts as passed.
+        assert!(stamp_passed(t.wrapping_sub(1) & STAMP_MASK));
+        assert!(!stamp_passed((t + 100) & STAMP_MASK));
+        assert!(stamp_passed(t.wrapping_sub(0x7000) & STAMP_MASK));
     }
 }

@@ -227,6 +227,16 @@ impl FileLockOptions {
     /// `Duration::ZERO` shuts the gate at once. Upgrades always shut it at
     /// once. This applies to the writers of this handle, whatever the
     /// reader policy ([`Fairness`]).
+    ///
+    /// With hints (the default, see [`FileLockOptions::hints`]) and a
+    /// patience of at most 1 s, the writer shuts the gate in the kernel at
+    /// the start and says in the hints when its patience ends; readers that
+    /// use hints keep coming in until then and stop by themselves at that
+    /// moment, even if the waiting writer is not running (on a busy machine
+    /// a sleeping writer may wait several milliseconds for a processor
+    /// after its timer fires). Readers whose handle does not use hints see
+    /// only the shut gate and queue at once. A longer patience is kept by
+    /// the writer's timer alone.
     pub fn writer_patience(&mut self, patience: Duration) -> &mut Self {
         self.writer_patience = patience;
         self
@@ -323,6 +333,7 @@ impl FileLockOptions {
                 unchecked: 0,
                 removed: false,
                 gate_held: None,
+                stamp_held: None,
                 slot_held: None,
             }))),
             read_only: AtomicBool::new(!writable),
@@ -400,6 +411,9 @@ struct State {
     removed: bool,
     /// The bucket whose gate count this handle raised (it holds the gate).
     gate_held: Option<Hint>,
+    /// The stamp this handle placed in its bucket (a patient writer holding
+    /// the gate in the kernel; see `hint::Hint::place_stamp`).
+    stamp_held: Option<(Hint, u32)>,
     /// The bucket whose slot count this handle raised (flock flavor: an
     /// upgradable reader, or the writer it became, holds the slot; writers
     /// that queue at the slot do not raise it).
@@ -417,10 +431,27 @@ impl State {
         }
     }
 
-    /// Takes the gate announcement back (before the gate is unlocked).
+    /// Says until when readers may still pass the gate this handle holds
+    /// (see `hint::Hint::place_stamp`); whether a stamp was placed.
+    fn place_stamp(&mut self, deadline_ns: u64) -> bool {
+        if self.stamp_held.is_none() {
+            if let Some(h) = &self.hint {
+                if let Some(stamp) = h.place_stamp(deadline_ns) {
+                    self.stamp_held = Some((h.clone(), stamp));
+                }
+            }
+        }
+        self.stamp_held.is_some()
+    }
+
+    /// Takes the gate announcement and any stamp back (before the gate is
+    /// unlocked).
     fn leave_gate(&mut self) {
         if let Some(h) = self.gate_held.take() {
             h.leave_gate();
+        }
+        if let Some((h, stamp)) = self.stamp_held.take() {
+            h.clear_stamp(stamp);
         }
     }
 
@@ -1403,6 +1434,9 @@ impl FileLock {
                 let got = a
                     .block(f, Req::Ofd(Read, self.gate()), true)
                     .and_then(|()| {
+                        if let Some(h) = hint {
+                            h.forget_passed_stamp();
+                        }
                         let got = a.block(f, Req::Flock(FlockOp::Shared), true);
                         if got.is_err() {
                             let _ = unlock_ofd(f, self.gate());
@@ -1431,6 +1465,9 @@ impl FileLock {
         req: Req,
     ) -> Result<(), TryLockError> {
         if req.try_on(f).map_err(|e| self.io_err("lock", e))? {
+            if let Some(h) = hint {
+                h.forget_passed_stamp();
+            }
             return Ok(());
         }
         let queued = self.enter_queue(f, hint);
@@ -1663,6 +1700,15 @@ impl FileLock {
     /// they wake; then the data for up to the writer's patience, counted
     /// from here, while readers still come and go; then X gate (new readers
     /// queue) and the data. On error the caller releases what was taken.
+    ///
+    /// With hints, the writer shuts the gate in the kernel *before* its
+    /// patience and places a stamp saying when the patience ends: readers
+    /// that look at the hints come in until then and queue at the gate from
+    /// then on, by themselves. Without the stamp the patience ends only when
+    /// the writer's timer fires *and* the writer gets a processor again,
+    /// which under oversubscription (every processor busy with readers) is
+    /// the next scheduler tick or later. Readers without hints find the gate
+    /// shut at once (they have no patience to be shown).
     fn exclusive_slow(
         &self,
         st: &mut State,
@@ -1674,14 +1720,30 @@ impl FileLock {
         use RangeLock::Write;
         // `None`: a patience too long to represent, never shut the gate.
         let by = Instant::now().checked_add(self.writer_patience);
+        let stamped = st.hint.is_some()
+            && !self.writer_patience.is_zero()
+            && self.writer_patience <= hint::STAMPED_PATIENCE_MAX;
+        let by_ns = if stamped {
+            crate::sys::timer::monotonic_ns() + self.writer_patience.as_nanos() as u64
+        } else {
+            0
+        };
         a.block(f, Req::Ofd(Write, self.slot()), true)?;
         if deferred && a.block_by(f, Req::Ofd(Write, self.queue()), true, by)? {
             unlock_ofd(f, self.queue()).map_err(|e| self.io_err("unlock", e))?;
         }
+        if stamped {
+            // Before the stamp: a reader that sees it has passed must find
+            // the gate shut.
+            a.block(f, Req::Ofd(Write, self.gate()), true)?;
+            st.place_stamp(by_ns);
+        }
         if a.block_by(f, data, true, by)? {
             return Ok(());
         }
-        a.block(f, Req::Ofd(Write, self.gate()), true)?;
+        if !stamped {
+            a.block(f, Req::Ofd(Write, self.gate()), true)?;
+        }
         // Past the gate: readers that look at the hints must now queue at
         // the gate too.
         st.enter_gate();

@@ -283,6 +283,20 @@ impl Drop for CancelTimer {
     }
 }
 
+/// This host's CLOCK_MONOTONIC in nanoseconds: the same clock in every
+/// process of the host (in one time namespace), unlike an `Instant`'s
+/// private representation, so it can be compared through shared memory.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer on this frame; CLOCK_MONOTONIC
+    // always exists on Linux, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Runs the blocking call `f` until it succeeds, fails with something other
 /// than EINTR, `deadline` passes or this thread's wait is cancelled (then
 /// `Ok(None)`). With no deadline it restarts `f` after stray signals.
