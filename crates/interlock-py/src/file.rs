@@ -177,12 +177,7 @@ fn patience_arg(seconds: Option<f64>) -> PyResult<Duration> {
     let Some(t) = seconds else {
         return Ok(interlock::DEFAULT_WRITER_PATIENCE);
     };
-    if t.is_nan() || t < 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "writer_patience must be a non-negative number of seconds, not {t}"
-        )));
-    }
-    Ok(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
+    Ok(crate::wait::non_negative_secs("writer_patience", t)?.unwrap_or(Duration::MAX))
 }
 
 pub(crate) fn mode_arg(mode: i64) -> PyResult<u32> {

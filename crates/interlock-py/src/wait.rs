@@ -51,18 +51,22 @@ pub(crate) fn wait_of_threading(blocking: bool, timeout: f64) -> PyResult<Wait> 
 }
 
 fn seconds(t: f64) -> PyResult<Wait> {
-    if t.is_nan() || t < 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "timeout must be a non-negative number of seconds, not {t}"
-        )));
-    }
+    let d = non_negative_secs("timeout", t)?;
     if t == 0.0 {
         return Ok(Wait::NonBlocking);
     }
-    Ok(match Duration::try_from_secs_f64(t) {
-        Ok(d) => Wait::timeout(d),
-        Err(_) => Wait::Forever,
-    })
+    Ok(d.map_or(Wait::Forever, Wait::timeout))
+}
+
+/// A non-negative number of seconds given as `what`: `ValueError` for a
+/// negative one or NaN, `None` for one too large to represent (for ever).
+pub(crate) fn non_negative_secs(what: &str, t: f64) -> PyResult<Option<Duration>> {
+    if t.is_nan() || t < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a non-negative number of seconds, not {t}"
+        )));
+    }
+    Ok(Duration::try_from_secs_f64(t).ok())
 }
 
 /// Whether the calling thread is Python's main thread (where Python runs

@@ -113,6 +113,7 @@ impl Hint {
     /// Whether no gate holder announced itself. The caller has just been
     /// granted its data lock, which the kernel orders before this load (see
     /// [`after_grant`]).
+    ///
     /// A patient writer's stamp that has not passed yet does not count (it
     /// lets readers in); one that has passed does.
     #[inline]
@@ -161,26 +162,18 @@ impl Hint {
 
     /// Announces a gate holder (the caller holds the gate, or is about to
     /// convert under it). Undo with [`Hint::leave_gate`].
+    ///
     /// The count saturates at 65,535 (stale announcements of killed
     /// writers), as the upgraders' count does, and never reaches the stamp.
     pub fn enter_gate(&self) {
-        let _ = self
-            .gate_word()
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                (v & GATE_COUNT != GATE_COUNT).then_some(v + 1)
-            });
+        raise_low_half(self.gate_word());
     }
 
     /// Takes an announcement back (never below zero: a count that a
     /// hostile or buggy writer lowered must not wrap to "always busy";
     /// never from a full count; never touching the stamp).
     pub fn leave_gate(&self) {
-        let _ = self
-            .gate_word()
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                let n = v & GATE_COUNT;
-                (n != 0 && n != GATE_COUNT).then(|| v - 1)
-            });
+        lower_low_half(self.gate_word());
     }
 
     /// A patient writer that holds the gate in the kernel (and the slot, so
@@ -230,22 +223,13 @@ impl Hint {
     /// theirs back), it stays full, which costs writers a system call but
     /// never lets one miss an upgrader.
     pub fn enter_slot(&self) {
-        let _ = self
-            .slot_word()
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                (v & UPGRADERS != UPGRADERS).then_some(v + 1)
-            });
+        raise_low_half(self.slot_word());
     }
 
     /// Takes an upgradable reader's announcement back (never below zero,
     /// never from a full low half).
     pub fn leave_slot(&self) {
-        let _ = self
-            .slot_word()
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                let up = v & UPGRADERS;
-                (up != 0 && up != UPGRADERS).then(|| v - 1)
-            });
+        lower_low_half(self.slot_word());
     }
 
     fn opens_word(&self) -> &AtomicU64 {
@@ -295,6 +279,25 @@ pub const STAMPED_PATIENCE_MAX: std::time::Duration = std::time::Duration::from_
 fn stamp_passed(stamp: u32) -> bool {
     let now = (crate::sys::timer::monotonic_ns() / STAMP_UNIT_NS) as u32 & STAMP_MASK;
     now.wrapping_sub(stamp) & STAMP_MASK < 0x8000
+}
+
+/// Raises the count in the low half of `w`, saturating at 65,535 (stale
+/// announcements of killed holders then keep it full: it costs a system
+/// call, never hides a holder) and never touching the high half.
+fn raise_low_half(w: &AtomicU32) {
+    let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+        (v & UPGRADERS != UPGRADERS).then_some(v + 1)
+    });
+}
+
+/// Lowers the count in the low half of `w`: never below zero (a count that
+/// a hostile or buggy holder lowered must not wrap to "always busy"), never
+/// from a full count, never touching the high half.
+fn lower_low_half(w: &AtomicU32) {
+    let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+        let n = v & UPGRADERS;
+        (n != 0 && n != UPGRADERS).then(|| v - 1)
+    });
 }
 
 /// The slot word's half that counts upgradable readers.

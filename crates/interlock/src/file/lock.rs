@@ -91,6 +91,8 @@ const SLOT: ByteRange = ByteRange { start: 2, len: 1 };
 /// that a writer coming back can tell that they really wait.
 const QUEUE: ByteRange = ByteRange { start: 3, len: 1 };
 const DATA_GATE: ByteRange = ByteRange { start: 0, len: 2 };
+const GATE_SLOT: ByteRange = ByteRange { start: 1, len: 2 };
+const GATE_SLOT_QUEUE: ByteRange = ByteRange { start: 1, len: 3 };
 const ALL: ByteRange = ByteRange { start: 0, len: 3 };
 const ALL_QUEUE: ByteRange = ByteRange { start: 0, len: 4 };
 /// The flock flavor's gate and slot: far from the fcntl flavor's bytes, so
@@ -432,16 +434,13 @@ impl State {
     }
 
     /// Says until when readers may still pass the gate this handle holds
-    /// (see `hint::Hint::place_stamp`); whether a stamp was placed.
-    fn place_stamp(&mut self, deadline_ns: u64) -> bool {
+    /// (see `hint::Hint::place_stamp`).
+    fn place_stamp(&mut self, deadline_ns: u64) {
         if self.stamp_held.is_none() {
             if let Some(h) = &self.hint {
-                if let Some(stamp) = h.place_stamp(deadline_ns) {
-                    self.stamp_held = Some((h.clone(), stamp));
-                }
+                self.stamp_held = h.place_stamp(deadline_ns).map(|s| (h.clone(), s));
             }
         }
-        self.stamp_held.is_some()
     }
 
     /// Takes the gate announcement and any stamp back (before the gate is
@@ -939,48 +938,36 @@ impl FileLock {
         self.fairness
     }
 
-    fn gate(&self) -> ByteRange {
+    /// The OFD bytes `r` of the fcntl layout, where this flavor keeps them
+    /// (the flock flavor's are `FLOCK_BASE` further on).
+    fn flavored(&self, r: ByteRange) -> ByteRange {
         match self.flavor {
-            Flavor::Fcntl => GATE,
+            Flavor::Fcntl => r,
             Flavor::Flock => ByteRange {
-                start: FLOCK_BASE + GATE.start,
-                len: 1,
+                start: FLOCK_BASE + r.start,
+                len: r.len,
             },
         }
+    }
+
+    fn gate(&self) -> ByteRange {
+        self.flavored(GATE)
     }
 
     fn slot(&self) -> ByteRange {
-        match self.flavor {
-            Flavor::Fcntl => SLOT,
-            Flavor::Flock => ByteRange {
-                start: FLOCK_BASE + SLOT.start,
-                len: 1,
-            },
-        }
+        self.flavored(SLOT)
     }
 
     fn queue(&self) -> ByteRange {
-        match self.flavor {
-            Flavor::Fcntl => QUEUE,
-            Flavor::Flock => ByteRange {
-                start: FLOCK_BASE + QUEUE.start,
-                len: 1,
-            },
-        }
+        self.flavored(QUEUE)
     }
 
     fn gate_slot(&self) -> ByteRange {
-        ByteRange {
-            start: self.gate().start,
-            len: 2,
-        }
+        self.flavored(GATE_SLOT)
     }
 
     fn gate_slot_queue(&self) -> ByteRange {
-        ByteRange {
-            start: self.gate().start,
-            len: 3,
-        }
+        self.flavored(GATE_SLOT_QUEUE)
     }
 
     fn io_err(&self, op: &'static str, e: io::Error) -> Error {
@@ -1720,28 +1707,25 @@ impl FileLock {
         use RangeLock::Write;
         // `None`: a patience too long to represent, never shut the gate.
         let by = Instant::now().checked_add(self.writer_patience);
-        let stamped = st.hint.is_some()
+        // The end of the patience for a stamp, if this writer places one.
+        let stamp_by = (st.hint.is_some()
             && !self.writer_patience.is_zero()
-            && self.writer_patience <= hint::STAMPED_PATIENCE_MAX;
-        let by_ns = if stamped {
-            crate::sys::timer::monotonic_ns() + self.writer_patience.as_nanos() as u64
-        } else {
-            0
-        };
+            && self.writer_patience <= hint::STAMPED_PATIENCE_MAX)
+            .then(|| crate::sys::timer::monotonic_ns() + self.writer_patience.as_nanos() as u64);
         a.block(f, Req::Ofd(Write, self.slot()), true)?;
         if deferred && a.block_by(f, Req::Ofd(Write, self.queue()), true, by)? {
             unlock_ofd(f, self.queue()).map_err(|e| self.io_err("unlock", e))?;
         }
-        if stamped {
+        if let Some(t) = stamp_by {
             // Before the stamp: a reader that sees it has passed must find
             // the gate shut.
             a.block(f, Req::Ofd(Write, self.gate()), true)?;
-            st.place_stamp(by_ns);
+            st.place_stamp(t);
         }
         if a.block_by(f, data, true, by)? {
             return Ok(());
         }
-        if !stamped {
+        if stamp_by.is_none() {
             a.block(f, Req::Ofd(Write, self.gate()), true)?;
         }
         // Past the gate: readers that look at the hints must now queue at
