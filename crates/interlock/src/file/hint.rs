@@ -180,19 +180,22 @@ impl Hint {
     /// it is the only one of its file) says until when readers that look at
     /// the hints may still come in: `deadline_ns` on
     /// [`monotonic_ns`](crate::sys::timer::monotonic_ns). Returns the stamp
-    /// to take back with [`Hint::clear_stamp`], or `None` if the bucket
-    /// holds another stamp (a file that hashes to the same bucket, or one
-    /// left by a writer killed while it waited): then readers of this file
-    /// are let in until the writer's own timer announces it at the gate.
-    pub fn place_stamp(&self, deadline_ns: u64) -> Option<u32> {
+    /// to take back with [`Hint::clear_stamp`]. A stamp already in the
+    /// bucket is replaced: holding its file's slot, the caller knows it is
+    /// not its file's, so it was left by a writer killed while it waited
+    /// (and left alone, it would shut this file's readers out early, since
+    /// this writer holds the gate), or it belongs to a file sharing the
+    /// bucket, whose writer's own timer then ends its patience as before
+    /// stamps.
+    pub fn place_stamp(&self, deadline_ns: u64) -> u32 {
         // Rounded up, so that no reader stops early; 0 means "no stamp".
         let stamp = ((deadline_ns.div_ceil(STAMP_UNIT_NS)) as u32 & STAMP_MASK).max(1);
-        self.gate_word()
+        let _ = self
+            .gate_word()
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-                (v >> STAMP_SHIFT == 0).then_some(v | stamp << STAMP_SHIFT)
-            })
-            .ok()
-            .map(|_| stamp)
+                Some(v & GATE_COUNT | stamp << STAMP_SHIFT)
+            });
+        stamp
     }
 
     /// Takes a stamp back, if it is still the one placed.
@@ -491,12 +494,16 @@ mod tests {
     fn a_stamp_lets_readers_in_until_it_passes_then_counts_as_a_gate_holder() {
         let h = bucket();
         assert!(h.gate_clear());
-        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        let s = h.place_stamp(now() + 500_000_000);
         assert!(h.gate_clear(), "before its time a stamp lets readers in");
-        // One stamp per bucket: a second writer (another file) gets none.
-        assert_eq!(h.place_stamp(now()), None);
+        // One stamp per bucket: a second writer (another file, or a stale
+        // stamp's) replaces it, and the first one's clear then does nothing.
+        let t = h.place_stamp(now() + 900_000_000);
+        assert_ne!(s, t);
         h.clear_stamp(s);
-        let s = h.place_stamp(now().saturating_sub(1_000_000)).unwrap();
+        assert_eq!(h.gate_word().load(Ordering::SeqCst) >> STAMP_SHIFT, t);
+        h.clear_stamp(t);
+        let s = h.place_stamp(now().saturating_sub(1_000_000));
         assert!(!h.gate_clear(), "a stamp that has passed shuts readers out");
         // Clearing someone else's stamp does nothing; the placer's does.
         h.clear_stamp(s ^ 1);
@@ -508,7 +515,7 @@ mod tests {
     #[test]
     fn the_gate_count_and_the_stamp_never_touch_each_other() {
         let h = bucket();
-        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        let s = h.place_stamp(now() + 500_000_000);
         h.enter_gate();
         assert!(
             !h.gate_clear(),
@@ -533,11 +540,11 @@ mod tests {
     #[test]
     fn only_a_passed_stamp_is_forgotten() {
         let h = bucket();
-        let s = h.place_stamp(now() + 500_000_000).unwrap();
+        let s = h.place_stamp(now() + 500_000_000);
         h.forget_passed_stamp();
         assert_eq!(h.gate_word().load(Ordering::SeqCst) >> STAMP_SHIFT, s);
         h.clear_stamp(s);
-        h.place_stamp(now().saturating_sub(1_000_000)).unwrap();
+        h.place_stamp(now().saturating_sub(1_000_000));
         h.enter_gate();
         h.forget_passed_stamp();
         assert_eq!(h.gate_word().load(Ordering::SeqCst), 1, "the count stays");

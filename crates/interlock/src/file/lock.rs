@@ -438,7 +438,7 @@ impl State {
     fn place_stamp(&mut self, deadline_ns: u64) {
         if self.stamp_held.is_none() {
             if let Some(h) = &self.hint {
-                self.stamp_held = h.place_stamp(deadline_ns).map(|s| (h.clone(), s));
+                self.stamp_held = Some((h.clone(), h.place_stamp(deadline_ns)));
             }
         }
     }
