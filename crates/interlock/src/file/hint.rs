@@ -114,12 +114,21 @@ impl Hint {
     /// granted its data lock, which the kernel orders before this load (see
     /// [`after_grant`]).
     ///
-    /// A patient writer's stamp that has not passed yet does not count (it
-    /// lets readers in); one that has passed does.
+    /// A patient writer's stamp decides while there is one: readers come
+    /// in until it passes, whatever the count says. The count can then only
+    /// be stale (a writer killed past the gate) or another file's: a writer
+    /// or upgrader of this file past the gate holds the slot, so no writer
+    /// of this file can be patient meanwhile.
     #[inline]
     pub fn gate_clear(&self) -> bool {
         let w = self.gate_word().load(Ordering::SeqCst);
-        w == 0 || (w & GATE_COUNT == 0 && !stamp_passed(w >> STAMP_SHIFT))
+        if w == 0 {
+            return true;
+        }
+        match w >> STAMP_SHIFT {
+            0 => false,
+            stamp => !stamp_passed(stamp),
+        }
     }
 
     /// The slot word: see [`upgraders`] and [`queued`]. The caller has
@@ -518,9 +527,15 @@ mod tests {
         let s = h.place_stamp(now() + 500_000_000);
         h.enter_gate();
         assert!(
+            h.gate_clear(),
+            "a stamp not yet passed decides, not the count"
+        );
+        h.clear_stamp(s);
+        assert!(
             !h.gate_clear(),
             "an announced gate holder shuts readers out"
         );
+        let s = h.place_stamp(now() + 500_000_000);
         h.leave_gate();
         h.leave_gate(); // never below zero, never borrowing from the stamp
         assert!(h.gate_clear());
