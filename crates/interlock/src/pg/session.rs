@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, MappedMutexGuard, Mutex, MutexGuard};
 use postgres::{Client, NoTls, Statement};
 
 use super::{pg_error, sql, PgKey as Key, PgOptions};
@@ -101,13 +101,51 @@ struct Beat {
 
 /// The part of a session the heartbeat thread also uses.
 struct Link {
-    client: Mutex<Client>,
+    /// `None` only while the link is dropped (see `Drop for Link`).
+    client: Mutex<Option<Client>>,
     /// The session failed or its state is unknown: never reuse it, and
-    /// close it without waiting (see `Drop for Session`).
+    /// close it without waiting (see `Drop for Link`).
     dead: AtomicBool,
     beat: Mutex<Beat>,
     cv: Condvar,
     every: Duration,
+}
+
+impl Link {
+    fn client(&self) -> MappedMutexGuard<'_, Client> {
+        MutexGuard::map(self.client.lock(), |c| {
+            c.as_mut().expect("the client is taken only on drop")
+        })
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let Some(client) = self.client.get_mut().take() else {
+            return;
+        };
+        if !self.dead.load(Ordering::SeqCst) {
+            return drop(client);
+        }
+        // Closing the client waits for the answers still owed to it (the
+        // client sends Terminate only then), which a cut-off server never
+        // sends: close it on a thread of its own, which ends when the
+        // socket fails (tcp_user_timeout), so that a release never hangs
+        // on a dead network. The client itself moves to that thread: were
+        // the thread given only a reference to the link, whichever owner
+        // dropped the link last would do the waiting (a CI run saw an
+        // `unlock` hang when the closing thread finished first).
+        let slot = Arc::new(Mutex::new(Some(client)));
+        let theirs = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name("interlock-pg-close".into())
+            .spawn(move || drop(theirs.lock().take()));
+        if spawned.is_err() {
+            // No thread (the closure was dropped unrun): leak the
+            // connection rather than hang.
+            std::mem::forget(slot.lock().take());
+        }
+    }
 }
 
 /// One server session with exactly one owner.
@@ -170,7 +208,7 @@ impl Session {
             .prepare(sql::RELEASE)
             .map_err(|e| pg_error("prepare unlock statement", what, &e))?;
         let link = Arc::new(Link {
-            client: Mutex::new(client),
+            client: Mutex::new(Some(client)),
             dead: AtomicBool::new(false),
             beat: Mutex::new(Beat {
                 held: Vec::new(),
@@ -213,7 +251,7 @@ impl Session {
     ) -> std::result::Result<Grant, postgres::Error> {
         let (k1, k2) = key.pair();
         let shared = mode == Mode::Shared;
-        let mut client = self.link.client.lock();
+        let mut client = self.link.client();
         let row = if wait_ms < 0 {
             let prev = self.last_token(key);
             client.query_one(
@@ -288,7 +326,7 @@ impl Session {
     ) -> std::result::Result<bool, postgres::Error> {
         let (k1, k2) = key.pair();
         let shared = mode == Mode::Shared;
-        let row = self.link.client.lock().query_one(
+        let row = self.link.client().query_one(
             &self.release,
             &[&key.space(), &key.fence_key(), &k1, &k2, &shared, &last],
         )?;
@@ -298,12 +336,12 @@ impl Session {
 
     /// What cancels the statement this session runs (from another thread).
     pub(crate) fn cancel_token(&self) -> postgres::CancelToken {
-        self.link.client.lock().cancel_token()
+        self.link.client().cancel_token()
     }
 
     /// Runs `f` on the client (for inspection queries).
     pub(crate) fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> T) -> T {
-        f(&mut self.link.client.lock())
+        f(&mut self.link.client())
     }
 
     /// Starts heartbeats for a lock just granted.
@@ -367,21 +405,8 @@ impl Drop for Session {
             // Bounded: a heartbeat in flight gives up after lease / 4.
             let _ = t.join();
         }
-        if self.link.dead.load(Ordering::SeqCst) {
-            // Closing the client waits for the answers still owed to it
-            // (the client sends Terminate only then), which a cut-off
-            // server never sends: close it on a thread of its own, which
-            // ends when the socket fails (tcp_user_timeout), so that a
-            // release never hangs on a dead network.
-            let link = Arc::clone(&self.link);
-            let spawned = std::thread::Builder::new()
-                .name("interlock-pg-close".into())
-                .spawn(move || drop(link));
-            if spawned.is_err() {
-                // No thread: leak the connection rather than hang.
-                std::mem::forget(Arc::clone(&self.link));
-            }
-        }
+        // The link, dropped with the session's last reference, closes
+        // the client (on a thread of its own if the session is dead).
     }
 }
 
@@ -411,7 +436,7 @@ fn heartbeat(link: Arc<Link>) {
             }
         }
         let sent = Instant::now();
-        let res = link.client.lock().is_valid(timeout);
+        let res = link.client().is_valid(timeout);
         // Only the guards that held before the heartbeat was sent count.
         let mut b = link.beat.lock();
         match res {
