@@ -38,8 +38,10 @@ pub(crate) enum Held {
     /// Permits of a `Semaphore` / `FileSemaphore` (crate::sem).
     Sem(SemaphoreGuard<'static>),
     FileSem(FileSemaphoreGuard<'static>),
-    /// A `PgLock` / `PgMutex` (crate::pg).
-    Pg(PgGuard<'static>),
+    /// A `PgLock` / `PgMutex` (crate::pg). Boxed: the guard is 160 bytes,
+    /// and every hold of every family moves a `Held` a few times (the
+    /// others are 32-64).
+    Pg(Box<PgGuard<'static>>),
 }
 
 impl Held {
@@ -83,7 +85,7 @@ impl Held {
             Held::Scope(s) => s.restore(),
             Held::Sem(g) => g.release(),
             Held::FileSem(g) => g.release(),
-            Held::Pg(g) => g.unlock(),
+            Held::Pg(g) => (*g).unlock(),
         }
     }
 }

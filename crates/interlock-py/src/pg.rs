@@ -147,7 +147,7 @@ impl Inner {
             fast: crate::wait::Fast::Detach,
         };
         hold::acquire_custom(py, &self.holds, req, &self.key, wait, |py, w| {
-            Ok(self.run(py, mode, w)?.map(Held::Pg))
+            Ok(self.run(py, mode, w)?.map(|g| Held::Pg(Box::new(g))))
         })
     }
 
@@ -532,13 +532,13 @@ impl Inner {
                 wait,
                 || lock.read_async(),
                 |t| lock.read_async_until(t),
-                |g| (Held::Pg(g), false),
+                |g| (Held::Pg(Box::new(g)), false),
             ),
             Mode::Exclusive => aio::future(
                 wait,
                 || lock.write_async(),
                 |t| lock.write_async_until(t),
-                |g| (Held::Pg(g), false),
+                |g| (Held::Pg(Box::new(g)), false),
             ),
         };
         aio::AsyncWait::new(
