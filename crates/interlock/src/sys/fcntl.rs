@@ -16,6 +16,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use super::raw;
+
 /// The lock a range request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RangeLock {
@@ -50,6 +52,7 @@ pub struct ByteRange {
 /// The largest offset fcntl can address (`off_t` is signed 64-bit).
 pub const MAX_OFFSET: u64 = i64::MAX as u64;
 
+#[inline(always)]
 fn flock_struct(kind: RangeLock, r: ByteRange) -> io::Result<libc::flock> {
     if r.start > MAX_OFFSET
         || r.len > MAX_OFFSET
@@ -67,22 +70,29 @@ fn flock_struct(kind: RangeLock, r: ByteRange) -> io::Result<libc::flock> {
     })
 }
 
+#[inline(always)]
 fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
     // SAFETY: `fd` is a live descriptor for the duration of the borrow, and
     // `fl` points to a valid, initialised `struct flock` that the kernel may
-    // read and (for F_OFD_GETLK) write.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+    // read and (for F_OFD_GETLK) write. The OFD commands take a `struct
+    // flock` with a 64-bit `off_t` on the targets where `raw` makes the call
+    // inline (elsewhere it is libc's `syscall`, as `fcntl` would be).
+    unsafe {
+        raw::syscall3(
+            libc::SYS_fcntl,
+            fd.as_raw_fd() as usize,
+            cmd as usize,
+            fl as *mut libc::flock as usize,
+        )
     }
+    .map(drop)
 }
 
 /// `F_OFD_SETLK`: applies `kind` to `range` without waiting.
 ///
 /// Returns `Ok(false)` if a conflicting lock is held (EAGAIN/EACCES). A
 /// conversion that fails leaves the previous lock on the range in place.
+#[inline]
 pub fn ofd_try(fd: BorrowedFd<'_>, kind: RangeLock, range: ByteRange) -> io::Result<bool> {
     let mut fl = flock_struct(kind, range)?;
     match fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl) {
@@ -96,6 +106,7 @@ pub fn ofd_try(fd: BorrowedFd<'_>, kind: RangeLock, range: ByteRange) -> io::Res
 /// holders. Returns `Err(EINTR)` when a signal interrupts the wait (see
 /// [`super::timer::Interrupter`]); the previous lock on the range is then
 /// still in place. The kernel does no deadlock detection for OFD locks.
+#[inline]
 pub fn ofd_wait(fd: BorrowedFd<'_>, kind: RangeLock, range: ByteRange) -> io::Result<()> {
     let mut fl = flock_struct(kind, range)?;
     fcntl_lock(fd, libc::F_OFD_SETLKW, &mut fl)
@@ -115,6 +126,7 @@ pub struct Conflict {
 
 /// `F_OFD_GETLK`: the first lock that would conflict with `kind` on `range`,
 /// or `None` if the request would be granted now.
+#[inline]
 pub fn ofd_get(
     fd: BorrowedFd<'_>,
     kind: RangeLock,
@@ -158,6 +170,7 @@ pub enum FlockOp {
 /// kernel drops the shared lock first), and a failed non-blocking
 /// conversion drops it too (measured, see FACTS.md). Callers must not rely
 /// on flock conversion.
+#[inline]
 pub fn flock(fd: BorrowedFd<'_>, op: FlockOp, wait: bool) -> io::Result<bool> {
     let mut how = match op {
         FlockOp::Shared => libc::LOCK_SH,
@@ -169,15 +182,10 @@ pub fn flock(fd: BorrowedFd<'_>, op: FlockOp, wait: bool) -> io::Result<bool> {
     }
     // SAFETY: flock takes a descriptor and an integer; `fd` is live for the
     // duration of the borrow.
-    let rc = unsafe { libc::flock(fd.as_raw_fd(), how) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
+    match unsafe { raw::syscall3(libc::SYS_flock, fd.as_raw_fd() as usize, how as usize, 0) } {
+        Ok(_) => Ok(true),
+        Err(e) if !wait && e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

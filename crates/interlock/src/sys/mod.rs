@@ -20,5 +20,6 @@ pub mod notify;
 #[cfg(loom)]
 pub mod probe;
 pub mod proc;
+pub mod raw;
 pub mod robust;
 pub mod timer;
