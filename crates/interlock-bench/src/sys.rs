@@ -378,40 +378,41 @@ impl RawSyncRw {
     }
 }
 
-/// Raw `F_OFD_SETLKW` on byte 0 (the OFD floor). `kind` is `F_RDLCK`,
-/// `F_WRLCK` or `F_UNLCK`.
+/// Raw `F_OFD_SETLKW` on byte 0 (the OFD floor), made as the library makes
+/// its calls (`interlock::__raw`: the `syscall` instruction inline, see the
+/// library's `sys/raw.rs`). `kind` is `F_RDLCK`, `F_WRLCK` or `F_UNLCK`.
+#[inline]
 pub fn ofd_setlkw(fd: BorrowedFd<'_>, kind: libc::c_int) -> io::Result<()> {
-    let mut fl = libc::flock {
-        l_type: kind as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
+    use interlock::__raw::{ofd_wait, ByteRange, RangeLock};
+    let kind = match kind {
+        libc::F_RDLCK => RangeLock::Read,
+        libc::F_WRLCK => RangeLock::Write,
+        _ => RangeLock::Unlock,
     };
     loop {
-        // SAFETY: `fd` is live for the borrow; `fl` is a valid struct flock.
-        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLKW, &mut fl) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
+        match ofd_wait(fd, kind, ByteRange { start: 0, len: 1 }) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            r => return r,
         }
     }
 }
 
-/// Raw flock(2) (the flock floor), retried on EINTR.
+/// Raw flock(2) (the flock floor), retried on EINTR, made as the library
+/// makes it (`interlock::__raw`).
+#[inline]
 pub fn flock(fd: BorrowedFd<'_>, op: libc::c_int) -> io::Result<()> {
+    use interlock::__raw::FlockOp;
+    let (op, wait) = match op & !libc::LOCK_NB {
+        libc::LOCK_SH => (FlockOp::Shared, op & libc::LOCK_NB == 0),
+        libc::LOCK_EX => (FlockOp::Exclusive, op & libc::LOCK_NB == 0),
+        _ => (FlockOp::Unlock, false),
+    };
     loop {
-        // SAFETY: flock takes a live descriptor and an integer.
-        let rc = unsafe { libc::flock(fd.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
+        match interlock::__raw::flock(fd, op, wait) {
+            Ok(true) => return Ok(()),
+            Ok(false) => return Err(io::Error::from_raw_os_error(libc::EWOULDBLOCK)),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
         }
     }
 }

@@ -72,7 +72,7 @@ pub mod __async {
 /// lock family builds on. Not a stable API.
 #[doc(hidden)]
 pub mod __raw {
-    pub use crate::sys::fcntl::{flock, ofd_try, ByteRange, FlockOp, RangeLock};
+    pub use crate::sys::fcntl::{flock, ofd_try, ofd_wait, ByteRange, FlockOp, RangeLock};
 }
 
 /// The robust-list edits of `sys/robust.rs`, so that the `interlock-bench
