@@ -101,8 +101,14 @@ class LockSet:
 
 class ShmRwLock:
     def __init__(
-        self, name_or_path: Optional[_Path] = None, *, reentrant: bool = False
+        self,
+        name_or_path: Optional[_Path] = None,
+        *,
+        reentrant: bool = False,
+        readers_turn: Optional[float] = None,
     ) -> None: ...
+    @property
+    def readers_turn(self) -> float: ...
     @property
     def path(self) -> str: ...
     @property

@@ -485,6 +485,23 @@ def test_close_releases_everything(path):
     lock.write().release()  # reopens
 
 
+def test_shm_rwlock_readers_turn(shm_name):
+    name = shm_name()
+    assert interlock.ShmRwLock(name).readers_turn == pytest.approx(0.001)
+    assert interlock.ShmRwLock(readers_turn=0).readers_turn == 0
+    assert interlock.ShmRwLock(name, readers_turn=0.25).readers_turn == pytest.approx(0.25)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="readers_turn"):
+            interlock.ShmRwLock(name, readers_turn=bad)
+    with pytest.raises(TypeError):
+        interlock.ShmRwLock(name, readers_turn="1ms")
+    lock = interlock.ShmRwLock(name, readers_turn=1e300)  # taken as 60 s
+    with lock.write(timeout=1):
+        pass
+    with lock.read(timeout=1):
+        pass
+
+
 def test_file_lock_writer_patience(path):
     assert interlock.FileLock(path).writer_patience == pytest.approx(0.001)
     assert interlock.FileLock(path, writer_patience=0).writer_patience == 0

@@ -5,11 +5,12 @@ use crate::errors;
 use crate::file::path_arg;
 use crate::hold::{self, Guard, Held, Holds, Key, Request};
 use crate::wait::{wait_of, wait_of_threading, Fast};
-use interlock::{Mode, ShmHold, ShmMutex, ShmRwLock, Wait};
+use interlock::{Mode, ShmHold, ShmMutex, ShmOptions, ShmRwLock, Wait};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Opens a named lock, or makes an anonymous one.
 fn open_named(py: Python<'_>, name: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PathBuf>> {
@@ -26,6 +27,7 @@ pub(crate) struct PyShmRwLock {
     lock: Arc<ShmRwLock>,
     key: Arc<hold::KeyState>,
     reentrant: bool,
+    readers_turn: Duration,
     holds: Holds,
 }
 
@@ -81,16 +83,22 @@ impl PyShmRwLock {
 #[pymethods]
 impl PyShmRwLock {
     #[new]
-    #[pyo3(signature = (name_or_path = None, *, reentrant = false))]
+    #[pyo3(signature = (name_or_path = None, *, reentrant = false, readers_turn = None))]
     fn py_new(
         py: Python<'_>,
         name_or_path: Option<&Bound<'_, PyAny>>,
         reentrant: bool,
+        readers_turn: Option<f64>,
     ) -> PyResult<Self> {
+        let readers_turn = match readers_turn {
+            None => interlock::shm::DEFAULT_READERS_TURN,
+            Some(t) => crate::wait::non_negative_secs("readers_turn", t)?.unwrap_or(Duration::MAX),
+        };
         let name = open_named(py, name_or_path)?;
+        let opts = ShmOptions::new().readers_turn(readers_turn);
         let lock = match &name {
-            Some(n) => py.detach(|| ShmRwLock::open(n)),
-            None => ShmRwLock::anonymous(),
+            Some(n) => py.detach(|| opts.open_rwlock(n)),
+            None => opts.anonymous_rwlock(),
         }
         .map_err(|e| errors::from_error(py, &e))?;
         let lock = Arc::new(lock);
@@ -105,8 +113,16 @@ impl PyShmRwLock {
             lock,
             key,
             reentrant,
+            readers_turn,
             holds: Holds::default(),
         })
+    }
+
+    /// The longest this object's writers let readers that slept behind
+    /// the previous writer in first, in seconds (see `readers_turn=`).
+    #[getter]
+    fn readers_turn(&self) -> f64 {
+        self.readers_turn.as_secs_f64()
     }
 
     #[pyo3(signature = (blocking = true, timeout = None))]

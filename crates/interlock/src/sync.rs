@@ -368,6 +368,12 @@ pub mod futex {
         wake_first(&mut g, addr(word));
     }
 
+    /// Whether a process died in this execution: the model's stand-in for
+    /// a bounded wait that ran out (after a death, every wait would).
+    pub fn someone_died() -> bool {
+        FUTEX.deaths.load(Ordering::SeqCst)
+    }
+
     /// A process died: wake every sleeper, and sleep no more.
     pub fn wake_all_dead() {
         let mut g = lock();

@@ -97,6 +97,7 @@ impl Proc {
             words: &self.world.words,
             slots: &self.world.slots,
             env: self,
+            readers_turn: interlock::shm::DEFAULT_READERS_TURN,
         }
     }
 
@@ -280,7 +281,9 @@ fn readers_and_a_writer_exclude() {
         assert!(!p.write_once(p.claim(), true));
         r1.join().unwrap();
         r2.join().unwrap();
-        assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
+        // (TURN may be left for a next writer; nothing else.)
+        assert_eq!(w.words.state.load(Ordering::SeqCst) & !layout::TURN, 0);
+        assert_eq!(w.words.turn.load(Ordering::SeqCst), 0);
     });
 }
 
@@ -303,7 +306,9 @@ fn a_writer_sleeping_behind_registered_readers_is_woken_without_a_slice() {
         for r in readers {
             r.join().unwrap();
         }
-        assert_eq!(w.words.state.load(Ordering::SeqCst), 0);
+        // (TURN may be left for a next writer; nothing else.)
+        assert_eq!(w.words.state.load(Ordering::SeqCst) & !layout::TURN, 0);
+        assert_eq!(w.words.turn.load(Ordering::SeqCst), 0);
     });
 }
 
@@ -614,6 +619,13 @@ fn a_release_wakes_one_writer_and_each_passes_the_turn_on() {
 /// deadlock there. (A deadlocked loom model aborts the process while
 /// unwinding, so `should_panic` cannot catch it.)
 fn expect_deadlock(name: &str) {
+    expect_failure(name, "deadlock");
+}
+
+/// Runs the test `name` of this binary again in a child process with
+/// `INTERLOCK_LOOM_BROKEN` naming it, and asserts that it failed with
+/// `needle` in its output.
+fn expect_failure(name: &str, needle: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env("INTERLOCK_LOOM_BROKEN", name)
@@ -621,10 +633,11 @@ fn expect_deadlock(name: &str) {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    let all = format!("{err}{}", String::from_utf8_lossy(&out.stdout));
     assert!(!out.status.success(), "{name}: the broken protocol passed");
     assert!(
-        err.contains("deadlock"),
-        "{name}: failed, but not by a deadlock:\n{err}"
+        all.contains(needle),
+        "{name}: failed, but not with {needle:?}:\n{all}"
     );
 }
 
@@ -749,4 +762,111 @@ fn a_writer_an_upgrader_and_a_reader_all_finish() {
         assert_eq!(w.data.get(), 2);
         assert_eq!(w.words.state.load(Ordering::SeqCst) & INDEX_MASK, 0);
     });
+}
+
+/// Waits (as a model spin) until the turn word counts a reader, or
+/// process `pid` is dead.
+fn until_counted_or_dead(w: &World, pid: u32) {
+    while w.words.turn.load(interlock::sync::Ordering::SeqCst) & layout::TURN_COUNT == 0
+        && !w.dead[pid as usize - 1].load(Ordering::SeqCst)
+    {
+        loom::thread::yield_now();
+    }
+}
+
+/// A writer holds the lock, a reader sleeps behind it, and the writer lets
+/// go and asks again at once: the reader gets in before the writer's second
+/// acquisition returns (the readers' turn). With `broken` (BREAK_TURN) the
+/// writer shuts the reader out again, and the assertion fails.
+fn a_writer_that_asks_again_lets_the_woken_reader_in(broken: u32) {
+    interlock::shm::protocol::set_broken(broken);
+    let r = catch_unwind(|| {
+        model(2, || {
+            let w = World::new(2);
+            let p = Proc::new(&w, 2);
+            let s = p.claim();
+            let c = p.core();
+            c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            let reader = Proc::new(&w, 1).spawn(|p| {
+                let s = p.claim();
+                let c = p.core();
+                c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                p.world.phase.store(1, Ordering::SeqCst);
+                p.read_cs();
+                assert!(c.read_exit(s, true));
+            });
+            until_counted_or_dead(&w, 1);
+            p.write_cs();
+            assert!(c.token_exit(s, layout::WRITER, false));
+            c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            assert_eq!(
+                w.phase.load(Ordering::SeqCst),
+                1,
+                "the reader was shut out by a writer that asked again"
+            );
+            p.write_cs();
+            assert!(c.token_exit(s, layout::WRITER, false));
+            reader.join().unwrap();
+            assert_eq!(w.words.turn.load(interlock::sync::Ordering::SeqCst), 0);
+        });
+    });
+    interlock::shm::protocol::set_broken(0);
+    if let Err(e) = r {
+        resume_unwind(e);
+    }
+}
+
+#[test]
+fn a_writer_that_asks_again_lets_the_reader_it_woke_in_first() {
+    a_writer_that_asks_again_lets_the_woken_reader_in(0);
+}
+
+#[test]
+fn the_model_catches_a_writer_that_shuts_woken_readers_out() {
+    expect_failure("broken_readers_turn", "the reader was shut out");
+}
+
+#[test]
+fn broken_readers_turn() {
+    if broken_run("broken_readers_turn") {
+        a_writer_that_asks_again_lets_the_woken_reader_in(interlock::shm::protocol::BREAK_TURN);
+    }
+}
+
+/// A reader killed at any step of a wait behind a writer (so possibly
+/// while counted in the turn word) does not hold the writer's next
+/// acquisition: its turn runs out (in the model: once a death is known)
+/// and the count is reset.
+#[test]
+fn a_reader_killed_while_counted_does_not_hold_a_writer() {
+    quiet_deaths();
+    for k in 0..=MAX_STEPS {
+        model(2, move || {
+            let w = World::new(2);
+            let p = Proc::new(&w, 2);
+            let s = p.claim();
+            let c = p.core();
+            c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            let v = {
+                let q = Proc::new(&w, 1);
+                loom::thread::spawn(move || {
+                    q.run_mortal(Some(k), |q| {
+                        let s = q.claim();
+                        let c = q.core();
+                        c.read(s, true, &FOREVER, &mut Notify::none()).unwrap();
+                        q.read_cs();
+                        c.read_exit(s, true);
+                    })
+                })
+            };
+            until_counted_or_dead(&w, 1);
+            p.write_cs();
+            assert!(c.token_exit(s, layout::WRITER, false));
+            let poisoned = c.write(s, true, &FOREVER, &mut Notify::none()).unwrap();
+            assert!(!poisoned, "k={k}: a dead reader poisoned the lock");
+            p.write_cs();
+            assert!(c.token_exit(s, layout::WRITER, false));
+            v.join().unwrap();
+        });
+    }
 }

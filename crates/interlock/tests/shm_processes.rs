@@ -9,7 +9,7 @@
 mod support;
 
 use interlock::shm::testing::SharedWords;
-use interlock::{Semaphore, ShmMutex, ShmRwLock, TryLockError};
+use interlock::{Semaphore, ShmMutex, ShmOptions, ShmRwLock, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -1032,4 +1032,115 @@ fn waiting_cost_per_second() {
             cpu_ns as f64 / 1e6 / per_s
         );
     }
+}
+
+/// The state letter of thread `tid` of process `pid`.
+fn task_state(pid: u32, tid: u32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    s[s.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .chars()
+        .next()
+        .unwrap()
+}
+
+/// A reader in another process that fell asleep behind a writer gets in
+/// before that writer, letting go and asking again at once, gets the lock
+/// back (the readers' turn). The child says `blocked TID` from its on-block
+/// callback; the parent waits until that thread sleeps, then releases and
+/// writes again; the child marks a shared word when it is in and holds the
+/// read for a while, so a writer that took the lock back first would find
+/// the mark unset. With `readers_turn(ZERO)` it does (the last part), which
+/// shows the check can fail.
+#[test]
+fn a_writer_asking_again_lets_a_reader_asleep_behind_it_in_first() {
+    if let Some(role) = support::role() {
+        assert_eq!(role, "reader");
+        let arg = support::arg();
+        let (lock_path, marks) = arg.split_once('\n').unwrap();
+        let marks = SharedWords::open(Path::new(marks), 1).unwrap();
+        let mut lock = ShmRwLock::open(lock_path).unwrap();
+        lock.set_on_block(Some(std::sync::Arc::new(|_: &interlock::Blocked<'_>| {
+            support::say(format!("blocked {}", this_tid()));
+        })));
+        let g = lock.read().unwrap();
+        marks.words()[0].store(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(g);
+        support::say("released");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (lock_path, marks_path) = paths(&d);
+    let marks = SharedWords::open(&marks_path, 1).unwrap();
+    // A turn as long as the test's hang bound: on a loaded machine a woken
+    // reader may wait longer than the default 1 ms for a CPU, and the test
+    // must not pass or fail by the scheduler's timing.
+    let lock = ShmOptions::new()
+        .readers_turn(support::WAIT)
+        .open_rwlock(&lock_path)
+        .unwrap();
+    for round in 0..3 {
+        marks.words()[0].store(0, Ordering::SeqCst);
+        let held = lock.write().unwrap();
+        let arg = format!("{}\n{}", lock_path.display(), marks_path.display());
+        let mut c = Child::spawn(
+            "a_writer_asking_again_lets_a_reader_asleep_behind_it_in_first",
+            "reader",
+            &arg,
+        );
+        let line = c.recv();
+        let tid: u32 = line
+            .strip_prefix("blocked ")
+            .unwrap_or_else(|| panic!("expected `blocked TID`, got {line:?}"))
+            .parse()
+            .unwrap();
+        let t = Instant::now();
+        while task_state(c.pid(), tid) != 'S' {
+            assert!(t.elapsed() < support::WAIT, "the reader never slept");
+            std::thread::yield_now();
+        }
+        drop(held);
+        let again = lock
+            .try_write_for(support::WAIT)
+            .expect("the writer gets back in")
+            .unwrap();
+        assert_eq!(
+            marks.words()[0].load(Ordering::SeqCst),
+            1,
+            "round {round}: the writer took the lock back before the sleeping reader"
+        );
+        drop(again);
+        c.expect("released");
+        c.join();
+    }
+    // Without a turn the writer takes the lock straight back: the mark is
+    // still unset when it has it (the child then waits for its release).
+    let eager = ShmOptions::new()
+        .readers_turn(Duration::ZERO)
+        .open_rwlock(&lock_path)
+        .unwrap();
+    marks.words()[0].store(0, Ordering::SeqCst);
+    let held = eager.write().unwrap();
+    let arg = format!("{}\n{}", lock_path.display(), marks_path.display());
+    let mut c = Child::spawn(
+        "a_writer_asking_again_lets_a_reader_asleep_behind_it_in_first",
+        "reader",
+        &arg,
+    );
+    let tid: u32 = c.recv().strip_prefix("blocked ").unwrap().parse().unwrap();
+    let t = Instant::now();
+    while task_state(c.pid(), tid) != 'S' {
+        assert!(t.elapsed() < support::WAIT, "the reader never slept");
+        std::thread::yield_now();
+    }
+    drop(held);
+    let again = eager.write().unwrap();
+    let mark = marks.words()[0].load(Ordering::SeqCst);
+    drop(again);
+    c.expect("released");
+    c.join();
+    eprintln!("without a turn the reader was in first: {}", mark == 1);
 }

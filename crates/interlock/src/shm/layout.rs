@@ -14,7 +14,8 @@
 //! offset  size        what
 //! 0       128         header (immutable after creation; see `Header`)
 //! 128     128         Words: state (u32 futex word), high (u32), token
-//!                     queue (u32 futex word), padding
+//!                     queue (u32 futex word), readers' turn (u32 futex
+//!                     word), padding
 //! 256     128 * n     Slot[n]: owner (u64), held (u32), tid (u32), live (u32),
 //!                     spare (u32), robust-list entry (24..72), padding
 //! ...     128 * w     semaphore, version 2 only: Slot[w], the watch table
@@ -83,6 +84,7 @@ pub const MIN_SLOTS: u32 = 1;
 // | 15     | WAITERS     | someone sleeps on the state word: wake on release |
 // | 16     | DRAIN_SLEEP | the writer sleeps on a slot's `held`: readers leaving must wake it |
 // | 17     | TOKEN_SLEEP | a token waiter (writer, upgradable reader) sleeps on `Words::queue` |
+// | 18     | TURN        | the token was last released by a writer that woke sleeping readers: the next writer lets them in first |
 //
 // Combinations: index == 0 implies neither WRITER nor UPGRADABLE (the token
 // is free). WRITER and UPGRADABLE are never both set. POISON may be set with
@@ -103,6 +105,23 @@ pub const DRAIN_SLEEP: u32 = 1 << 16;
 /// A token waiter (writer or upgradable reader) sleeps on [`Words::queue`]:
 /// a release must wake one.
 pub const TOKEN_SLEEP: u32 = 1 << 17;
+/// A writer's release woke readers that slept behind it: the next writer
+/// to take the token lets them in before it shuts readers out (see
+/// `Core::readers_turn`). Cleared by whoever takes the token next.
+pub const TURN: u32 = 1 << 18;
+
+// ---- The readers' turn word (`Words::turn`), a futex word: the number of
+// readers that are waiting behind a writer (bits 0..31), and `TURN_SLEEP`,
+// set by a writer that sleeps until that number falls to 0. A hint: a
+// reader killed while counted leaves it too high, which costs the next
+// writer at most its readers' turn (`ShmOptions::readers_turn`, 1 ms by
+// default) once (it then resets the word).
+
+/// The readers counted in [`Words::turn`].
+pub const TURN_COUNT: u32 = 0x7fff_ffff;
+/// A writer sleeps on [`Words::turn`]: the reader that brings the count to
+/// 0 must wake it.
+pub const TURN_SLEEP: u32 = 1 << 31;
 
 // ---- The liveness word (`Slot::live`), a robust futex word: the linking
 // thread's tid, `LIVE_WAITERS` set by a sleeper, `LIVE_OWNER_DIED` set by
@@ -127,6 +146,11 @@ pub struct Words {
     /// sleep on and that a release bumps before it wakes one of them (0 in
     /// files of versions that did not have it, which never used it).
     pub queue: AtomicU32,
+    /// The readers' turn (offset 12): how many readers wait behind a
+    /// writer, and [`TURN_SLEEP`] (0 in files of versions that did not
+    /// have it, whose readers are not counted: a writer then gives them no
+    /// turn).
+    pub turn: AtomicU32,
 }
 
 /// One owner slot: claimed by a thread (or shared by a process's threads
@@ -161,6 +185,7 @@ const _: () = {
     assert!(std::mem::size_of::<Words>() == SLOTS_OFFSET - WORDS_OFFSET);
     assert!(std::mem::size_of::<Slot>() == SLOT_SIZE);
     assert!(std::mem::offset_of!(Words, queue) == 8);
+    assert!(std::mem::offset_of!(Words, turn) == 12);
     assert!(std::mem::offset_of!(Slot, live) == 16);
     assert!(std::mem::offset_of!(Slot, entry) == 24);
 };
@@ -172,6 +197,7 @@ impl Words {
             state: AtomicU32::new(0),
             high: AtomicU32::new(0),
             queue: AtomicU32::new(0),
+            turn: AtomicU32::new(0),
         }
     }
 }

@@ -121,6 +121,7 @@ pub use owned::{ShmArcGuard, ShmHold, ShmMutexArcGuard};
 pub(crate) use poison::lost;
 #[cfg(not(loom))]
 pub use poison::{LockResult, Poisoned};
+pub use protocol::DEFAULT_READERS_TURN;
 #[cfg(not(loom))]
 pub use rwlock::{
     ShmGuard, ShmHolders, ShmReadGuard, ShmRwLock, ShmUpgradableGuard, ShmWriteGuard,

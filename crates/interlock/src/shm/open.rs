@@ -11,7 +11,7 @@
 
 use super::layout::{self, Header, Kind, Slot, Words, HEADER_LEN, SLOTS_OFFSET, WORDS_OFFSET};
 use super::local;
-use super::protocol::{Core, Env};
+use super::protocol::{Core, Env, DEFAULT_READERS_TURN};
 use super::{Semaphore, ShmMutex, ShmRwLock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::mmap::{Mapping, View};
@@ -22,6 +22,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Where a bare lock name lives.
 pub const SHM_DIR: &str = "/dev/shm";
@@ -70,6 +71,7 @@ pub struct ShmOptions {
     on_block: Option<OnBlock>,
     create: bool,
     foreign_owner: bool,
+    readers_turn: Duration,
 }
 
 impl Default for ShmOptions {
@@ -86,6 +88,7 @@ impl fmt::Debug for ShmOptions {
             .field("on_block", &self.on_block.is_some())
             .field("create", &self.create)
             .field("foreign_owner", &self.foreign_owner)
+            .field("readers_turn", &self.readers_turn)
             .finish()
     }
 }
@@ -99,6 +102,7 @@ impl ShmOptions {
             on_block: None,
             create: true,
             foreign_owner: false,
+            readers_turn: DEFAULT_READERS_TURN,
         }
     }
 
@@ -138,6 +142,23 @@ impl ShmOptions {
         self
     }
 
+    /// How long a writer of a reader-writer lock opened with these options
+    /// waits, at most, for the readers that slept behind the writer before
+    /// it to come in, before it shuts readers out (default
+    /// [`DEFAULT_READERS_TURN`], 1 ms). Without this turn, a writer that
+    /// asks again the moment it lets go takes the lock back before the
+    /// readers its release woke have run, and can keep them out for as
+    /// long as it goes on. `Duration::ZERO` gives no turn: writers always
+    /// go first. A turn longer than a minute is taken as a minute: a
+    /// reader killed while it waited leaves a count that only the turn's
+    /// end clears, and that costs the next writer one whole turn. It is
+    /// this handle's writers' setting; other handles and processes have
+    /// their own.
+    pub fn readers_turn(mut self, d: Duration) -> ShmOptions {
+        self.readers_turn = d;
+        self
+    }
+
     /// A callback told once per acquisition, just before it blocks.
     pub fn on_block(mut self, f: impl Fn(&Blocked<'_>) + Send + Sync + 'static) -> ShmOptions {
         self.on_block = Some(std::sync::Arc::new(f));
@@ -147,7 +168,7 @@ impl ShmOptions {
     /// Opens or creates the reader-writer lock `name` (see [`resolve`]).
     pub fn open_rwlock(&self, name: impl AsRef<Path>) -> Result<ShmRwLock> {
         Ok(ShmRwLock::from_parts(
-            Inner::open(name.as_ref(), Kind::RwLock, self)?,
+            Inner::open(name.as_ref(), Kind::RwLock, self)?.with_readers_turn(self.readers_turn),
             self.on_block.clone(),
         ))
     }
@@ -155,7 +176,7 @@ impl ShmOptions {
     /// A reader-writer lock in a fresh anonymous shared mapping.
     pub fn anonymous_rwlock(&self) -> Result<ShmRwLock> {
         Ok(ShmRwLock::from_parts(
-            Inner::anonymous(Kind::RwLock, self)?,
+            Inner::anonymous(Kind::RwLock, self)?.with_readers_turn(self.readers_turn),
             self.on_block.clone(),
         ))
     }
@@ -285,6 +306,8 @@ pub(crate) struct Inner {
     /// ([`local::shared_slot`]).
     pub(crate) shared_gen: AtomicU64,
     pub(crate) shared_slot: std::sync::atomic::AtomicU32,
+    /// The longest this handle's writers give readers their turn.
+    readers_turn: Duration,
 }
 
 impl Inner {
@@ -348,6 +371,7 @@ impl Inner {
             words: self.view.words(),
             slots: &self.view.slots()[..self.cells],
             env: &ProcEnv,
+            readers_turn: self.readers_turn,
         }
     }
 
@@ -371,7 +395,13 @@ impl Inner {
             pool: parking_lot::Mutex::new(local::Pool::default()),
             shared_gen: AtomicU64::new(0),
             shared_slot: std::sync::atomic::AtomicU32::new(0),
+            readers_turn: DEFAULT_READERS_TURN,
         }
+    }
+
+    fn with_readers_turn(mut self, d: Duration) -> Inner {
+        self.readers_turn = d;
+        self
     }
 
     fn check_slots(opts: &ShmOptions) -> Result<()> {

@@ -46,12 +46,13 @@
 //!   on a queue word of their own and a release wakes one, which passes the
 //!   wake-up on (see [`Core::token`]).
 //!
-//! Fairness: writers are preferred over readers (see above); among writers
-//! there is no strict queue: the one woken is the kernel's longest sleeper,
-//! but a thread that was not asleep may take the token first (barging, as
-//! with every futex lock and glibc's), so one writer can in principle be
-//! overtaken many times; readers can be held off by a continuous stream of
-//! writers.
+//! Fairness: writers are preferred over readers (see above), except that
+//! readers who slept behind a writer get in before the next writer shuts
+//! readers out ([`Core::readers_turn`]); among writers there is no strict
+//! queue: the one woken is the kernel's longest sleeper, but a thread that
+//! was not asleep may take the token first (barging, as with every futex
+//! lock and glibc's), so one writer can in principle be overtaken many
+//! times.
 //!
 //! The same code runs in production (std atomics on a shared mapping) and
 //! under the loom model checker (see [`crate::sync`]); death is modelled by
@@ -60,7 +61,7 @@
 
 use super::layout::{
     Slot, Words, DRAIN_SLEEP, INDEX_MASK, LIVE_OWNER_DIED, LIVE_TID_MASK, LIVE_WAITERS, MEMBARRIER,
-    POISON, RECLAIMING, TOKEN_SLEEP, UPGRADABLE, WAITERS, WRITER,
+    POISON, RECLAIMING, TOKEN_SLEEP, TURN, TURN_COUNT, TURN_SLEEP, UPGRADABLE, WAITERS, WRITER,
 };
 use crate::sync::{dekker, futex, spin_hint, Ordering, Woke};
 use crate::sys::membarrier;
@@ -91,6 +92,17 @@ pub const BACKSTOP: Duration = Duration::from_secs(1);
 /// confirm yet sleeps before it looks again.
 pub const CONFIRM: Duration = Duration::from_micros(200);
 
+/// The longest a writer waits for the readers its predecessor woke to
+/// come in (see [`Core::readers_turn`]). Long enough for woken threads to
+/// be scheduled on a busy machine; it is spent in full only if a counted
+/// reader died or cannot get a CPU, and a count left by a dead reader is
+/// reset once it has been spent.
+pub const DEFAULT_READERS_TURN: Duration = Duration::from_millis(1);
+
+/// The longest readers' turn: a longer setting is taken as this, so that a
+/// count left by a killed reader always runs out.
+pub const MAX_READERS_TURN: Duration = Duration::from_secs(60);
+
 /// Busy-wait rounds before sleeping: about a microsecond, enough to catch a
 /// holder that is about to release without paying for a futex sleep.
 #[cfg(not(loom))]
@@ -115,6 +127,10 @@ std::thread_local! {
 /// only; see `set_broken` there).
 #[doc(hidden)]
 pub const BREAK_RETARGET: u32 = 1;
+/// Another ([`BREAK_TURN`]): a writer that takes the token after a release
+/// that woke readers shuts them out at once instead of letting them in.
+#[doc(hidden)]
+pub const BREAK_TURN: u32 = 2;
 
 #[inline]
 fn broken(_part: u32) -> bool {
@@ -195,6 +211,10 @@ pub struct Core<'a, E: Env> {
     pub slots: &'a [Slot],
     /// The identity oracle.
     pub env: &'a E,
+    /// The longest a writer gives readers their turn
+    /// ([`Core::readers_turn`]; [`DEFAULT_READERS_TURN`] unless the
+    /// handle's options say otherwise, zero for none).
+    pub readers_turn: Duration,
 }
 
 impl<'a, E: Env> Core<'a, E> {
@@ -349,7 +369,8 @@ impl<'a, E: Env> Core<'a, E> {
     /// wakes one of them (see [`Core::token`] for how the wake-up is passed
     /// on). `slept` is set once this waiter has slept: a token waiter may
     /// from then on be the one a release woke, so if it gives up it wakes
-    /// another in its place.
+    /// another in its place; a reader is counted in the turn word before
+    /// its first sleep, and the caller takes it off again.
     fn wait_for(
         &self,
         who: Sleeper,
@@ -407,7 +428,16 @@ impl<'a, E: Env> Core<'a, E> {
             }
             notify.fire();
             match who {
-                Sleeper::Reader => self.sleep_on(self.state(), ws, ws, wait),
+                Sleeper::Reader => {
+                    // Counted once, before the first sleep (SeqCst: a
+                    // writer's release that sees our WAITERS, and the next
+                    // writer that takes the token after it, come later in
+                    // the total order, so that writer sees the count).
+                    if !*slept {
+                        self.words.turn.fetch_add(1, Ordering::SeqCst);
+                    }
+                    self.sleep_on(self.state(), ws, ws, wait)
+                }
                 Sleeper::Token => {
                     // The queue's number first, then the state word again: a
                     // releaser frees the state word and then bumps the
@@ -612,13 +642,103 @@ impl<'a, E: Env> Core<'a, E> {
         wait: &Wait,
         notify: &mut Notify<'_>,
     ) -> Result<bool, TryLockError> {
-        loop {
+        // A reader that sleeps behind a writer is counted in the turn word
+        // (by `wait_for`, before its first sleep) until it is in or gives
+        // up: the writer after the one it waits for lets it in first (see
+        // `readers_turn`).
+        let mut slept = false;
+        let got = loop {
             match self.read_enter(s, own) {
-                Ok(p) => return Ok(p),
+                Ok(p) => break Ok(p),
                 Err(_) => {
-                    self.wait_for(Sleeper::Reader, wait, notify, &mut false)?;
+                    if let Err(e) = self.wait_for(Sleeper::Reader, wait, notify, &mut slept) {
+                        break Err(e);
+                    }
                 }
             }
+        };
+        if slept {
+            self.turn_done();
+        }
+        got
+    }
+
+    /// Takes one reader off the turn word's count (never below 0: a writer
+    /// may have reset it), waking the writer that waits for it to reach 0.
+    fn turn_done(&self) {
+        let t = &self.words.turn;
+        let mut v = t.load(Ordering::SeqCst);
+        loop {
+            if v & TURN_COUNT == 0 {
+                return;
+            }
+            let new = if v & TURN_COUNT == 1 { 0 } else { v - 1 };
+            match t.compare_exchange(v, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    if new == 0 && v & TURN_SLEEP != 0 {
+                        futex::wake_all(t);
+                    }
+                    return;
+                }
+                Err(actual) => v = actual,
+            }
+        }
+    }
+
+    /// The readers' turn. A writer that took the token right after a
+    /// writer's release that woke sleeping readers ([`TURN`]) holds it as
+    /// upgradable (readers may enter, writers may not) until the readers
+    /// counted in the turn word are in, for at most the handle's
+    /// `readers_turn` (and the caller's deadline); the caller then shuts readers out and drains
+    /// them as usual. Without this, a writer that asks again the moment it
+    /// lets go takes the lock back before the readers it woke have run,
+    /// and can keep them out indefinitely.
+    ///
+    /// The count is a hint that exclusion never depends on: a reader killed
+    /// while counted leaves it too high, so a turn that runs out resets it
+    /// (a live reader's later decrement stops at 0), and a count too low
+    /// only shortens a turn.
+    fn readers_turn(&self, wait: &Wait) {
+        let most = self.readers_turn.min(MAX_READERS_TURN);
+        if broken(BREAK_TURN) || !wait.may_block() || most.is_zero() {
+            return;
+        }
+        let t = &self.words.turn;
+        let patience = Wait::timeout(wait.remaining().map_or(most, |r| r.min(most)));
+        let mut spins = SPIN;
+        loop {
+            let v = t.load(Ordering::SeqCst);
+            if v & TURN_COUNT == 0 {
+                return;
+            }
+            #[cfg(not(loom))]
+            let over = patience.expired();
+            // (The model has no clock: a turn runs out when a counted
+            // reader may have died, which is when a real one would.)
+            #[cfg(loom)]
+            let over = futex::someone_died();
+            if over {
+                // A CAS, not a store: a count that changed meanwhile is
+                // looked at again.
+                if t.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            if spins > 0 {
+                spins -= 1;
+                spin_hint();
+                continue;
+            }
+            if v & TURN_SLEEP == 0
+                && t.compare_exchange(v, v | TURN_SLEEP, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+            {
+                continue;
+            }
+            futex::wait(t, v | TURN_SLEEP, patience.remaining());
         }
     }
 
@@ -627,14 +747,18 @@ impl<'a, E: Env> Core<'a, E> {
 
     /// Takes the token for slot `s` with `bit` (WRITER or UPGRADABLE).
     /// `Ok(poisoned)`.
+    ///
+    /// With `turn` (a writer of a reader-writer lock), a token found with
+    /// [`TURN`] is taken as UPGRADABLE instead, for the readers' turn (see
+    /// [`Core::readers_turn`]); the second value says so.
     fn token(
         &self,
         s: u32,
         bit: u32,
+        turn: bool,
         wait: &Wait,
         notify: &mut Notify<'_>,
-    ) -> Result<bool, TryLockError> {
-        let want = Self::token_of(s) | bit;
+    ) -> Result<(bool, bool), TryLockError> {
         // Look before trying: on a contended word a failed CAS still takes
         // the cache line away from the holder, slowing its release. The CAS
         // (SeqCst: acquires the last release, and WRITER's role in Dekker's
@@ -654,7 +778,10 @@ impl<'a, E: Env> Core<'a, E> {
         let mut ws = self.state().load(Ordering::Relaxed);
         loop {
             if ws & INDEX_MASK == 0 {
-                let new = (ws & (POISON | WAITERS | TOKEN_SLEEP)) | want;
+                let pending = turn && ws & TURN != 0;
+                let mode = if pending { UPGRADABLE } else { bit };
+                // (TURN is cleared: it is for the next taker only.)
+                let new = (ws & (POISON | WAITERS | TOKEN_SLEEP)) | Self::token_of(s) | mode;
                 match self
                     .state()
                     .compare_exchange(ws, new, Ordering::SeqCst, Ordering::SeqCst)
@@ -663,7 +790,7 @@ impl<'a, E: Env> Core<'a, E> {
                         if slept && !broken(BREAK_RETARGET) {
                             self.wake_tokens(false);
                         }
-                        return Ok(ws & POISON != 0);
+                        return Ok((ws & POISON != 0, pending));
                     }
                     Err(actual) => {
                         ws = actual;
@@ -860,7 +987,12 @@ impl<'a, E: Env> Core<'a, E> {
         let poisoned = if took {
             false
         } else {
-            self.token(s, WRITER, wait, notify)?
+            let (poisoned, pending) = self.token(s, WRITER, drain, wait, notify)?;
+            if pending {
+                self.readers_turn(wait);
+                self.swap_mode(s, UPGRADABLE, WRITER);
+            }
+            poisoned
         };
         if drain {
             if let Err(e) = self.drain(wait, notify) {
@@ -878,7 +1010,7 @@ impl<'a, E: Env> Core<'a, E> {
         wait: &Wait,
         notify: &mut Notify<'_>,
     ) -> Result<bool, TryLockError> {
-        self.token(s, UPGRADABLE, wait, notify)
+        Ok(self.token(s, UPGRADABLE, false, wait, notify)?.0)
     }
 
     /// Releases the token held by slot `s` in mode `bit` (WRITER or
@@ -907,7 +1039,14 @@ impl<'a, E: Env> Core<'a, E> {
             if ws & INDEX_MASK != Self::token_of(s) {
                 return false;
             }
-            match st.compare_exchange(ws, keep, Ordering::Release, Ordering::Relaxed) {
+            // A writer that leaves readers asleep behind it gives them the
+            // next turn (see `readers_turn`).
+            let turn = if ws & (WRITER | WAITERS) == WRITER | WAITERS {
+                TURN
+            } else {
+                0
+            };
+            match st.compare_exchange(ws, keep | turn, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => {
                     // Readers all (a writer left: each may enter), token
                     // waiters one (only one can take it; see `token`).
