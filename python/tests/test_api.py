@@ -496,6 +496,7 @@ def test_shm_rwlock_readers_turn(shm_name):
     with pytest.raises(TypeError):
         interlock.ShmRwLock(name, readers_turn="1ms")
     lock = interlock.ShmRwLock(name, readers_turn=1e300)  # taken as 60 s
+    assert lock.readers_turn == 60
     with lock.write(timeout=1):
         pass
     with lock.read(timeout=1):

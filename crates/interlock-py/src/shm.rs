@@ -27,7 +27,6 @@ pub(crate) struct PyShmRwLock {
     lock: Arc<ShmRwLock>,
     key: Arc<hold::KeyState>,
     reentrant: bool,
-    readers_turn: Duration,
     holds: Holds,
 }
 
@@ -113,7 +112,6 @@ impl PyShmRwLock {
             lock,
             key,
             reentrant,
-            readers_turn,
             holds: Holds::default(),
         })
     }
@@ -122,7 +120,7 @@ impl PyShmRwLock {
     /// the previous writer in first, in seconds (see `readers_turn=`).
     #[getter]
     fn readers_turn(&self) -> f64 {
-        self.readers_turn.as_secs_f64()
+        self.lock.readers_turn().as_secs_f64()
     }
 
     #[pyo3(signature = (blocking = true, timeout = None))]

@@ -1068,9 +1068,6 @@ fn a_writer_asking_again_lets_a_reader_asleep_behind_it_in_first() {
     let d = tempfile::tempdir().unwrap();
     let (lock_path, marks_path) = paths(&d);
     let marks = SharedWords::open(&marks_path, 1).unwrap();
-    // A turn as long as the test's hang bound: on a loaded machine a woken
-    // reader may wait longer than the default 1 ms for a CPU, and the test
-    // must not pass or fail by the scheduler's timing.
     let arg = format!("{}\n{}", lock_path.display(), marks_path.display());
     // One round through `lock`: whether the reader was in when the writer
     // got the lock back.

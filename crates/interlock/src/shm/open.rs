@@ -11,7 +11,7 @@
 
 use super::layout::{self, Header, Kind, Slot, Words, HEADER_LEN, SLOTS_OFFSET, WORDS_OFFSET};
 use super::local;
-use super::protocol::{Core, Env, DEFAULT_READERS_TURN};
+use super::protocol::{Core, Env, DEFAULT_READERS_TURN, MAX_READERS_TURN};
 use super::{Semaphore, ShmMutex, ShmRwLock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::mmap::{Mapping, View};
@@ -168,7 +168,7 @@ impl ShmOptions {
     /// Opens or creates the reader-writer lock `name` (see [`resolve`]).
     pub fn open_rwlock(&self, name: impl AsRef<Path>) -> Result<ShmRwLock> {
         Ok(ShmRwLock::from_parts(
-            Inner::open(name.as_ref(), Kind::RwLock, self)?.with_readers_turn(self.readers_turn),
+            Inner::open(name.as_ref(), Kind::RwLock, self)?,
             self.on_block.clone(),
         ))
     }
@@ -176,7 +176,7 @@ impl ShmOptions {
     /// A reader-writer lock in a fresh anonymous shared mapping.
     pub fn anonymous_rwlock(&self) -> Result<ShmRwLock> {
         Ok(ShmRwLock::from_parts(
-            Inner::anonymous(Kind::RwLock, self)?.with_readers_turn(self.readers_turn),
+            Inner::anonymous(Kind::RwLock, self)?,
             self.on_block.clone(),
         ))
     }
@@ -306,8 +306,9 @@ pub(crate) struct Inner {
     /// ([`local::shared_slot`]).
     pub(crate) shared_gen: AtomicU64,
     pub(crate) shared_slot: std::sync::atomic::AtomicU32,
-    /// The longest this handle's writers give readers their turn.
-    readers_turn: Duration,
+    /// The longest this handle's writers give readers their turn (the
+    /// option, at most [`MAX_READERS_TURN`]).
+    pub(crate) readers_turn: Duration,
 }
 
 impl Inner {
@@ -375,7 +376,7 @@ impl Inner {
         }
     }
 
-    fn from_mapping(map: Mapping, h: &Header, path: PathBuf) -> Inner {
+    fn from_mapping(map: Mapping, h: &Header, path: PathBuf, opts: &ShmOptions) -> Inner {
         crate::sys::fork::watch();
         // Register for membarrier now (once per process), before any slot
         // of this lock is claimed with our identity, which carries the
@@ -395,13 +396,8 @@ impl Inner {
             pool: parking_lot::Mutex::new(local::Pool::default()),
             shared_gen: AtomicU64::new(0),
             shared_slot: std::sync::atomic::AtomicU32::new(0),
-            readers_turn: DEFAULT_READERS_TURN,
+            readers_turn: opts.readers_turn.min(MAX_READERS_TURN),
         }
-    }
-
-    fn with_readers_turn(mut self, d: Duration) -> Inner {
-        self.readers_turn = d;
-        self
     }
 
     fn check_slots(opts: &ShmOptions) -> Result<()> {
@@ -434,6 +430,7 @@ impl Inner {
             map,
             &h,
             PathBuf::from("(anonymous shared memory)"),
+            opts,
         ))
     }
 
@@ -443,7 +440,7 @@ impl Inner {
         let (file, header) = open_or_create(&path, kind, opts)?;
         let map = Mapping::shared_file(&file, header.total_len())
             .map_err(|e| Error::io("map shared-memory lock", e).with_path(&path))?;
-        Ok(Inner::from_mapping(map, &header, path))
+        Ok(Inner::from_mapping(map, &header, path, opts))
     }
 
     /// The description the on-block callback gets.

@@ -699,7 +699,7 @@ impl<'a, E: Env> Core<'a, E> {
     /// (a live reader's later decrement stops at 0), and a count too low
     /// only shortens a turn.
     fn readers_turn(&self, wait: &Wait) {
-        let most = self.readers_turn.min(MAX_READERS_TURN);
+        let most = self.readers_turn;
         if broken(BREAK_TURN) || !wait.may_block() || most.is_zero() {
             return;
         }

@@ -101,6 +101,12 @@ impl ShmRwLock {
         ShmOptions::new().anonymous_rwlock()
     }
 
+    /// The longest this handle's writers let readers that slept behind the
+    /// writer before them in first (see [`ShmOptions::readers_turn`]).
+    pub fn readers_turn(&self) -> std::time::Duration {
+        self.inner.readers_turn
+    }
+
     /// Sets (or removes) the callback told once per acquisition just before
     /// it blocks.
     pub fn set_on_block(&mut self, f: Option<OnBlock>) {
